@@ -1,0 +1,7 @@
+"""`python -m chargpt ...` (and `torchrun -m chargpt train ...`)."""
+
+import sys
+
+from chargpt.cli import main
+
+sys.exit(main())

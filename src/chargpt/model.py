@@ -1,0 +1,157 @@
+"""The GPT from "Let's build GPT", read top-down like its diagram.
+
+tokens -> token embedding + position embedding -> n_layers x Block -> LayerNorm -> Linear head -> logits
+Block: x = x + Dropout(Proj(concat(heads(LN1(x)))));  x = x + Dropout(Linear(ReLU(Linear(LN2(x)))))
+
+The heads are computed fused: one bias-free (C -> 3C) matmul gives every head's query, key and
+value, and `scaled_dot_product_attention` does the causal softmax(QK^T / sqrt(head_size)) V.
+`tests/test_model.py` loads the same weights into a per-head implementation and checks equal logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chargpt.config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size)."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, cfg.n_heads, cfg.block_size, cfg.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0  # number of positions filled
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads at once: fused QKV projection, causal SDPA, output projection."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_size = cfg.n_heads, cfg.head_size
+        # rows [0:C) are the queries of heads 0..H-1, then [C:2C) the keys, then [2C:3C) the values
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+        causal = True
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k = cache.k[layer][:, :, : start + T]  # (B, H, start+T, hs)
+            v = cache.v[layer][:, :, : start + T]
+            # a prefill starts at 0 and is causal; one new token attends to everything before it
+            assert start == 0 or T == 1, "the cache takes a prefill from position 0 or one token at a time"
+            causal = start == 0
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and T > 1, dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, H, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.relu(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.ffwd = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.ffwd(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.apply(self._init_weights)
+        # residual projections scaled down with depth (GPT-2), so the residual stream starts tame
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "ffwd.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        assert start + T <= self.config.block_size, "sequence longer than block_size"
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+
+class BigramLM(nn.Module):
+    """The lecture's baseline: the next character's logits read off a vocab x vocab table."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.table(idx)  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: GPTConfig) -> GPT | BigramLM:
+    return BigramLM(cfg) if cfg.model == "bigram" else GPT(cfg)
