@@ -429,7 +429,7 @@ def train(
             x_all, y_all = get_batch(train_ids, cfg.batch_size, cfg.block_size, train_gen)
             x_rank, y_rank = rank_rows(x_all), rank_rows(y_all)
             loss_sum = 0.0
-            for micro, (x, y) in enumerate(zip(x_rank.chunk(accum), y_rank.chunk(accum))):
+            for micro, (x, y) in enumerate(zip(x_rank.chunk(accum), y_rank.chunk(accum), strict=True)):
                 sync = nullcontext() if d.world == 1 or micro == accum - 1 else fwd.no_sync()
                 with sync:
                     with amp:
