@@ -16,6 +16,26 @@ from chargpt.errors import ChargptError
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+FLAG_HELP = {
+    "data": "UTF-8 text file or folder of .txt files; none = the complete Shakespeare plays",
+    "out": "model directory to write",
+    "val_fraction": "the last part of the text held out for validation",
+    "model": "gpt, or bigram (the lecture's baseline)",
+    "n_updates": "optimizer steps",
+    "batch_size": "sequences per step (global, across all processes)",
+    "gradient_accumulation_steps": "micro-batches per step; same global batch, less memory",
+    "learning_rate": "peak AdamW learning rate",
+    "min_lr_ratio": "cosine decay ends at learning_rate x this",
+    "warmup_updates": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay on weight matrices only",
+    "grad_clip": "max gradient norm; 0 = off",
+    "eval_interval": "steps between evaluations (metrics, best-val checkpoint, plot)",
+    "eval_iters": "batches per loss estimate",
+    "checkpoint_interval": "steps between saves of the resumable state",
+    "max_time": "seconds of training; the LR schedule ends with it; 0 = no limit",
+    "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
+    "compile": "torch.compile the model",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +54,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"(default {f.default!r})")
+            default = f"default {f.default!r}"
+            if f.name in PRESETS["cpu"]:
+                default = f"seed preset {f.default!r}, cpu preset {PRESETS['cpu'][f.name]!r}"
+            text = f"{FLAG_HELP[f.name]} ({default})" if f.name in FLAG_HELP else f"({default})"
+            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
     p.add_argument("--config", help="TOML file of settings (keys = flag names with underscores); flags override it")
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="cpu: tuned for a CPU (default there); seed: the 10.8M model"
