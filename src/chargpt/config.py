@@ -102,7 +102,7 @@ class TrainConfig:
         _fraction("beta2", self.beta2, allow_zero=False, allow_one=False)
         for name in ("weight_decay", "grad_clip", "max_time"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not isinstance(value, (int, float)) or not value >= 0:  # `not >=` also rejects NaN
                 raise ChargptError(f"{name} must be a number >= 0, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ChargptError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
