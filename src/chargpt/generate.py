@@ -8,6 +8,7 @@ the cache is rebuilt from the last block_size tokens (one full forward per token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -24,17 +25,19 @@ class SampleConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-    seed: int | None = None  # same seed -> same text
-    num_samples: int = 1
+    seed: int | None = None  # same seed -> same text; sample i of a batch uses seed + i
+    num_samples: int = 1  # generated together as one batch
     stop: Sequence[str] = field(default_factory=tuple)  # end a sample at any of these; not included
 
     def validate(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ChargptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.temperature, (int, float)) or not (0 <= self.temperature < math.inf):
+            raise ChargptError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ChargptError(f"top_k must be an integer >= 1, got {self.top_k}")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ChargptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ChargptError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ChargptError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ChargptError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -44,9 +47,14 @@ class SampleConfig:
 
 
 def pick_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
+    """logits (B, V) -> next token ids (B,). With one generator per row, row i draws only from generator[i],
+    so a sample's randomness does not depend on the other samples in its batch."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -59,11 +67,54 @@ def pick_next(
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = logits.softmax(-1).cpu()  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        if len(generator) != probs.size(0):
+            raise ValueError(f"{len(generator)} generators for a batch of {probs.size(0)}")
+        nxt = torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generator)])
+    return nxt.to(logits.device)
 
 
-@torch.no_grad()
+class Decoder:
+    """Next-token logits of a growing sequence, exactly as the no-cache model computes them.
+
+    Call it with the whole sequence so far (B, n), each call one token longer than the last. Inside the window
+    the cache feeds only the new token. The model has learned absolute positions, so past block_size the
+    no-cache model sees the last block_size tokens at positions 0..block_size-1, every position shifting at
+    every step: then the cache is rebuilt from those tokens (one full forward per token, the final layer run
+    for the last position only). Any other call (a first call, a sequence that did not grow by one) rebuilds too.
+    """
+
+    def __init__(self, model: GPT | BigramLM, batch_size: int, use_cache: bool = True):
+        self.model = model
+        self.block_size = model.config.block_size
+        self.cache: KVCache | None = None
+        if use_cache and isinstance(model, GPT):
+            p = next(model.parameters())
+            self.cache = KVCache(model.config, batch_size, p.device, p.dtype)
+        self.seen = 0  # length of the sequence the cache holds
+
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (B, n) -> logits (B, vocab) for token n."""
+        n = seq.size(1)
+        if isinstance(self.model, BigramLM):
+            return self.model(seq[:, -1:])[0][:, -1]
+        window = seq[:, max(0, n - self.block_size) :]  # what the no-cache model sees: (B, <= block_size)
+        cache = self.cache
+        if cache is None:
+            return self.model(window)[0][:, -1]
+        if n == self.seen + 1 and 0 < cache.length < self.block_size:
+            logits = self.model(seq[:, -1:], cache=cache)[0]  # one new token at position cache.length
+        else:
+            cache.reset()  # (re)build: the window at positions 0..
+            logits = self.model(window, cache=cache)[0]
+        self.seen = n
+        return logits[:, -1]
+
+
+@torch.inference_mode()
 def token_stream(
     model: GPT | BigramLM,
     idx: torch.Tensor,
@@ -71,28 +122,26 @@ def token_stream(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time, continuing the prompts idx (B, T0)."""
-    block_size = model.config.block_size
-    cached = use_cache and isinstance(model, GPT)
-    cache: KVCache | None = None
-    seq = idx
-    for _ in range(max_new_tokens):
-        if isinstance(model, BigramLM):
-            logits = model(seq[:, -1:])[0][:, -1]
-        elif not cached:
-            logits = model(seq[:, -block_size:])[0][:, -1]
-        elif cache is None or cache.length == block_size:
-            # (re)build: the last block_size tokens at positions 0.., exactly what the no-cache model sees
-            cache = KVCache(model.config, seq.size(0), seq.device, next(model.parameters()).dtype)
-            logits = model(seq[:, -block_size:], cache=cache)[0][:, -1]
-        else:
-            logits = model(seq[:, -1:], cache=cache)[0][:, -1]
-        nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        yield nxt
+    """Yield the next token ids (B,) one step at a time, continuing the prompts idx (B, T0).
+
+    use_cache=False re-runs the whole window every step (the reference behaviour the tests compare to).
+    """
+    B, T0 = idx.shape
+    seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # no torch.cat per step
+    seq[:, :T0] = idx
+    decoder = Decoder(model, B, use_cache)
+    was_training = model.training
+    model.eval()
+    try:
+        for n in range(T0, T0 + max_new_tokens):
+            nxt = pick_next(decoder(seq[:, :n]), temperature, top_k, top_p, generator)  # (B,)
+            seq[:, n] = nxt
+            yield nxt
+    finally:
+        model.train(was_training)
 
 
 def _encode_prompt(tokenizer: CharTokenizer, prompt: str, num_samples: int, device: torch.device) -> torch.Tensor:
@@ -102,13 +151,12 @@ def _encode_prompt(tokenizer: CharTokenizer, prompt: str, num_samples: int, devi
     return ids[None, :].expand(num_samples, -1).contiguous()  # (num_samples, T0)
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def _generators(seed: int | None, num_samples: int) -> list[torch.Generator]:
+    """One generator per sample, seeded seed, seed+1, ...: sample i of a batch equals a single sample with
+    seed+i (up to float rounding in batched matmuls). No seed: a fresh random one."""
     if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+        seed = torch.Generator().seed() % 2**62
+    return [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
 
 
 def _stop_holdback(pending: str, stop: Sequence[str]) -> int:
@@ -129,11 +177,11 @@ def stream(
         raise ChargptError("streaming produces one sample; use generate() for num_samples > 1")
     device = next(model.parameters()).device
     idx = _encode_prompt(tokenizer, prompt, 1, device)
+    chars = tokenizer.to_list()
     text, emitted = "", 0
-    for nxt in token_stream(
-        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, _generator(cfg.seed)
-    ):
-        text += tokenizer.decode(nxt.tolist())
+    gens = _generators(cfg.seed, 1)
+    for nxt in token_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens):
+        text += chars[int(nxt[0])]
         hit = next((s for s in cfg.stop if text.endswith(s)), None)
         if hit is not None:
             text = text[: len(text) - len(hit)]
@@ -156,11 +204,12 @@ def generate(
     cfg.validate()
     device = next(model.parameters()).device
     idx = _encode_prompt(tokenizer, prompt, cfg.num_samples, device)
+    chars = tokenizer.to_list()
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
-    steps = token_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, _generator(cfg.seed))
-    for nxt in steps:
-        for i, ch in enumerate(tokenizer.decode(nxt.tolist())):
+    gens = _generators(cfg.seed, cfg.num_samples)
+    for nxt in token_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens):
+        for i, ch in enumerate(chars[t] for t in nxt.tolist()):
             if done[i]:
                 continue
             texts[i] += ch

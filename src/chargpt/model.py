@@ -20,13 +20,20 @@ from chargpt.config import GPTConfig
 
 
 class KVCache:
-    """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size)."""
+    """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size).
+
+    Allocated once per generation; `reset()` makes it reusable for a rebuild without new allocations.
+    """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
         shape = (batch_size, cfg.n_heads, cfg.block_size, cfg.head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.block_size = cfg.block_size
         self.length = 0  # number of positions filled
+
+    def reset(self) -> None:
+        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -41,22 +48,28 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); with last_only, (B, 1, C): only the last query (the model's final layer
+        while sampling needs no other position's output, but every position's key and value)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
-        causal = True
+        causal = T > 1
         if cache is not None:
+            # a prefill (or rebuild) starts at 0 and is causal; one new token attends to everything before it
             start = cache.length
+            assert start == 0 or T == 1, "the cache takes a prefill from position 0 or one token at a time"
             cache.k[layer][:, :, start : start + T] = k
             cache.v[layer][:, :, start : start + T] = v
-            k = cache.k[layer][:, :, : start + T]  # (B, H, start+T, hs)
-            v = cache.v[layer][:, :, : start + T]
-            # a prefill starts at 0 and is causal; one new token attends to everything before it
-            assert start == 0 or T == 1, "the cache takes a prefill from position 0 or one token at a time"
-            causal = start == 0
+            if start > 0:
+                k = cache.k[layer][:, :, : start + T]  # (B, H, start+T, hs)
+                v = cache.v[layer][:, :, : start + T]
+        if last_only and T > 1:
+            q, T, causal = q[:, :, -1:], 1, False  # the last query sees every key: (B, H, 1, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and T > 1, dropout_p=self.attn_dropout if self.training else 0.0
+            q, k, v, is_causal=causal, dropout_p=self.attn_dropout if self.training else 0.0
         )  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -81,8 +94,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.ffwd = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        a = self.attn(self.ln1(x), cache, layer, last_only)  # (B, T, C), or (B, 1, C) with last_only
+        x = (x[:, -1:] if last_only else x) + a
         return x + self.ffwd(self.ln2(x))
 
 
@@ -111,14 +127,19 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given."""
+        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
+
+        With a cache (sampling): idx continues the cached positions and only the last position's logits
+        (B, 1, vocab) are computed; the final layer then runs its query, feed-forward and head on one position.
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         assert start + T <= self.config.block_size, "sequence longer than block_size"
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
+        last = len(self.blocks) - 1 if cache is not None else -1
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, last_only=i == last)
         if cache is not None:
             cache.length += T
         logits = self.head(self.ln_f(x))  # (B, T, vocab)
