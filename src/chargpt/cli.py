@@ -112,22 +112,6 @@ def _setup_logging(quiet: bool) -> None:
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from chargpt.train import make_train_config, resume_config, train
 
-    if args.nproc is not None:
-        if args.nproc < 1:
-            raise ChargptError(f"--nproc must be >= 1, got {args.nproc}")
-        rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
-        rest = [a for a in rest if not a.startswith("--nproc=")]
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.nproc}",
-            "-m",
-            "chargpt",
-            *rest,
-        ]
-        return subprocess.call(cmd)
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume:
         if args.out is not None and args.out != args.resume:
@@ -137,6 +121,8 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = resume_config(args.resume, **{k: v for k, v in overrides.items() if k != "out"})
     else:
         cfg = make_train_config(args.preset, args.config, **overrides)
+    if args.nproc is not None:
+        return _launch_torchrun(args.nproc, cfg, argv)
     _setup_logging(args.quiet)
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
     if result.rank == 0:
@@ -153,6 +139,46 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         )
         print(f"sample with: chargpt sample --model {result.out}")
     return 0
+
+
+def _launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
+    """`chargpt train --nproc N ...` = `python -m torch.distributed.run --standalone --nproc_per_node=N -m chargpt
+    train ...`, after the checks that would otherwise fail on every rank at once."""
+    import os
+
+    import torch
+
+    from chargpt.train import check_batch, resolve_device
+
+    if nproc < 1:
+        raise ChargptError(f"--nproc must be >= 1, got {nproc}")
+    if os.environ.get("WORLD_SIZE") or os.environ.get("RANK"):
+        raise ChargptError("--nproc launches torchrun itself; drop --nproc when running under torchrun")
+    check_batch(cfg, nproc)
+    if resolve_device(cfg.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise ChargptError(
+            f"--nproc {nproc} needs {nproc} GPUs and this machine has {torch.cuda.device_count()}; "
+            f"use --nproc {torch.cuda.device_count()} or --device cpu"
+        )
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
+    rest = [a for a in rest if not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    # torchrun in its own session: a Ctrl-C reaches it once (forwarded below), it stops the ranks together
+    proc = subprocess.Popen([*cmd, "-m", "chargpt", *rest], start_new_session=True)
+    caught: list[str] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+        caught.append(name)
+        proc.send_signal(signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return EXIT_SIGNAL[caught[0]] if caught else code
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
