@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from chargpt.tokenizer import CharTokenizer
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+log = logging.getLogger("chargpt.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
 CONFIG_KEYS = {"format", "format_version", "model", "vocab", "info"}
 
@@ -36,6 +39,7 @@ CONFIG_KEYS = {"format", "format_version", "model", "vocab", "info"}
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix."""
     path = Path(path)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
@@ -51,14 +55,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ChargptError(f"disk full while writing {path}; free some space (the old file is intact)") from None
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise ChargptError(
+                f"disk full while writing {path} ({e.strerror}); free some space and resume (the old file is intact)"
+            ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of `path` left by a process killed mid-write; one writer per directory, so none is in use."""
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return  # mkstemp below reports the real problem
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
 
 
 def check_writable(directory: str | Path) -> None:
@@ -83,7 +104,12 @@ def save_model(
     tokenizer: CharTokenizer,
     info: dict[str, Any] | None = None,
 ) -> None:
-    """Write weights, then config. Within a run the config never changes, so any crash leaves a pair that loads."""
+    """Write weights, then config.json, each atomically.
+
+    The weights file carries its own copy of the config in its metadata, and the loader trusts that copy
+    when the two disagree: a crash between the two renames (new weights, old config.json) still loads
+    as the new model.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -95,8 +121,9 @@ def save_model(
         "vocab": tokenizer.to_list(),
         "info": info or {},
     }
-    atomic_write_bytes(directory / WEIGHTS, st_save(state, metadata={"format": FORMAT_NAME}))
-    atomic_write_bytes(directory / CONFIG, (json.dumps(config, indent=1, ensure_ascii=False) + "\n").encode())
+    text = json.dumps(config, indent=1, ensure_ascii=False) + "\n"
+    atomic_write_bytes(directory / WEIGHTS, st_save(state, metadata={"format": FORMAT_NAME, "config": text}))
+    atomic_write_bytes(directory / CONFIG, text.encode())
 
 
 def read_config(directory: str | Path) -> tuple[GPTConfig, CharTokenizer, dict[str, Any]]:
@@ -112,35 +139,44 @@ def read_config(directory: str | Path) -> tuple[GPTConfig, CharTokenizer, dict[s
             f"{directory} holds no model ({CONFIG} is missing); point --model at a trained model directory"
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChargptError(f"{path} is not valid JSON ({e}); the model directory is corrupt") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise ChargptError(f"cannot read {path} ({e.strerror})") from None
+    return parse_config(data, str(path))
+
+
+def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenizer, dict[str, Any]]:
+    """Check a config.json text: format, version, exact keys, a valid shape and vocabulary that agree."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:  # ValueError covers JSON syntax, bad UTF-8, huge integers
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ChargptError(f"{where} is not valid JSON ({first}); the model directory is corrupt") from None
     if not isinstance(raw, dict):
-        raise ChargptError(f"{path} must hold a JSON object; the model directory is corrupt")
+        raise ChargptError(f"{where} must hold a JSON object; the model directory is corrupt")
     if raw.get("format") != FORMAT_NAME:
-        raise ChargptError(f"{path} is not a chargpt model config (format {raw.get('format')!r})")
-    if raw.get("format_version") != FORMAT_VERSION:
+        raise ChargptError(f"{where} is not a chargpt model config (format {_short(raw.get('format'))})")
+    if raw.get("format_version") != FORMAT_VERSION or isinstance(raw.get("format_version"), bool):
         raise ChargptError(
-            f"{path} has format version {raw.get('format_version')!r}; this chargpt reads version {FORMAT_VERSION}"
+            f"{where} has format version {_short(raw.get('format_version'))}; this chargpt reads version "
+            f"{FORMAT_VERSION}"
         )
-    _check_keys(raw, CONFIG_KEYS - {"info"}, CONFIG_KEYS, str(path))
+    _check_keys(raw, CONFIG_KEYS - {"info"}, CONFIG_KEYS, where)
     model = raw["model"]
     if not isinstance(model, dict):
-        raise ChargptError(f"'model' in {path} must be an object")
-    _check_keys(model, MODEL_KEYS, MODEL_KEYS, f"'model' in {path}")
+        raise ChargptError(f"'model' in {where} must be an object")
+    _check_keys(model, MODEL_KEYS, MODEL_KEYS, f"'model' in {where}")
     vocab = raw["vocab"]
     if not isinstance(vocab, list):
-        raise ChargptError(f"'vocab' in {path} must be a list of characters")
+        raise ChargptError(f"'vocab' in {where} must be a list of characters")
     tokenizer = CharTokenizer(vocab)
     try:
         cfg = GPTConfig(**model)
-    except TypeError as e:
-        raise ChargptError(f"bad model config in {path}: {e}") from None
     except ChargptError as e:
-        raise ChargptError(f"bad model config in {path}: {e}") from None
+        raise ChargptError(f"bad model config in {where}: {e}") from None
     if cfg.vocab_size != tokenizer.vocab_size:
         raise ChargptError(
-            f"{path} says vocab_size {cfg.vocab_size} but its vocabulary has {tokenizer.vocab_size} characters"
+            f"{where} says vocab_size {cfg.vocab_size} but its vocabulary has {tokenizer.vocab_size} characters"
         )
     info = raw.get("info", {})
     return cfg, tokenizer, info if isinstance(info, dict) else {}
@@ -152,20 +188,62 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     cfg, tokenizer, _ = read_config(directory)
     path = directory / WEIGHTS
     try:
-        state = st_load(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ChargptError(
             f"{directory} holds no weights ({WEIGHTS} is missing); the model directory is incomplete"
         ) from None
-    except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
-        raise ChargptError(f"{path} is not a valid safetensors file ({e}); the file is corrupt or truncated") from None
+    except OSError as e:
+        raise ChargptError(f"cannot read {path} ({e.strerror})") from None
+    try:
+        state = st_load(data)
+    except (SafetensorError, ValueError, OverflowError, RuntimeError, TypeError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ChargptError(f"{path} is not a valid safetensors file ({first}); it is corrupt or truncated") from None
+    embedded = _safetensors_metadata(data).get("config")
+    if embedded is not None:
+        # the weights' own config wins: config.json may be one save older after a crash between the renames
+        own_cfg, own_tokenizer, _ = parse_config(embedded, f"the config inside {path}")
+        if (own_cfg, own_tokenizer) != (cfg, tokenizer):
+            log.warning(
+                "%s disagrees with the config inside %s (a save was cut short?); using the latter", CONFIG, path
+            )
+        cfg, tokenizer = own_cfg, own_tokenizer
+    _check_shapes(cfg, state, str(path))
     model = build_model(cfg)
     load_state(model, state, str(path))
     return model.to(device).eval(), tokenizer
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _safetensors_metadata(data: bytes) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file already validated by safetensors."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    try:
+        header = json.loads(data[8 : 8 + n]) if 0 < n <= len(data) - 8 else {}
+    except (ValueError, RecursionError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_shapes(cfg: GPTConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """Compare shapes before allocating, so a config claiming a huge model costs nothing."""
+    if cfg.n_layers > len(state):  # every layer owns tensors: such a file cannot hold this model
+        raise ChargptError(f"{where} holds {len(state)} tensors, too few for n_layers={cfg.n_layers}; files disagree")
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            skeleton = build_model(cfg)
+    except (RuntimeError, OverflowError, ValueError) as e:
+        raise ChargptError(
+            f"{where}: the config describes an impossible model ({type(e).__name__}); files disagree"
+        ) from None
+    load_state(skeleton, state, where, copy=False)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, copy: bool = True) -> None:
     """Strictly load a state dict: same names, same shapes, float tensors, else a one-line error."""
+    if not isinstance(state, dict):
+        raise ChargptError(f"{where} holds no weights dictionary; the file is corrupt")
     expected = _plain_state_dict(model)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
@@ -179,6 +257,8 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
             raise ChargptError(f"{where}: tensor {name} has shape {shape}, the config needs {tuple(tensor.shape)}")
         if not got.is_floating_point():
             raise ChargptError(f"{where}: tensor {name} has dtype {got.dtype}, expected floating point")
+    if not copy:
+        return
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name])
@@ -198,17 +278,50 @@ def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any]:
+    """Read train_state.pt without unpickling code (weights_only) and check its layout."""
     path = Path(directory) / TRAIN_STATE
     if not path.is_file():
         raise ChargptError(f"{directory} has no {TRAIN_STATE} to resume from; it was not written by `chargpt train`")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line suffices
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or hostile pickles
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ChargptError(f"{path} is corrupt or not a chargpt train state ({first[:200]})") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise ChargptError(f"{path} is not a chargpt train state; start a new run with --overwrite")
+    problem = _train_state_problem(state)
+    if problem:
+        raise ChargptError(f"{path} is not a usable chargpt train state ({problem}); start a new run with --overwrite")
     return state
+
+
+def _train_state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return "not a dictionary"
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "step": int,
+        "elapsed": (int, float),
+        "best_val_loss": (int, float),
+        "model": dict,
+        "optimizer": dict,
+        "rng": dict,
+        "vocab": list,
+        "config": dict,
+    }
+    for key, kind in kinds.items():
+        if key not in state:
+            return f"{key} is missing"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"{key} has type {type(state[key]).__name__}"
+    if state["step"] < 0:
+        return "negative step"
+    rng = state["rng"]
+    for key in ("torch", "batches", "numpy_keys"):
+        if not isinstance(rng.get(key), torch.Tensor):
+            return f"rng.{key} is not a tensor"
+    if not isinstance(rng.get("numpy_pos"), int) or not isinstance(rng.get("python"), list):
+        return "rng state is malformed"
+    return None
 
 
 def _check_keys(obj: dict, required: set[str], allowed: set[str], where: str) -> None:
@@ -216,4 +329,11 @@ def _check_keys(obj: dict, required: set[str], allowed: set[str], where: str) ->
     if missing:
         raise ChargptError(f"{where} is missing key(s) {', '.join(missing)}; the model directory is corrupt")
     if extra:
-        raise ChargptError(f"{where} has unknown key(s) {', '.join(extra)}; the model directory is corrupt")
+        shown = ", ".join(_short(k, 40) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise ChargptError(f"{where} has unknown key(s) {shown}; the model directory is corrupt")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for a one-line message: repr (so no raw newlines), cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -94,30 +94,16 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
-    owns_group: bool = False  # train() joined the process group, so train() leaves it at the end
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def check_batch(cfg: TrainConfig, world: int) -> int:
-    """The rows each rank feeds per micro-batch: batch_size is global, split over ranks, then micro-batches."""
-    per_micro, rem = divmod(cfg.batch_size, world * cfg.gradient_accumulation_steps)
-    if rem or per_micro == 0:
-        raise ChargptError(
-            f"batch_size {cfg.batch_size} must divide by world size {world} x gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps}; pick a batch_size that is a multiple of "
-            f"{world * cfg.gradient_accumulation_steps}"
-        )
-    return per_micro
-
-
-def init_distributed(cfg: TrainConfig) -> Dist:
-    """Join the process group torchrun set up, or run alone if there is none. Checks before it joins."""
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun set up, or run alone if there is none."""
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     if env["WORLD_SIZE"] is None and env["RANK"] is None:
-        check_batch(cfg, 1)
         return Dist()
     missing = [k for k, v in env.items() if v is None]
     if missing:
@@ -131,18 +117,12 @@ def init_distributed(cfg: TrainConfig) -> Dist:
         raise ChargptError("broken distributed launch: RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
     if not 0 <= d.rank < d.world:
         raise ChargptError(f"broken distributed launch: RANK={d.rank} is outside WORLD_SIZE={d.world}")
-    check_batch(cfg, d.world)
-    device = resolve_device(cfg.device, d.local_rank)
-    if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ChargptError(
-                f"LOCAL_RANK {d.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                f"launch at most that many processes per node (--nproc_per_node / --nproc)"
-            )
-        torch.cuda.set_device(device)
     if d.world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world)
-        d.owns_group = True
+        device = resolve_device(device_name, d.local_rank)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=d.rank, world_size=d.world)
     return d
 
 
@@ -215,6 +195,8 @@ class _Signals:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.caught == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now; the last checkpoint_interval state remains
         self.caught = signal.Signals(signum).name
 
     def __enter__(self) -> _Signals:
@@ -293,7 +275,7 @@ def train(
     pause_after: stop (resumably) after this many steps of this call, as an interruption would.
     """
     cfg.validate()
-    d = init_distributed(cfg)
+    d = init_distributed(cfg.device)
     device = resolve_device(cfg.device, d.local_rank)
     out = Path(cfg.out)
     state: dict[str, Any] | None = None
@@ -314,6 +296,13 @@ def train(
         tokenizer = CharTokenizer.from_text(text)
     ids = torch.from_numpy(tokenizer.encode(text))
     train_ids, val_ids = split(ids, cfg.val_fraction, cfg.block_size)
+    per_rank, rem = divmod(cfg.batch_size, d.world * cfg.gradient_accumulation_steps)
+    if rem or per_rank == 0:
+        raise ChargptError(
+            f"batch_size {cfg.batch_size} must divide by world size {d.world} x gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps}; pick a batch_size that is a multiple of "
+            f"{d.world * cfg.gradient_accumulation_steps}"
+        )
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -323,26 +312,36 @@ def train(
     step, elapsed, best_val, metrics = 0, 0.0, float("inf"), []
     if state is not None:
         ckpt.load_state(model, state["model"], str(out / ckpt.TRAIN_STATE))
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], train_gen)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], train_gen)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ChargptError(
+                f"{out / ckpt.TRAIN_STATE} holds an optimizer or RNG state this run cannot use ({first}); "
+                f"start a new run with --overwrite"
+            ) from None
         step, elapsed, best_val = int(state["step"]), float(state["elapsed"]), float(state["best_val_loss"])
-        if (out / METRICS).is_file():
-            metrics = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
-            metrics = [m for m in metrics if m["step"] <= step]
+        try:
+            lines = (out / METRICS).read_text().splitlines() if (out / METRICS).is_file() else []
+            metrics = [m for m in map(json.loads, filter(str.strip, lines)) if m["step"] <= step]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable; the loss history restarts at step %d", out / METRICS, step)
+            metrics = []
+    elif d.main:
+        for stale in (ckpt.TRAIN_STATE, METRICS, PLOT):  # an overwritten run's leftovers must not mix with this one
+            (out / stale).unlink(missing_ok=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     fwd = _maybe_compile(model, cfg, device)
     if d.world > 1:
-        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)  # broadcasts rank 0's weights
-        if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
-            torch.manual_seed(cfg.seed + 1_000_003 * d.rank + step)
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     accum = cfg.gradient_accumulation_steps
     tokens_per_step = cfg.batch_size * cfg.block_size
 
     def rank_rows(x: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous share of a global batch (every rank drew the same global batch)."""
         rows = x.size(0) // d.world
         return x[d.rank * rows : (d.rank + 1) * rows]
 
@@ -455,9 +454,10 @@ def train(
             loss_value = loss_sum / accum
             if not math.isfinite(loss_value):
                 bar.close()
+                kept = f"the best model in {out} is intact" if (out / ckpt.WEIGHTS).exists() else "nothing was saved"
                 raise ChargptError(
-                    f"the loss became {loss_value} at step {step + 1}; training stopped and the best model in "
-                    f"{out} is intact; lower --learning-rate (now {cfg.learning_rate:g}) or --grad-clip"
+                    f"the loss became {loss_value} at step {step + 1}; training stopped and {kept}; "
+                    f"lower --learning-rate (now {cfg.learning_rate:g}, try {cfg.learning_rate / 10:g})"
                 )
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -479,16 +479,16 @@ def train(
             if step % cfg.checkpoint_interval == 0:
                 save_state()
                 t_prev = time.perf_counter()
-        if last_eval_step != step and step > 0 and (not metrics or metrics[-1]["step"] != step):
+        # an interruption only saves the state: evaluating there would change the run's metrics and best model
+        finished = stopped_by in ("n_updates", "max_time")
+        if finished and last_eval_step != step and step > 0 and (not metrics or metrics[-1]["step"] != step):
             last_val = evaluate_and_save(tok_s)
-        elif metrics and metrics[-1]["step"] == step:
+        elif metrics:
             last_val = metrics[-1]["val_loss"]
         save_state()
     bar.close()
     if d.world > 1:
-        dist.barrier()  # rank 0 has finished writing before any rank returns
-    if d.owns_group:
-        dist.destroy_process_group()  # so that this process can train() again
+        dist.barrier()
     return TrainResult(
         out=str(out),
         step=step,

@@ -1,0 +1,186 @@
+"""Exact resume, the NaN guard, and the --out safety checks (refuse to clobber, unwritable, disk full)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from chargpt import checkpoint as ckpt
+from chargpt.errors import ChargptError
+from chargpt.train import resume_config, train
+from conftest import run_cli, tiny_config
+
+# small enough for a few seconds per run on 2 busy cores; dropout > 0 so the RNG state matters
+SMALL = dict(block_size=16, n_embd=32, n_heads=4, n_layers=2, batch_size=8, eval_iters=2, dropout=0.1)
+SMALL.update(eval_interval=5, checkpoint_interval=5)
+FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()] + ["--device=cpu", "--seed=7", "--quiet"]
+
+
+def small(out: Path, data: Path, **kw):
+    return tiny_config(out, data, **{**SMALL, **kw})
+
+
+def final_state(out: Path) -> dict:
+    return torch.load(out / ckpt.TRAIN_STATE, weights_only=True)
+
+
+def assert_same_tensors(a, b, where: str = "") -> None:
+    """torch.equal on every tensor of two nested state structures."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: m[k] for k in ("step", "train_loss", "val_loss", "lr")} for m in rows]  # not the wall-clock fields
+
+
+def snapshot(d: Path, names=("model.safetensors", "config.json", "train_state.pt")) -> dict[str, bytes]:
+    return {n: (d / n).read_bytes() for n in names if (d / n).exists()}
+
+
+@pytest.fixture(scope="module")
+def reference(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 uninterrupted steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = train(small(out, text_file, n_updates=24), progress=False)
+    assert result.stopped_by == "n_updates" and result.step == 24
+    return out
+
+
+def test_pause_and_resume_is_bit_identical(reference: Path, text_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    first = train(small(out, text_file, n_updates=24), progress=False, pause_after=12)
+    assert (first.stopped_by, first.step) == ("pause", 12)
+    assert [m["step"] for m in metrics(out)] == [5, 10]  # an interruption does not evaluate
+    second = train(resume_config(str(out)), resume=True, progress=False)
+    assert (second.stopped_by, second.step) == ("n_updates", 24)
+    ref, got = final_state(reference), final_state(out)
+    assert got["step"] == ref["step"] == 24 and got["best_val_loss"] == ref["best_val_loss"]
+    for part in ("model", "optimizer", "rng"):
+        assert_same_tensors(ref[part], got[part], part)
+    assert metrics(out) == metrics(reference)
+    assert_same_tensors(ckpt.load_model(out)[0].state_dict(), ckpt.load_model(reference)[0].state_dict())
+
+
+def test_resume_depends_on_the_saved_rng(reference: Path, text_file: Path, tmp_path: Path):
+    """The check above has teeth: with another dropout RNG state the resumed run ends elsewhere."""
+    out = tmp_path / "run"
+    train(small(out, text_file, n_updates=24), progress=False, pause_after=12)
+    state = final_state(out)
+    state["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()
+    ckpt.save_train_state(out, state)
+    train(resume_config(str(out)), resume=True, progress=False)
+    ref, got = final_state(reference)["model"], final_state(out)["model"]
+    assert any(not torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_nan_guard_names_the_step_and_keeps_the_best_model(reference: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, data in snapshot(reference).items():
+        (out / name).write_bytes(data)
+    before = snapshot(out, ("model.safetensors", "config.json"))  # the best model (the state moves on)
+    r = run_cli("train", "--resume", str(out), "--n-updates", "60", "--learning-rate", "1e30", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("chargpt: error: the loss became") and r.stderr.count("\n") == 1, r.stderr
+    assert int(re.search(r"at step (\d+)", r.stderr).group(1)) > 24  # the resumed run's own step count
+    assert "lower --learning-rate" in r.stderr and "best model" in r.stderr
+    assert snapshot(out, ("model.safetensors", "config.json")) == before
+
+
+def test_nan_guard_in_a_fresh_run(text_file: Path, tmp_path: Path):
+    with pytest.raises(ChargptError, match=r"at step \d+; training stopped and nothing was saved.*learning-rate"):
+        train(small(tmp_path / "run", text_file, learning_rate=1e30, n_updates=10), progress=False)
+
+
+def test_out_holding_another_model_is_refused(reference: Path, text_file: Path, tmp_path: Path):
+    before = snapshot(reference) | {"metrics.jsonl": (reference / "metrics.jsonl").read_bytes()}
+    r = run_cli("train", "--data", str(text_file), "--out", str(reference), "--n-updates", "5", *FLAGS)
+    assert r.returncode == 2 and "already holds a model" in r.stderr, r.stderr
+    assert "--overwrite" in r.stderr and "--resume" in r.stderr and r.stderr.count("\n") == 1
+    assert snapshot(reference) | {"metrics.jsonl": (reference / "metrics.jsonl").read_bytes()} == before
+
+
+def test_overwrite_replaces_the_model_and_drops_the_old_state(reference: Path, text_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, data in snapshot(reference).items():
+        (out / name).write_bytes(data)
+    train(small(out, text_file, n_updates=3, n_embd=16, checkpoint_interval=50), overwrite=True, progress=False)
+    model, _ = ckpt.load_model(out)
+    assert model.config.n_embd == 16 and final_state(out)["step"] == 3
+
+
+def test_unwritable_out_fails_before_training(text_file: Path, tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = run_cli("train", "--data", str(text_file), "--out", str(blocker / "model"), *FLAGS)
+    assert r.returncode == 2 and "cannot write to" in r.stderr and "--out" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and blocker.read_text() == "not a directory"
+
+
+def test_hostile_train_state_is_never_unpickled(reference: Path, tmp_path: Path):
+    marker = tmp_path / "marker"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, data in snapshot(reference).items():
+        (out / name).write_bytes(data)
+    for payload in (pickle.dumps(Evil()), None):
+        if payload is None:
+            torch.save({"step": 1, "model": Evil()}, out / ckpt.TRAIN_STATE)  # the zip format torch writes
+        else:
+            (out / ckpt.TRAIN_STATE).write_bytes(payload)
+        before = snapshot(out)
+        r = run_cli("train", "--resume", str(out), "--quiet")
+        assert r.returncode == 2 and "train_state.pt is corrupt or not a chargpt train state" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and not marker.exists() and snapshot(out) == before
+    with pytest.raises(ChargptError, match="not a usable chargpt train state"):
+        torch.save({"step": 3, "model": {}}, out / ckpt.TRAIN_STATE)  # loadable, but not what resuming needs
+        train(resume_config(str(out)), resume=True, progress=False)
+
+
+def test_disk_full_during_a_resumed_run(reference: Path, text_file: Path, tmp_path: Path):
+    """RLIMIT_FSIZE makes the kernel refuse writes past 4 kB (EFBIG), as a full disk refuses with ENOSPC."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, data in snapshot(reference).items():
+        (out / name).write_bytes(data)
+    before = snapshot(out)
+    launcher = textwrap.dedent(
+        """
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        from chargpt.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    args = ["train", "--resume", str(out), "--n-updates", "30", "--quiet"]
+    r = subprocess.run([sys.executable, "-c", launcher, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "disk full while writing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert snapshot(out) == before and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    ckpt.load_model(out)
