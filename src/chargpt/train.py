@@ -94,16 +94,30 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    owns_group: bool = False  # train() joined the process group, so train() leaves it at the end
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> Dist:
-    """Join the process group torchrun set up, or run alone if there is none."""
+def check_batch(cfg: TrainConfig, world: int) -> int:
+    """The rows each rank feeds per micro-batch: batch_size is global, split over ranks, then micro-batches."""
+    per_micro, rem = divmod(cfg.batch_size, world * cfg.gradient_accumulation_steps)
+    if rem or per_micro == 0:
+        raise ChargptError(
+            f"batch_size {cfg.batch_size} must divide by world size {world} x gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps}; pick a batch_size that is a multiple of "
+            f"{world * cfg.gradient_accumulation_steps}"
+        )
+    return per_micro
+
+
+def init_distributed(cfg: TrainConfig) -> Dist:
+    """Join the process group torchrun set up, or run alone if there is none. Checks before it joins."""
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     if env["WORLD_SIZE"] is None and env["RANK"] is None:
+        check_batch(cfg, 1)
         return Dist()
     missing = [k for k, v in env.items() if v is None]
     if missing:
@@ -117,12 +131,18 @@ def init_distributed(device_name: str) -> Dist:
         raise ChargptError("broken distributed launch: RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
     if not 0 <= d.rank < d.world:
         raise ChargptError(f"broken distributed launch: RANK={d.rank} is outside WORLD_SIZE={d.world}")
+    check_batch(cfg, d.world)
+    device = resolve_device(cfg.device, d.local_rank)
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ChargptError(
+                f"LOCAL_RANK {d.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                f"launch at most that many processes per node (--nproc_per_node / --nproc)"
+            )
+        torch.cuda.set_device(device)
     if d.world > 1 and not dist.is_initialized():
-        device = resolve_device(device_name, d.local_rank)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, rank=d.rank, world_size=d.world)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world)
+        d.owns_group = True
     return d
 
 
@@ -275,7 +295,7 @@ def train(
     pause_after: stop (resumably) after this many steps of this call, as an interruption would.
     """
     cfg.validate()
-    d = init_distributed(cfg.device)
+    d = init_distributed(cfg)
     device = resolve_device(cfg.device, d.local_rank)
     out = Path(cfg.out)
     state: dict[str, Any] | None = None
@@ -296,13 +316,6 @@ def train(
         tokenizer = CharTokenizer.from_text(text)
     ids = torch.from_numpy(tokenizer.encode(text))
     train_ids, val_ids = split(ids, cfg.val_fraction, cfg.block_size)
-    per_rank, rem = divmod(cfg.batch_size, d.world * cfg.gradient_accumulation_steps)
-    if rem or per_rank == 0:
-        raise ChargptError(
-            f"batch_size {cfg.batch_size} must divide by world size {d.world} x gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps}; pick a batch_size that is a multiple of "
-            f"{d.world * cfg.gradient_accumulation_steps}"
-        )
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -337,11 +350,14 @@ def train(
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     fwd = _maybe_compile(model, cfg, device)
     if d.world > 1:
-        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)  # broadcasts rank 0's weights
+        if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
+            torch.manual_seed(cfg.seed + 1_000_003 * d.rank + step)
     accum = cfg.gradient_accumulation_steps
     tokens_per_step = cfg.batch_size * cfg.block_size
 
     def rank_rows(x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a global batch (every rank drew the same global batch)."""
         rows = x.size(0) // d.world
         return x[d.rank * rows : (d.rank + 1) * rows]
 
@@ -488,7 +504,9 @@ def train(
         save_state()
     bar.close()
     if d.world > 1:
-        dist.barrier()
+        dist.barrier()  # rank 0 has finished writing before any rank returns
+    if d.owns_group:
+        dist.destroy_process_group()  # so that this process can train() again
     return TrainResult(
         out=str(out),
         step=step,
