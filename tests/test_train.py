@@ -1,0 +1,162 @@
+"""train() from Python: real learning, the model directory it writes, best-val checkpoints, data sources."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from chargpt.checkpoint import load_model
+from chargpt.errors import ChargptError
+from chargpt.evaluate import evaluate
+from chargpt.model import GPT, BigramLM
+from chargpt.train import train
+from conftest import tiny_config
+
+
+def unigram_entropy(text: str) -> float:
+    """Nats per character of the best model that ignores context: -sum p log p over character frequencies."""
+    counts = collections.Counter(text)
+    return -sum(n / len(text) * math.log(n / len(text)) for n in counts.values())
+
+
+def read_metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_small_model_learns_well_below_unigram_entropy(trained_model_dir, corpus_text):
+    h = unigram_entropy(corpus_text)
+    assert 3.0 < h < 3.5  # English text: about 3.3 nats (4.7 bits) per character
+    val_text = corpus_text[-len(corpus_text) // 10 :]  # the validation split the run held out
+    model, tok = load_model(trained_model_dir)
+    loss = evaluate(model, tok, val_text)["loss"]
+    assert loss < h - 0.6, f"val loss {loss:.3f} not well below the unigram entropy {h:.3f}"
+    metrics = read_metrics(trained_model_dir)
+    assert [m["step"] for m in metrics] == [100, 200, 300]
+    assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] < 4.0
+    assert min(m["val_loss"] for m in metrics) < h - 0.6
+
+
+def test_model_directory_contents(trained_model_dir):
+    names = {p.name for p in trained_model_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "metrics.jsonl", "loss.png", "train_state.pt"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]  # no leftovers of atomic writes
+    assert (trained_model_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for m in read_metrics(trained_model_dir):
+        assert {"step", "train_loss", "val_loss", "tokens_per_s", "time"} <= set(m)
+        assert math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"])
+    config = json.loads((trained_model_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["format"] == "chargpt-model" and config["format_version"] == 1
+    assert config["model"] == {
+        "vocab_size": len(config["vocab"]),
+        "block_size": 32,
+        "n_embd": 48,
+        "n_heads": 4,
+        "n_layers": 2,
+        "dropout": 0.0,
+        "model": "gpt",
+    }
+    assert config["vocab"] == sorted(config["vocab"])
+
+
+def test_saved_weights_are_the_best_val_checkpoint(trained_model_dir):
+    metrics = read_metrics(trained_model_dir)
+    best = min(metrics, key=lambda m: m["val_loss"])
+    info = json.loads((trained_model_dir / "config.json").read_text(encoding="utf-8"))["info"]
+    assert info["step"] == best["step"] and info["val_loss"] == best["val_loss"]
+    assert info["train_config"]["n_updates"] == 300
+
+
+def test_eval_points_and_best_checkpoint(tmp_path, text_file):
+    out = tmp_path / "m"
+    cfg = tiny_config(out, text_file, n_updates=12, eval_interval=5, checkpoint_interval=5, eval_iters=2)
+    result = train(cfg, progress=False)
+    assert result.step == 12 and result.stopped_by == "n_updates"
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [5, 10, 12]  # every eval_interval, and at the end
+    best = min(metrics, key=lambda m: m["val_loss"])
+    info = json.loads((out / "config.json").read_text(encoding="utf-8"))["info"]
+    assert info["step"] == best["step"]
+    assert result.best_val_loss == best["val_loss"] and result.last_val_loss == metrics[-1]["val_loss"]
+
+
+def test_same_seed_same_model_different_seed_different_model(tmp_path, text_file):
+    def weights(name: str, seed: int) -> dict[str, torch.Tensor]:
+        cfg = tiny_config(tmp_path / name, text_file, n_updates=3, eval_interval=3, eval_iters=1, seed=seed)
+        train(cfg, progress=False)
+        return load_model(tmp_path / name)[0].state_dict()
+
+    a, b, c = weights("a", 1), weights("b", 1), weights("c", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bigram_model_trains(tmp_path, corpus_text, text_file):
+    cfg = tiny_config(
+        tmp_path / "bigram",
+        text_file,
+        model="bigram",
+        n_updates=60,
+        eval_interval=30,
+        learning_rate=0.1,
+        warmup_updates=0,
+        weight_decay=0.0,
+        batch_size=32,
+        block_size=16,
+    )
+    result = train(cfg, progress=False)
+    model, _ = load_model(tmp_path / "bigram")
+    assert isinstance(model, BigramLM) and model.num_params() == model.config.vocab_size**2
+    assert result.best_val_loss < unigram_entropy(corpus_text) - 0.5  # a bigram beats character frequencies
+
+
+def test_train_on_a_folder_of_txt_files(tmp_path, corpus_text):
+    data = tmp_path / "texts"
+    data.mkdir()
+    (data / "one.txt").write_text(corpus_text[:3000], encoding="utf-8")
+    (data / "two.txt").write_text(corpus_text[3000:6000] + " ¶ ☃", encoding="utf-8")
+    train(tiny_config(tmp_path / "m", data, n_updates=4, eval_interval=4, eval_iters=1), progress=False)
+    model, tok = load_model(tmp_path / "m")
+    assert isinstance(model, GPT)
+    assert tok.chars == sorted(set(corpus_text[:6000] + "\n ¶ ☃"))
+
+
+def test_max_time_stops_training(tmp_path, text_file):
+    cfg = tiny_config(tmp_path / "m", text_file, n_updates=1_000_000, eval_interval=1_000_000, max_time=1.0)
+    result = train(cfg, progress=False)
+    assert result.stopped_by == "max_time"
+    assert 0 < result.step < 1_000_000
+    assert read_metrics(tmp_path / "m")[-1]["step"] == result.step  # the final eval and save still happen
+
+
+def test_existing_model_is_not_overwritten(tmp_path, text_file):
+    out = tmp_path / "m"
+    train(tiny_config(out, text_file, n_updates=2, eval_interval=2, eval_iters=1), progress=False)
+    before = snapshot(out)
+    with pytest.raises(ChargptError, match="already holds a model; pass --resume .* --overwrite"):
+        train(tiny_config(out, text_file, n_updates=2, eval_interval=2, eval_iters=1), progress=False)
+    assert snapshot(out) == before
+    # bad data with --overwrite fails before anything in the directory is replaced
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ChargptError, match="is empty"):
+        train(tiny_config(out, empty, n_updates=2, eval_interval=2, eval_iters=1), overwrite=True, progress=False)
+    assert snapshot(out) == before
+
+
+def test_text_too_short_for_the_block(tmp_path):
+    data = tmp_path / "short.txt"
+    data.write_text("x" * 200, encoding="utf-8")  # val split: 20 characters < block_size + 1
+    with pytest.raises(ChargptError, match=r"validation split has 20 characters but block_size \+ 1 = 33"):
+        train(tiny_config(tmp_path / "m", data), progress=False)
+    with pytest.raises(ChargptError, match="train split has 20 characters"):
+        train(tiny_config(tmp_path / "m", data, val_fraction=0.9), progress=False)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p != data]
