@@ -36,6 +36,35 @@ class KVCache:
         self.length = 0
 
 
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A bool mask of the elements to drop, each with probability p (to 1/65536), and the keep-scale.
+
+    On CPU, torch's bernoulli_ draws one Mersenne-Twister number per element and costs a quarter of a
+    training step at dropout 0.2; here one 64-bit draw yields four 16-bit uniforms, about 6x cheaper.
+    """
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    uniform16 = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
+    k = round(p * 65536)
+    return uniform16 < k - 32768, 65536 / (65536 - k)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout, with cheaper random masks on CPU (see dropout_mask); same semantics."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        drop, scale = dropout_mask(tuple(x.shape), self.p, x.device)
+        return x.masked_fill(drop, 0.0) * scale
+
+
 class CausalSelfAttention(nn.Module):
     """All heads at once: fused QKV projection, causal SDPA, output projection."""
 
@@ -46,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.attn_dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
@@ -68,11 +97,26 @@ class CausalSelfAttention(nn.Module):
                 v = cache.v[layer][:, :, : start + T]
         if last_only and T > 1:
             q, T, causal = q[:, :, -1:], 1, False  # the last query sees every key: (B, H, 1, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, H, T, hs)
+        if self.training and self.attn_dropout > 0 and x.device.type == "cpu" and cache is None:
+            y = self._attend_with_dropout(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, dropout_p=self.attn_dropout if self.training else 0.0
+            )  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _attend_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention with dropout on the weights, written out for CPU training: SDPA's CPU kernel
+        falls back to an unfused path when dropout is on, which costs more than this one."""
+        B, H, T, hs = q.shape
+        bias = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # causal: -inf above the diagonal
+        att = torch.baddbmm(
+            bias, q.reshape(B * H, T, hs), k.reshape(B * H, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs)
+        ).softmax(-1)  # (B*H, T, T)
+        drop, scale = dropout_mask(tuple(att.shape), self.attn_dropout, q.device)
+        y = att.masked_fill(drop, 0.0) @ (v.reshape(B * H, T, hs) * scale)  # scale folded into v: (B*H, T, hs)
+        return y.view(B, H, T, hs)
 
 
 class FeedForward(nn.Module):
@@ -80,7 +124,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.relu(self.up(x))))
