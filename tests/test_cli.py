@@ -213,7 +213,7 @@ SAMPLE_EVAL_BAD = [
     (["eval", "--model", "MODEL", "--data", "empty.txt"], "empty.txt is empty"),
     (["eval", "--model", "MODEL", "--data", "latin1.txt"], "latin1.txt is not UTF-8 text"),
     (["eval", "--model", "MODEL", "--data", "missing.txt"], "missing.txt does not exist"),
-    (["eval", "--model", "MODEL", "--data", "empty_dir"], "empty_dir does not exist; pass a UTF-8 text file"),
+    (["eval", "--model", "MODEL", "--data", "empty_dir"], "data file empty_dir is not a file; pass a UTF-8 text file"),
     (["eval", "--model", "MODEL", "--data", "unknown.toml"], "not in the model's vocabulary: '2', '4', '8', '=', '_'"),
 ]
 

@@ -226,7 +226,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, resolve_device(args.device))
     path = Path(args.data)
     if not path.is_file():
-        raise ChargptError(f"data file {path} does not exist; pass a UTF-8 text file")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ChargptError(f"data file {path} {what}; pass a UTF-8 text file")
     text = read_text_file(path)
     if not text:
         raise ChargptError(f"{path} is empty; give it some text to score")
