@@ -39,9 +39,22 @@ def text_file(corpus_text: str, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def tiny_config(out: Path | str, data: Path | str, **overrides: object) -> TrainConfig:
     """A model small enough to train in seconds on 2 cores, large enough to learn real structure."""
     values: dict[str, object] = dict(
-        data=str(data), out=str(out), block_size=32, n_embd=48, n_heads=4, n_layers=2, dropout=0.0,
-        batch_size=16, n_updates=40, learning_rate=3e-3, warmup_updates=5, eval_interval=20, eval_iters=4,
-        checkpoint_interval=20, device="cpu", seed=7,
+        data=str(data),
+        out=str(out),
+        block_size=32,
+        n_embd=48,
+        n_heads=4,
+        n_layers=2,
+        dropout=0.0,
+        batch_size=16,
+        n_updates=40,
+        learning_rate=3e-3,
+        warmup_updates=5,
+        eval_interval=20,
+        eval_iters=4,
+        checkpoint_interval=20,
+        device="cpu",
+        seed=7,
     )
     values.update(overrides)
     cfg = TrainConfig(**values)  # type: ignore[arg-type]
@@ -63,6 +76,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kwargs)
     """Run `python -m chargpt ARGS` as a user would, capturing text output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "chargpt", *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=timeout, **kwargs,
+        [sys.executable, "-m", "chargpt", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
     )
