@@ -176,3 +176,17 @@ def test_missing_or_binary_toml(tmp_path):
     (tmp_path / "bin.toml").write_bytes(b"n_embd = \xff\n")
     with pytest.raises(ChargptError, match="is not valid TOML"):
         load_toml(tmp_path / "bin.toml")
+
+
+def test_a_time_budget_alone_governs_the_run(tmp_path):
+    """--max-time without --n-updates: the preset's step count must not end the run (or its schedule) early."""
+    from chargpt.config import TIME_GOVERNED_UPDATES
+
+    timed = make_train_config("cpu", device="cpu", max_time=60.0)
+    assert timed.n_updates == TIME_GOVERNED_UPDATES
+    both = make_train_config("cpu", device="cpu", max_time=60.0, n_updates=123)
+    assert both.n_updates == 123
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_time = 30\n")
+    assert make_train_config("cpu", str(toml), device="cpu").n_updates == TIME_GOVERNED_UPDATES
+    assert make_train_config("cpu", device="cpu").n_updates == PRESETS["cpu"]["n_updates"]

@@ -160,3 +160,20 @@ def test_text_too_short_for_the_block(tmp_path):
     with pytest.raises(ChargptError, match="train split has 20 characters"):
         train(tiny_config(tmp_path / "m", data, val_fraction=0.9), progress=False)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p != data]
+
+
+def test_bad_data_leaves_no_empty_output_folders(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ChargptError, match="empty"):
+        train(tiny_config(tmp_path / "o1" / "deep" / "model", empty), progress=False)
+    assert not (tmp_path / "o1").exists()
+
+
+def test_time_budget_progress_bar_counts_seconds(tmp_path, text_file, capsys):
+    """With max_time the bar's total is the budget in seconds (so its ETA is the budget's end) and shows the step."""
+    cfg = tiny_config(tmp_path / "m", text_file, n_updates=1_000_000, eval_interval=1_000_000, max_time=2.0)
+    result = train(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert result.stopped_by == "max_time"
+    assert "/2s [" in err and f"step={result.step}" in err

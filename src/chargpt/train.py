@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
-from chargpt.config import TrainConfig, build_train_config, load_toml, resolve_preset
+from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig, build_train_config, load_toml, resolve_preset
 from chargpt.data import get_batch, load_corpus, split
 from chargpt.errors import ChargptError
 from chargpt.model import build_model
@@ -70,6 +70,10 @@ def make_train_config(preset: str | None = None, config_path: str | None = None,
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
     device = overrides.get("device") or toml.get("device") or "auto"
     preset = resolve_preset(preset, resolve_device(device).type if device in ("auto", "cpu") else "gpu")
+    given = {**toml, **{k: v for k, v in overrides.items() if v is not None}}
+    if given.get("max_time") and "n_updates" not in given:
+        # a time budget alone governs the run: no preset step count may end it (and its schedule) early
+        overrides = {**overrides, "n_updates": TIME_GOVERNED_UPDATES}
     return build_train_config(preset, toml, overrides)
 
 
@@ -307,15 +311,15 @@ def train(
             f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
             f"or choose another --out"
         )
-    if d.main:
-        ckpt.check_writable(out)
 
-    # data
+    # data (checked before --out is created, so bad data leaves no empty folders behind)
     text = load_corpus(cfg.data)
     if state is None:
         tokenizer = CharTokenizer.from_text(text)
     ids = torch.from_numpy(tokenizer.encode(text))
     train_ids, val_ids = split(ids, cfg.val_fraction, cfg.block_size)
+    if d.main:
+        ckpt.check_writable(out)
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -428,11 +432,14 @@ def train(
 
     from tqdm import tqdm
 
+    # with a time budget the bar counts training seconds, so its ETA is the budget's end
+    time_bar = cfg.max_time > 0
     bar = tqdm(
-        total=cfg.n_updates,
-        initial=step,
+        total=cfg.max_time if time_bar else cfg.n_updates,
+        initial=min(elapsed, cfg.max_time) if time_bar else step,
         disable=not (progress and d.main),
-        unit="step",
+        unit="s" if time_bar else "step",
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]" if time_bar else None,
         dynamic_ncols=True,
         leave=True,
     )
@@ -481,14 +488,15 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
-            elapsed += now - t_prev
-            t_prev = now
+            delta, t_prev = now - t_prev, now
+            elapsed += delta
             window_steps += 1
             if now - window_t > 2.0:
                 tok_s = window_steps * tokens_per_step / (now - window_t)
                 window_t, window_steps = now, 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s else "…", refresh=False)
+            bar.update(min(delta, cfg.max_time - bar.n) if time_bar else 1)
+            shown = {"step": step} if time_bar else {}
+            bar.set_postfix(**shown, loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s else "…", refresh=False)
             if step % cfg.eval_interval == 0 or step == cfg.n_updates:
                 last_val, last_eval_step = evaluate_and_save(tok_s), step
                 t_prev = time.perf_counter()  # evaluation time is not training time
