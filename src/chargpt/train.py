@@ -500,9 +500,11 @@ def train(
             if step % cfg.eval_interval == 0 or step == cfg.n_updates:
                 last_val, last_eval_step = evaluate_and_save(tok_s), step
                 t_prev = time.perf_counter()  # evaluation time is not training time
+                window_t, window_steps = t_prev, 0  # nor part of the tokens/s window
             if step % cfg.checkpoint_interval == 0:
                 save_state()
                 t_prev = time.perf_counter()
+                window_t, window_steps = t_prev, 0
         # an interruption only saves the state: evaluating there would change the run's metrics and best model
         finished = stopped_by in ("n_updates", "max_time")
         if finished and last_eval_step != step and step > 0 and (not metrics or metrics[-1]["step"] != step):
