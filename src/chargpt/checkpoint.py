@@ -8,11 +8,9 @@ and the folder fsynced. Loading never unpickles: safetensors for weights, JSON f
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from chargpt.config import GPTConfig
 from chargpt.errors import ChargptError
+from chargpt.fileio import atomic_write_bytes
 from chargpt.model import GPT, BigramLM, build_model
 from chargpt.tokenizer import CharTokenizer
 
@@ -34,52 +33,6 @@ WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.
 log = logging.getLogger("chargpt.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
 CONFIG_KEYS = {"format", "format_version", "model", "vocab", "info"}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix."""
-    path = Path(path)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # like a normally created file, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise ChargptError(
-                f"disk full while writing {path} ({e.strerror}); free some space and resume (the old file is intact)"
-            ) from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files of `path` left by a process killed mid-write; one writer per directory, so none is in use."""
-    prefix = f".{path.name}."
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return  # mkstemp below reports the real problem
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.unlink(path.parent / name)
-            except OSError:
-                pass
 
 
 def check_writable(directory: str | Path) -> None:
@@ -113,7 +66,7 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _plain_state_dict(model).items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in plain_state_dict(model).items()}
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -244,7 +197,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
     """Strictly load a state dict: same names, same shapes, float tensors, else a one-line error."""
     if not isinstance(state, dict):
         raise ChargptError(f"{where} holds no weights dictionary; the file is corrupt")
-    expected = _plain_state_dict(model)
+    expected = plain_state_dict(model)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise ChargptError(
@@ -264,7 +217,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
             tensor.copy_(state[name])
 
 
-def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without wrappers' prefixes (torch.compile's `_orig_mod.`, DDP's `module.`)."""
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)

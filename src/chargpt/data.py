@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from chargpt.errors import ChargptError
+from chargpt.fileio import atomic_write_bytes
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
 CONVERTER_VERSION = 2
@@ -98,12 +99,10 @@ def shakespeare_text() -> str:
         return cached.read_text(encoding="utf-8")
     text = "".join(markdown_play_to_dialogue(f.read_text(encoding="utf-8")) for f in files)
     try:
-        from chargpt.checkpoint import atomic_write_bytes
-
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cached, text.encode("utf-8"))
-    except OSError:
-        pass  # an unwritable cache only costs the conversion next time
+    except (OSError, ChargptError):
+        pass  # an unwritable or full cache only costs the conversion next time
     return text
 
 

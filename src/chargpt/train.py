@@ -30,6 +30,7 @@ from chargpt import checkpoint as ckpt
 from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig, build_train_config, load_toml, resolve_preset
 from chargpt.data import get_batch, load_corpus, split
 from chargpt.errors import ChargptError
+from chargpt.fileio import atomic_write_bytes
 from chargpt.model import build_model
 from chargpt.tokenizer import CharTokenizer
 
@@ -260,7 +261,7 @@ def _set_rng_state(state: dict[str, Any], train_gen: torch.Generator) -> None:
 
 def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(m) + "\n" for m in metrics)
-    ckpt.atomic_write_bytes(out / METRICS, lines.encode())
+    atomic_write_bytes(out / METRICS, lines.encode())
 
 
 def _plot(out: Path, metrics: list[dict[str, Any]]) -> None:
@@ -282,7 +283,7 @@ def _plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    ckpt.atomic_write_bytes(out / PLOT, buf.getvalue())
+    atomic_write_bytes(out / PLOT, buf.getvalue())
 
 
 def train(
@@ -389,7 +390,7 @@ def train(
                     "step": step,
                     "elapsed": elapsed,
                     "best_val_loss": best_val,
-                    "model": {k: v.detach().cpu() for k, v in ckpt._plain_state_dict(model).items()},
+                    "model": {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(model).items()},
                     "optimizer": optimizer.state_dict(),
                     "rng": _rng_state(train_gen),
                     "vocab": tokenizer.to_list(),
