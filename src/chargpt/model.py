@@ -62,7 +62,7 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
         drop, scale = dropout_mask(tuple(x.shape), self.p, x.device)
-        return x.masked_fill(drop, 0.0) * scale
+        return torch.where(drop, 0.0, x * scale)  # one pass each way (masked_fill would clone, then fill)
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             bias, q.reshape(B * H, T, hs), k.reshape(B * H, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs)
         ).softmax(-1)  # (B*H, T, T)
         drop, scale = dropout_mask(tuple(att.shape), self.attn_dropout, q.device)
-        y = att.masked_fill(drop, 0.0) @ (v.reshape(B * H, T, hs) * scale)  # scale folded into v: (B*H, T, hs)
+        y = torch.where(drop, 0.0, att) @ (v.reshape(B * H, T, hs) * scale)  # scale folded into v: (B*H, T, hs)
         return y.view(B, H, T, hs)
 
 
