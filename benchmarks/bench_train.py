@@ -3,14 +3,17 @@
 Mid config: n_embd 192, 6 heads, 4 layers, block 128, batch 32, dropout 0.2, vocab 65. Measures
 forward + backward + optimizer step after warm-up, exactly what `chargpt train` runs per step.
 
-    python benchmarks/bench_train.py [--steps 20] [--compile]
+    python benchmarks/bench_train.py [--rounds 6] [--steps 4] [--compile]
+
+The reference model is loaded from its file and trained in the same process, in alternating bursts with
+chargpt, so both see the same machine state.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,48 +48,80 @@ def flops_per_token(model: torch.nn.Module, cfg: TrainConfig) -> float:
     return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layers * cfg.n_embd * cfg.block_size
 
 
-def chargpt_tokens_per_s(steps: int, warmup: int, compile_model: bool) -> tuple[float, float]:
-    cfg = TrainConfig(**MID, compile=compile_model, device="cpu")
+def _load_reference():
+    if not REFERENCE.is_file():
+        sys.exit(f"bench_train: reference not found at {REFERENCE}; it ships in ../shared/bench beside the repo")
+    spec = importlib.util.spec_from_file_location("reference_gpt", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _chargpt_step(cfg: TrainConfig, compile_model: bool):
     torch.manual_seed(0)
     model = build_model(cfg.model_config(VOCAB))
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     fwd = torch.compile(model) if compile_model else model
-    x = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size))
-    y = torch.randint(0, VOCAB, (cfg.batch_size, cfg.block_size))
     model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         _, loss = fwd(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
-    return steps * cfg.batch_size * cfg.block_size / dt, flops_per_token(model, cfg)
+
+    return model, step
 
 
-def reference_tokens_per_s(steps: int) -> float:
-    if not REFERENCE.is_file():
-        sys.exit(f"bench_train: reference not found at {REFERENCE}; it ships in ../shared/bench beside the repo")
-    args = ["--n-embd", "192", "--n-heads", "6", "--n-layers", "4", "--block-size", "128", "--batch-size", "32"]
-    out = subprocess.run(
-        [sys.executable, str(REFERENCE), "train", "--steps", str(steps), "--warmup", "3", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+def _reference_step(reference):
+    """Exactly the step of `reference_gpt.py train`: its model, AdamW(lr=3e-4), no clipping."""
+    torch.manual_seed(0)
+    model = reference.ReferenceGPT(VOCAB, MID["block_size"], MID["n_embd"], MID["n_heads"], 4, MID["dropout"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def interleaved_tokens_per_s(steps: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Alternate short bursts of each contender, so machine drift hits all of them alike."""
+    x = torch.randint(0, VOCAB, (MID["batch_size"], MID["block_size"]))
+    y = torch.randint(0, VOCAB, (MID["batch_size"], MID["block_size"]))
+    for step in steps.values():  # warm-up
+        for _ in range(3):
+            step(x, y)
+    spent = dict.fromkeys(steps, 0.0)
+    for r in range(rounds):
+        for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                steps[name](x, y)
+            spent[name] += time.perf_counter() - t0
+    tokens = rounds * per_round * MID["batch_size"] * MID["block_size"]
+    return {name: tokens / t for name, t in spent.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=4, help="steps per burst")
+    p.add_argument("--rounds", type=int, default=6, help="bursts per contender, alternating")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     a = p.parse_args()
     peak = matmul_peak()
-    ref = reference_tokens_per_s(a.steps)
-    ours, fpt = chargpt_tokens_per_s(a.steps, warmup=3, compile_model=False)
+    cfg = TrainConfig(**MID, device="cpu")
+    model, ours_step = _chargpt_step(cfg, compile_model=False)
+    steps = {"reference": _reference_step(_load_reference()), "chargpt": ours_step}
+    if a.compile:
+        steps["compiled"] = _chargpt_step(cfg, compile_model=True)[1]
+    rates = interleaved_tokens_per_s(steps, rounds=a.rounds, per_round=a.steps)
+    peak = max(peak, matmul_peak())  # the better of before and after
+    ref, ours, fpt = rates["reference"], rates["chargpt"], flops_per_token(model, cfg)
     result = {
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": round(peak / 1e9, 1),
@@ -98,7 +133,7 @@ def main() -> None:
         "reference_share_of_peak": round(ref * fpt / peak, 3),
     }
     if a.compile:
-        comp, _ = chargpt_tokens_per_s(a.steps, warmup=3, compile_model=True)
+        comp = rates["compiled"]
         result.update(
             chargpt_compiled_tokens_per_s=round(comp),
             compiled_ratio=round(comp / ref, 2),
