@@ -31,6 +31,7 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 
 bench: install
+	$(PY) benchmarks/bench_tokenizer.py
 	$(PY) benchmarks/bench_sample.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_quality.py

@@ -30,8 +30,12 @@ class CharTokenizer:
             raise ChargptError(f"vocabulary has duplicate characters {dupes!r}; the model file is corrupt")
         self.chars = chars
         self._cps = np.array([ord(c) for c in chars], dtype=np.uint32)
-        self._table = np.full(int(self._cps.max()) + 1, -1, dtype=np.int64)
+        # code point -> id, -1 for characters outside the vocabulary (one spare slot past the largest)
+        self._table = np.full(int(self._cps.max()) + 2, -1, dtype=np.int64)
         self._table[self._cps] = np.arange(len(chars))
+        self._ascii_table = np.full(256, -1, dtype=np.int64)
+        ascii_chars = self._cps < 128
+        self._ascii_table[self._cps[ascii_chars]] = np.arange(len(chars))[ascii_chars]
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -45,11 +49,14 @@ class CharTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Text -> int64 ids. Raises ChargptError naming any characters outside the vocabulary."""
-        cps = _codepoints(text)
-        in_range = cps < len(self._table)
-        ids = np.where(in_range, self._table[np.where(in_range, cps, 0)], -1)
-        if (ids < 0).any():
-            unknown = sorted({chr(c) for c in np.unique(cps[ids < 0])})
+        if text.isascii():  # one byte per character: look the bytes up in a 256-entry table
+            codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+            ids = self._ascii_table[codes]
+        else:
+            codes = _codepoints(text)
+            ids = self._table[np.minimum(codes, len(self._table) - 1)]  # the last slot is always -1
+        if ids.size and ids.min() < 0:
+            unknown = sorted({chr(c) for c in np.unique(codes[ids < 0])})
             shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
             raise ChargptError(
                 f"{len(unknown)} character(s) not in the model's vocabulary: {shown}; "
