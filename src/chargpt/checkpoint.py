@@ -230,15 +230,17 @@ def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(Path(directory) / TRAIN_STATE, buf.getvalue())
 
 
-def load_train_state(directory: str | Path) -> dict[str, Any]:
-    """Read train_state.pt without unpickling code (weights_only) and check its layout."""
+def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read train_state.pt without unpickling code (weights_only) and check its layout.
+
+    mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
     path = Path(directory) / TRAIN_STATE
     if not path.is_file():
         raise ChargptError(f"{directory} has no {TRAIN_STATE} to resume from; it was not written by `chargpt train`")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line suffices
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt or hostile pickles
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ChargptError(f"{path} is corrupt or not a chargpt train state ({first[:200]})") from None

@@ -80,7 +80,7 @@ def make_train_config(preset: str | None = None, config_path: str | None = None,
 
 def resume_config(out: str, **overrides: Any) -> TrainConfig:
     """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates)."""
-    saved = ckpt.load_train_state(out)["config"]
+    saved = ckpt.load_train_state(out, mmap=True)["config"]  # train() reads the tensors; here only the config
     if not isinstance(saved, dict) or set(saved) - set(TrainConfig.__dataclass_fields__):
         raise ChargptError(f"the train state in {out} holds an unknown config; start a new run with --overwrite")
     saved.update({k: v for k, v in overrides.items() if v is not None})
