@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,7 @@ class Dist:
     local_rank: int = 0
     world: int = 1
     owns_group: bool = False  # train() joined the process group, so train() leaves it at the end
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # this rank's device
 
     @property
     def main(self) -> bool:
@@ -123,7 +124,7 @@ def init_distributed(cfg: TrainConfig) -> Dist:
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     if env["WORLD_SIZE"] is None and env["RANK"] is None:
         check_batch(cfg, 1)
-        return Dist()
+        return Dist(device=resolve_device(cfg.device))
     missing = [k for k, v in env.items() if v is None]
     if missing:
         raise ChargptError(
@@ -137,7 +138,7 @@ def init_distributed(cfg: TrainConfig) -> Dist:
     if not 0 <= d.rank < d.world:
         raise ChargptError(f"broken distributed launch: RANK={d.rank} is outside WORLD_SIZE={d.world}")
     check_batch(cfg, d.world)
-    device = resolve_device(cfg.device, d.local_rank)
+    d.device = device = resolve_device(cfg.device, d.local_rank)
     if device.type == "cuda":
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ChargptError(
@@ -301,7 +302,7 @@ def train(
     """
     cfg.validate()
     d = init_distributed(cfg)
-    device = resolve_device(cfg.device, d.local_rank)
+    device = d.device
     out = Path(cfg.out)
     state: dict[str, Any] | None = None
     if resume:
