@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from chargpt.config import GPTConfig
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, first_line
 from chargpt.fileio import atomic_write_bytes
 from chargpt.model import GPT, BigramLM, build_model
 from chargpt.tokenizer import CharTokenizer
@@ -103,7 +103,7 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
     try:
         raw = json.loads(data)
     except (ValueError, RecursionError) as e:  # ValueError covers JSON syntax, bad UTF-8, huge integers
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise ChargptError(f"{where} is not valid JSON ({first}); the model directory is corrupt") from None
     if not isinstance(raw, dict):
         raise ChargptError(f"{where} must hold a JSON object; the model directory is corrupt")
@@ -151,7 +151,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         state = st_load(data)
     except (SafetensorError, ValueError, OverflowError, RuntimeError, TypeError) as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise ChargptError(f"{path} is not a valid safetensors file ({first}); it is corrupt or truncated") from None
     embedded = _safetensors_metadata(data).get("config")
     if embedded is not None:
@@ -242,8 +242,8 @@ def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt or hostile pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ChargptError(f"{path} is corrupt or not a chargpt train state ({first[:200]})") from None
+        first = first_line(e)
+        raise ChargptError(f"{path} is corrupt or not a chargpt train state ({first})") from None
     problem = _train_state_problem(state)
     if problem:
         raise ChargptError(f"{path} is not a usable chargpt train state ({problem}); start a new run with --overwrite")

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from chargpt import checkpoint as ckpt
 from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig, build_train_config, load_toml, resolve_preset
 from chargpt.data import get_batch, load_corpus, split
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, first_line
 from chargpt.fileio import atomic_write_bytes
 from chargpt.model import build_model
 from chargpt.tokenizer import CharTokenizer
@@ -335,7 +335,7 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"], train_gen)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             raise ChargptError(
                 f"{out / ckpt.TRAIN_STATE} holds an optimizer or RNG state this run cannot use ({first}); "
                 f"start a new run with --overwrite"
