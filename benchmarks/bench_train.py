@@ -22,7 +22,7 @@ import torch
 
 from chargpt.config import TrainConfig
 from chargpt.model import build_model
-from chargpt.train import make_optimizer
+from chargpt.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt.py"

@@ -6,9 +6,16 @@ import dataclasses
 
 import pytest
 
-from chargpt.config import PRESETS, GPTConfig, TrainConfig, build_train_config, load_toml, resolve_preset
+from chargpt.config import (
+    PRESETS,
+    GPTConfig,
+    TrainConfig,
+    build_train_config,
+    load_toml,
+    make_train_config,
+    resolve_preset,
+)
 from chargpt.errors import ChargptError
-from chargpt.train import make_train_config
 
 
 def test_defaults_are_the_seed_model():

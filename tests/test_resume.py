@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from chargpt import checkpoint as ckpt
+from chargpt.checkpoint import resume_config
 from chargpt.errors import ChargptError
-from chargpt.train import resume_config, train
+from chargpt.train import train
 from conftest import run_cli, tiny_config
 
 # small enough for a few seconds per run on 2 busy cores; dropout > 0 so the RNG state matters

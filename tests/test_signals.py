@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from chargpt import checkpoint as ckpt
-from chargpt.config import GPTConfig
+from chargpt.config import GPTConfig, make_train_config
 from chargpt.model import build_model
 from chargpt.tokenizer import CharTokenizer
-from chargpt.train import make_train_config, train
+from chargpt.train import train
 from test_resume import FLAGS, SMALL, assert_same_tensors, final_state, metrics
 
 

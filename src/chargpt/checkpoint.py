@@ -11,17 +11,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from chargpt.config import GPTConfig
+from chargpt.config import GPTConfig, TrainConfig, saved_train_config
 from chargpt.errors import ChargptError, first_line
 from chargpt.fileio import atomic_write_bytes
 from chargpt.model import GPT, BigramLM, build_model
@@ -248,6 +250,35 @@ def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any
     if problem:
         raise ChargptError(f"{path} is not a usable chargpt train state ({problem}); start a new run with --overwrite")
     return state
+
+
+def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:
+    """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates)."""
+    saved = load_train_state(out, mmap=True)["config"]  # train() reads the tensors; here only the config
+    return saved_train_config(saved, str(out), f"the train state in {out}", **overrides)
+
+
+def capture_rng(batches: torch.Generator) -> dict[str, Any]:
+    """Every random stream a run draws from (torch, CUDA, numpy, Python, the batch generator), as plain data."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(py_state[1]),
+        "batches": batches.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], batches: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    batches.set_state(state["batches"])
 
 
 def _train_state_problem(state: Any) -> str | None:

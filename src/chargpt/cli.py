@@ -110,7 +110,9 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from chargpt.train import make_train_config, resume_config, train
+    from chargpt.checkpoint import resume_config
+    from chargpt.config import make_train_config
+    from chargpt.train import train
 
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume:
@@ -148,7 +150,7 @@ def _launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
 
     import torch
 
-    from chargpt.train import check_batch, resolve_device
+    from chargpt.distributed import check_batch, resolve_device
 
     if nproc < 1:
         raise ChargptError(f"--nproc must be >= 1, got {nproc}")
@@ -183,8 +185,8 @@ def _launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from chargpt.checkpoint import load_model
+    from chargpt.distributed import resolve_device
     from chargpt.generate import SampleConfig, generate, stream
-    from chargpt.train import resolve_device
 
     cfg = SampleConfig(
         max_new_tokens=args.max_new_tokens,
@@ -220,8 +222,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from chargpt.checkpoint import load_model
     from chargpt.data import read_text_file
+    from chargpt.distributed import resolve_device
     from chargpt.evaluate import evaluate
-    from chargpt.train import resolve_device
 
     model, tokenizer = load_model(args.model, resolve_device(args.device))
     path = Path(args.data)

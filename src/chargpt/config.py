@@ -1,6 +1,7 @@
-"""Configuration: the model's shape and the training run's settings, plus presets and TOML loading.
+"""Every config decision: the model's shape, the training run's settings, presets, TOML, and resume's config.
 
 Precedence, lowest to highest: dataclass defaults (the classic seed model) < preset < TOML file < flags.
+Building a config needs no torch, except to look for a GPU when the device is `auto` and no preset is named.
 """
 
 from __future__ import annotations
@@ -168,11 +169,41 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_preset(preset: str | None, device: str) -> str:
+    """The preset to use: the one named, else `cpu` on a CPU and `seed` elsewhere (`device` auto looks)."""
     if preset is None:
+        if device == "auto":
+            from chargpt.distributed import resolve_device  # torch: only when the device must be looked up
+
+            device = resolve_device(device).type
         return "cpu" if device == "cpu" else "seed"
     if preset not in PRESETS:
         raise ChargptError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     return preset
+
+
+def make_train_config(preset: str | None = None, config_path: str | None = None, **overrides: Any) -> TrainConfig:
+    """What the CLI does: defaults < preset (auto: 'cpu' on CPU, 'seed' elsewhere) < TOML < overrides."""
+    toml = load_toml(config_path) if config_path else {}
+    unknown = sorted(set(overrides) - set(TRAIN_FIELDS))
+    if unknown:
+        raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
+    device = overrides.get("device") or toml.get("device") or "auto"
+    preset = resolve_preset(preset, device)
+    given = {**toml, **{k: v for k, v in overrides.items() if v is not None}}
+    if given.get("max_time") and "n_updates" not in given:
+        # a time budget alone governs the run: no preset step count may end it (and its schedule) early
+        overrides = {**overrides, "n_updates": TIME_GOVERNED_UPDATES}
+    return build_train_config(preset, toml, overrides)
+
+
+def saved_train_config(saved: Any, out: str, where: str, **overrides: Any) -> TrainConfig:
+    """Resume's config: the settings a run saved (a dict), any explicitly given settings on top."""
+    if not isinstance(saved, dict) or set(saved) - set(TRAIN_FIELDS):
+        raise ChargptError(f"{where} holds an unknown config; start a new run with --overwrite")
+    values = {**saved, **{k: v for k, v in overrides.items() if v is not None}, "out": str(out)}
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
 
 
 def build_train_config(
