@@ -1,13 +1,21 @@
-"""Atomic file writes: a crash at any moment leaves the old file or the new one, never a mix."""
+"""Atomic file writes (a crash at any moment leaves the old file or the new one, never a mix), and safe reads
+of paths users give (regular files only: a FIFO would block forever, /dev/zero would fill the memory)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from chargpt.errors import ChargptError
+
+GIB = 1 << 30
+
+
+class DiskFullError(ChargptError):
+    """A write failed for lack of space; whoever knows whether there is something to resume words the advice."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -30,8 +38,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise ChargptError(
-                f"disk full while writing {path} ({e.strerror}); free some space and resume (the old file is intact)"
+            raise DiskFullError(
+                f"disk full while writing {path} ({e.strerror}); free some space and run again (the old file is intact)"
             ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -54,3 +62,51 @@ def _remove_stale_temps(path: Path) -> None:
                 os.unlink(path.parent / name)
             except OSError:
                 pass
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return name
+    return "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+
+
+def check_regular(path: str | Path, what: str, limit: int | None = None) -> int:
+    """The size of `path` if it is a regular file (after symlinks) of at most `limit` bytes, else a one-line
+    error. Checked before opening: opening a FIFO blocks, and reading /dev/zero never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ChargptError(f"{what} {path} does not exist; check the path") from None
+    except OSError as e:
+        raise ChargptError(f"cannot read {what} {path} ({e.strerror}); check the path and permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ChargptError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file; pass a regular file")
+    if limit is not None and st.st_size > limit:
+        raise ChargptError(
+            f"{what} {path} is {st.st_size / GIB:.1f} GiB, more than the {limit / GIB:.1f} GiB such a file can be; "
+            f"it is not what chargpt expects here"
+        )
+    return st.st_size
+
+
+def read_regular(path: str | Path, what: str, limit: int | None = None) -> bytes:
+    """Read a regular file (see check_regular) with one-line errors. O_NONBLOCK: if the path is swapped for a
+    FIFO between the check and the open, the open does not hang, and fstat refuses it."""
+    check_regular(path, what, limit)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ChargptError(f"cannot read {what} {path} ({e.strerror}); check the path and permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+            raise ChargptError(f"{what} {path} changed while being opened; try again")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except IsADirectoryError:
+        raise ChargptError(f"{what} {path} is a directory, not a regular file; pass a regular file") from None
+    except OSError as e:
+        raise ChargptError(f"cannot read {what} {path} ({e.strerror}); check the path and permissions") from None
+    finally:
+        os.close(fd)

@@ -22,13 +22,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
-from chargpt import report
+from chargpt import memory, report
 from chargpt.config import TrainConfig
 from chargpt.data import get_batch, load_corpus, split
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows
 from chargpt.errors import ChargptError, first_line
 from chargpt.model import build_model
 from chargpt.optim import learning_rate, make_optimizer, set_learning_rate
+from chargpt.rundir import OutDir
 from chargpt.tokenizer import CharTokenizer
 
 
@@ -57,6 +58,8 @@ class Run:
     fwd: torch.nn.Module  # the model as trained: compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
     batches: torch.Generator  # draws every training batch; part of the resumable state
+    outdir: OutDir | None = None  # the locked output folder, told when the run first saves
+    signals: _Signals | None = None  # a signal pending during evaluation cuts it short
 
     def autocast(self) -> AbstractContextManager:
         device = self.dist.device
@@ -91,10 +94,22 @@ def train(
     """
     cfg.validate()
     d = init_distributed(cfg)
+    with OutDir(cfg.out, resume=resume, overwrite=overwrite, main=d.main) as outdir:  # locked for the whole run
+        return _run(cfg, d, outdir, resume=resume, overwrite=overwrite, progress=progress, pause_after=pause_after)
+
+
+def _run(
+    cfg: TrainConfig, d: Dist, outdir: OutDir, *, resume: bool, overwrite: bool, progress: bool, pause_after: int | None
+) -> TrainResult:
+    """The run itself, inside its locked output folder."""
     run, state = setup(cfg, d, resume=resume, overwrite=overwrite)
+    run.outdir = outdir
+    if state.step % cfg.eval_interval == 0 < state.step and not _evaluated(state):  # a signal cut it short
+        evaluate_and_save(run, state, 0.0)
     bar = report.Progress(cfg, state.step, state.elapsed, enabled=progress and d.main)
     start_step, t_prev = state.step, bar.restart()
     with _Signals() as signals:
+        run.signals = signals
         while state.step < cfg.n_updates:
             stop = stop_reason(run, state, signals, pause_after, start_step)
             if stop:
@@ -135,22 +150,21 @@ def train(
 
 def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool) -> tuple[Run, RunState]:
     """Data, model, optimizer and (when resuming) the saved state, in that order."""
-    out = Path(cfg.out)
+    out = Path(cfg.out)  # locked and checked by OutDir: a user's files are never replaced
     saved: dict[str, Any] | None = None
     if resume:
         saved = ckpt.load_train_state(out)
-    elif ckpt.holds_model(out) and not overwrite:
-        raise ChargptError(
-            f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
-            f"or choose another --out"
-        )
-    # data (checked before --out is created, so bad data leaves no empty folders behind)
+    # data (a failure leaves no empty folder behind: OutDir removes what it created)
     text = load_corpus(cfg.data)
     tokenizer = CharTokenizer(list(saved["vocab"])) if saved else CharTokenizer.from_text(text)
     train_ids, val_ids = split(torch.from_numpy(tokenizer.encode(text)), cfg.val_fraction, cfg.block_size)
-    if d.main:
-        ckpt.check_writable(out)
-
+    rows = cfg.batch_size // (d.world * cfg.gradient_accumulation_steps)
+    memory.check(
+        memory.training_bytes(cfg.model_config(tokenizer.vocab_size), rows),
+        d.device,
+        "training this configuration",
+        "use a smaller --batch-size, --block-size, --n-embd or --n-layers (or more --gradient-accumulation-steps)",
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model_config(tokenizer.vocab_size)).to(d.device)
     optimizer = make_optimizer(model, cfg, d.device)
@@ -158,9 +172,6 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool) -> tuple[
     state = RunState()
     if saved is not None:
         state = restore(saved, out, model, optimizer, batches)
-    elif d.main:
-        for stale in (ckpt.TRAIN_STATE, report.METRICS, report.PLOT):  # an overwritten run's leftovers must go
-            (out / stale).unlink(missing_ok=True)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -272,7 +283,9 @@ def estimate(run: Run, at_step: int) -> tuple[float, float]:
     for part in (run.train_ids, run.val_ids):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
         total = 0.0
-        for _ in range(cfg.eval_iters):
+        for i in range(cfg.eval_iters):
+            if _signal_pending(run, i):
+                raise _EvaluationInterrupted
             x, y = get_batch(part, cfg.batch_size, cfg.block_size, gen)
             with run.autocast():
                 total += run.model(rank_rows(x, d).to(d.device), rank_rows(y, d).to(d.device))[1].item()
@@ -282,8 +295,13 @@ def estimate(run: Run, at_step: int) -> tuple[float, float]:
 
 
 def evaluate_and_save(run: Run, state: RunState, tok_s: float) -> None:
-    """Estimate the losses; rank 0 records them, saves the model if val improved, redraws the plot."""
-    train_loss, val_loss = estimate(run, state.step)
+    """Estimate the losses; rank 0 records them, saves the model if val improved, redraws the plot.
+    A signal during the estimate skips it: a resumed run evaluates this step first."""
+    try:
+        train_loss, val_loss = estimate(run, state.step)
+    except _EvaluationInterrupted:
+        run.model.train()
+        return
     best = val_loss < state.best_val
     lr = learning_rate(run.cfg, max(state.step - 1, 0), state.elapsed)
     state.metrics.append(
@@ -300,6 +318,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float) -> None:
         if best:
             info = {"step": state.step, "val_loss": val_loss, "train_loss": train_loss, "train_config": asdict(run.cfg)}
             ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
+            _saved(run)
         report.write_metrics(run.out, state.metrics)
         report.plot(run.out, state.metrics)
         report.log_evaluation(state.step, train_loss, val_loss, best)
@@ -325,18 +344,39 @@ def save_state(run: Run, state: RunState) -> None:
             "config": asdict(run.cfg),
         },
     )
+    _saved(run)
+
+
+def _evaluated(state: RunState) -> bool:
+    return state.last_eval_step == state.step or bool(state.metrics and state.metrics[-1]["step"] == state.step)
+
+
+def _saved(run: Run) -> None:
+    if run.outdir is not None:
+        run.outdir.saved()
 
 
 def finish(run: Run, state: RunState, tok_s: float) -> None:
     """A run that completed gets its final evaluation; any stop saves the resumable state. An interruption
     does not evaluate: that would change the run's metrics and best model."""
     finished = state.stopped_by in ("n_updates", "max_time")
-    evaluated = state.last_eval_step == state.step or (state.metrics and state.metrics[-1]["step"] == state.step)
-    if finished and state.step > 0 and not evaluated:
+    if finished and state.step > 0 and not _evaluated(state):
         evaluate_and_save(run, state, tok_s)
     elif state.metrics:
         state.last_val = state.metrics[-1]["val_loss"]
     save_state(run, state)
+
+
+class _EvaluationInterrupted(Exception):
+    """A signal arrived while estimating the losses."""
+
+
+def _signal_pending(run: Run, batch: int) -> bool:
+    """Whether SIGINT/SIGTERM is pending; with several ranks they agree (one all-reduce every 16 batches)."""
+    caught = run.signals is not None and run.signals.caught is not None
+    if run.dist.world == 1:
+        return caught
+    return batch % 16 == 0 and all_max([1.0 if caught else 0.0], run.dist)[0] > 0
 
 
 class _Signals:
