@@ -1,14 +1,35 @@
 """chargpt: a character-level GPT you can train on a laptop CPU, sample fast, and scale out with torchrun."""
 
-from chargpt.checkpoint import load_model, resume_config, save_model
-from chargpt.config import GPTConfig, TrainConfig, make_train_config
-from chargpt.data import load_corpus, shakespeare_text
-from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate
-from chargpt.generate import SampleConfig, generate, stream
-from chargpt.model import GPT, BigramLM, build_model
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import TrainResult, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chargpt.checkpoint import load_model, resume_config, save_model
+    from chargpt.config import GPTConfig, TrainConfig, make_train_config
+    from chargpt.data import load_corpus, shakespeare_text
+    from chargpt.errors import ChargptError
+    from chargpt.evaluate import evaluate
+    from chargpt.generate import SampleConfig, generate, stream
+    from chargpt.model import GPT, BigramLM, build_model
+    from chargpt.tokenizer import CharTokenizer
+    from chargpt.train import TrainResult, train
+
+# Imported on first use: `chargpt --help` and the CLI's start-up do not wait for torch (and a Ctrl-C in
+# that first half second reaches the CLI's handler instead of an import's traceback).
+_HOMES = {
+    "chargpt.checkpoint": ("load_model", "resume_config", "save_model"),
+    "chargpt.config": ("GPTConfig", "TrainConfig", "make_train_config"),
+    "chargpt.data": ("load_corpus", "shakespeare_text"),
+    "chargpt.errors": ("ChargptError",),
+    "chargpt.evaluate": ("evaluate",),
+    "chargpt.generate": ("SampleConfig", "generate", "stream"),
+    "chargpt.model": ("GPT", "BigramLM", "build_model"),
+    "chargpt.tokenizer": ("CharTokenizer",),
+    "chargpt.train": ("TrainResult", "train"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -34,3 +55,9 @@ __all__ = [
     "evaluate",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'chargpt' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)

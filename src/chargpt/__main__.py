@@ -2,6 +2,9 @@
 
 import sys
 
-from chargpt.cli import main
+try:
+    from chargpt.cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python is still starting chargpt
+    sys.exit(130)
 
 sys.exit(main())

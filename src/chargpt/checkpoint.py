@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import os
 import random
 import tempfile
 import warnings
@@ -23,9 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from chargpt.config import GPTConfig, TrainConfig, saved_train_config
+from chargpt import memory
+from chargpt.config import MAX_COUNT, GPTConfig, TrainConfig, saved_train_config
 from chargpt.errors import ChargptError, first_line
-from chargpt.fileio import atomic_write_bytes
+from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
 from chargpt.model import GPT, BigramLM, build_model
 from chargpt.tokenizer import CharTokenizer
 
@@ -84,20 +87,26 @@ def save_model(
 def read_config(directory: str | Path) -> tuple[GPTConfig, CharTokenizer, dict[str, Any]]:
     """Parse and check config.json; every problem becomes a one-line ChargptError."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ChargptError(
+            f"{directory} is a file, not a model directory; --model takes the folder `chargpt train --out` wrote"
+        )
     if not directory.is_dir():
         raise ChargptError(
             f"model directory {directory} does not exist; train one with `chargpt train --out {directory}`"
         )
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise ChargptError(f"cannot read model directory {directory} (permission denied); check its permissions")
     path = directory / CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ChargptError(
             f"{directory} holds no model ({CONFIG} is missing); point --model at a trained model directory"
         )
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ChargptError(f"cannot read {path} ({e.strerror})") from None
+    data = read_regular(path, "model config", limit=CONFIG_LIMIT)
     return parse_config(data, str(path))
+
+
+CONFIG_LIMIT = 64 << 20  # the largest vocabulary (all of Unicode) takes ~10 MB of JSON
 
 
 def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenizer, dict[str, Any]]:
@@ -138,24 +147,18 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT | BigramLM, CharTokenizer]:
-    """Load a model directory for inference (eval mode). Never executes code from the files."""
+    """Load a model directory for inference (eval mode). Never executes code from the files.
+
+    The safetensors header is checked against the file size and the config before any tensor data is read,
+    so a header claiming a huge tensor costs nothing."""
     directory = Path(directory)
     cfg, tokenizer, _ = read_config(directory)
     path = directory / WEIGHTS
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ChargptError(
-            f"{directory} holds no weights ({WEIGHTS} is missing); the model directory is incomplete"
-        ) from None
-    except OSError as e:
-        raise ChargptError(f"cannot read {path} ({e.strerror})") from None
-    try:
-        state = st_load(data)
-    except (SafetensorError, ValueError, OverflowError, RuntimeError, TypeError) as e:
-        first = first_line(e)
-        raise ChargptError(f"{path} is not a valid safetensors file ({first}); it is corrupt or truncated") from None
-    embedded = _safetensors_metadata(data).get("config")
+    if not os.path.lexists(path):
+        raise ChargptError(f"{directory} holds no weights ({WEIGHTS} is missing); the model directory is incomplete")
+    size = check_regular(path, "weights file")
+    header = _read_header(path, size)
+    embedded = header.get("__metadata__", {}).get("config")
     if embedded is not None:
         # the weights' own config wins: config.json may be one save older after a crash between the renames
         own_cfg, own_tokenizer, _ = parse_config(embedded, f"the config inside {path}")
@@ -164,21 +167,97 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
                 "%s disagrees with the config inside %s (a save was cut short?); using the latter", CONFIG, path
             )
         cfg, tokenizer = own_cfg, own_tokenizer
+    _check_header(cfg, header, size, str(path))
+    memory.check(3 * size, torch.device("cpu"), f"loading {path}", "use a machine with more memory")
+    data = read_regular(path, "weights file")
+    try:
+        state = st_load(data)
+    except (SafetensorError, ValueError, OverflowError, RuntimeError, TypeError) as e:
+        first = first_line(e)
+        raise ChargptError(f"{path} is not a valid safetensors file ({first}); it is corrupt or truncated") from None
+    del data
     _check_shapes(cfg, state, str(path))
+    broken = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if broken:
+        raise ChargptError(
+            f"{path} holds NaN or infinite weights (in {broken[0]}); the model is broken, e.g. saved by a "
+            f"diverged run: retrain it or use another model"
+        )
     model = build_model(cfg)
     load_state(model, state, str(path))
     return model.to(device).eval(), tokenizer
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, Any]:
-    """The `__metadata__` of a safetensors file already validated by safetensors."""
-    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+HEADER_LIMIT = 100 << 20  # the safetensors library's own bound on a header
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def _read_header(path: Path, size: int) -> dict[str, Any]:
+    """The JSON header of a safetensors file: 8 bytes of length, then that many bytes of JSON."""
+    where = f"{path} is not a valid safetensors file"
+    with open(path, "rb") as f:  # a regular file (checked): opening cannot block
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, HEADER_LIMIT):
+            raise ChargptError(f"{where} (its header length {n} does not fit its {size} bytes); it is corrupt")
+        text = f.read(n)
     try:
-        header = json.loads(data[8 : 8 + n]) if 0 < n <= len(data) - 8 else {}
-    except (ValueError, RecursionError):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ChargptError(f"{where} (header: {first_line(e)}); it is corrupt") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ChargptError(f"{where} (its header is not a JSON object of tensors); it is corrupt")
+    header["__data_start__"] = 8 + n
+    return header
+
+
+def _check_header(cfg: GPTConfig, header: dict[str, Any], size: int, where: str) -> None:
+    """Names, dtypes, shapes and offsets in the header against the config and the file size."""
+    expected = _expected_shapes(cfg, where)
+    tensors = {k: v for k, v in header.items() if k not in ("__metadata__", "__data_start__")}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ChargptError(
+            f"{where} does not match the config: missing {missing[:3]}, unexpected {[_short(k) for k in extra[:3]]}; "
+            f"the files disagree"
+        )
+    spans = []
+    for name, shape in expected.items():
+        info = tensors[name]
+        if not isinstance(info, dict) or info.get("dtype") not in FLOAT_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            raise ChargptError(f"{where}: tensor {name} has dtype {_short(dtype)}, expected a float type")
+        if info.get("shape") != list(shape):
+            raise ChargptError(
+                f"{where}: tensor {name} has shape {_short(info.get('shape'))}, the config needs {tuple(shape)}"
+            )
+        offsets = info.get("data_offsets")
+        nbytes = math.prod(shape) * FLOAT_DTYPES[info["dtype"]]
+        ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        if not ok or not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != nbytes:
+            raise ChargptError(f"{where}: tensor {name} has bad data offsets {_short(offsets)}; it is corrupt")
+        spans.append((offsets[0], offsets[1]))
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise ChargptError(f"{where}: its tensors overlap or leave gaps; it is corrupt")
+        end = stop
+    if header["__data_start__"] + end != size:
+        raise ChargptError(
+            f"{where}: its header describes {header['__data_start__'] + end} bytes but the file has {size}; "
+            f"it is corrupt or truncated"
+        )
+
+
+def _expected_shapes(cfg: GPTConfig, where: str) -> dict[str, tuple[int, ...]]:
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            skeleton = build_model(cfg)
+    except (RuntimeError, OverflowError, ValueError, MemoryError) as e:
+        raise ChargptError(
+            f"{where}: the config describes an impossible model ({type(e).__name__}); files disagree"
+        ) from None
+    return {k: tuple(v.shape) for k, v in plain_state_dict(skeleton).items()}
 
 
 def _check_shapes(cfg: GPTConfig, state: dict[str, torch.Tensor], where: str) -> None:
@@ -237,8 +316,9 @@ def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any
 
     mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
     path = Path(directory) / TRAIN_STATE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ChargptError(f"{directory} has no {TRAIN_STATE} to resume from; it was not written by `chargpt train`")
+    check_regular(path, "train state")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line suffices
             warnings.simplefilter("ignore")
@@ -252,10 +332,12 @@ def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any
     return state
 
 
-def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:
-    """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates)."""
+def resume_config(out: str | Path, sources: dict[str, str] | None = None, **overrides: Any) -> TrainConfig:
+    """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates).
+
+    The model's shape and data cannot change (config.RESUME_FIXED); `sources` names where settings came from."""
     saved = load_train_state(out, mmap=True)["config"]  # train() reads the tensors; here only the config
-    return saved_train_config(saved, str(out), f"the train state in {out}", **overrides)
+    return saved_train_config(saved, str(out), f"the train state in {out}", sources, **overrides)
 
 
 def capture_rng(batches: torch.Generator) -> dict[str, Any]:
@@ -299,8 +381,12 @@ def _train_state_problem(state: Any) -> str | None:
             return f"{key} is missing"
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             return f"{key} has type {type(state[key]).__name__}"
-    if state["step"] < 0:
-        return "negative step"
+    if not 0 <= state["step"] <= MAX_COUNT:
+        return f"step {_short(state['step'])} is out of range"
+    if not math.isfinite(state["elapsed"]) or state["elapsed"] < 0:
+        return f"elapsed time {_short(state['elapsed'])} is not a finite number >= 0"
+    if math.isnan(state["best_val_loss"]) or state["best_val_loss"] < 0:  # +inf: no evaluation yet
+        return f"best_val_loss {_short(state['best_val_loss'])} is not a loss"
     rng = state["rng"]
     for key in ("torch", "batches", "numpy_keys"):
         if not isinstance(rng.get(key), torch.Tensor):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import fields
 from typing import Any
 
@@ -16,6 +20,9 @@ from chargpt.errors import ChargptError
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+# set by the --nproc launcher: each rank writes its last line (an error, "interrupted ...") to DIR/rankN,
+# and the launcher prints one of them once, instead of every rank's copy and torchrun's traceback
+MESSAGES_ENV = "CHARGPT_LAUNCHER_MESSAGES"
 FLAG_HELP = {
     "data": "UTF-8 text file or folder of .txt files; none = the complete Shakespeare plays",
     "out": "model directory to write",
@@ -111,16 +118,16 @@ def _setup_logging(quiet: bool) -> None:
 
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from chargpt.checkpoint import resume_config
-    from chargpt.config import make_train_config
+    from chargpt.config import make_train_config, resume_settings
     from chargpt.train import train
 
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume:
-        if args.out is not None and args.out != args.resume:
+        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise ChargptError("--resume DIR continues in DIR; drop --out or make it the same directory")
-        if args.config or args.preset:
-            raise ChargptError("--resume takes the saved run's settings; give single flags to change them")
-        cfg = resume_config(args.resume, **{k: v for k, v in overrides.items() if k != "out"})
+        # the launch command plus --resume DIR: settings equal to the saved ones are fine, changes are checked
+        given, sources = resume_settings(args.preset, args.config, **{k: v for k, v in overrides.items() if k != "out"})
+        cfg = resume_config(args.resume, sources, **given)
     else:
         cfg = make_train_config(args.preset, args.config, **overrides)
     if args.nproc is not None:
@@ -129,10 +136,9 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
     if result.rank == 0:
         if result.stopped_by in EXIT_SIGNAL:
-            print(
+            _last_line(
                 f"interrupted by {result.stopped_by} at step {result.step}; state saved in {result.out}. "
-                f"Resume with: chargpt train --resume {result.out}",
-                file=sys.stderr,
+                f"Resume with: chargpt train --resume {result.out}"
             )
             return EXIT_SIGNAL[result.stopped_by]
         print(
@@ -165,25 +171,77 @@ def _launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
     rest = [a for a in rest if not a.startswith("--nproc=")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    # torchrun in its own session: a Ctrl-C reaches it once (forwarded below), it stops the ranks together
-    proc = subprocess.Popen([*cmd, "-m", "chargpt", *rest], start_new_session=True)
-    caught: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="chargpt-launch-") as messages:
+        env = {**os.environ, MESSAGES_ENV: messages}
+        # torchrun in its own session: a Ctrl-C reaches it once (forwarded below), it stops the ranks together
+        proc = subprocess.Popen([*cmd, "-m", "chargpt", *rest], start_new_session=True, env=env, stderr=subprocess.PIPE)
+        launch = _Launch(proc, messages)
+        relay = threading.Thread(target=launch.relay, daemon=True)
+        relay.start()
+        old = {sig: signal.signal(sig, launch.forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            code = proc.wait()
+            relay.join()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        lines = launch.lines()
+    if lines:  # one rank's last line, rank 0's first; torchrun's report of the failure is not shown
+        sys.stderr.write(lines[0] + "\n")
+    elif launch.caught:
+        sys.stderr.write(f"interrupted by {launch.caught[0]}\n")
+    if launch.caught:
+        return EXIT_SIGNAL[launch.caught[0]]
+    return EXIT_USAGE if lines and code else code
 
-    def forward(signum: int, frame: Any) -> None:
+
+class _Launch:
+    """The --nproc launcher's view of torchrun: relays its stderr (the progress bar) until a rank has said
+    its last line or a signal came, forwards signals, and collects the ranks' last lines."""
+
+    def __init__(self, proc: subprocess.Popen, messages: str) -> None:
+        self.proc, self.messages = proc, messages
+        self.caught: list[str] = []
+
+    def forward(self, signum: int, frame: Any) -> None:
         name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-        caught.append(name)
-        proc.send_signal(signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
+        self.caught.append(name)
+        self.proc.send_signal(signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    return EXIT_SIGNAL[caught[0]] if caught else code
+    def relay(self) -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        while chunk := os.read(self.proc.stderr.fileno(), 65536):
+            if self.caught or os.listdir(self.messages) or out is None:
+                continue  # what follows is torchrun's account of the stop: the launcher says it in one line
+            try:
+                out.write(chunk)
+                out.flush()
+            except OSError:
+                pass
+
+    def lines(self) -> list[str]:
+        names = sorted(os.listdir(self.messages), key=lambda n: int(n.removeprefix("rank")))
+        found = []
+        for name in names:
+            with open(os.path.join(self.messages, name), encoding="utf-8", errors="replace") as f:
+                found.append(f.read().strip())
+        return [line for line in found if line]
+
+
+def _last_line(line: str) -> None:
+    """A rank's last line: to stderr, or (under the --nproc launcher) to its file, printed once by the launcher."""
+    messages = os.environ.get(MESSAGES_ENV)
+    if messages and os.path.isdir(messages):
+        rank = os.environ.get("RANK", "0")
+        path = os.path.join(messages, f"rank{int(rank) if rank.isdigit() else 0}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+        return
+    sys.stderr.write(line + "\n")
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from chargpt import memory
     from chargpt.checkpoint import load_model
     from chargpt.distributed import resolve_device
     from chargpt.generate import SampleConfig, generate, stream
@@ -198,7 +256,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     cfg.validate()
-    model, tokenizer = load_model(args.model, resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device)
+    memory.check(
+        memory.inference_bytes(model.config, args.num_samples),
+        device,
+        f"sampling {args.num_samples} sequence(s) at once",
+        "use a smaller --num-samples",
+    )
     tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before anything is printed
     out = sys.stdout
     if args.num_samples == 1 and not args.no_stream:
@@ -218,6 +283,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     from chargpt.checkpoint import load_model
@@ -233,28 +299,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     text = read_text_file(path)
     if not text:
         raise ChargptError(f"{path} is empty; give it some text to score")
-    print(json.dumps(evaluate(model, tokenizer, text)))
+    result = evaluate(model, tokenizer, text)
+    if not all(map(math.isfinite, result.values())):
+        raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
+    print(json.dumps(result, allow_nan=False))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "train":
-            return _cmd_train(args, argv)
-        if args.command == "sample":
-            return _cmd_sample(args)
-        return _cmd_eval(args)
+            code = _cmd_train(args, argv)
+        elif args.command == "sample":
+            code = _cmd_sample(args)
+        else:
+            code = _cmd_eval(args)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
+        return code
     except ChargptError as e:
-        sys.stderr.write(f"chargpt: error: {e}\n")
+        _last_line(f"chargpt: error: {_one_line(str(e))}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also during start-up (imports, data loading), before training handles signals
+        _quiet_stdout()
         sys.stderr.write("\ninterrupted\n")
         return EXIT_SIGNAL["SIGINT"]
-    except BrokenPipeError:  # `chargpt sample | head`
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    except BrokenPipeError:  # `chargpt sample | head`: the reader has all it wants
+        _quiet_stdout()
         return 0
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        _quiet_stdout()
+        sys.stderr.write(f"chargpt: error: cannot write the output ({e.strerror}); is the disk it goes to full?\n")
+        return EXIT_USAGE
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line of sane length, whatever a file or flag put into it."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a broken stdout cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

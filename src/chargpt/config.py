@@ -12,9 +12,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, shorten
+from chargpt.fileio import read_regular
 
 MODEL_TYPES = ("gpt", "bigram")
+# upper bounds: far past any real run, well inside what torch's int64 arithmetic and the memory check handle
+MAX_SIZE = 2**31 - 1  # block_size, n_embd, n_heads, n_layers, batch sizes
+MAX_COUNT = 10**12  # steps and intervals
+MAX_EVAL_ITERS = 1_000_000  # batches per loss estimate (evaluation also checks for signals between batches)
+MAX_SEED = 2**32 - 1
+MAX_VOCAB = 0x110000  # every Unicode code point
+TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
+# on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
+RESUME_FIXED = ("model", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction")
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
 
@@ -36,9 +46,10 @@ class GPTConfig:
 
     def validate(self) -> None:
         if self.model not in MODEL_TYPES:
-            raise ChargptError(f"unknown model type {self.model!r}; use one of {', '.join(MODEL_TYPES)}")
-        for name in ("vocab_size", "block_size", "n_embd", "n_heads", "n_layers"):
-            _positive_int(name, getattr(self, name))
+            raise ChargptError(f"unknown model type {shorten(self.model)}; use one of {', '.join(MODEL_TYPES)}")
+        _positive_int("vocab_size", self.vocab_size, MAX_VOCAB)
+        for name in ("block_size", "n_embd", "n_heads", "n_layers"):
+            _positive_int(name, getattr(self, name), MAX_SIZE)
         if self.n_embd % self.n_heads:
             raise ChargptError(
                 f"n_embd ({self.n_embd}) must be divisible by n_heads ({self.n_heads}); "
@@ -87,28 +98,35 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.model_config(vocab_size=1)  # checks the shape fields
-        for name in (
-            "n_updates",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "eval_interval",
-            "eval_iters",
-            "checkpoint_interval",
+        for name, limit in (
+            ("n_updates", MAX_COUNT),
+            ("batch_size", MAX_SIZE),
+            ("gradient_accumulation_steps", MAX_SIZE),
+            ("eval_interval", MAX_COUNT),
+            ("eval_iters", MAX_EVAL_ITERS),
+            ("checkpoint_interval", MAX_COUNT),
         ):
-            _positive_int(name, getattr(self, name))
-        for name in ("warmup_updates",):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ChargptError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+            _positive_int(name, getattr(self, name), limit)
+        for name, limit in (("warmup_updates", MAX_COUNT), ("seed", MAX_SEED)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+                raise ChargptError(f"{name} must be an integer from 0 to {limit}, got {shorten(value)}")
         _positive_float("learning_rate", self.learning_rate)
         _fraction("val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         _fraction("min_lr_ratio", self.min_lr_ratio, allow_zero=True, allow_one=True)
         _fraction("beta2", self.beta2, allow_zero=False, allow_one=False)
         for name in ("weight_decay", "grad_clip", "max_time"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:  # `not >=` also rejects NaN
-                raise ChargptError(f"{name} must be a number >= 0, got {value!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise ChargptError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not 0 <= value < float("inf"):  # `not >=` also rejects NaN
+                raise ChargptError(f"{name} must be a number >= 0, got {shorten(value)}")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ChargptError("--out must name a folder, got an empty path; e.g. --out out/my-model")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise ChargptError("--data must name a file or folder, got an empty path")
+        device = self.device
+        if not isinstance(device, str) or not _known_device(device):
+            raise ChargptError(f"unknown device {shorten(device)}; use auto, cpu, cuda, cuda:N or mps")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(
@@ -151,16 +169,18 @@ TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; every key must be a TrainConfig field."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ChargptError(f"config file {path} does not exist; check the --config path")
+    data = read_regular(path, "config file", limit=TOML_LIMIT)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChargptError(f"config file {path} does not exist; check the --config path") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ChargptError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise ChargptError(f"config file {path} is not valid TOML ({shorten(str(e), 200)}); fix the syntax") from None
     unknown = sorted(set(raw) - set(TRAIN_FIELDS))
     if unknown:
+        shown = ", ".join(shorten(k, 40) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ChargptError(
-            f"unknown key(s) in {path}: {', '.join(unknown)}; valid keys are the `chargpt train` flags "
+            f"unknown key(s) in {path}: {shown}; valid keys are the `chargpt train` flags "
             f"with underscores, e.g. n_embd, batch_size"
         )
     for key, value in raw.items():
@@ -177,7 +197,7 @@ def resolve_preset(preset: str | None, device: str) -> str:
             device = resolve_device(device).type
         return "cpu" if device == "cpu" else "seed"
     if preset not in PRESETS:
-        raise ChargptError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        raise ChargptError(f"unknown preset {shorten(preset)}; use one of {', '.join(PRESETS)}")
     return preset
 
 
@@ -196,14 +216,54 @@ def make_train_config(preset: str | None = None, config_path: str | None = None,
     return build_train_config(preset, toml, overrides)
 
 
-def saved_train_config(saved: Any, out: str, where: str, **overrides: Any) -> TrainConfig:
-    """Resume's config: the settings a run saved (a dict), any explicitly given settings on top."""
+def saved_train_config(
+    saved: Any, out: str, where: str, sources: dict[str, str] | None = None, **overrides: Any
+) -> TrainConfig:
+    """Resume's config: the settings a run saved (a dict), any explicitly given settings on top.
+
+    A given setting equal to the saved one is fine; the RESUME_FIXED ones (shape, data) may not differ.
+    `sources` says where each override came from (a flag, --preset, --config), for the message."""
     if not isinstance(saved, dict) or set(saved) - set(TRAIN_FIELDS):
         raise ChargptError(f"{where} holds an unknown config; start a new run with --overwrite")
-    values = {**saved, **{k: v for k, v in overrides.items() if v is not None}, "out": str(out)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in RESUME_FIXED:
+        if key in given and not _same_setting(key, given[key], saved.get(key)):
+            source = (sources or {}).get(key, "--" + key.replace("_", "-"))
+            raise ChargptError(
+                f"{source} sets {key} = {shorten(given[key])} but the run in {out} has {shorten(saved.get(key))}; "
+                f"{key} cannot change on resume (fixed: {', '.join(RESUME_FIXED)}; n_updates, max_time, the "
+                f"learning-rate schedule, eval and checkpoint intervals can); drop it, or start a new run with "
+                f"--overwrite or another --out"
+            )
+    values = {**saved, **given, "out": str(out)}
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def resume_settings(preset: str | None, config_path: str | None, **flags: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings a resume command gives explicitly (--preset < --config < flags), and where each came from.
+
+    Lets `chargpt train ... --resume DIR` be the run's own launch command plus --resume."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if preset is not None:
+        for key, value in PRESETS[resolve_preset(preset, "cpu")].items():
+            values[key], sources[key] = value, f"--preset {preset}"
+    toml = load_toml(config_path) if config_path else {}
+    given = {**toml, **{k: v for k, v in flags.items() if v is not None}}
+    for key, value in given.items():
+        flagged = flags.get(key) is not None
+        values[key], sources[key] = value, "--" + key.replace("_", "-") if flagged else f"--config {config_path}"
+    if given.get("max_time") and "n_updates" not in given:  # as make_train_config: the clock governs the run
+        values["n_updates"], sources["n_updates"] = TIME_GOVERNED_UPDATES, "--max-time"
+    return values, sources
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    if key == "data" and isinstance(a, str) and isinstance(b, str):
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
 
 
 def build_train_config(
@@ -233,23 +293,32 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         "str | None": isinstance(value, str),
     }.get(kind, True)
     if not ok:
-        raise ChargptError(f"{key} in {where} must be of type {kind}, got {value!r}")
+        raise ChargptError(f"{key} in {where} must be of type {kind}, got {shorten(value)}")
     return float(value) if kind == "float" else value
 
 
-def _positive_int(name: str, value: Any) -> None:
+def _positive_int(name: str, value: Any, limit: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ChargptError(f"{name} must be a positive integer, got {value!r}")
+        raise ChargptError(f"{name} must be a positive integer, got {shorten(value)}")
+    if value > limit:
+        raise ChargptError(f"{name} must be at most {limit}, got {shorten(value)}")
 
 
 def _positive_float(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not value > 0 or value != value or value == float("inf"):
-        raise ChargptError(f"{name} must be a positive number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ChargptError(f"{name} must be a positive number, got {shorten(value)}")
 
 
 def _fraction(name: str, value: Any, *, allow_zero: bool, allow_one: bool) -> None:
-    ok = isinstance(value, (int, float)) and (value > 0 or (allow_zero and value == 0))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0))
     ok = ok and (value < 1 or (allow_one and value == 1))
     if not ok:
         lo, hi = "[0" if allow_zero else "(0", "1]" if allow_one else "1)"
-        raise ChargptError(f"{name} must be in {lo}, {hi}, got {value!r}")
+        raise ChargptError(f"{name} must be in {lo}, {hi}, got {shorten(value)}")
+
+
+def _known_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return True
+    index = name.removeprefix("cuda:")
+    return name.startswith("cuda:") and index.isdigit() and index.isascii() and len(index) <= 4

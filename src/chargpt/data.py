@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from chargpt.errors import ChargptError
-from chargpt.fileio import atomic_write_bytes
+from chargpt.fileio import atomic_write_bytes, read_regular
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
 CONVERTER_VERSION = 2
@@ -107,10 +107,12 @@ def shakespeare_text() -> str:
 
 
 def read_text_file(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ChargptError(f"cannot read {path}: {e.strerror}; check the path and permissions") from None
+    raw = read_regular(path, "data file")  # regular files only: a FIFO or /dev/zero is refused, not read
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ChargptError(
+            f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to UTF-8 first, "
+            f"e.g. iconv -f UTF-16 -t UTF-8"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -126,6 +128,8 @@ def load_corpus(data: str | None) -> str:
         return shakespeare_text()
     path = Path(data)
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ChargptError(f"cannot read folder {path} (permission denied); check its permissions")
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ChargptError(f"folder {path} holds no .txt files; point --data at a text file or such a folder")
