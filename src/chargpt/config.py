@@ -247,9 +247,10 @@ def resume_settings(preset: str | None, config_path: str | None, **flags: Any) -
     Lets `chargpt train ... --resume DIR` be the run's own launch command plus --resume."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    if preset is not None:
-        for key, value in PRESETS[resolve_preset(preset, "cpu")].items():
-            values[key], sources[key] = value, f"--preset {preset}"
+    if preset is not None:  # a preset sets every field some preset sets (`seed` by leaving the defaults)
+        chosen = PRESETS[resolve_preset(preset, "cpu")]
+        for key in {k for p in PRESETS.values() for k in p}:
+            values[key], sources[key] = chosen.get(key, TRAIN_FIELDS[key].default), f"--preset {preset}"
     toml = load_toml(config_path) if config_path else {}
     given = {**toml, **{k: v for k, v in flags.items() if v is not None}}
     for key, value in given.items():

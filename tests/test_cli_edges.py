@@ -1,0 +1,248 @@
+"""The CLI at its edges: devices that are not there, absurd sizes, resume with the launch command, signals
+during start-up and evaluation, a full or closed stdout, and the --nproc launcher's failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chargpt import checkpoint as ckpt
+from chargpt.cli import main
+from conftest import run_cli
+from test_resume import FLAGS
+
+
+def call(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(argv: list[str], capsys: pytest.CaptureFixture, expected: str) -> str:
+    rc, out, err = call(argv, capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, (rc, out, err)
+    assert expected in err, err
+    return err
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_text: str) -> Path:
+    (tmp_path / "ok.txt").write_text(corpus_text[:6000], encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------
+# 10: devices, for every command
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "unknown device 'tpu'"), ("cuda:x", "unknown device"), ("mps", "no MPS"), ("cuda:7", "cuda")],
+)
+def test_devices_are_checked_by_every_command(device, message, work: Path, trained_model_dir: Path, capsys):
+    if device in ("mps", "cuda:7") and (torch.backends.mps.is_available() or torch.cuda.device_count() > 7):
+        pytest.skip("this machine has the device")
+    for argv in (
+        ["sample", "--model", str(trained_model_dir), "--max-new-tokens", "3"],
+        ["eval", "--model", str(trained_model_dir), "--data", "ok.txt"],
+        ["train", "--data", "ok.txt", "--out", "out", "--n-updates", "2"],
+    ):
+        one_line_error([*argv, "--device", device], capsys, message)
+    assert not (work / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8: absurd sizes are refused with an estimate before anything is allocated
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--batch-size", "100000000"], ["--n-embd", "100000000", "--n-heads", "4"], ["--n-layers", "1000000"]],
+)
+def test_absurd_sizes_are_refused_with_the_estimate(flags, work: Path, capsys):
+    err = one_line_error(["train", "--data", "ok.txt", "--out", "out", "--device", "cpu", *flags], capsys, "needs")
+    assert "GiB" in err and "this machine has" in err, err
+    assert not (work / "out").exists()
+
+
+def test_absurd_sample_batches_are_refused(trained_model_dir: Path, capsys):
+    one_line_error(["sample", "--model", str(trained_model_dir), "--num-samples", "1000000000"], capsys, "needs")
+
+
+def test_the_estimate_never_refuses_the_presets():
+    from chargpt import memory
+    from chargpt.config import PRESETS, build_train_config
+
+    for name in PRESETS:
+        cfg = build_train_config(name)
+        needed = memory.training_bytes(cfg.model_config(65), cfg.batch_size)
+        assert needed < 2 << 30, (name, needed)  # under 2 GiB: any machine that can run them has that
+
+
+# ---------------------------------------------------------------------------------------------
+# 17, 18: the README's resume command (the launch command plus --resume DIR) and what may change
+
+
+def test_resume_with_the_launch_command(work: Path, capsys):
+    (work / "run.toml").write_text("block_size = 16\nn_embd = 32\nn_heads = 4\nn_layers = 1\neval_iters = 2\n")
+    launch = ["train", "--data", "ok.txt", "--out", "run", "--config", "run.toml", "--preset", "cpu"]
+    launch += ["--device", "cpu", "--quiet", "--batch-size", "8", "--eval-interval", "5"]
+    rc, out, err = call([*launch, "--n-updates", "5"], capsys)
+    assert rc == 0, err
+    rc, out, err = call([*launch, "--n-updates", "8", "--resume", "run"], capsys)  # same command + --resume
+    assert rc == 0 and "done: 8 steps" in out, err
+    err = one_line_error([*launch, "--n-embd", "64", "--resume", "run"], capsys, "--n-embd sets n_embd = 64")
+    assert "cannot change on resume" in err and "n_updates" in err, err
+    (work / "other.toml").write_text("block_size = 32\n")
+    err = one_line_error(["train", "--config", "other.toml", "--resume", "run"], capsys, "--config other.toml sets")
+    assert "block_size" in err
+    one_line_error(["train", "--preset", "seed", "--resume", "run"], capsys, "--preset seed sets")
+    one_line_error(["train", "--data", "other.txt", "--resume", "run"], capsys, "data cannot change on resume")
+    assert ckpt.load_train_state(work / "run")["step"] == 8
+
+
+def test_misleading_messages_are_gone(work: Path, trained_model_dir: Path, capsys):
+    (work / "utf16.txt").write_text("hello there\n" * 50, encoding="utf-16")
+    one_line_error(["train", "--data", "utf16.txt", "--out", "o"], capsys, "is UTF-16 text")
+    one_line_error(["eval", "--model", str(trained_model_dir), "--data", "utf16.txt"], capsys, "UTF-16 -t UTF-8")
+    one_line_error(["sample", "--model", "ok.txt"], capsys, "ok.txt is a file, not a model directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# 14, 15: Ctrl-C while starting up; a full or closed stdout
+
+
+def _mapped(pid: int, name: str) -> bool:
+    try:
+        return name in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_during_start_up_is_one_word_and_130(work: Path):
+    """SIGINT while chargpt starts: as torch is being imported, just after, and while the data loads (the
+    lock file exists). Python's own start-up before chargpt runs is the interpreter's, not chargpt's."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "chargpt", "train", "--data", "ok.txt", "--out", "out", *FLAGS]
+    moments = ["torch", "torch+0.3s", "lock"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in moments]
+    for moment, proc in zip(moments, procs, strict=True):
+        deadline = time.monotonic() + 120
+        while not (_mapped(proc.pid, "libtorch") if moment != "lock" else (work / "out" / ".chargpt.lock").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.001)
+        if moment == "torch+0.3s":
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, (moment, err)
+        assert proc.returncode == 130 and "interrupted" in err, (moment, proc.returncode, err)
+
+
+def test_a_full_stdout_is_one_line_and_a_closed_one_is_quiet(trained_model_dir: Path, text_file: Path):
+    with open("/dev/full", "w") as full:
+        for args in (["sample", "--max-new-tokens", "20"], ["eval", "--data", str(text_file)]):
+            r = subprocess.run(
+                [sys.executable, "-m", "chargpt", args[0], "--model", str(trained_model_dir), *args[1:]],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert "cannot write the output (No space left on device)" in r.stderr, r.stderr
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chargpt", "sample", "--model", str(trained_model_dir), "--max-new-tokens", "100000"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write)
+    os.read(read, 10)  # the reader takes a little, then goes away (`chargpt sample | head -c 10`)
+    os.close(read)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == "", (proc.returncode, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: a signal during a (long) evaluation stops the run without waiting for it
+
+
+def _saved_step(out: Path) -> int:
+    try:
+        return int(torch.load(out / ckpt.TRAIN_STATE, weights_only=True)["step"])
+    except Exception:  # not written yet, or being replaced right now
+        return -1
+
+
+def test_sigterm_during_evaluation_stops_at_once_and_resume_evaluates_first(work: Path):
+    out = work / "run"
+    flags = [f for f in FLAGS if not f.startswith(("--eval-iters", "--eval-interval", "--checkpoint-interval"))]
+    args = ["--data", "ok.txt", "--out", str(out), *flags, "--eval-interval=3", "--checkpoint-interval=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chargpt", "train", *args, "--eval-iters=1000000", "--n-updates=6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while _saved_step(out) < 2:  # step 3 and its (endless) evaluation follow at once
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)  # without the check between batches: hours
+    assert proc.returncode == 143 and "interrupted by SIGTERM at step 3" in err, err
+    assert not (out / "metrics.jsonl").exists()  # the cut-short evaluation recorded nothing
+    r = run_cli("train", "--resume", str(out), "--eval-iters", "2", "--quiet")
+    assert r.returncode == 0 and "done: 6 steps" in r.stdout, r.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# 12: the --nproc launcher shows one line
+
+
+def test_nproc_user_error_is_one_line_and_exit_2(work: Path):
+    r = run_cli("train", "--nproc", "2", "--data", "missing.txt", "--out", "out", *FLAGS, timeout=240)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "chargpt" in line]
+    assert lines == ["chargpt: error: data path missing.txt does not exist; pass an existing text file or folder"], (
+        r.stderr
+    )
+    assert not (work / "out").exists()
+
+
+def test_nproc_ctrl_c_is_one_line_and_130(work: Path):
+    out = work / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chargpt", "train", "--nproc", "2", "--data", "ok.txt", "--out", str(out), *FLAGS]
+        + ["--n-updates=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while _saved_step(out) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted by SIGINT at step") and f"--resume {out}" in last, err
+    assert err.count("interrupted") == 1, err
