@@ -159,6 +159,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     size = check_regular(path, "weights file")
     header = _read_header(path, size)
     embedded = header.get("__metadata__", {}).get("config")
+    if embedded is not None and not isinstance(embedded, str):
+        raise ChargptError(f"{path} carries a config that is not text; the model directory is corrupt")
     if embedded is not None:
         # the weights' own config wins: config.json may be one save older after a crash between the renames
         own_cfg, own_tokenizer, _ = parse_config(embedded, f"the config inside {path}")
@@ -224,8 +226,8 @@ def _check_header(cfg: GPTConfig, header: dict[str, Any], size: int, where: str)
     spans = []
     for name, shape in expected.items():
         info = tensors[name]
-        if not isinstance(info, dict) or info.get("dtype") not in FLOAT_DTYPES:
-            dtype = info.get("dtype") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
             raise ChargptError(f"{where}: tensor {name} has dtype {_short(dtype)}, expected a float type")
         if info.get("shape") != list(shape):
             raise ChargptError(
