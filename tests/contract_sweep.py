@@ -146,9 +146,11 @@ def _int_ok(text: str, low: int, high: int) -> bool:
 
 
 def bad_int(low: int, high: int) -> st.SearchStrategy[str]:
-    numbers = st.one_of(st.integers(max_value=low - 1), st.integers(min_value=high + 1, max_value=2**200)).map(str)
+    numbers = st.one_of(st.integers(max_value=low - 1), st.integers(min_value=high + 1, max_value=high + 2**200))
     junk = st.text(max_size=12).filter(lambda s: not _int_ok(s, low, high))
-    return st.one_of(numbers, junk, st.sampled_from(["1.5", "1e3", "", "nan", "0x10", str(2**64), "-0"]))
+    fixed = st.sampled_from(["1.5", "1e3", "", "nan", "0x10", str(2**64), "-0"])
+    fixed = fixed.filter(lambda s: not _int_ok(s, low, high))
+    return st.one_of(numbers.map(str), junk, fixed)
 
 
 def _float_ok(text: str, low: float, high: float, closed: bool | None) -> bool:
@@ -214,10 +216,41 @@ def bad_command(draw: st.DrawFn) -> list[str]:
     return [*argv, f"--{flag}={value}"]  # "--flag=value": a value may start with "-"
 
 
+VOCAB = set(TEXT)
+SAMPLE_BAD: dict[str, st.SearchStrategy[str]] = {
+    "max-new-tokens": st.one_of(st.integers(max_value=-1).map(str), st.sampled_from(["", "x", "1.0", "nan"])),
+    "temperature": bad_float(0.0, math.inf, None),
+    "top-k": st.one_of(st.integers(max_value=0).map(str), st.sampled_from(["", "x", "1.5"])),
+    "top-p": bad_float(0.0, 1.0, False).filter(lambda s: s.strip() not in ("1", "1.0")),
+    "seed": bad_int(0, 2**63 - 1),
+    "num-samples": st.one_of(st.integers(max_value=0), st.integers(min_value=2**40, max_value=2**62)).map(str),
+    "device": BAD["device"],
+    "model": st.sampled_from(["fifo", "zero", "emptydir", "missing", "ok.txt", "users-folder", "dangling"]),
+    "prompt": st.text(min_size=1, max_size=8).filter(lambda s: not set(s) <= VOCAB),
+    "stop": st.just(""),
+}
+SAMPLE_GOOD: dict[str, st.SearchStrategy[str]] = {
+    "max-new-tokens": st.sampled_from(["1", "2"]),
+    "temperature": st.sampled_from(["0", "0.8"]),
+    "top-k": st.sampled_from(["1", "5"]),
+    "seed": st.sampled_from(["0", "3"]),
+    "num-samples": st.sampled_from(["1", "2"]),
+}
+
+
+@st.composite
+def bad_sample_command(draw: st.DrawFn) -> list[str]:
+    flag = draw(st.sampled_from(sorted(SAMPLE_BAD)))
+    argv = ["sample", "--max-new-tokens", "2"] + ([] if flag == "model" else ["--model", "model"])
+    for other in draw(st.dictionaries(st.sampled_from(sorted(set(SAMPLE_GOOD) - {flag})), st.none(), max_size=3)):
+        argv += [f"--{other}", draw(SAMPLE_GOOD[other])]
+    return [*argv, f"--{flag}={draw(SAMPLE_BAD[flag])}"]
+
+
 @settings(
     max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
 )
-@given(bad_command())
+@given(st.one_of(bad_command(), bad_sample_command()))
 def sweep_flags(argv: list[str]) -> None:
     assert_contract(argv, tree())
 

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,22 +37,6 @@ WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.
 log = logging.getLogger("chargpt.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
 CONFIG_KEYS = {"format", "format_version", "model", "vocab", "info"}
-
-
-def check_writable(directory: str | Path) -> None:
-    """Fail before training, not after, when the output folder cannot be written."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise ChargptError(f"cannot write to {directory} ({e.strerror}); choose another --out") from None
-
-
-def holds_model(directory: str | Path) -> bool:
-    d = Path(directory)
-    return any((d / name).exists() for name in (WEIGHTS, CONFIG, TRAIN_STATE))
 
 
 def save_model(
