@@ -207,6 +207,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
         stop=tuple(args.stop),
+        precision=args.precision,
     )
     cfg.validate()
     model, tokenizer = load_model(args.model, resolve_device(args.device))
@@ -215,12 +216,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.num_samples == 1 and not args.no_stream:
         out.write(args.prompt)
         out.flush()
-        for chunk in stream(model, tokenizer, args.prompt, cfg, precision=args.precision):
+        for chunk in stream(model, tokenizer, args.prompt, cfg):
             out.write(chunk)
             out.flush()
         out.write("\n")
         return 0
-    texts = generate(model, tokenizer, args.prompt, cfg, precision=args.precision)
+    texts = generate(model, tokenizer, args.prompt, cfg)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             out.write(f"--- sample {i + 1} ---\n")

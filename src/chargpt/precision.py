@@ -49,6 +49,9 @@ class Choice:
         return torch.bfloat16 if self.name == "bf16" else torch.float32
 
 
+FP32 = Choice("fp32", "the default")
+
+
 @dataclass(frozen=True)
 class CPUInfo:
     model: str
@@ -148,12 +151,12 @@ def _bf16_caveat(device: torch.device) -> str:
     return ""
 
 
-def autocast(device: torch.device | str, choice: Choice) -> AbstractContextManager:
-    """The context to run a kind of work in: bf16 autocast, or nothing for fp32."""
+def autocast(device: torch.device | str, choice: Choice, cache_enabled: bool = True) -> AbstractContextManager:
+    """The context to run a kind of work in: bf16 autocast on, or (fp32) off, also inside an enclosing one."""
     device = torch.device(device)
-    if choice.name == "fp32" or device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda"):
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=choice.name == "bf16", cache_enabled=cache_enabled)
 
 
 def autocast_for(device: torch.device | str, kind: str, name: str = "auto") -> AbstractContextManager:
