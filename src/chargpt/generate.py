@@ -135,7 +135,7 @@ class Decoder:
                 cache.length += 1
             else:
                 with prec.autocast(self.device, self.decode):
-                    logits = self.model(seq[:, -1:], cache=cache)[0][:, -1]  # one new token at cache.length
+                    logits = self.model.step(seq[:, -1], cache)  # one new token at cache.length: (B, vocab)
         else:
             cache.reset()  # (re)build: the window at positions 0..
             with prec.autocast(self.device, self.prefill):

@@ -109,6 +109,18 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """x (B, C), the token at position cache.length -> (B, C). The one-token decode step in as few tensor
+        operations as it takes (2-D rows, no split), since at batch 1 each one costs about as much as its data."""
+        B, C = x.shape
+        t = cache.length
+        qkv = self.qkv(x).view(B, 3, self.n_heads, self.head_size)  # (B, 3, H, hs): queries, keys, values
+        k, v = cache.k[layer], cache.v[layer]
+        k[:, :, t] = qkv[:, 1]
+        v[:, :, t] = qkv[:, 2]
+        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k[:, :, : t + 1], v[:, :, : t + 1])  # (B, H, 1, hs)
+        return self.proj(y.view(B, C))
+
     def step_at(
         self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, seen: torch.Tensor
     ) -> torch.Tensor:
@@ -162,6 +174,10 @@ class Block(nn.Module):
         x = (x[:, -1:] if last_only else x) + a
         return x + self.ffwd(self.ln2(x))
 
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.attn.step(self.ln1(x), cache, layer)  # (B, C)
+        return x + self.ffwd(self.ln2(x))
+
     def step_at(
         self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, seen: torch.Tensor
     ) -> torch.Tensor:
@@ -213,6 +229,17 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B,), the tokens at position cache.length -> logits (B, vocab); advances the cache by one.
+        forward(idx[:, None], cache=cache) computes the same, with more (3-D) operations around each matmul."""
+        t = cache.length
+        assert 0 < t < self.config.block_size, "one token after a prefill, inside the window"
+        x = self.tok_emb(idx) + self.pos_emb.weight[t]  # (B, C)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache, i)
+        cache.length += 1
+        return self.head(self.ln_f(x))  # (B, vocab)
 
     def step_at(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, 1), the token at position `pos` (0-dim long tensor on the device) -> logits (B, vocab).
