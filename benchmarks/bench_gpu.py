@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
+CORPUS = SHARED / "data" / "tinyshakespeare.txt"
 NANOGPT = {"best_val": 1.4702, "seconds_to_best": 82.0}  # issue 13, one H100, torch 2.11, compiled
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,8 @@ from pathlib import Path
 from chargpt import precision as prec
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
+CORPUS = SHARED / "data" / "tinyshakespeare.txt"
 
 
 def run(data: Path, val_text: str, max_time: float, out: str, precision: str, extra: list[str]) -> dict:

@@ -35,7 +35,8 @@ from chargpt.model import GPT
 from chargpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt.py"
+SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
+REFERENCE = SHARED / "bench" / "reference_gpt.py"
 VOCAB = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))  # the seed's 65
 
 
@@ -117,6 +118,8 @@ def main() -> None:
     if "bf16" not in precisions:
         print("bf16: not measured (this CPU has no native bf16: avx512_bf16 / amx_bf16)")
 
+    if not REFERENCE.is_file():
+        reference_rate(0, env)  # says what is missing, before minutes of measuring
     model = seed_model()
     results = {name: measure(model, a.tokens, name, window) for name in precisions}
     ref = reference_rate(a.tokens, env)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from chargpt.model import build_model
 from chargpt.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt.py"
+SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
+REFERENCE = SHARED / "bench" / "reference_gpt.py"
 MID = dict(n_embd=192, n_heads=6, n_layers=4, block_size=128, batch_size=32, dropout=0.2)
 VOCAB = 65
 
