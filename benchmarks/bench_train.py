@@ -1,9 +1,10 @@
 """Training throughput: chargpt vs ../shared/bench/reference_gpt.py, side by side, plus the matmul peak.
 
 Mid config: n_embd 192, 6 heads, 4 layers, block 128, batch 32, dropout 0.2, vocab 65. Measures
-forward + backward + optimizer step after warm-up, exactly what `chargpt train` runs per step.
+forward + backward + optimizer step after warm-up, exactly what `chargpt train` runs per step: in fp32,
+and under bf16 autocast (`--precision bf16`) where the CPU has native bf16 (or when asked with --bf16).
 
-    python benchmarks/bench_train.py [--rounds 6] [--steps 4] [--compile]
+    python benchmarks/bench_train.py [--rounds 6] [--steps 4] [--compile] [--bf16]
 
 The reference model is loaded from its file and trained in the same process, in alternating bursts with
 chargpt, so both see the same machine state.
@@ -14,24 +15,27 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from chargpt import precision as prec
 from chargpt.config import TrainConfig
 from chargpt.model import build_model
 from chargpt.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "bench" / "reference_gpt.py"
+SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
+REFERENCE = SHARED / "bench" / "reference_gpt.py"
 MID = dict(n_embd=192, n_heads=6, n_layers=4, block_size=128, batch_size=32, dropout=0.2)
 VOCAB = 65
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -57,15 +61,17 @@ def _load_reference():
     return module
 
 
-def _chargpt_step(cfg: TrainConfig, compile_model: bool):
+def _chargpt_step(cfg: TrainConfig, compile_model: bool, precision: str = "fp32"):
     torch.manual_seed(0)
     model = build_model(cfg.model_config(VOCAB))
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     fwd = torch.compile(model) if compile_model else model
     model.train()
+    choice = prec.resolve(precision, "cpu", "train")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        _, loss = fwd(x, y)
+        with prec.autocast("cpu", choice):
+            _, loss = fwd(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -112,11 +118,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps per burst")
     p.add_argument("--rounds", type=int, default=6, help="bursts per contender, alternating")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--bf16", action="store_true", help="measure bf16 autocast even without native bf16 (slow)")
     a = p.parse_args()
+    info = prec.cpu_info()
+    bf16 = a.bf16 or bool(info.native_bf16)
+    print(f"CPU: {info.model}; flags: {info.shown_flags()}; torch {torch.__version__} capability {info.capability}")
     peak = matmul_peak()
     cfg = TrainConfig(**MID, device="cpu")
     model, ours_step = _chargpt_step(cfg, compile_model=False)
     steps = {"reference": _reference_step(_load_reference()), "chargpt": ours_step}
+    if bf16:
+        steps["chargpt_bf16"] = _chargpt_step(cfg, compile_model=False, precision="bf16")[1]
     if a.compile:
         steps["compiled"] = _chargpt_step(cfg, compile_model=True)[1]
     rates = interleaved_tokens_per_s(steps, rounds=a.rounds, per_round=a.steps)
@@ -139,9 +151,23 @@ def main() -> None:
             compiled_ratio=round(comp / ref, 2),
             compiled_share_of_peak=round(comp * fpt / peak, 3),
         )
+    if bf16:
+        bf16_peak = matmul_peak(reps=3, dtype=torch.bfloat16)
+        result.update(
+            matmul_peak_bf16_gflops=round(bf16_peak / 1e9, 1),
+            chargpt_bf16_tokens_per_s=round(rates["chargpt_bf16"]),
+            bf16_speedup=round(rates["chargpt_bf16"] / ours, 2),
+        )
     print(f"matmul peak (fp32, 2048^2): {result['matmul_peak_gflops']} GFLOP/s on {result['threads']} threads")
     print(f"reference: {ref:,.0f} tokens/s  ({result['reference_share_of_peak']:.0%} of peak)")
     print(f"chargpt:   {ours:,.0f} tokens/s  ({result['chargpt_share_of_peak']:.0%} of peak)  ratio {ours / ref:.2f}x")
+    if bf16:
+        print(
+            f"chargpt bf16 autocast: {result['chargpt_bf16_tokens_per_s']:,} tokens/s = {result['bf16_speedup']}x "
+            f"fp32 (bf16 matmul peak {result['matmul_peak_bf16_gflops']} GFLOP/s)"
+        )
+    else:
+        print("bf16: not measured (this CPU has no native bf16: avx512_bf16 / amx_bf16; --bf16 forces it)")
     if a.compile:
         print(
             f"compiled:  {result['chargpt_compiled_tokens_per_s']:,} tokens/s  "

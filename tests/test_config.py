@@ -65,7 +65,9 @@ def test_unknown_model_type():
         ("n_layers", -2, "n_layers must be a positive integer"),
         ("eval_interval", 0, "eval_interval must be a positive integer"),
         ("eval_iters", 0, "eval_iters must be a positive integer"),
-        ("checkpoint_interval", -1, "checkpoint_interval must be a positive integer"),
+        ("checkpoint_interval", -1, "checkpoint_interval must be a non-negative integer"),
+        ("checkpoint_seconds", -5.0, "checkpoint_seconds must be a number >= 0"),
+        ("precision", "fp16", "unknown precision 'fp16'; use one of auto, fp32, bf16"),
         ("gradient_accumulation_steps", 0, "gradient_accumulation_steps must be a positive integer"),
         ("warmup_updates", -1, "warmup_updates must be a non-negative integer"),
         ("learning_rate", 0.0, "learning_rate must be a positive number"),
@@ -112,7 +114,8 @@ def test_error_messages_are_one_line():
 
 
 def test_presets():
-    assert resolve_preset(None, "cpu") == "cpu" and resolve_preset(None, "gpu") == "seed"
+    assert resolve_preset(None, "cpu") == "cpu" and resolve_preset(None, "mps") == "seed"
+    assert resolve_preset(None, "cuda") == resolve_preset(None, "cuda:1") == "gpu"  # the GPU default (issue 13)
     assert resolve_preset("seed", "cpu") == "seed"
     with pytest.raises(ChargptError, match="unknown preset 'huge'"):
         resolve_preset("huge", "cpu")
@@ -120,6 +123,10 @@ def test_presets():
     cpu = build_train_config("cpu")
     for key, value in PRESETS["cpu"].items():
         assert getattr(cpu, key) == value
+    gpu, seed = build_train_config("gpu"), TrainConfig()
+    assert (gpu.n_embd, gpu.n_layers, gpu.block_size, gpu.batch_size) == (seed.n_embd, seed.n_layers, 256, 64)
+    assert gpu.learning_rate == 1e-3 and gpu.min_lr_ratio == 0.1  # nanoGPT shakespeare_char's schedule
+    assert gpu.checkpoint_interval == 0 and gpu.checkpoint_seconds == 60  # the 130 MB state: by time, and on exit
 
 
 def test_toml_keys_are_applied(tmp_path):

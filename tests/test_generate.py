@@ -9,7 +9,7 @@ import torch
 from chargpt.checkpoint import load_model
 from chargpt.errors import ChargptError
 from chargpt.generate import Decoder, generate, pick_next, stream, token_stream
-from chargpt.model import GPT
+from chargpt.model import GPT, KVCache
 from conftest import run_cli
 
 
@@ -241,3 +241,32 @@ def test_cli_bad_input_is_one_line_and_exit_2(trained_model_dir, flags):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("chargpt: error:") and r.stdout == ""
+
+
+def test_static_decode_step_equals_the_ordinary_step():
+    """The fixed-shape step that a CUDA graph replays on a GPU (GPT.step_at), run eagerly here: the same logits
+    at every step, inside the window and past it (rebuilds), and the same greedy tokens."""
+    torch.manual_seed(0)
+    from chargpt.config import GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0)).eval()
+    seq = torch.randint(0, 65, (2, 40))
+    ordinary, static = Decoder(model, 2), Decoder(model, 2, static=True)
+    assert static.step is not None and not static.step.graphed and ordinary.step is None  # no graph on a CPU
+    with torch.inference_mode():
+        diffs = [(ordinary(seq[:, :n]) - static(seq[:, :n])).abs().max().item() for n in range(1, 41)]
+        assert max(diffs) < 1e-5
+        cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+        model(seq[:, :5], cache=cache)
+        one = model.step(seq[:, 5], cache)  # the lean one-token step: exactly forward's numbers
+        cache.length = 5
+        assert torch.equal(one, model(seq[:, 5:6], cache=cache)[0][:, -1])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_generation_in_other_precisions(tiny, precision):
+    """bf16 (forced here, whatever the CPU) runs prefill and decode under autocast; the text is still text."""
+    model, tokenizer = tiny
+    text = generate(model, tokenizer, "\n", max_new_tokens=40, seed=1, precision=precision)[0]
+    assert len(text) == 40 and set(text) <= set(tokenizer.to_list())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights are untouched

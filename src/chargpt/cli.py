@@ -15,7 +15,7 @@ import threading
 from dataclasses import fields
 from typing import Any
 
-from chargpt.config import PRESETS, TrainConfig
+from chargpt.config import PRECISIONS, PRESETS, TrainConfig
 from chargpt.errors import ChargptError
 
 EXIT_USAGE = 2
@@ -38,11 +38,14 @@ FLAG_HELP = {
     "grad_clip": "max gradient norm; 0 = off",
     "eval_interval": "steps between evaluations (metrics, best-val checkpoint, plot)",
     "eval_iters": "batches per loss estimate",
-    "checkpoint_interval": "steps between saves of the resumable state",
+    "checkpoint_interval": "steps between saves of the resumable state; 0 = by time only",
+    "checkpoint_seconds": "also save the resumable state every this many seconds of training; 0 = off",
     "max_time": "seconds of training; the LR schedule ends with it; 0 = no limit",
     "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
     "compile": "torch.compile the model",
+    "precision": "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16",
 }
+PRECISION_HELP = "auto (default: what is faster on this machine, per kind of work), fp32, or bf16"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,13 +65,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
             default = f"default {f.default!r}"
-            if f.name in PRESETS["cpu"]:
-                default = f"seed preset {f.default!r}, cpu preset {PRESETS['cpu'][f.name]!r}"
+            if f.name in PRESETS["cpu"] or f.name in PRESETS["gpu"]:
+                shown = [f"seed preset {f.default!r}"] + [
+                    f"{name} preset {PRESETS[name][f.name]!r}" for name in ("cpu", "gpu") if f.name in PRESETS[name]
+                ]
+                default = ", ".join(shown)
             text = f"{FLAG_HELP[f.name]} ({default})" if f.name in FLAG_HELP else f"({default})"
             p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
     p.add_argument("--config", help="TOML file of settings (keys = flag names with underscores); flags override it")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="cpu: tuned for a CPU (default there); seed: the 10.8M model"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="cpu: tuned for a CPU (default there); gpu: the 10.8M model tuned for a GPU (default on CUDA); "
+        "seed: the 10.8M model as in the lecture",
     )
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in this model directory")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
@@ -95,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable)")
     s.add_argument("--no-stream", action="store_true", help="print when done instead of as generated")
     s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
 
     e = sub.add_parser("eval", help="score a model on a text file (JSON: loss, bits_per_char, chars)")
     e.add_argument("--model", required=True, metavar="DIR", help="model directory")
     e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file")
     e.add_argument("--device", default="auto")
+    e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p
 
 
@@ -254,6 +265,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
         stop=tuple(args.stop),
+        precision=args.precision,
     )
     cfg.validate()
     device = resolve_device(args.device)
@@ -299,7 +311,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     text = read_text_file(path)
     if not text:
         raise ChargptError(f"{path} is empty; give it some text to score")
-    result = evaluate(model, tokenizer, text)
+    result = evaluate(model, tokenizer, text, precision=args.precision)
     if not all(map(math.isfinite, result.values())):
         raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
     print(json.dumps(result, allow_nan=False))

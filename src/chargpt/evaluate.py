@@ -7,15 +7,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from chargpt import precision as prec
 from chargpt.errors import ChargptError
 from chargpt.model import GPT, BigramLM
 from chargpt.tokenizer import CharTokenizer
 
 
 @torch.no_grad()
-def evaluate(model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_size: int = 32, precision: str = "auto"
+) -> dict[str, float]:
     """Loss (nats/char) over non-overlapping windows covering the whole text.
 
+    precision: fp32, bf16 (autocast) or auto (bf16 where this machine's batched matmuls are faster in it).
     Window i feeds characters [iT, iT+T) and predicts [iT+1, iT+T+1); every character but the first
     is predicted exactly once, each with the context available inside its window.
     """
@@ -26,6 +30,7 @@ def evaluate(model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_s
     n_pred = len(ids) - 1
     n_full = n_pred // T
     device = next(model.parameters()).device
+    choice = prec.resolve(precision, device, "eval")
     was_training = model.training
     model.eval()
     total = 0.0
@@ -34,13 +39,15 @@ def evaluate(model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_s
         full_y = ids[1 : n_full * T + 1].view(n_full, T)
         for i in range(0, n_full, batch_size):
             x, y = full_x[i : i + batch_size].to(device), full_y[i : i + batch_size].to(device)
-            logits, _ = model(x)
+            with prec.autocast(device, choice):
+                logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         rest = n_pred - n_full * T
         if rest:
             x = ids[n_full * T : n_full * T + rest][None].to(device)
             y = ids[n_full * T + 1 :][None].to(device)
-            logits, _ = model(x)
+            with prec.autocast(device, choice):
+                logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
     finally:
         model.train(was_training)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
+from chargpt import precision as prec
 from chargpt.errors import ChargptError
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.tokenizer import CharTokenizer
@@ -28,8 +30,10 @@ class SampleConfig:
     seed: int | None = None  # same seed -> same text; sample i of a batch uses seed + i
     num_samples: int = 1  # generated together as one batch
     stop: Sequence[str] = field(default_factory=tuple)  # end a sample at any of these; not included
+    precision: str = "auto"  # fp32, bf16 or auto: per kind of work (prefill, one-token decode), the faster here
 
     def validate(self) -> None:
+        prec.check(self.precision)
         if not isinstance(self.temperature, (int, float)) or not (0 <= self.temperature < math.inf):
             raise ChargptError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -85,15 +89,34 @@ class Decoder:
     no-cache model sees the last block_size tokens at positions 0..block_size-1, every position shifting at
     every step: then the cache is rebuilt from those tokens (one full forward per token, the final layer run
     for the last position only). Any other call (a first call, a sequence that did not grow by one) rebuilds too.
+
+    prefill / decode: the number format of the rebuilds (batched) and of the one-token steps.
+    static: run the one-token step with fixed shapes (`GPT.step_at`); on CUDA it is then captured once in a
+    CUDA graph and replayed for every token, which removes the per-kernel launch cost that bounds batch-1
+    decoding on a GPU. None = on CUDA only.
     """
 
-    def __init__(self, model: GPT | BigramLM, batch_size: int, use_cache: bool = True):
+    def __init__(
+        self,
+        model: GPT | BigramLM,
+        batch_size: int,
+        use_cache: bool = True,
+        prefill: prec.Choice = prec.FP32,
+        decode: prec.Choice = prec.FP32,
+        static: bool | None = None,
+    ):
         self.model = model
         self.block_size = model.config.block_size
         self.cache: KVCache | None = None
+        p = next(model.parameters())
+        self.device = p.device
+        self.prefill, self.decode = prefill, decode
+        self.step: StaticStep | None = None
         if use_cache and isinstance(model, GPT):
-            p = next(model.parameters())
-            self.cache = KVCache(model.config, batch_size, p.device, p.dtype)
+            static = self.device.type == "cuda" if static is None else static
+            self.cache = KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
+            if static:
+                self.step = StaticStep(model, self.cache, batch_size, decode)
         self.seen = 0  # length of the sequence the cache holds
 
     def __call__(self, seq: torch.Tensor) -> torch.Tensor:
@@ -104,14 +127,67 @@ class Decoder:
         window = seq[:, max(0, n - self.block_size) :]  # what the no-cache model sees: (B, <= block_size)
         cache = self.cache
         if cache is None:
-            return self.model(window)[0][:, -1]
+            with prec.autocast(self.device, self.prefill):
+                return self.model(window)[0][:, -1]
         if n == self.seen + 1 and 0 < cache.length < self.block_size:
-            logits = self.model(seq[:, -1:], cache=cache)[0]  # one new token at position cache.length
+            if self.step is not None:
+                logits = self.step(seq[:, -1], cache.length)  # (B, vocab)
+                cache.length += 1
+            else:
+                with prec.autocast(self.device, self.decode):
+                    logits = self.model.step(seq[:, -1], cache)  # one new token at cache.length: (B, vocab)
         else:
             cache.reset()  # (re)build: the window at positions 0..
-            logits = self.model(window, cache=cache)[0]
+            with prec.autocast(self.device, self.prefill):
+                logits = self.model(window, cache=cache)[0][:, -1]
         self.seen = n
-        return logits[:, -1]
+        return logits
+
+
+class StaticStep:
+    """The one-token decode step on fixed buffers (token, position in; logits out), so that on CUDA it can be
+    captured once in a CUDA graph and replayed per token. Elsewhere it runs eagerly (the tests compare it
+    with the ordinary step on a CPU). The graph is captured at the first call, replaying kernels that read
+    the buffers, so every later call only copies the new token and position in."""
+
+    def __init__(self, model: GPT, cache: KVCache, batch_size: int, decode: prec.Choice):
+        device = next(model.parameters()).device
+        self.model, self.cache, self.decode, self.device = model, cache, decode, device
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graphed = device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # the graph's output buffer: (B, vocab)
+
+    def _run(self) -> torch.Tensor:
+        # no autocast weight cache while a graph is captured: a cached cast would not be replayed
+        with prec.autocast(self.device, self.decode, cache_enabled=not self.graphed):
+            return self.model.step_at(self.tok, self.pos, self.cache)
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """token (B,) at position pos -> logits (B, vocab); writes that position's keys and values."""
+        self.tok.copy_(token[:, None])
+        self.pos.fill_(pos)
+        if not self.graphed:
+            return self._run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits.clone()
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (workspaces, lazy init), then record. Running the step for this token and
+        position twice is harmless: it writes the same keys and values to the same slot."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._run()
+        self.graph = graph
 
 
 @torch.inference_mode()
@@ -124,22 +200,31 @@ def token_stream(
     top_p: float | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
+    precision: str = "fp32",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, continuing the prompts idx (B, T0).
 
     use_cache=False re-runs the whole window every step (the reference behaviour the tests compare to).
+    precision: fp32, bf16 or auto, resolved for the batched rebuilds ("prefill") and one-token steps ("decode").
     """
     B, T0 = idx.shape
     seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # no torch.cat per step
     seq[:, :T0] = idx
-    decoder = Decoder(model, B, use_cache)
+    device = next(model.parameters()).device
+    prefill, decode = (prec.resolve(precision, device, kind) for kind in ("prefill", "decode"))
+    decoder = Decoder(model, B, use_cache, prefill, decode)
     was_training = model.training
     model.eval()
     try:
-        for n in range(T0, T0 + max_new_tokens):
-            nxt = pick_next(decoder(seq[:, :n]), temperature, top_k, top_p, generator)  # (B,)
-            seq[:, n] = nxt
-            yield nxt
+        with ExitStack() as region:
+            if "bf16" in (prefill.name, decode.name) and device.type in ("cpu", "cuda"):
+                # autocast forgets its bf16 copies of the weights when the outermost autocast region ends: this
+                # (disabled) region around the whole generation keeps them, so each weight is cast once, not per token
+                region.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=False))
+            for n in range(T0, T0 + max_new_tokens):
+                nxt = pick_next(decoder(seq[:, :n]), temperature, top_k, top_p, generator)  # (B,)
+                seq[:, n] = nxt
+                yield nxt
     finally:
         model.train(was_training)
 
@@ -180,7 +265,10 @@ def stream(
     chars = tokenizer.to_list()
     text, emitted = "", 0
     gens = _generators(cfg.seed, 1)
-    for nxt in token_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens):
+    steps = token_stream(
+        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision
+    )
+    for nxt in steps:
         text += chars[int(nxt[0])]
         hit = next((s for s in cfg.stop if text.endswith(s)), None)
         if hit is not None:
@@ -208,7 +296,10 @@ def generate(
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
     gens = _generators(cfg.seed, cfg.num_samples)
-    for nxt in token_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens):
+    steps = token_stream(
+        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision
+    )
+    for nxt in steps:
         for i, ch in enumerate(chars[t] for t in nxt.tolist()):
             if done[i]:
                 continue

@@ -23,12 +23,15 @@ class KVCache:
     """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size).
 
     Allocated once per generation; `reset()` makes it reusable for a rebuild without new allocations.
+    zeroed: start from zeros rather than whatever memory held, as the fixed-shape step (`GPT.step_at`) needs:
+    it attends over every slot and masks the unfilled ones, and a masked NaN would still poison the sum.
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype, zeroed: bool = False):
         shape = (batch_size, cfg.n_heads, cfg.block_size, cfg.head_size)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        new = torch.zeros if zeroed else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.block_size = cfg.block_size
         self.length = 0  # number of positions filled
 
@@ -106,6 +109,32 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """x (B, C), the token at position cache.length -> (B, C). The one-token decode step in as few tensor
+        operations as it takes (2-D rows, no split), since at batch 1 each one costs about as much as its data."""
+        B, C = x.shape
+        t = cache.length
+        qkv = self.qkv(x).view(B, 3, self.n_heads, self.head_size)  # (B, 3, H, hs): queries, keys, values
+        k, v = cache.k[layer], cache.v[layer]
+        k[:, :, t] = qkv[:, 1]
+        v[:, :, t] = qkv[:, 2]
+        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k[:, :, : t + 1], v[:, :, : t + 1])  # (B, H, 1, hs)
+        return self.proj(y.view(B, C))
+
+    def step_at(
+        self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, seen: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, 1, C), one new token at position `pos` (a 0-dim device tensor) -> (B, 1, C). Fixed shapes and
+        no host values, so a CUDA graph can capture it: attends over all block_size cache slots, `seen` (1, 1,
+        1, block_size) masking those past pos (their weights are exactly 0, as if they were not there)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, 1, C)
+        q, k, v = (t.view(B, 1, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, 1, hs)
+        cache.k[layer].index_copy_(2, pos.view(1), k.to(cache.k[layer].dtype))
+        cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
+        y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=seen)  # (B, H, 1, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, 1, C))
+
     def _attend_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention with dropout on the weights, written out for CPU training: SDPA's CPU kernel
         falls back to an unfused path when dropout is on, which costs more than this one."""
@@ -143,6 +172,16 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         a = self.attn(self.ln1(x), cache, layer, last_only)  # (B, T, C), or (B, 1, C) with last_only
         x = (x[:, -1:] if last_only else x) + a
+        return x + self.ffwd(self.ln2(x))
+
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.attn.step(self.ln1(x), cache, layer)  # (B, C)
+        return x + self.ffwd(self.ln2(x))
+
+    def step_at(
+        self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, seen: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn.step_at(self.ln1(x), cache, layer, pos, seen)  # (B, 1, C)
         return x + self.ffwd(self.ln2(x))
 
 
@@ -190,6 +229,31 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B,), the tokens at position cache.length -> logits (B, vocab); advances the cache by one.
+        forward(idx[:, None], cache=cache) computes the same, with more (3-D) operations around each matmul."""
+        t = cache.length
+        assert 0 < t < self.config.block_size, "one token after a prefill, inside the window"
+        x = self.tok_emb(idx) + self.pos_emb.weight[t]  # (B, C)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache, i)
+        cache.length += 1
+        return self.head(self.ln_f(x))  # (B, vocab)
+
+    def step_at(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B, 1), the token at position `pos` (0-dim long tensor on the device) -> logits (B, vocab).
+
+        The one-token decode step with fixed shapes and no host values (a CUDA graph replays it): the same
+        numbers as forward(idx, cache=cache) at cache.length == pos, up to float rounding. cache.length is the
+        caller's to advance.
+        """
+        slots = torch.arange(self.config.block_size, device=idx.device)
+        seen = (slots <= pos).view(1, 1, 1, -1)  # (1, 1, 1, block_size): the slots filled, this one included
+        x = self.tok_emb(idx) + self.pos_emb(pos.view(1))  # (B, 1, C)
+        for i, block in enumerate(self.blocks):
+            x = block.step_at(x, cache, i, pos, seen)
+        return self.head(self.ln_f(x))[:, -1]  # (B, vocab)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
-from chargpt import memory, report
+from chargpt import memory, precision, report
 from chargpt.config import TrainConfig
 from chargpt.data import get_batch, load_corpus, split
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows
@@ -60,10 +60,12 @@ class Run:
     batches: torch.Generator  # draws every training batch; part of the resumable state
     outdir: OutDir | None = None  # the locked output folder, told when the run first saves
     signals: _Signals | None = None  # a signal pending during evaluation cuts it short
+    precision: dict[str, precision.Choice] = field(default_factory=dict)  # "train", "eval" -> fp32 / bf16
 
-    def autocast(self) -> AbstractContextManager:
-        device = self.dist.device
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    def autocast(self, kind: str = "train") -> AbstractContextManager:
+        """bf16 autocast where the run's precision says so for this kind of work; weights stay fp32."""
+        choice = self.precision.get(kind) or precision.Choice("fp32", "")
+        return precision.autocast(self.dist.device, choice)
 
 
 @dataclass
@@ -77,6 +79,49 @@ class RunState:
     last_eval_step: int = -1
     metrics: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "n_updates"
+    saved_at: float = 0.0  # `elapsed` when the resumable state was last saved (for checkpoint_seconds)
+
+
+@dataclass
+class LossLog:
+    """Per-step training losses, kept on the device until read.
+
+    Reading a loss (`.item()`) makes the host wait for the device; on a GPU, once per step that stops the CPU
+    from queueing the next steps' work ahead. So the loop reads every `every` steps, and before anything that
+    evaluates, saves or finishes, in one transfer. A diverged step is therefore noticed at the next read (at
+    most `every` - 1 steps later, steps never saved), and reported with its own step number. On a CPU reading
+    costs nothing, and `every` is 1.
+    """
+
+    every: int = 1
+    history: list[float] | None = None  # when a list is given, every step's loss is appended to it
+    pending: list[torch.Tensor] = field(default_factory=list)  # 0-dim losses of steps first, first+1, ...
+    first: int = 0
+    last: float = math.nan  # the latest loss read
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.pending:
+            self.first = step
+        self.pending.append(loss)
+
+    def read(self) -> tuple[int, float] | None:
+        """Bring the pending losses to the host; the (step, loss) of the first non-finite one, if any."""
+        if not self.pending:
+            return None
+        values = torch.stack(self.pending).tolist()  # one host-device sync for all of them
+        first, self.pending = self.first, []
+        for i, value in enumerate(values):
+            if self.history is not None:
+                self.history.append(value)
+            if not math.isfinite(value):
+                return first + i, value
+        self.last = values[-1]
+        return None
+
+
+def loss_read_interval(device: torch.device) -> int:
+    """Steps between loss reads: every step on a CPU (free there), every 25 on an accelerator."""
+    return 1 if device.type == "cpu" else 25
 
 
 def train(
@@ -86,24 +131,28 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     pause_after: int | None = None,
+    loss_history: list[float] | None = None,
+    loss_read_every: int | None = None,
 ) -> TrainResult:
     """Train per `cfg`, writing the model directory `cfg.out`. Returns where and how it stopped.
 
     resume: continue the run saved in cfg.out (weights, optimizer, schedule, RNG, best val).
     pause_after: stop (resumably) after this many steps of this call, as an interruption would.
+    loss_history: a list to append every step's training loss to.
+    loss_read_every: steps between reads of the loss from the device (default: see loss_read_interval).
     """
     cfg.validate()
     d = init_distributed(cfg)
     with OutDir(cfg.out, resume=resume, overwrite=overwrite, main=d.main) as outdir:  # locked for the whole run
-        return _run(cfg, d, outdir, resume=resume, overwrite=overwrite, progress=progress, pause_after=pause_after)
+        run, state = setup(cfg, d, resume=resume, overwrite=overwrite)
+        run.outdir = outdir
+        losses = LossLog(every=loss_read_every or loss_read_interval(d.device), history=loss_history)
+        return _loop(run, state, losses, progress=progress, pause_after=pause_after)
 
 
-def _run(
-    cfg: TrainConfig, d: Dist, outdir: OutDir, *, resume: bool, overwrite: bool, progress: bool, pause_after: int | None
-) -> TrainResult:
-    """The run itself, inside its locked output folder."""
-    run, state = setup(cfg, d, resume=resume, overwrite=overwrite)
-    run.outdir = outdir
+def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_after: int | None) -> TrainResult:
+    """Steps until the run is done or stopped, evaluating and saving when due, then the finish."""
+    cfg, d = run.cfg, run.dist
     if state.step % cfg.eval_interval == 0 < state.step and not _evaluated(state):  # a signal cut it short
         evaluate_and_save(run, state, 0.0)
     bar = report.Progress(cfg, state.step, state.elapsed, enabled=progress and d.main)
@@ -115,21 +164,29 @@ def _run(
             if stop:
                 state.stopped_by = stop
                 break
-            loss = train_step(run, state)
-            if not math.isfinite(loss):
-                bar.close()
-                raise _diverged(run, state, loss)
+            losses.add(state.step + 1, train_step(run, state))
             state.step += 1
             now = time.perf_counter()
             delta, t_prev = now - t_prev, now
             state.elapsed += delta
-            bar.step_done(now, delta, state.step, loss)
-            if state.step % cfg.eval_interval == 0 or state.step == cfg.n_updates:
+            evaluate_now = state.step % cfg.eval_interval == 0 or state.step == cfg.n_updates
+            save_now = save_due(cfg, state)
+            if evaluate_now or save_now or state.step % losses.every == 0 or state.step == start_step + 1:
+                diverged = losses.read()  # before anything is evaluated or saved
+                if diverged:
+                    bar.close()
+                    raise _diverged(run, *diverged)
+            bar.step_done(now, delta, state.step, losses.last)
+            if evaluate_now:
                 evaluate_and_save(run, state, bar.tok_s)
                 t_prev = bar.restart()  # evaluation time is not training time
-            if state.step % cfg.checkpoint_interval == 0:
+            if save_now:
                 save_state(run, state)
                 t_prev = bar.restart()
+        diverged = losses.read()
+        if diverged:
+            bar.close()
+            raise _diverged(run, *diverged)
         finish(run, state, bar.tok_s)
     bar.close()
     finish_distributed(d)
@@ -180,7 +237,10 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool) -> tuple[
         fwd = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None)  # broadcasts rank 0's weights
         if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
-    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches)
+    choices = {kind: precision.resolve(cfg.precision, d.device, kind) for kind in ("train", "eval")}
+    if d.main:
+        report.log.info("precision: %s", precision.describe(choices))
+    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, choices)
     return run, state
 
 
@@ -203,6 +263,7 @@ def restore(
         elapsed=float(saved["elapsed"]),
         best_val=float(saved["best_val_loss"]),
         metrics=report.read_metrics(out, step),
+        saved_at=float(saved["elapsed"]),
     )
 
 
@@ -236,36 +297,51 @@ def stop_reason(run: Run, state: RunState, signals: _Signals, pause_after: int |
     return None
 
 
-def train_step(run: Run, state: RunState) -> float:
-    """One optimizer step on one global batch (this rank's rows, in micro-batches); returns the mean loss."""
+def train_step(run: Run, state: RunState) -> torch.Tensor:
+    """One optimizer step on one global batch (this rank's rows, in micro-batches); returns the mean loss as a
+    0-dim float64 tensor on the device, unread: reading it would make the host wait for the device."""
     cfg, d = run.cfg, run.dist
     set_learning_rate(run.optimizer, learning_rate(cfg, state.step, state.elapsed))
     x_all, y_all = get_batch(run.train_ids, cfg.batch_size, cfg.block_size, run.batches)
     accum = cfg.gradient_accumulation_steps
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for micro, (x, y) in enumerate(
         zip(rank_rows(x_all, d).chunk(accum), rank_rows(y_all, d).chunk(accum), strict=True)
     ):
         sync = nullcontext() if d.world == 1 or micro == accum - 1 else run.fwd.no_sync()
         with sync:
-            with run.autocast():
-                _, loss = run.fwd(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
+            with run.autocast("train"):
+                _, loss = run.fwd(_to_device(x, d.device), _to_device(y, d.device))
             (loss / accum).backward()
-        loss_sum += loss.item()
-    mean_loss = loss_sum / accum
-    if math.isfinite(mean_loss):  # a diverged step is not taken: the loop stops with an error
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
+        loss_sum += loss.detach()
+    # A diverged step (non-finite loss) is taken too: the loop notices it at its next read of the loss,
+    # before anything is saved, and stops with an error; the weights it produced are never written.
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return mean_loss
+    return loss_sum / accum
 
 
-def _diverged(run: Run, state: RunState, loss: float) -> ChargptError:
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto the device without making the host wait (pinned memory: a truly asynchronous copy)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def save_due(cfg: TrainConfig, state: RunState) -> bool:
+    """The resumable state is saved every checkpoint_interval steps and/or checkpoint_seconds of training."""
+    by_steps = cfg.checkpoint_interval > 0 and state.step % cfg.checkpoint_interval == 0
+    by_time = cfg.checkpoint_seconds > 0 and state.elapsed - state.saved_at >= cfg.checkpoint_seconds
+    return by_steps or by_time
+
+
+def _diverged(run: Run, step: int, loss: float) -> ChargptError:
     cfg, out = run.cfg, run.out
     kept = f"the best model in {out} is intact" if (out / ckpt.WEIGHTS).exists() else "nothing was saved"
     return ChargptError(
-        f"the loss became {loss} at step {state.step + 1}; training stopped and {kept}; "
+        f"the loss became {loss} at step {step}; training stopped and {kept}; "
         f"lower --learning-rate (now {cfg.learning_rate:g}, try {cfg.learning_rate / 10:g})"
     )
 
@@ -282,14 +358,14 @@ def estimate(run: Run, at_step: int) -> tuple[float, float]:
     losses = []
     for part in (run.train_ids, run.val_ids):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on the device: one read per split
         for i in range(cfg.eval_iters):
             if _signal_pending(run, i):
                 raise _EvaluationInterrupted
             x, y = get_batch(part, cfg.batch_size, cfg.block_size, gen)
-            with run.autocast():
-                total += run.model(rank_rows(x, d).to(d.device), rank_rows(y, d).to(d.device))[1].item()
-        losses.append(all_mean(total / cfg.eval_iters, d))
+            with run.autocast("eval"):
+                total += run.model(_to_device(rank_rows(x, d), d.device), _to_device(rank_rows(y, d), d.device))[1]
+        losses.append(all_mean(total.item() / cfg.eval_iters, d))
     run.model.train()
     return losses[0], losses[1]
 
@@ -328,6 +404,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float) -> None:
 
 def save_state(run: Run, state: RunState) -> None:
     """The resumable state (rank 0 writes it): weights, optimizer, RNG, step, clock, best val, config."""
+    state.saved_at = state.elapsed
     if not run.dist.main:
         return
     weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}

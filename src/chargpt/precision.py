@@ -1,0 +1,236 @@
+"""Which number format each kind of work runs in: fp32, or bf16 autocast where this machine is faster with it.
+
+Weights, gradients and optimizer state always stay fp32; bf16 is only ever autocast (or a cast for
+inference), so checkpoints and exact resume do not depend on the choice. `auto` decides per device and
+per kind of work, because the answer differs: batched matmuls (training, evaluation, prefill) and
+one-token matrix-vector products (decoding) run on different kernels.
+
+- CUDA: bf16 for batched work where the GPU supports it (as training always did); fp32 for decoding,
+  which is launch-bound at batch 1, so bf16 would only add cast kernels.
+- CPU: bf16 only where the CPU has native bf16 instructions (avx512_bf16, amx_bf16, or Arm's bf16)
+  and a micro-benchmark (< 100 ms, cached per machine under the chargpt cache dir) confirms that bf16
+  is faster for that kind of work. Without native bf16, torch emulates it ~80x slower than fp32, so
+  nothing is measured and fp32 is chosen.
+- anything else (MPS): fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from chargpt.config import PRECISIONS
+from chargpt.errors import ChargptError
+
+KINDS = ("train", "eval", "prefill", "decode")  # the first three are batched matmuls; decode is one token
+BATCHED = ("train", "eval", "prefill")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16)
+SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
+MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much to be chosen: below it, rounding is not worth it
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The number format of one kind of work, and why it was chosen (shown to the user)."""
+
+    name: str  # "fp32" or "bf16"
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+
+FP32 = Choice("fp32", "the default")
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    model: str
+    flags: frozenset[str]
+    capability: str  # torch's CPU kernel level, e.g. "AVX2", "AVX512"
+
+    @property
+    def native_bf16(self) -> list[str]:
+        return [f for f in NATIVE_BF16_FLAGS if f in self.flags]
+
+    def shown_flags(self) -> str:
+        """The flags that matter for speed, for benchmark output and the run's announcement."""
+        have = [f for f in SHOWN_FLAGS if f in self.flags]
+        return " ".join(have) if have else "(none of " + " ".join(SHOWN_FLAGS) + ")"
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """bf16 speed over fp32 (> 1: bf16 is faster), measured on this machine."""
+
+    matmul: float  # a training-shaped (rows x C) @ (C x 4C) product
+    matvec: float  # the one-token decode shape: (1 x C) @ (C x 4C)
+
+
+def cpu_info() -> CPUInfo:
+    """This CPU's model name and feature flags (Linux /proc/cpuinfo; elsewhere none are known)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:  # x86 says flags, Arm says Features
+            flags = frozenset(value.split())
+    return CPUInfo(model, flags, _torch_capability())
+
+
+def _torch_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def check(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ChargptError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def resolve(name: str, device: torch.device | str, kind: str, cache: Path | None = None) -> Choice:
+    """The format for `kind` of work on `device`, as asked (`fp32`, `bf16`) or chosen (`auto`)."""
+    check(name)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    device = torch.device(device)
+    if name == "fp32":
+        return Choice("fp32", "asked for with --precision fp32")
+    if name == "bf16":
+        return Choice("bf16", "asked for with --precision bf16" + _bf16_caveat(device))
+    if device.type == "cuda":
+        return _cuda_auto(device, kind)
+    if device.type != "cpu":
+        return Choice("fp32", f"bf16 autocast is not used on {device.type}")
+    info = cpu_info()
+    if not info.native_bf16:
+        return Choice("fp32", f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag)")
+    return choose_cpu(kind, info, measured_speedups(info, cache))
+
+
+def choose_cpu(kind: str, info: CPUInfo, speed: Speedups | None) -> Choice:
+    """Auto's CPU rule, given the CPU's flags and (where it has native bf16) the measured speedups."""
+    if not info.native_bf16 or speed is None:
+        return Choice("fp32", f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag)")
+    what, ratio = ("matrix-vector", speed.matvec) if kind == "decode" else ("matmul", speed.matmul)
+    flags = "/".join(info.native_bf16)
+    if ratio >= MIN_SPEEDUP:
+        return Choice("bf16", f"CPU has {flags}; bf16 {what} measured {ratio:.1f}x as fast as fp32")
+    return Choice("fp32", f"CPU has {flags} but bf16 {what} measured only {ratio:.2f}x the speed of fp32")
+
+
+def _cuda_auto(device: torch.device, kind: str) -> Choice:
+    if kind == "decode":
+        return Choice("fp32", "one-token decoding on a GPU is launch-bound: bf16 would only add casts")
+    if torch.cuda.is_bf16_supported():
+        return Choice("bf16", "this GPU supports bf16 autocast")
+    return Choice("fp32", "this GPU has no bf16 support")
+
+
+def _bf16_caveat(device: torch.device) -> str:
+    if device.type == "cpu" and not cpu_info().native_bf16:
+        return " (this CPU has no native bf16: expect it to be much slower than fp32)"
+    return ""
+
+
+def autocast(device: torch.device | str, choice: Choice, cache_enabled: bool = True) -> AbstractContextManager:
+    """The context to run a kind of work in: bf16 autocast on, or (fp32) off, also inside an enclosing one."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=choice.name == "bf16", cache_enabled=cache_enabled)
+
+
+def autocast_for(device: torch.device | str, kind: str, name: str = "auto") -> AbstractContextManager:
+    """resolve() and autocast() in one call, for callers that only need the context (e.g. a server)."""
+    return autocast(device, resolve(name, device, kind))
+
+
+def describe(choices: dict[str, Choice]) -> str:
+    """One phrase for the run's announcement, e.g. 'fp32 (this CPU has no native bf16 ...)'."""
+    names = {c.name for c in choices.values()}
+    if len(names) == 1:
+        first = next(iter(choices.values()))
+        return f"{first.name} ({first.reason})"
+    return "; ".join(f"{kind} {c.name} ({c.reason})" for kind, c in choices.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# the micro-benchmark and its per-machine cache
+
+
+def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
+    """Where this machine's measurement lives: keyed by CPU model, flags, torch version and thread count."""
+    if directory is None:
+        from chargpt.data import cache_dir
+
+        directory = cache_dir()
+    key = "|".join(
+        [str(CACHE_VERSION), info.model, " ".join(sorted(info.flags)), info.capability, torch.__version__]
+        + [str(torch.get_num_threads())]
+    )
+    return directory / f"precision-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def measured_speedups(info: CPUInfo, directory: Path | None = None) -> Speedups:
+    """The cached measurement for this machine, or a fresh one (then cached; an unwritable cache is fine)."""
+    path = cache_file(info, directory)
+    try:
+        saved = json.loads(path.read_text())
+        return Speedups(matmul=float(saved["matmul"]), matvec=float(saved["matvec"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    speed = measure_speedups()
+    try:
+        from chargpt.fileio import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({**asdict(speed), "cpu": info.model}).encode())
+    except (OSError, ChargptError):
+        pass  # measured again next time
+    return speed
+
+
+def measure_speedups(n_embd: int = 384, rows: int = 128, budget_s: float = 0.012) -> Speedups:
+    """bf16 vs fp32 speed of the two shapes that matter; about 4 x budget_s of work (~50 ms by default)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n_embd, 4 * n_embd, generator=g)  # (C, 4C): a feed-forward weight
+    x = torch.randn(rows, n_embd, generator=g)  # (rows, C): a batch of positions
+    v = torch.randn(1, n_embd, generator=g)  # (1, C): one token
+    wb, xb, vb = w.bfloat16(), x.bfloat16(), v.bfloat16()
+    with torch.inference_mode():
+        matmul = _seconds(lambda: x @ w, budget_s) / _seconds(lambda: xb @ wb, budget_s)
+        matvec = _seconds(lambda: v @ w, budget_s) / _seconds(lambda: vb @ wb, budget_s)
+    return Speedups(matmul=round(matmul, 3), matvec=round(matvec, 3))
+
+
+def _seconds(fn, budget_s: float) -> float:
+    """Best time of one call, repeating within about budget_s (the first call is a warm-up)."""
+    fn()
+    best, spent = float("inf"), 0.0
+    for _ in range(1000):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+        if spent >= budget_s:
+            break
+    return best
