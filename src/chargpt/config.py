@@ -112,7 +112,7 @@ class TrainConfig:
         for name, limit in (("warmup_updates", MAX_COUNT), ("checkpoint_interval", MAX_COUNT), ("seed", MAX_SEED)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-                raise ChargptError(f"{name} must be an integer from 0 to {limit}, got {shorten(value)}")
+                raise ChargptError(f"{name} must be a non-negative integer up to {limit}, got {shorten(value)}")
         _positive_float("learning_rate", self.learning_rate)
         _fraction("val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         _fraction("min_lr_ratio", self.min_lr_ratio, allow_zero=True, allow_one=True)
