@@ -60,7 +60,7 @@ class TrainConfig:
     out: str = "out/model"
     val_fraction: float = 0.1
     # model shape (the classic seed model by default)
-    model: str = "gpt"
+    arch: str = "gpt"  # gpt, or bigram (saved configs and TOML files may still call it `model`)
     block_size: int = 256
     n_embd: int = 384
     n_heads: int = 6
@@ -79,6 +79,7 @@ class TrainConfig:
     # evaluation, checkpoints, budget
     eval_interval: int = 500
     eval_iters: int = 200
+    log_interval: int = 10  # steps between training-loss rows in metrics.jsonl
     checkpoint_interval: int = 500  # steps between resumable-state saves
     max_time: float = 0.0  # seconds of training; 0 = no limit. The LR schedule ends when time does.
     seed: int = 1337
@@ -93,6 +94,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "eval_interval",
             "eval_iters",
+            "log_interval",
             "checkpoint_interval",
         ):
             _positive_int(name, getattr(self, name))
@@ -118,7 +120,7 @@ class TrainConfig:
             n_heads=self.n_heads,
             n_layers=self.n_layers,
             dropout=self.dropout,
-            model=self.model,
+            model=self.arch,
         )
 
 
@@ -146,6 +148,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+# old names of TrainConfig fields, still read from TOML files, saved runs and Python keyword arguments
+RENAMED = {"model": "arch"}
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Map old field names to new ones (an explicit new name wins over an old one)."""
+    out = {RENAMED.get(k, k): v for k, v in values.items() if k not in RENAMED}
+    for old, new in RENAMED.items():
+        if old in values and out.get(new) is None:
+            out[new] = values[old]
+    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -157,6 +170,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ChargptError(f"config file {path} does not exist; check the --config path") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ChargptError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+    raw = _renamed(raw)
     unknown = sorted(set(raw) - set(TRAIN_FIELDS))
     if unknown:
         raise ChargptError(
@@ -184,6 +198,7 @@ def resolve_preset(preset: str | None, device: str) -> str:
 def make_train_config(preset: str | None = None, config_path: str | None = None, **overrides: Any) -> TrainConfig:
     """What the CLI does: defaults < preset (auto: 'cpu' on CPU, 'seed' elsewhere) < TOML < overrides."""
     toml = load_toml(config_path) if config_path else {}
+    overrides = _renamed(overrides)
     unknown = sorted(set(overrides) - set(TRAIN_FIELDS))
     if unknown:
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
@@ -198,6 +213,8 @@ def make_train_config(preset: str | None = None, config_path: str | None = None,
 
 def saved_train_config(saved: Any, out: str, where: str, **overrides: Any) -> TrainConfig:
     """Resume's config: the settings a run saved (a dict), any explicitly given settings on top."""
+    saved = _renamed(saved) if isinstance(saved, dict) else saved
+    overrides = _renamed(overrides)
     if not isinstance(saved, dict) or set(saved) - set(TRAIN_FIELDS):
         raise ChargptError(f"{where} holds an unknown config; start a new run with --overwrite")
     values = {**saved, **{k: v for k, v in overrides.items() if v is not None}, "out": str(out)}
