@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,18 @@ from chargpt.tokenizer import CharTokenizer
 
 
 @torch.no_grad()
-def evaluate(model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    model: GPT | BigramLM,
+    tokenizer: CharTokenizer,
+    text: str,
+    batch_size: int = 32,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, float]:
     """Loss (nats/char) over non-overlapping windows covering the whole text.
 
     Window i feeds characters [iT, iT+T) and predicts [iT+1, iT+T+1); every character but the first
     is predicted exactly once, each with the context available inside its window.
+    progress: called after each batch with the number of characters it scored (they add up to `chars`).
     """
     ids = torch.as_tensor(tokenizer.encode(text))
     if len(ids) < 2:
@@ -36,12 +44,16 @@ def evaluate(model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_s
             x, y = full_x[i : i + batch_size].to(device), full_y[i : i + batch_size].to(device)
             logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            if progress:
+                progress(y.numel())
         rest = n_pred - n_full * T
         if rest:
             x = ids[n_full * T : n_full * T + rest][None].to(device)
             y = ids[n_full * T + 1 :][None].to(device)
             logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            if progress:
+                progress(rest)
     finally:
         model.train(was_training)
     loss = total / n_pred
