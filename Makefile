@@ -15,9 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# ~3 minutes on a 2-core laptop: 150 s of training (evaluations included), then a sample.
 demo: install
+	@echo "== make demo: train a small GPT (the 'cpu' preset, 0.8M parameters) on the complete Shakespeare plays"
+	@echo "== for 150 seconds on this machine, then let it write 600 characters. Everything lands in out/demo/."
 	$(VENV)/bin/chargpt train --out out/demo --overwrite --max-time 150
-	$(VENV)/bin/chargpt sample --model out/demo --max-new-tokens 600 --temperature 0.8 --seed 0
+	@echo "== A sample from out/demo (temperature 0.8):"
+	$(VENV)/bin/chargpt sample --model out/demo --prompt "ROMEO:" --max-new-tokens 600 --temperature 0.8 --seed 0
+	@echo "== That was 150 s on a CPU. Next: out/demo/loss.png shows the run; $(VENV)/bin/chargpt info out/demo"
+	@echo "== describes it. A better model: train longer ($(VENV)/bin/chargpt train --resume out/demo --max-time 900),"
+	@echo "== or the classic 10.8M-parameter model on a GPU ($(VENV)/bin/chargpt train --preset seed --out out/seed)."
 
 test: install
 	$(PY) -m pytest -q

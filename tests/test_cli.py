@@ -59,8 +59,9 @@ def test_train_cli(cli_run):
     assert {"model.safetensors", "config.json", "metrics.jsonl", "loss.png", "train_state.pt"} <= {
         p.name for p in model_dir.iterdir()
     }
-    steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [10, 20]
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if m["kind"] == "eval"] == [0, 10, 20]
+    assert [m["step"] for m in rows if m["kind"] == "train"] == [10, 20]
 
 
 def test_toml_keys_applied_and_flags_override(cli_run):

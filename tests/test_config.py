@@ -87,7 +87,7 @@ def test_unknown_model_type():
         ("max_time", -10.0, "max_time must be a number >= 0"),
         ("max_time", float("nan"), "max_time must be a number >= 0"),
         ("device", "tpu", "unknown device 'tpu'"),
-        ("model", "lstm", "unknown model type 'lstm'"),
+        ("arch", "lstm", "unknown model type 'lstm'"),
     ],
 )
 def test_train_config_rejects_bad_values(field, value, message):

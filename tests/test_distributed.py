@@ -55,7 +55,9 @@ def _free_port() -> int:
 
 
 def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The evaluation rows (the training-loss rows are checked in tests/test_train.py)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in rows if m["kind"] == "eval"]
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -168,7 +170,7 @@ def test_cli_nproc_2_trains_like_one_process_and_only_rank_0_writes(single, text
     assert {"model.safetensors", "config.json", "train_state.pt", "metrics.jsonl", "loss.png"} <= {
         p.name for p in out.iterdir()
     }
-    assert [m["step"] for m in _metrics(out)] == [10, 20, 24]
+    assert [m["step"] for m in _metrics(out)] == [0, 10, 20, 24]
     worst = assert_same_run(out, single)
     print(f"torchrun 2 ranks vs 1 process: max relative diff {worst:.2e}")
     # the model it wrote is a normal model directory

@@ -394,3 +394,33 @@ def _short(value: Any, limit: int = 60) -> str:
     """A value for a one-line message: repr (so no raw newlines), cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(directory: str | Path) -> dict[str, Any]:
+    """What a model directory holds, as plain data (for `chargpt info`): shape, parameters, vocabulary,
+    how it was trained (saved step, losses, config; the run's latest step from train_state.pt), files."""
+    directory = Path(directory)
+    model, tokenizer = load_model(directory)  # validates everything, one-line errors
+    cfg = model.config
+    _, _, info = read_config(directory)
+    training: dict[str, Any] = {
+        "best_step": info.get("step"),
+        "best_val_loss": info.get("val_loss"),
+        "best_train_loss": info.get("train_loss"),
+        "config": info.get("train_config"),
+    }
+    if (directory / TRAIN_STATE).is_file():
+        try:
+            state = load_train_state(directory, mmap=True)
+            training.update(steps=state["step"], elapsed=float(state["elapsed"]))
+        except ChargptError as e:
+            training["train_state_problem"] = str(e)
+    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}
+    return {
+        "dir": str(directory),
+        "model": {"arch": cfg.model, **shape},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": tokenizer.to_list(),
+        "training": training,
+        "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
+    }

@@ -1,34 +1,46 @@
-"""`chargpt train | sample | eval`: parses flags, calls the library, prints. Nothing else lives here."""
+"""`chargpt train | sample | eval | info`: parses flags, calls the library, prints. Nothing else lives here."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
-from chargpt.config import PRECISIONS, PRESETS, TrainConfig
+from chargpt import __version__
+from chargpt.config import MODEL_TYPES, PRECISIONS, PRESETS, TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.errors import ChargptError
 
-EXIT_USAGE = 2
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 # set by the --nproc launcher: each rank writes its last line (an error, "interrupted ...") to DIR/rankN,
 # and the launcher prints one of them once, instead of every rank's copy and torchrun's traceback
 MESSAGES_ENV = "CHARGPT_LAUNCHER_MESSAGES"
+
+EXIT_USAGE = 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+# A one-line description of every TrainConfig field, and the --help group it is listed under.
 FLAG_HELP = {
-    "data": "UTF-8 text file or folder of .txt files; none = the complete Shakespeare plays",
-    "out": "model directory to write",
+    "data": "UTF-8 text file or folder of .txt files to train on",
     "val_fraction": "the last part of the text held out for validation",
-    "model": "gpt, or bigram (the lecture's baseline)",
-    "n_updates": "optimizer steps",
+    "arch": "the model: gpt, or bigram (the lecture's baseline)",
+    "block_size": "context length in characters",
+    "n_embd": "embedding width",
+    "n_heads": "attention heads per layer (must divide n_embd)",
+    "n_layers": "transformer blocks",
+    "dropout": "dropout probability while training",
+    "n_updates": "optimizer steps (with only --max-time given, the clock alone ends the run)",
+    "max_time": "wall-clock budget in seconds for the training loop, evaluations included; the LR schedule "
+    "ends with it",
     "batch_size": "sequences per step (global, across all processes)",
     "gradient_accumulation_steps": "micro-batches per step; same global batch, less memory",
     "learning_rate": "peak AdamW learning rate",
@@ -36,82 +48,250 @@ FLAG_HELP = {
     "warmup_updates": "linear warm-up steps",
     "weight_decay": "AdamW weight decay on weight matrices only",
     "grad_clip": "max gradient norm; 0 = off",
-    "eval_interval": "steps between evaluations (metrics, best-val checkpoint, plot)",
+    "beta2": "AdamW second-moment decay (0.99 suits small batches)",
+    "seed": "seeds weights, batches and dropout: same seed, same run",
+    "out": "model directory to write",
+    "eval_interval": "steps between evaluations (metrics row, best-val checkpoint, plot)",
     "eval_iters": "batches per loss estimate",
+    "log_interval": "steps between training-loss rows in metrics.jsonl",
     "checkpoint_interval": "steps between saves of the resumable state; 0 = by time only",
     "checkpoint_seconds": "also save the resumable state every this many seconds of training; 0 = off",
-    "max_time": "seconds of training; the LR schedule ends with it; 0 = no limit",
     "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model (needs a C++ compiler on CPU)",
     "precision": "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16",
 }
-PRECISION_HELP = "auto (default: what is faster on this machine, per kind of work), fp32, or bf16"
+PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
+GROUPS = {
+    "data": ("data", "val_fraction"),
+    "model": ("arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"),
+    "optimisation": (
+        "n_updates",
+        "max_time",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "min_lr_ratio",
+        "warmup_updates",
+        "weight_decay",
+        "grad_clip",
+        "beta2",
+        "seed",
+    ),
+    "evaluation and checkpoints": (
+        "out",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "checkpoint_interval",
+        "checkpoint_seconds",
+    ),
+    "hardware": ("device", "precision", "compile"),
+}
+TRAIN_EXAMPLES = """examples:
+  chargpt train --out out/demo --max-time 150          # 2.5 minutes on the built-in Shakespeare
+  chargpt train --data my.txt --out out/mine --preset seed --n-updates 2000
+  chargpt train --resume out/demo --max-time 300       # continue a run with a larger budget
+"""
+SAMPLE_EXAMPLES = """examples:
+  chargpt sample --model out/demo --prompt "ROMEO:" --temperature 0.8 --seed 1
+  chargpt sample --model out/demo --top-p 0.9 --num-samples 4 --no-stream
+"""
+EVAL_EXAMPLES = """example:
+  chargpt eval --model out/demo --data held-out.txt    # prints {"loss": ..., "bits_per_char": ..., "chars": ...}
+"""
+INFO_EXAMPLES = """examples:
+  chargpt info out/demo
+  chargpt info out/demo --json
+"""
+MAIN_EXAMPLES = """start here:
+  chargpt train --out out/demo --max-time 150    # train a small GPT on Shakespeare (CPU: ~2.5 minutes)
+  chargpt sample --model out/demo --prompt "ROMEO:"
+  chargpt info out/demo
+each command has its own --help.
+"""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
+    """argparse without abbreviations, and a usage error is one line (with a suggestion) and exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
         sys.exit(EXIT_USAGE)
 
+    def suggestion(self, message: str) -> str:
+        if "unrecognized arguments: " not in message:
+            return ""
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for word in message.split("unrecognized arguments: ", 1)[1].split():
+            word = word.split("=")[0]
+            if word[:2] != "--":
+                continue
+            starts = [k for k in known if k.startswith(word)]  # an abbreviation: what it abbreviates
+            close = starts if len(starts) == 1 else difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (`--n-embd` <-> n_embd); default None = not given."""
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            default = f"default {f.default!r}"
-            if f.name in PRESETS["cpu"] or f.name in PRESETS["gpu"]:
-                shown = [f"seed preset {f.default!r}"] + [
-                    f"{name} preset {PRESETS[name][f.name]!r}" for name in ("cpu", "gpu") if f.name in PRESETS[name]
-                ]
-                default = ", ".join(shown)
-            text = f"{FLAG_HELP[f.name]} ({default})" if f.name in FLAG_HELP else f"({default})"
-            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
-    p.add_argument("--config", help="TOML file of settings (keys = flag names with underscores); flags override it")
-    p.add_argument(
+    footer: Any = None  # a function adding a last paragraph to --help, computed only when help is shown
+
+    def format_help(self) -> str:
+        return super().format_help() + (f"\n{self.footer()}\n" if self.footer else "")
+
+
+def _preset_here() -> str:
+    from chargpt.config import resolve_preset
+
+    try:
+        preset = resolve_preset(None, "auto")
+    except ChargptError:
+        preset = "cpu"
+    why = "no GPU found" if preset == "cpu" else "a GPU was found"
+    return (
+        f"on this machine: --preset {preset} applies unless you name one ({why}); cpu = a 0.8M-parameter model "
+        f"tuned for a laptop CPU, gpu = the classic 10.8M-parameter model tuned for a GPU, seed = the same model "
+        f"as in the lecture"
+    )
+
+
+def _default_text(name: str) -> str:
+    """`default X`, or the two presets' values for the fields a preset sets."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    if name == "data":
+        return "default: the complete Shakespeare plays, built in"
+    if f.type == "bool":
+        return f"default: {'on' if f.default else 'off'}"
+    if name == "max_time":
+        return "default: 0, no limit"
+    shown = [f"{PRESETS[p][name]} with --preset {p}" for p in ("cpu", "gpu") if name in PRESETS[p]]
+    if shown:
+        return f"default: {', '.join(shown)}, {f.default} with --preset seed"
+    return f"default: {f.default}"
+
+
+def _add_train_flags(p: _Parser) -> None:
+    """One flag per TrainConfig field (`--n-embd` <-> n_embd), in --help groups; default None = not given."""
+    groups = {title: p.add_argument_group(title) for title in ("settings", *GROUPS)}
+    group_of = {name: title for title, names in GROUPS.items() for name in names}
+    general = groups["settings"]
+    general.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="cpu: tuned for a CPU (default there); gpu: the 10.8M model tuned for a GPU (default on CUDA); "
-        "seed: the 10.8M model as in the lecture",
+        help="cpu (a small model tuned for a CPU), gpu (the 10.8M model tuned for a GPU) or seed (the 10.8M model "
+        "as in the lecture) (default: cpu on a CPU, gpu on a CUDA GPU)",
     )
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in this model directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or eval lines")
-    p.add_argument("--nproc", type=int, help="launch N processes with torchrun (DDP) on this machine")
+    general.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of settings (keys: flag names with underscores); flags override it (default: none)",
+    )
+    general.add_argument(
+        "--quiet", action="store_true", help="no announcement, progress bar or eval lines (default: off)"
+    )
+    for f in fields(TrainConfig):
+        group = groups.get(group_of.get(f.name, ""), general)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{FLAG_HELP.get(f.name, '')} ({_default_text(f.name)})".lstrip()
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            metavar = {"int": "N", "float": "X"}.get(f.type, "PATH" if f.name in ("data", "out") else "NAME")
+            choices = MODEL_TYPES if f.name == "arch" else None
+            group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
+    groups["model"].add_argument(
+        "--model", dest="legacy_model", metavar="ARCH", help="deprecated spelling of --arch (default: not given)"
+    )
+    checkpoints = groups["evaluation and checkpoints"]
+    checkpoints.add_argument(
+        "--resume", metavar="DIR", help="continue the run saved in this model directory (default: a new run)"
+    )
+    checkpoints.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: off)")
+    groups["hardware"].add_argument(
+        "--nproc", type=int, help="launch N processes with torchrun (DDP) on this machine (default: 1, no torchrun)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="chargpt", description="Character-level GPT: train, sample, evaluate.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(
+        prog="chargpt",
+        description="Character-level GPT: train, sample, evaluate, inspect.",
+        epilog=MAIN_EXAMPLES,
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model (default data: the complete Shakespeare plays)")
+    t = sub.add_parser(
+        "train",
+        help="train a model (default data: the complete Shakespeare plays)",
+        description="Train a model; write weights, metrics.jsonl and loss.png to --out. Defaults < --preset < "
+        "--config < flags.",
+        epilog=TRAIN_EXAMPLES,
+    )
+    t.footer = _preset_here
     _add_train_flags(t)
 
-    s = sub.add_parser("sample", help="generate text from a trained model")
-    s.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    s = sub.add_parser(
+        "sample", help="generate text from a trained model", description="Generate text.", epilog=SAMPLE_EXAMPLES
+    )
+    s.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
     s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    s.add_argument("--max-new-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    s.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    s.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch")
-    s.add_argument("--stop", action="append", default=[], help="end a sample at this string (repeatable)")
-    s.add_argument("--no-stream", action="store_true", help="print when done instead of as generated")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
+    s.add_argument(
+        "--temperature", type=float, default=1.0, help="<1 = safer, >1 = wilder, 0 = greedy (it loops) (default: 1.0)"
+    )
+    s.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest characters (default: off)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
+    s.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    s.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch (default: 1)")
+    s.add_argument(
+        "--stop", action="append", default=[], help="end a sample at this string; repeatable (default: none)"
+    )
+    s.add_argument("--no-stream", action="store_true", help="print when done instead of as generated (default: off)")
+    s.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for decoding (default: 1 for one sample; more for a batch, as cores are free)",
+    )
     s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
 
-    e = sub.add_parser("eval", help="score a model on a text file (JSON: loss, bits_per_char, chars)")
-    e.add_argument("--model", required=True, metavar="DIR", help="model directory")
-    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file")
-    e.add_argument("--device", default="auto")
+    e = sub.add_parser(
+        "eval",
+        help="score a model on a text file (JSON: loss, bits_per_char, chars)",
+        description="Mean per-character loss of a model on a text file, printed as one JSON line.",
+        epilog=EVAL_EXAMPLES,
+    )
+    e.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file (required)")
+    e.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar on a terminal)")
     e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+
+    i = sub.add_parser(
+        "info",
+        help="what a model directory holds: shape, parameters, vocabulary, training, files",
+        description="Describe a model directory.",
+        epilog=INFO_EXAMPLES,
+    )
+    i.add_argument("dir", metavar="DIR", help="model directory")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"chargpt {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -127,11 +307,43 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+def _legacy_model_flag(args: argparse.Namespace) -> None:
+    """`train --model gpt|bigram` still works (with a warning); a directory there gets pointed elsewhere."""
+    value = args.legacy_model
+    if value is None:
+        return
+    if value in MODEL_TYPES:
+        sys.stderr.write(f"chargpt: warning: train --model is deprecated; use --arch {value}\n")
+        args.arch = args.arch or value
+        return
+    if os.sep in value or "/" in value or Path(value).exists():
+        raise ChargptError(
+            f"train --model takes an architecture (deprecated: use --arch gpt|bigram), not a model directory; "
+            f"to continue training {value} use `chargpt train --resume {value}`, to sample from it "
+            f"`chargpt sample --model {value}`"
+        )
+    raise ChargptError(f"unknown architecture {value!r} for train --model (deprecated); use --arch gpt or bigram")
+
+
+def _preset_note(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    if args.resume:
+        return "the saved run's settings"
+    if args.preset:
+        return f"preset {args.preset} (as asked)"
+    from chargpt.config import resolve_preset
+
+    preset = resolve_preset(None, cfg.device)
+    why = "no GPU found" if preset == "cpu" else "a GPU was found"
+    other = "--preset seed for the 10.8M model" if preset == "cpu" else "--preset cpu for a small model"
+    return f"preset {preset} ({why}; {other})"
+
+
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from chargpt.checkpoint import resume_config
     from chargpt.config import make_train_config, resume_settings
     from chargpt.train import train
 
+    _legacy_model_flag(args)
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume:
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
@@ -144,20 +356,54 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc is not None:
         return _launch_torchrun(args.nproc, cfg, argv)
     _setup_logging(args.quiet)
-    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+    note = _preset_note(args, cfg)
+    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet, preset_note=note)
     if result.rank == 0:
-        if result.stopped_by in EXIT_SIGNAL:
-            _last_line(
-                f"interrupted by {result.stopped_by} at step {result.step}; state saved in {result.out}. "
-                f"Resume with: chargpt train --resume {result.out}"
-            )
-            return EXIT_SIGNAL[result.stopped_by]
-        print(
-            f"done: {result.step} steps in {result.elapsed:.0f}s (stopped by {result.stopped_by}), "
-            f"best val loss {result.best_val_loss:.4f}, model in {result.out}"
-        )
-        print(f"sample with: chargpt sample --model {result.out}")
+        return _report_train(result, cfg)
     return 0
+
+
+def _report_train(result: Any, cfg: TrainConfig) -> int:
+    """The last lines of a run: how it ended, where the model is, and the exact next command."""
+    me = self_command()
+    if result.stopped_by in EXIT_SIGNAL:
+        _last_line(
+            f"interrupted by {result.stopped_by} at step {result.step}; state saved in {result.out}. "
+            f"Resume with: {me} train --resume {result.out}"
+        )
+        return EXIT_SIGNAL[result.stopped_by]
+    if result.stopped_by == "finished":
+        if cfg.max_time and cfg.n_updates >= TIME_GOVERNED_UPDATES:
+            longer = f"--max-time {2 * cfg.max_time:g}"
+        else:
+            longer = f"--n-updates {2 * result.step}"
+            longer += f" (or --max-time {2 * cfg.max_time:g})" if cfg.max_time else ""
+        print(
+            f"{result.out} is already finished ({result.step} steps, best val loss {result.best_val_loss:.4f}); "
+            f"to train it further, give it a larger budget: {me} train --resume {result.out} {longer}"
+        )
+        return 0
+    why = {"max_time": "the time budget", "n_updates": "--n-updates", "pause": "pause_after"}.get(result.stopped_by)
+    print(f"done: {result.step} steps in {result.elapsed:.0f}s (stopped by {why or result.stopped_by})")
+    if result.best_step >= 0:
+        print(f"best val loss {result.best_val_loss:.4f} (step {result.best_step}); the model is in {result.out}")
+    print(f"next: {me} sample --model {result.out}    (and: {me} info {result.out})")
+    return 0
+
+
+def self_command() -> str:
+    """How the user can run chargpt again: `chargpt` when that is on PATH and is this program, else a path."""
+    argv0 = Path(sys.argv[0])
+    here = argv0 if argv0.name == "chargpt" else Path(sys.executable).with_name("chargpt")
+    on_path = shutil.which("chargpt")
+    if on_path and here.exists() and Path(on_path).resolve() == here.resolve():
+        return "chargpt"
+    if not here.exists():
+        return f"{sys.executable} -m chargpt"
+    try:
+        return str(here.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(here.absolute())
 
 
 def _launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
@@ -252,10 +498,12 @@ def _last_line(line: str) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
     from chargpt import memory
     from chargpt.checkpoint import load_model
     from chargpt.distributed import resolve_device
-    from chargpt.generate import SampleConfig, generate, stream
+    from chargpt.generate import SampleConfig, decode_threads, generate, stream
 
     cfg = SampleConfig(
         max_new_tokens=args.max_new_tokens,
@@ -268,6 +516,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     cfg.validate()
+    if args.threads is not None and args.threads < 1:
+        raise ChargptError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads or decode_threads(args.num_samples))
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device)
     memory.check(
@@ -296,7 +547,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
-    from pathlib import Path
 
     from chargpt.checkpoint import load_model
     from chargpt.data import read_text_file
@@ -311,23 +561,81 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     text = read_text_file(path)
     if not text:
         raise ChargptError(f"{path} is empty; give it some text to score")
-    result = evaluate(model, tokenizer, text, precision=args.precision)
+    bar = None
+    if not args.quiet and sys.stderr.isatty():  # a bar on a terminal; nothing in pipes and logs
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(text) - 1, unit="char", unit_scale=True, desc="eval", file=sys.stderr, leave=False)
+    try:
+        result = evaluate(model, tokenizer, text, precision=args.precision, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
     if not all(map(math.isfinite, result.values())):
         raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
     print(json.dumps(result, allow_nan=False))
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from chargpt.checkpoint import describe
+
+    info = describe(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=1, ensure_ascii=False))
+        return 0
+    for line in _info_lines(info):
+        print(line)
+    return 0
+
+
+def _info_lines(info: dict[str, Any]) -> list[str]:
+    m, t = info["model"], info["training"]
+    shape = f"{m['n_layers']} layers x {m['n_heads']} heads, n_embd {m['n_embd']}, context {m['block_size']}"
+    vocab = "".join(info["vocab"]).replace("\n", "\\n")
+    lines = [
+        f"{info['dir']}: a {m['arch']} model, {info['parameters']:,} parameters"
+        + (f" ({shape}, dropout {m['dropout']})" if m["arch"] == "gpt" else ""),
+        f"vocabulary: {len(info['vocab'])} characters: {vocab[:80]}{' ...' if len(vocab) > 80 else ''}",
+    ]
+    if t.get("best_step") is not None:
+        lines.append(
+            f"saved (best val) model: step {t['best_step']}, val loss {_num(t.get('best_val_loss'))}, "
+            f"train loss {_num(t.get('best_train_loss'))}"
+        )
+    if t.get("steps") is not None:
+        lines.append(f"training: {t['steps']} steps in {t['elapsed']:.0f}s, resumable (train_state.pt)")
+    cfg = t.get("config") or {}
+    if cfg:
+        settings = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("data", "out"))
+        lines.append(f"trained on {cfg.get('data') or 'the built-in Shakespeare plays'} with {settings}")
+    lines.append("files: " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
+    return lines
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "?"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "train":
-            code = _cmd_train(args, argv)
-        elif args.command == "sample":
-            code = _cmd_sample(args)
-        else:
-            code = _cmd_eval(args)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # the subcommand's parser reports it, with its own --help and a close match
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+            sub.error(f"unrecognized arguments: {' '.join(extra)}")
+        commands = {"train": lambda: _cmd_train(args, argv), "sample": lambda: _cmd_sample(args)}
+        commands.update(info=lambda: _cmd_info(args), eval=lambda: _cmd_eval(args))
+        code = commands[args.command]()
         sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
         return code
     except ChargptError as e:

@@ -24,7 +24,7 @@ MAX_SEED = 2**32 - 1
 MAX_VOCAB = 0x110000  # every Unicode code point
 TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
 # on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
-RESUME_FIXED = ("model", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction")
+RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: per device and kind of work, what is faster here (precision.py)
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
@@ -72,7 +72,7 @@ class TrainConfig:
     out: str = "out/model"
     val_fraction: float = 0.1
     # model shape (the classic seed model by default)
-    model: str = "gpt"
+    arch: str = "gpt"  # gpt, or bigram (saved configs and TOML files may still call it `model`)
     block_size: int = 256
     n_embd: int = 384
     n_heads: int = 6
@@ -91,6 +91,7 @@ class TrainConfig:
     # evaluation, checkpoints, budget
     eval_interval: int = 500
     eval_iters: int = 200
+    log_interval: int = 10  # steps between training-loss rows in metrics.jsonl
     checkpoint_interval: int = 500  # steps between resumable-state saves; 0 = by time only
     checkpoint_seconds: float = 0.0  # also save the resumable state after this many seconds of training; 0 = off
     max_time: float = 0.0  # seconds of training; 0 = no limit. The LR schedule ends when time does.
@@ -107,6 +108,7 @@ class TrainConfig:
             ("gradient_accumulation_steps", MAX_SIZE),
             ("eval_interval", MAX_COUNT),
             ("eval_iters", MAX_EVAL_ITERS),
+            ("log_interval", MAX_COUNT),
         ):
             _positive_int(name, getattr(self, name), limit)
         for name, limit in (("warmup_updates", MAX_COUNT), ("checkpoint_interval", MAX_COUNT), ("seed", MAX_SEED)):
@@ -140,7 +142,7 @@ class TrainConfig:
             n_heads=self.n_heads,
             n_layers=self.n_layers,
             dropout=self.dropout,
-            model=self.model,
+            model=self.arch,
         )
 
 
@@ -179,6 +181,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+# old names of TrainConfig fields, still read from TOML files, saved runs and Python keyword arguments
+RENAMED = {"model": "arch"}
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Map old field names to new ones (an explicit new name wins over an old one)."""
+    out = {RENAMED.get(k, k): v for k, v in values.items() if k not in RENAMED}
+    for old, new in RENAMED.items():
+        if old in values and out.get(new) is None:
+            out[new] = values[old]
+    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -191,6 +204,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
         raise ChargptError(f"config file {path} is not valid TOML ({shorten(str(e), 200)}); fix the syntax") from None
+    raw = _renamed(raw)
     unknown = sorted(set(raw) - set(TRAIN_FIELDS))
     if unknown:
         shown = ", ".join(shorten(k, 40) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -219,6 +233,7 @@ def resolve_preset(preset: str | None, device: str) -> str:
 def make_train_config(preset: str | None = None, config_path: str | None = None, **overrides: Any) -> TrainConfig:
     """What the CLI does: defaults < preset (auto: 'cpu' on CPU, 'seed' elsewhere) < TOML < overrides."""
     toml = load_toml(config_path) if config_path else {}
+    overrides = _renamed(overrides)
     unknown = sorted(set(overrides) - set(TRAIN_FIELDS))
     if unknown:
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
@@ -238,6 +253,8 @@ def saved_train_config(
 
     A given setting equal to the saved one is fine; the RESUME_FIXED ones (shape, data) may not differ.
     `sources` says where each override came from (a flag, --preset, --config), for the message."""
+    saved = _renamed(saved) if isinstance(saved, dict) else saved
+    overrides = _renamed(overrides)
     if not isinstance(saved, dict) or set(saved) - set(TRAIN_FIELDS):
         raise ChargptError(f"{where} holds an unknown config; start a new run with --overwrite")
     given = {k: v for k, v in overrides.items() if v is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,19 @@ from chargpt.tokenizer import CharTokenizer
 
 @torch.no_grad()
 def evaluate(
-    model: GPT | BigramLM, tokenizer: CharTokenizer, text: str, batch_size: int = 32, precision: str = "auto"
+    model: GPT | BigramLM,
+    tokenizer: CharTokenizer,
+    text: str,
+    batch_size: int = 32,
+    precision: str = "auto",
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, float]:
     """Loss (nats/char) over non-overlapping windows covering the whole text.
 
     precision: fp32, bf16 (autocast) or auto (bf16 where this machine's batched matmuls are faster in it).
     Window i feeds characters [iT, iT+T) and predicts [iT+1, iT+T+1); every character but the first
     is predicted exactly once, each with the context available inside its window.
+    progress: called after each batch with the number of characters it scored (they add up to `chars`).
     """
     ids = torch.as_tensor(tokenizer.encode(text))
     if len(ids) < 2:
@@ -42,6 +49,8 @@ def evaluate(
             with prec.autocast(device, choice):
                 logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            if progress:
+                progress(y.numel())
         rest = n_pred - n_full * T
         if rest:
             x = ids[n_full * T : n_full * T + rest][None].to(device)
@@ -49,6 +58,8 @@ def evaluate(
             with prec.autocast(device, choice):
                 logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            if progress:
+                progress(rest)
     finally:
         model.train(was_training)
     loss = total / n_pred

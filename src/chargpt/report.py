@@ -1,7 +1,12 @@
-"""What a user sees and keeps of a run: the progress bar, the evaluation lines, `metrics.jsonl` and `loss.png`.
+"""What a user sees and keeps of a run: the announcement, the progress bar, the evaluation lines,
+`metrics.jsonl` and `loss.png`.
 
 Only rank 0 reports. The library never prints: the bar writes to stderr through tqdm (the CLI turns it
-off with --quiet), and evaluation lines go through `logging`.
+off with --quiet), and the announcement and evaluation lines go through `logging`.
+
+metrics.jsonl holds two kinds of rows: `{"kind": "eval", "step", "train_loss", "val_loss", "lr", ...}` at
+every evaluation (step 0 included) and `{"kind": "train", "step", "loss", "lr", ...}` every log_interval
+steps (the mean training loss since the previous such row). Files from before "kind" hold eval rows only.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chargpt.config import TrainConfig
+from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.fileio import atomic_write_bytes
 
 log = logging.getLogger("chargpt.train")
@@ -23,6 +28,10 @@ METRICS, PLOT = "metrics.jsonl", "loss.png"
 def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(m) + "\n" for m in metrics)
     atomic_write_bytes(out / METRICS, lines.encode())
+
+
+def is_eval(row: dict[str, Any]) -> bool:
+    return row.get("kind", "eval") == "eval"
 
 
 def read_metrics(out: Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -36,21 +45,57 @@ def read_metrics(out: Path, up_to_step: int) -> list[dict[str, Any]]:
         return []
 
 
+def prepare_plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
+    """loss.png: the smoothed training loss, the evaluations' train and val points, the best val, and
+    the learning rate on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    steps = [m["step"] for m in metrics]
-    ax.plot(steps, [m["train_loss"] for m in metrics], label="train", marker=".")
-    ax.plot(steps, [m["val_loss"] for m in metrics], label="val", marker=".")
+    evals = [m for m in metrics if is_eval(m)]
+    rows = [m for m in metrics if not is_eval(m)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    smoothed: list[float] = []
+    if rows:
+        steps, losses = [m["step"] for m in rows], [m["loss"] for m in rows]
+        smoothed = smooth(losses, weight=1 - 1 / max(1, len(losses) // 20))  # a window of ~5% of the run
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smoothed, color="tab:blue", label="train (smoothed)")
+    steps = [m["step"] for m in evals]
+    ax.plot(steps, [m["train_loss"] for m in evals], "o", color="tab:blue", markersize=4, label="train (eval)")
+    ax.plot(steps, [m["val_loss"] for m in evals], "o-", color="tab:orange", markersize=4, label="val")
+    trained = [m for m in evals if m["step"] > 0]
+    title = out.name
+    if trained:
+        best = min(trained, key=lambda m: m["val_loss"])
+        ax.plot([best["step"]], [best["val_loss"]], "*", color="tab:red", markersize=14, label="best val (saved)")
+        title = f"{out.name}: best val {best['val_loss']:.4f} at step {best['step']}"
+        # from the first evaluation after step 0 down: the untrained model's ~ln(vocab) would flatten the rest
+        high = max([trained[0]["val_loss"]] + smoothed[len(smoothed) // 10 : len(smoothed) // 10 + 1])
+        low = min([min(m["val_loss"], m["train_loss"]) for m in trained] + smoothed)
+        pad = 0.08 * (high - low) + 0.02
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"{out.name}: best val {min(m['val_loss'] for m in metrics):.4f}")
+    lr_rows = rows or evals
+    lr_ax = ax.twinx()
+    lr_ax.plot([m["step"] for m in lr_rows], [m["lr"] for m in lr_rows], "--", color="gray", linewidth=1, label="lr")
+    lr_ax.set_ylabel("learning rate", color="gray")
+    lr_ax.tick_params(axis="y", colors="gray")
+    lr_ax.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    lr_handles, lr_labels = lr_ax.get_legend_handles_labels()
+    ax.legend(handles + lr_handles, labels + lr_labels, loc="upper right", fontsize=8)
+    ax.set_title(title)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
@@ -58,12 +103,66 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     atomic_write_bytes(out / PLOT, buf.getvalue())
 
 
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing): the first points are not
+    pulled toward zero."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
 def log_evaluation(step: int, train_loss: float, val_loss: float, best: bool) -> None:
-    log.info("step %d: train loss %.4f, val loss %.4f%s", step, train_loss, val_loss, " (best, saved)" if best else "")
+    note = " (best, saved)" if best else " (before training)" if step == 0 else ""
+    log.info("step %d: train loss %.4f, val loss %.4f%s", step, train_loss, val_loss, note)
+
+
+def announce(
+    cfg: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    train_ids: Any,
+    val_ids: Any,
+    device: Any,
+    precision: str,
+    state: Any,
+    preset_note: str,
+) -> None:
+    """Two lines before the bar: what is trained, how and where; then what it learns from, for how long."""
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.arch == "bigram":
+        shape = f"a bigram model, {n_params:,} parameters"
+    else:
+        shape = (
+            f"a GPT of {n_params:,} parameters ({cfg.n_layers} layers x {cfg.n_heads} heads, n_embd {cfg.n_embd}, "
+            f"context {cfg.block_size})"
+        )
+    how = f", {preset_note}" if preset_note else ""
+    start = f"resuming at step {state.step}: " if state.step else "training "
+    log.info("%s%s%s, on %s in %s", start, shape, how, device, precision)
+    data = f"data {cfg.data}" if cfg.data else "data: the complete Shakespeare plays (built in)"
+    n_chars = len(train_ids) + len(val_ids)
+    if cfg.max_time and cfg.n_updates >= TIME_GOVERNED_UPDATES:
+        budget = f"{cfg.max_time:g} s (evaluations included)"
+    elif cfg.max_time:
+        budget = f"{cfg.n_updates:,} steps or {cfg.max_time:g} s, whichever comes first"
+    else:
+        budget = f"{cfg.n_updates:,} steps"
+    log.info(
+        "%s, %s characters, vocabulary %d, split %s train / %s val; budget %s; writing %s",
+        data,
+        f"{n_chars:,}",
+        tokenizer.vocab_size,
+        f"{len(train_ids):,}",
+        f"{len(val_ids):,}",
+        budget,
+        cfg.out,
+    )
 
 
 class Progress:
-    """The bar: steps (or, under --max-time, seconds of training, so its ETA is the budget's end), the loss,
+    """The bar: steps (or, under --max-time, seconds of the budget, so its ETA is the budget's end), the loss,
     and tokens/s over a ~2 s window that leaves out evaluation and checkpoint time."""
 
     def __init__(self, cfg: TrainConfig, step: int, elapsed: float, enabled: bool):
@@ -88,15 +187,27 @@ class Progress:
         self.window_t, self.window_steps = time.perf_counter(), 0
         return self.window_t
 
-    def step_done(self, now: float, delta: float, step: int, loss: float) -> None:
+    def step_done(self, now: float, step: int, loss: float, elapsed: float) -> None:
         self.window_steps += 1
         if now - self.window_t > 2.0:
             self.tok_s = self.window_steps * self.cfg.batch_size * self.cfg.block_size / (now - self.window_t)
             self.window_t, self.window_steps = now, 0
-        self.bar.update(min(delta, self.cfg.max_time - self.bar.n) if self.time_bar else 1)
+        self._advance(step, elapsed)
         shown = {"step": step} if self.time_bar else {}
         tok_s = f"{self.tok_s:,.0f}" if self.tok_s else "…"
         self.bar.set_postfix(**shown, loss=f"{loss:.4f}", tok_s=tok_s, refresh=False)
+
+    def _advance(self, step: int, elapsed: float) -> None:
+        if self.time_bar:
+            self.bar.update(max(0.0, min(elapsed, self.cfg.max_time) - self.bar.n))
+        else:
+            self.bar.update(step - self.bar.n)
+
+    def finish(self, elapsed: float) -> None:
+        """Close the bar; a time bar first shows the final evaluation's seconds."""
+        if self.time_bar:
+            self._advance(0, elapsed)
+        self.bar.close()
 
     def close(self) -> None:
         self.bar.close()

@@ -40,8 +40,9 @@ class TrainResult:
     best_val_loss: float
     last_val_loss: float
     elapsed: float
-    stopped_by: str  # "n_updates", "max_time", "pause", "SIGINT" or "SIGTERM"
+    stopped_by: str  # "n_updates", "max_time", "pause", "SIGINT", "SIGTERM", or "finished" (nothing left to do)
     rank: int = 0  # under torchrun, only rank 0 reports
+    best_step: int = -1  # the step of the saved (best-val) model
 
 
 @dataclass
@@ -73,13 +74,34 @@ class RunState:
     """What changes as a run goes; saved with the weights, optimizer and RNG in train_state.pt."""
 
     step: int = 0
-    elapsed: float = 0.0  # seconds of training (evaluation and saving excluded)
+    elapsed: float = 0.0  # wall-clock seconds of the training loop: steps, evaluations, saves (not set-up)
     best_val: float = math.inf
     last_val: float = math.nan
     last_eval_step: int = -1
     metrics: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "n_updates"
     saved_at: float = 0.0  # `elapsed` when the resumable state was last saved (for checkpoint_seconds)
+    log_loss_sum: float = 0.0  # training losses since the last training-loss row of metrics.jsonl
+    log_loss_count: int = 0
+    eval_seconds: float = 0.0  # how long the last evaluation (with its model save) took
+    plot_seconds: float = 0.0  # how long the last drawing of loss.png took
+    # not saved: this call's clock, and how long the last step and save took
+    clock_start: float = field(default_factory=time.perf_counter)
+    clock_base: float = 0.0  # elapsed when this call started
+    step_seconds: float = 0.0
+    save_seconds: float = 0.0
+    plotted_at: float = -math.inf  # elapsed at the last drawing of loss.png
+    plotted_rows: int = 0  # metrics rows it showed
+
+    def tick(self) -> float:
+        """Bring `elapsed` up to now; --max-time counts everything the loop does, evaluations included."""
+        self.elapsed = self.clock_base + time.perf_counter() - self.clock_start
+        return self.elapsed
+
+    def reserve(self) -> float:
+        """Seconds to keep for the rest of a time-budgeted run after one more step: that step, the final
+        evaluation, plot and save (each as long as the last one measured)."""
+        return self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
 
 
 @dataclass
@@ -104,19 +126,16 @@ class LossLog:
             self.first = step
         self.pending.append(loss)
 
-    def read(self) -> tuple[int, float] | None:
-        """Bring the pending losses to the host; the (step, loss) of the first non-finite one, if any."""
+    def read(self) -> tuple[int, list[float]]:
+        """Bring the pending losses to the host: (the step of the first, the losses in step order)."""
         if not self.pending:
-            return None
+            return self.first, []
         values = torch.stack(self.pending).tolist()  # one host-device sync for all of them
         first, self.pending = self.first, []
-        for i, value in enumerate(values):
-            if self.history is not None:
-                self.history.append(value)
-            if not math.isfinite(value):
-                return first + i, value
+        if self.history is not None:
+            self.history.extend(values)
         self.last = values[-1]
-        return None
+        return first, values
 
 
 def loss_read_interval(device: torch.device) -> int:
@@ -131,6 +150,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     pause_after: int | None = None,
+    preset_note: str = "",
     loss_history: list[float] | None = None,
     loss_read_every: int | None = None,
 ) -> TrainResult:
@@ -138,6 +158,7 @@ def train(
 
     resume: continue the run saved in cfg.out (weights, optimizer, schedule, RNG, best val).
     pause_after: stop (resumably) after this many steps of this call, as an interruption would.
+    preset_note: how the settings were chosen (e.g. "preset cpu, the default on a CPU"), for the announcement.
     loss_history: a list to append every step's training loss to.
     loss_read_every: steps between reads of the loss from the device (default: see loss_read_interval).
     """
@@ -146,6 +167,15 @@ def train(
     with OutDir(cfg.out, resume=resume, overwrite=overwrite, main=d.main) as outdir:  # locked for the whole run
         run, state = setup(cfg, d, resume=resume, overwrite=overwrite)
         run.outdir = outdir
+        if resume and already_finished(run, state):
+            finish_distributed(d)
+            return _result(run, state, "finished")
+        if d.main:
+            report.prepare_plot()  # matplotlib's import, once, so that timing a plot times the drawing only
+            how = precision.describe(run.precision)
+            report.announce(
+                run.cfg, run.model, run.tokenizer, run.train_ids, run.val_ids, d.device, how, state, preset_note
+            )
         losses = LossLog(every=loss_read_every or loss_read_interval(d.device), history=loss_history)
         return _loop(run, state, losses, progress=progress, pause_after=pause_after)
 
@@ -153,7 +183,10 @@ def train(
 def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_after: int | None) -> TrainResult:
     """Steps until the run is done or stopped, evaluating and saving when due, then the finish."""
     cfg, d = run.cfg, run.dist
-    if state.step % cfg.eval_interval == 0 < state.step and not _evaluated(state):  # a signal cut it short
+    state.clock_start, state.clock_base = time.perf_counter(), state.elapsed  # cfg.max_time counts from here
+    if state.step == 0 and not state.metrics:
+        evaluate_and_save(run, state, 0.0)  # step 0: the untrained model's loss starts the curve
+    elif state.step % cfg.eval_interval == 0 < state.step and not _evaluated(state):  # a signal cut it short
         evaluate_and_save(run, state, 0.0)
     bar = report.Progress(cfg, state.step, state.elapsed, enabled=progress and d.main)
     start_step, t_prev = state.step, bar.restart()
@@ -167,38 +200,47 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
             losses.add(state.step + 1, train_step(run, state))
             state.step += 1
             now = time.perf_counter()
-            delta, t_prev = now - t_prev, now
-            state.elapsed += delta
+            state.step_seconds, t_prev = now - t_prev, now
             evaluate_now = state.step % cfg.eval_interval == 0 or state.step == cfg.n_updates
             save_now = save_due(cfg, state)
-            if evaluate_now or save_now or state.step % losses.every == 0 or state.step == start_step + 1:
-                diverged = losses.read()  # before anything is evaluated or saved
-                if diverged:
-                    bar.close()
-                    raise _diverged(run, *diverged)
-            bar.step_done(now, delta, state.step, losses.last)
+            due = (state.step % losses.every, state.step % cfg.log_interval)
+            if evaluate_now or save_now or 0 in due or state.step == start_step + 1:
+                read_losses(run, state, losses, bar)  # before anything is evaluated or saved
+            bar.step_done(now, state.step, losses.last, state.tick())
             if evaluate_now:
                 evaluate_and_save(run, state, bar.tok_s)
-                t_prev = bar.restart()  # evaluation time is not training time
+                t_prev = bar.restart()  # tokens/s and step time leave out evaluations
             if save_now:
                 save_state(run, state)
                 t_prev = bar.restart()
-        diverged = losses.read()
-        if diverged:
-            bar.close()
-            raise _diverged(run, *diverged)
+        read_losses(run, state, losses, bar)
         finish(run, state, bar.tok_s)
-    bar.close()
+    bar.finish(state.tick())
     finish_distributed(d)
+    return _result(run, state, state.stopped_by)
+
+
+def _result(run: Run, state: RunState, stopped_by: str) -> TrainResult:
+    evals = [m for m in state.metrics if report.is_eval(m) and m["step"] > 0]
+    best_step = min(evals, key=lambda m: m["val_loss"])["step"] if evals else -1
     return TrainResult(
         out=str(run.out),
         step=state.step,
         best_val_loss=state.best_val,
-        last_val_loss=state.last_val,
+        last_val_loss=evals[-1]["val_loss"] if math.isnan(state.last_val) and evals else state.last_val,
         elapsed=state.elapsed,
-        stopped_by=state.stopped_by,
-        rank=d.rank,
+        stopped_by=stopped_by,
+        rank=run.dist.rank,
+        best_step=best_step,
     )
+
+
+def already_finished(run: Run, state: RunState) -> bool:
+    """A resumed run with nothing left to do: its steps are done, or its time budget (not extended) is spent."""
+    cfg = run.cfg
+    evaluated = any(report.is_eval(m) and m["step"] == state.step for m in state.metrics)
+    spent = bool(cfg.max_time and state.elapsed + state.reserve() >= cfg.max_time)
+    return evaluated and (state.step >= cfg.n_updates or spent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +280,6 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool) -> tuple[
         if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
     choices = {kind: precision.resolve(cfg.precision, d.device, kind) for kind in ("train", "eval")}
-    if d.main:
-        report.log.info("precision: %s", precision.describe(choices))
     run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, choices)
     return run, state
 
@@ -264,6 +304,11 @@ def restore(
         best_val=float(saved["best_val_loss"]),
         metrics=report.read_metrics(out, step),
         saved_at=float(saved["elapsed"]),
+        log_loss_sum=float(saved.get("log_loss_sum", 0.0)),
+        log_loss_count=int(saved.get("log_loss_count", 0)),
+        eval_seconds=float(saved.get("eval_seconds", 0.0)),
+        plot_seconds=float(saved.get("plot_seconds", 0.0)),
+        save_seconds=float(saved.get("save_seconds", 0.0)),
     )
 
 
@@ -286,12 +331,14 @@ def _maybe_compile(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 def stop_reason(run: Run, state: RunState, signals: _Signals, pause_after: int | None, start_step: int) -> str | None:
     """Why the run stops before this step, if it does. One all-reduce keeps every rank on the same clock
-    and the same decision to stop."""
-    state.elapsed, caught = all_max([state.elapsed, 1.0 if signals.caught else 0.0], run.dist)
+    and the same decision to stop. A time budget stops the run early enough for its final evaluation
+    and save to end within it."""
+    state.tick()
+    state.elapsed, reserve, caught = all_max([state.elapsed, state.reserve(), 1.0 if signals.caught else 0.0], run.dist)
     if caught:
         return signals.caught or "SIGTERM"
-    if run.cfg.max_time and state.elapsed >= run.cfg.max_time:
-        return "max_time"
+    if run.cfg.max_time and state.elapsed + reserve >= run.cfg.max_time and state.step > 0:
+        return "max_time"  # (a budget too short for even one step still trains one)
     if pause_after is not None and state.step - start_step >= pause_after:
         return "pause"
     return None
@@ -337,6 +384,37 @@ def save_due(cfg: TrainConfig, state: RunState) -> bool:
     return by_steps or by_time
 
 
+def read_losses(run: Run, state: RunState, losses: LossLog, bar: report.Progress) -> None:
+    """Read the pending losses: a non-finite one stops the run (before anything is saved); the rest feed the
+    training-loss rows of metrics.jsonl."""
+    first, values = losses.read()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            bar.close()
+            raise _diverged(run, first + i, value)
+    if values:
+        log_training_loss(run, state, values, bar.tok_s)
+
+
+def log_training_loss(run: Run, state: RunState, values: list[float], tok_s: float) -> None:
+    """Every log_interval steps, a metrics row with the mean training loss of the steps since the last one."""
+    state.log_loss_sum += sum(values)
+    state.log_loss_count += len(values)
+    if state.step % run.cfg.log_interval:
+        return
+    state.metrics.append(
+        {
+            "kind": "train",
+            "step": state.step,
+            "loss": all_mean(state.log_loss_sum / state.log_loss_count, run.dist),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tok_s,
+            "time": round(state.elapsed, 3),
+        }
+    )
+    state.log_loss_sum, state.log_loss_count = 0.0, 0
+
+
 def _diverged(run: Run, step: int, loss: float) -> ChargptError:
     cfg, out = run.cfg, run.out
     kept = f"the best model in {out} is intact" if (out / ckpt.WEIGHTS).exists() else "nothing was saved"
@@ -370,18 +448,22 @@ def estimate(run: Run, at_step: int) -> tuple[float, float]:
     return losses[0], losses[1]
 
 
-def evaluate_and_save(run: Run, state: RunState, tok_s: float) -> None:
-    """Estimate the losses; rank 0 records them, saves the model if val improved, redraws the plot.
+def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = False) -> None:
+    """Estimate the losses; rank 0 records them, saves the model if val improved, redraws the plot (at most
+    every PLOT_EVERY seconds, and at the end). Step 0 (the untrained model) is recorded, never saved.
     A signal during the estimate skips it: a resumed run evaluates this step first."""
+    t0 = time.perf_counter()
+    state.tick()
     try:
         train_loss, val_loss = estimate(run, state.step)
     except _EvaluationInterrupted:
         run.model.train()
         return
-    best = val_loss < state.best_val
+    best = val_loss < state.best_val and state.step > 0
     lr = learning_rate(run.cfg, max(state.step - 1, 0), state.elapsed)
     state.metrics.append(
         {
+            "kind": "eval",
             "step": state.step,
             "train_loss": train_loss,
             "val_loss": val_loss,
@@ -396,17 +478,30 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float) -> None:
             ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
             _saved(run)
         report.write_metrics(run.out, state.metrics)
-        report.plot(run.out, state.metrics)
         report.log_evaluation(state.step, train_loss, val_loss, best)
-    state.best_val = min(state.best_val, val_loss)
+    if state.step > 0:
+        state.best_val = min(state.best_val, val_loss)
     state.last_val, state.last_eval_step = val_loss, state.step
+    state.eval_seconds = time.perf_counter() - t0
+    if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:
+        draw_plot(run, state)
+
+
+def draw_plot(run: Run, state: RunState) -> None:
+    t0 = time.perf_counter()
+    if run.dist.main:
+        report.plot(run.out, state.metrics)
+    state.plot_seconds = max(state.plot_seconds, time.perf_counter() - t0)  # the worst seen: end early, not late
+    state.plotted_at, state.plotted_rows = state.tick(), len(state.metrics)
 
 
 def save_state(run: Run, state: RunState) -> None:
     """The resumable state (rank 0 writes it): weights, optimizer, RNG, step, clock, best val, config."""
-    state.saved_at = state.elapsed
+    t0 = time.perf_counter()
+    state.saved_at = state.tick()
     if not run.dist.main:
         return
+    report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
     weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}
     ckpt.save_train_state(
         run.out,
@@ -414,6 +509,11 @@ def save_state(run: Run, state: RunState) -> None:
             "step": state.step,
             "elapsed": state.elapsed,
             "best_val_loss": state.best_val,
+            "log_loss_sum": state.log_loss_sum,
+            "log_loss_count": state.log_loss_count,
+            "eval_seconds": state.eval_seconds,
+            "plot_seconds": state.plot_seconds,
+            "save_seconds": state.save_seconds,
             "model": weights,
             "optimizer": run.optimizer.state_dict(),
             "rng": ckpt.capture_rng(run.batches),
@@ -422,10 +522,13 @@ def save_state(run: Run, state: RunState) -> None:
         },
     )
     _saved(run)
+    state.save_seconds = time.perf_counter() - t0
 
 
 def _evaluated(state: RunState) -> bool:
-    return state.last_eval_step == state.step or bool(state.metrics and state.metrics[-1]["step"] == state.step)
+    """Whether this step has its evaluation row (rows of other kinds may follow it)."""
+    evals = [m for m in state.metrics if report.is_eval(m)]
+    return state.last_eval_step == state.step or bool(evals and evals[-1]["step"] == state.step)
 
 
 def _saved(run: Run) -> None:
@@ -438,10 +541,17 @@ def finish(run: Run, state: RunState, tok_s: float) -> None:
     does not evaluate: that would change the run's metrics and best model."""
     finished = state.stopped_by in ("n_updates", "max_time")
     if finished and state.step > 0 and not _evaluated(state):
-        evaluate_and_save(run, state, tok_s)
-    elif state.metrics:
-        state.last_val = state.metrics[-1]["val_loss"]
+        evaluate_and_save(run, state, tok_s, final=True)
+    else:
+        evals = [m for m in state.metrics if report.is_eval(m)]
+        if evals:
+            state.last_val = evals[-1]["val_loss"]
+        if state.step > 0 and state.plotted_rows != len(state.metrics):
+            draw_plot(run, state)  # the rows since the last drawing
     save_state(run, state)
+
+
+PLOT_EVERY = 10.0  # seconds between redraws of loss.png during a run (drawing costs ~0.3-1 s on a CPU)
 
 
 class _EvaluationInterrupted(Exception):

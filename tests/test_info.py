@@ -1,0 +1,41 @@
+"""`chargpt info DIR [--json]`: what a model directory holds (issue 11)."""
+
+from __future__ import annotations
+
+import json
+
+from chargpt.checkpoint import load_model
+from test_cli import assert_one_line_error, call_main
+
+
+def test_info_json(trained_model_dir, capsys):
+    rc, out, err = call_main(["info", str(trained_model_dir), "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(out)
+    model, tokenizer = load_model(trained_model_dir)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["model"] == {"arch": "gpt", "vocab_size": tokenizer.vocab_size, "block_size": 32, "n_embd": 48,
+                             "n_heads": 4, "n_layers": 2, "dropout": 0.0}  # fmt: skip
+    assert info["vocab"] == tokenizer.chars
+    training = info["training"]
+    assert training["steps"] == 300 and training["config"]["n_updates"] == 300 and training["elapsed"] > 0
+    evals = [json.loads(line) for line in (trained_model_dir / "metrics.jsonl").read_text().splitlines()]
+    best = min((m for m in evals if m["kind"] == "eval" and m["step"] > 0), key=lambda m: m["val_loss"])
+    assert (training["best_step"], training["best_val_loss"]) == (best["step"], best["val_loss"])
+    sizes = {p.name: p.stat().st_size for p in trained_model_dir.iterdir()}
+    assert info["files"] == sizes and "model.safetensors" in sizes
+
+
+def test_info_text(trained_model_dir, capsys):
+    rc, out, err = call_main(["info", str(trained_model_dir)], capsys)
+    assert rc == 0, err
+    model, _ = load_model(trained_model_dir)
+    n = sum(p.numel() for p in model.parameters())
+    assert f"a gpt model, {n:,} parameters (2 layers x 4 heads, n_embd 48, context 32" in out
+    assert "vocabulary: " in out and "training: 300 steps in " in out and "saved (best val) model: step " in out
+    assert "model.safetensors " in out and "KB" in out
+
+
+def test_info_on_something_that_is_not_a_model(tmp_path, capsys):
+    rc, out, err = call_main(["info", str(tmp_path)], capsys)
+    assert_one_line_error(rc, out, err, "holds no model")

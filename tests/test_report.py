@@ -1,0 +1,60 @@
+"""What a run keeps: metrics.jsonl's training-loss and evaluation rows, and loss.png (issue 11, item 4)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import matplotlib.image
+
+from chargpt import report
+from chargpt.train import train
+from conftest import tiny_config
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_rows_every_log_interval_and_a_step_0_evaluation(tmp_path, text_file, caplog):
+    out = tmp_path / "m"
+    cfg = tiny_config(out, text_file, n_updates=30, eval_interval=15, log_interval=4)
+    with caplog.at_level(logging.INFO, logger="chargpt"):
+        result = train(cfg, progress=False, preset_note="preset test")
+    metrics = rows(out)
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    steps = [m for m in metrics if m["kind"] == "train"]
+    assert [m["step"] for m in evals] == [0, 15, 30]
+    assert [m["step"] for m in steps] == list(range(4, 31, 4))
+    # step 0 is the untrained model: about ln(vocab) nats, never the saved best
+    vocab = len(json.loads((out / "config.json").read_text())["vocab"])
+    assert abs(evals[0]["val_loss"] - math.log(vocab)) < 0.3
+    assert result.best_step == 30 and result.best_val_loss == evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    # a training row is the mean loss of the steps since the previous one: it falls as training goes
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5 and all(m["lr"] > 0 for m in steps)
+    assert abs(steps[-1]["loss"] - evals[-1]["train_loss"]) < 0.3
+    # the announcement: two lines before training, and the step-0 evaluation line
+    text = caplog.text
+    assert "training a GPT of 63," in text and "preset test, on cpu in fp32" in text
+    assert "budget 30 steps; writing" in text and "step 0: train loss" in text and "(before training)" in text
+
+
+def test_loss_png_reads_well(tmp_path, text_file):
+    """The plot draws from both kinds of rows (and from old files that hold evaluation rows only)."""
+    out = tmp_path / "m"
+    train(tiny_config(out, text_file, n_updates=40, eval_interval=10, log_interval=2), progress=False)
+    image = matplotlib.image.imread(out / "loss.png")
+    assert image.shape[:2] == (450, 800)
+    old = [{k: v for k, v in m.items() if k != "kind"} for m in rows(out) if m["kind"] == "eval"]
+    (tmp_path / "old").mkdir()
+    report.plot(tmp_path / "old", old)
+    assert (tmp_path / "old" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.read_metrics(tmp_path / "m", 20)[-1]["step"] == 20
+
+
+def test_smoothing_is_bias_corrected():
+    assert report.smooth([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]  # no pull toward 0 at the start
+    smoothed = report.smooth([4.0] + [1.0] * 60)
+    assert smoothed[0] == 4.0 and 1.0 < smoothed[10] < 4.0 and abs(smoothed[-1] - 1.0) < 0.01
