@@ -110,7 +110,7 @@ class TrainConfig:
         for name, limit in (("warmup_updates", MAX_COUNT), ("seed", MAX_SEED)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-                raise ChargptError(f"{name} must be an integer from 0 to {limit}, got {shorten(value)}")
+                raise ChargptError(f"{name} must be a non-negative integer up to {limit}, got {shorten(value)}")
         _positive_float("learning_rate", self.learning_rate)
         _fraction("val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         _fraction("min_lr_ratio", self.min_lr_ratio, allow_zero=True, allow_one=True)
@@ -178,7 +178,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ChargptError(f"config file {path} is not valid TOML ({shorten(str(e), 200)}); fix the syntax") from None
     unknown = sorted(set(raw) - set(TRAIN_FIELDS))
     if unknown:
-        shown = ", ".join(shorten(k, 40) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        shown = ", ".join(k if len(k) <= 40 else k[:37] + "..." for k in unknown[:5]) + (
+            " ..." if len(unknown) > 5 else ""
+        )
         raise ChargptError(
             f"unknown key(s) in {path}: {shown}; valid keys are the `chargpt train` flags "
             f"with underscores, e.g. n_embd, batch_size"
