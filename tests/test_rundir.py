@@ -18,7 +18,7 @@ from chargpt import checkpoint as ckpt
 from chargpt.checkpoint import resume_config
 from chargpt.cli import main
 from chargpt.errors import ChargptError
-from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, OutDir
+from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, OutDir, settle
 from chargpt.train import train
 from test_resume import FLAGS, small
 
@@ -136,8 +136,7 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
         assert proc.poll() is None, f"{event}: the run ended before the kill point ({proc.stderr.read()})"
         proc.kill()
         proc.wait()
-        with OutDir(out, resume=True, overwrite=False):  # what the next `chargpt train` on the folder does first
-            pass
+        settle(out)  # what the next chargpt command on the folder does first
         now = _run_files(out)
         if now == old:
             seen.add("old")
@@ -150,6 +149,19 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
                 assert ckpt.load_train_state(out)["config"]["n_embd"] == 16
         assert not [p for p in out.iterdir() if p.name.startswith(".chargpt-previous")]
     assert seen == {"old", "new"}, seen
+
+
+def test_resume_and_sample_settle_a_folder_left_mid_overwrite(old_run: Path, tmp_path: Path):
+    """A kill between the move aside and the new run's first save: --resume and sample find the old run."""
+    before = _run_files(old_run)
+    for reader in (lambda d: resume_config(d), lambda d: ckpt.load_model(d)):
+        out = copy_run(old_run, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        (out / BACKUP).mkdir()
+        for name in RUN_FILES:
+            os.replace(out / name, out / BACKUP / name)
+        (out / ckpt.WEIGHTS).write_bytes(b"the new run's half-written weights")
+        reader(out)
+        assert _run_files(out) == before and not (out / BACKUP).exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
     The safetensors header is checked against the file size and the config before any tensor data is read,
     so a header claiming a huge tensor costs nothing."""
+    from chargpt.rundir import settle  # rundir builds on this module
+
     directory = Path(directory)
+    settle(directory)  # a run killed while overwriting this folder: its old model comes back first
     cfg, tokenizer, _ = read_config(directory)
     path = directory / WEIGHTS
     if not os.path.lexists(path):
@@ -321,6 +324,9 @@ def resume_config(out: str | Path, sources: dict[str, str] | None = None, **over
     """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates).
 
     The model's shape and data cannot change (config.RESUME_FIXED); `sources` names where settings came from."""
+    from chargpt.rundir import settle  # rundir builds on this module
+
+    settle(out)  # a run killed while overwriting this folder: the run to resume comes back first
     saved = load_train_state(out, mmap=True)["config"]  # train() reads the tensors; here only the config
     return saved_train_config(saved, str(out), f"the train state in {out}", sources, **overrides)
 

@@ -207,7 +207,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     raw = _renamed(raw)
     unknown = sorted(set(raw) - set(TRAIN_FIELDS))
     if unknown:
-        shown = ", ".join(shorten(k, 40) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        shown = ", ".join(k if len(k) <= 40 else k[:37] + "..." for k in unknown[:5]) + (
+            " ..." if len(unknown) > 5 else ""
+        )
         raise ChargptError(
             f"unknown key(s) in {path}: {shown}; valid keys are the `chargpt train` flags "
             f"with underscores, e.g. n_embd, batch_size"

@@ -108,7 +108,7 @@ def shakespeare_text() -> str:
 
 def read_text_file(path: Path) -> str:
     raw = read_regular(path, "data file")  # regular files only: a FIFO or /dev/zero is refused, not read
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") and len(raw) > 2 and _is_utf16(raw):
         raise ChargptError(
             f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to UTF-8 first, "
             f"e.g. iconv -f UTF-16 -t UTF-8"
@@ -120,6 +120,14 @@ def read_text_file(path: Path) -> str:
             f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
             f"convert it first, e.g. iconv -f latin1 -t utf-8"
         ) from None
+
+
+def _is_utf16(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-16")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def load_corpus(data: str | None) -> str:

@@ -12,7 +12,8 @@ A training run holds `OutDir` for its whole life:
   rename each; the folder is named so only once all are in), and stay there until the new run has saved
   something of its own (`saved()`): then they are dropped. If the new run fails before that, they are put
   back. After `kill -9` at any instant the next `chargpt train` on the folder finishes that roll-back (or the
-  drop) first, so the folder holds one run, old or new, never a mix.
+  drop) first (and `sample`, `eval` and `--resume` settle the folder before reading it), so the folder
+  holds one run, old or new, never a mix.
 """
 
 from __future__ import annotations
@@ -187,6 +188,31 @@ class OutDir:
                 return
             if folder == self.created:
                 return
+
+
+def settle(out: str | Path) -> None:
+    """Before reading a folder: finish the roll-back a killed overwriting run left, if no live run holds the
+    folder (best effort: a folder this process cannot lock is read as it is)."""
+    out = Path(out)
+    if not any(os.path.lexists(out / name) for name in (BACKUP, MOVING, DISCARD)):
+        return
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    try:
+        if os.fstat(fd).st_ino == os.stat(out / LOCK).st_ino:
+            recover(out)
+    except OSError:
+        pass
+    finally:
+        (out / LOCK).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def owned(out: Path) -> bool:
