@@ -158,10 +158,7 @@ def train(
             evaluate_now = state.step % cfg.eval_interval == 0 or state.step == cfg.n_updates
             save_now = save_due(cfg, state)
             if evaluate_now or save_now or state.step % losses.every == 0 or state.step == start_step + 1:
-                diverged = losses.read()  # before anything is evaluated or saved
-                if diverged:
-                    bar.close()
-                    raise _diverged(run, *diverged)
+                read_losses(run, losses, bar)  # before anything is evaluated or saved
             bar.step_done(now, delta, state.step, losses.last)
             if evaluate_now:
                 evaluate_and_save(run, state, bar.tok_s)
@@ -169,10 +166,7 @@ def train(
             if save_now:
                 save_state(run, state)
                 t_prev = bar.restart()
-        diverged = losses.read()
-        if diverged:
-            bar.close()
-            raise _diverged(run, *diverged)
+        read_losses(run, losses, bar)
         finish(run, state, bar.tok_s)
     bar.close()
     finish_distributed(d)
@@ -325,6 +319,14 @@ def save_due(cfg: TrainConfig, state: RunState) -> bool:
     by_steps = cfg.checkpoint_interval > 0 and state.step % cfg.checkpoint_interval == 0
     by_time = cfg.checkpoint_seconds > 0 and state.elapsed - state.saved_at >= cfg.checkpoint_seconds
     return by_steps or by_time
+
+
+def read_losses(run: Run, losses: LossLog, bar: report.Progress) -> None:
+    """Read the pending losses (the host waits for the device here); stop the run at a non-finite one."""
+    diverged = losses.read()
+    if diverged:
+        bar.close()
+        raise _diverged(run, *diverged)
 
 
 def _diverged(run: Run, step: int, loss: float) -> ChargptError:
