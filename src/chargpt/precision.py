@@ -122,14 +122,14 @@ def resolve(name: str, device: torch.device | str, kind: str, cache: Path | None
         return Choice("fp32", f"bf16 autocast is not used on {device.type}")
     info = cpu_info()
     if not info.native_bf16:
-        return Choice("fp32", f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag)")
+        return Choice("fp32", f"this CPU has no native bf16: no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag")
     return choose_cpu(kind, info, measured_speedups(info, cache))
 
 
 def choose_cpu(kind: str, info: CPUInfo, speed: Speedups | None) -> Choice:
     """Auto's CPU rule, given the CPU's flags and (where it has native bf16) the measured speedups."""
     if not info.native_bf16 or speed is None:
-        return Choice("fp32", f"this CPU has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag)")
+        return Choice("fp32", f"this CPU has no native bf16: no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag")
     what, ratio = ("matrix-vector", speed.matvec) if kind == "decode" else ("matmul", speed.matmul)
     flags = "/".join(info.native_bf16)
     if ratio >= MIN_SPEEDUP:
@@ -147,7 +147,7 @@ def _cuda_auto(device: torch.device, kind: str) -> Choice:
 
 def _bf16_caveat(device: torch.device) -> str:
     if device.type == "cpu" and not cpu_info().native_bf16:
-        return " (this CPU has no native bf16: expect it to be much slower than fp32)"
+        return "; this CPU has no native bf16, expect it to be much slower than fp32"
     return ""
 
 
@@ -171,6 +171,11 @@ def describe(choices: dict[str, Choice]) -> str:
         first = next(iter(choices.values()))
         return f"{first.name} ({first.reason})"
     return "; ".join(f"{kind} {c.name} ({c.reason})" for kind, c in choices.items())
+
+
+def announce(name: str, device: torch.device | str, kinds: tuple[str, ...] = ("train", "eval")) -> str:
+    """What a run announces: the format chosen for each of its kinds of work, and why."""
+    return describe({kind: resolve(name, device, kind) for kind in kinds})
 
 
 # ---------------------------------------------------------------------------------------------
