@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -93,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, metavar="DIR", help="model directory")
     e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file")
     e.add_argument("--device", default="auto")
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a browser playground for a model")
+    v.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000, help="0 = any free port (default 8000)")
+    v.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request")
+    v.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together (default 32)")
+    v.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait; beyond: 503")
+    v.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N", help="cap on max_tokens per request")
+    v.add_argument("--max-prompt-chars", type=int, default=65536, metavar="N", help="cap on a prompt's length")
+    v.add_argument("--device", default="auto")
     return p
 
 
@@ -235,6 +247,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from chargpt.serve import ServeConfig, describe, serve
+    except ImportError as e:
+        raise ChargptError(f"chargpt serve needs FastAPI and uvicorn ({e}); pip install 'chargpt[serve]'") from None
+    from chargpt.train import resolve_device
+
+    cfg = ServeConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_chars=args.max_prompt_chars,
+    )
+    cfg.validate()
+
+    def ready(url: str, card: Any) -> None:
+        print(
+            f"serving {describe(card)} at {url}  (playground {url}/ , OpenAI API {url}/v1 ; Ctrl-C stops)", flush=True
+        )
+
+    serve(cfg, resolve_device(args.device), ready)
+    gc.freeze()  # the exit need not walk torch's objects: that takes seconds on a busy machine
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -243,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args, argv)
         if args.command == "sample":
             return _cmd_sample(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         return _cmd_eval(args)
     except ChargptError as e:
         sys.stderr.write(f"chargpt: error: {e}\n")

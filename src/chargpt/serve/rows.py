@@ -1,0 +1,79 @@
+"""One decoding step for many sequences at once, equal bit for bit to each sequence's own batch-of-one step.
+
+The server decodes every active request in one step, but a request with a seed must return exactly the text
+`chargpt.generate` returns. Each sequence keeps its own batch-of-one KV cache (generate's Decoder), so rows
+may sit at different positions. What is shared is the weights: every Linear runs once for all B rows as a
+batched matmul over B one-row problems with the weight broadcast (stride 0). A plain (B, in) x (in, out)
+matmul would not do: BLAS picks another kernel for B rows than for one, and rounds differently. Attention
+runs per row on that row's cache, exactly as in the batch-of-one forward. `matches_decoder` checks all of
+this on the actual model and device at start-up; where it fails, the engine decodes rows one at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chargpt.generate import Decoder
+from chargpt.model import GPT, CausalSelfAttention, KVCache
+
+
+def linear_rows(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x (B, 1, in) -> (B, 1, out), each row computed as F.linear computes a batch of one."""
+    w = lin.weight.t().expand(x.size(0), -1, -1)  # (B, in, out), no copy
+    if lin.bias is None:
+        return torch.bmm(x, w)
+    return torch.baddbmm(lin.bias.expand(x.size(0), 1, -1), x, w)
+
+
+def _attend_rows(attn: CausalSelfAttention, x: torch.Tensor, caches: list[KVCache], layer: int) -> torch.Tensor:
+    """x (B, 1, C): one new position per row, row b at position caches[b].length -> (B, 1, C)."""
+    B, _, C = x.shape
+    q, k, v = linear_rows(attn.qkv, x).split(C, dim=2)  # 3 x (B, 1, C)
+    q, k, v = (t.view(B, 1, attn.n_heads, attn.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, 1, hs)
+    ys = []
+    for b, cache in enumerate(caches):
+        end = cache.length + 1
+        cache.k[layer][:, :, end - 1 : end] = k[b : b + 1]
+        cache.v[layer][:, :, end - 1 : end] = v[b : b + 1]
+        keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]  # (1, H, end, hs)
+        ys.append(F.scaled_dot_product_attention(q[b : b + 1], keys, values, is_causal=False, dropout_p=0.0))
+    y = torch.cat(ys).transpose(1, 2).reshape(B, 1, C)  # concat(heads): (B, 1, C)
+    return linear_rows(attn.proj, y)
+
+
+def decode_rows(model: GPT, caches: list[KVCache], tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B,): each row's newest token, its cache holding the tokens before it at positions
+    0..length-1 (0 < length < block_size) -> logits (B, vocab) for the token after it. Advances every cache."""
+    positions = torch.tensor([c.length for c in caches], device=tokens.device)  # (B,)
+    x = model.tok_emb(tokens[:, None]) + model.pos_emb(positions[:, None])  # (B, 1, C)
+    for i, block in enumerate(model.blocks):
+        x = x + _attend_rows(block.attn, block.ln1(x), caches, i)
+        ffwd = block.ffwd
+        x = x + linear_rows(ffwd.down, F.relu(linear_rows(ffwd.up, block.ln2(x))))
+    for cache in caches:
+        cache.length += 1
+    return linear_rows(model.head, model.ln_f(x))[:, -1]  # (B, vocab)
+
+
+@torch.inference_mode()
+def matches_decoder(model: GPT, rows: int = 3) -> bool:
+    """Does decode_rows give bit for bit the logits of each row's own batch-of-one step, here, on this device?
+
+    Rows of random tokens at different positions (1, the middle, the last cached one), one step each.
+    """
+    if model.training or model.config.block_size < 3:
+        return False
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    block, vocab = model.config.block_size, model.config.vocab_size
+    lengths = [1, block // 2, block - 1][:rows]
+    seqs = [torch.randint(vocab, (1, n + 1), generator=gen).to(device) for n in lengths]
+    batched, single = [Decoder(model, 1) for _ in seqs], [Decoder(model, 1) for _ in seqs]
+    for seq, a, b in zip(seqs, batched, single, strict=True):
+        a(seq[:, :-1]), b(seq[:, :-1])  # prefill all but the last token
+    expected = torch.cat([d(seq) for d, seq in zip(single, seqs, strict=True)])  # (rows, vocab)
+    caches = [d.cache for d in batched if d.cache is not None]
+    got = decode_rows(model, caches, torch.cat([seq[:, -1] for seq in seqs]))
+    return torch.equal(got, expected)
