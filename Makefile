@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/bench_sample.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

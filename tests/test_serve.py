@@ -411,3 +411,14 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
             assert "Traceback" not in err and out == ""
     finally:
         sock.close()
+
+
+def test_readme_client_example_runs(server: ServerProcess):
+    """The README's `openai` example, pointed at this server and model."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = [block.split("```")[0] for block in readme.split("```python\n")[1:] if "OpenAI(" in block]
+    code = code.replace("http://127.0.0.1:8000", server.url).replace('"demo"', repr(MODEL))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == MODEL and "completion_tokens=200" in r.stdout and len(r.stdout) > 400

@@ -91,33 +91,38 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes))
-        if req.model is not None:
-            _check_model(state, req.model)
-        spec = wire.to_completion(req, state.tokenizer, state.limits, secrets.randbelow(2**62))
-        run = _Run(state.card.id, len(spec.choices), spec.prompt_chars)
-        job = Job(spec.choices, run.deliver)
-        try:
-            state.engine.submit(job)
-        except QueueFull:
-            raise ApiError(
-                503,
-                "every batch slot is busy and the queue is full; retry shortly",
-                code="queue_full",
-                kind="server_error",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
-        except ShuttingDown:
-            raise _shutting_down() from None
-        if spec.stream:
-            return StreamingResponse(
-                _stream(run, job, state.engine, spec.include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await _complete(run, job, state.engine, request)
+        return await _completions(state, request)
 
     return app
+
+
+async def _completions(state: AppState, request: Request) -> Response:
+    """POST /v1/completions: check the request, queue its job, answer with SSE or with the whole completion."""
+    req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes))
+    if req.model is not None:
+        _check_model(state, req.model)
+    spec = wire.to_completion(req, state.tokenizer, state.limits, secrets.randbelow(2**62))
+    run = _Run(state.card.id, len(spec.choices), spec.prompt_chars)
+    job = Job(spec.choices, run.deliver)
+    try:
+        state.engine.submit(job)
+    except QueueFull:
+        raise ApiError(
+            503,
+            "every batch slot is busy and the queue is full; retry shortly",
+            code="queue_full",
+            kind="server_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
+    except ShuttingDown:
+        raise _shutting_down() from None
+    if spec.stream:
+        return StreamingResponse(
+            _stream(run, job, state.engine, spec.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _complete(run, job, state.engine, request)
 
 
 def _check_model(state: AppState, model_id: str) -> None:
