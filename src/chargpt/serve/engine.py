@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from chargpt.generate import Decoder, StopFilter, _generators, pick_next
-from chargpt.model import GPT, BigramLM
-from chargpt.serve.rows import decode_rows, matches_decoder
+from chargpt.model import GPT, BigramLM, KVCache
+from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
 from chargpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("chargpt.serve")
@@ -80,6 +80,7 @@ class _Row:
     n: int  # tokens in seq
     generator: torch.Generator
     text: StopFilter
+    last: int  # the newest token id
     produced: int = 0
 
 
@@ -107,6 +108,11 @@ class Engine:
             log.warning(
                 "batched decoding does not reproduce single-row results on %s; decoding rows one by one", self.device
             )
+        self.pool: KVCache | None = None  # every row's keys and values, one slot per row
+        if self.batched:
+            p = next(model.parameters())
+            self.pool = KVCache(model.config, max_batch, p.device, p.dtype)
+        self._free_slots = list(range(max_batch))  # engine thread only
         self._cond = threading.Condition()
         self._shared = _Shared()
         self._rows: list[_Row] = []  # engine thread only
@@ -183,13 +189,20 @@ class Engine:
                     self._start(job)
                 alive = [r for r in self._rows if not r.job.cancelled]
                 if len(alive) < len(self._rows):
-                    self._release(len(self._rows) - len(alive))
+                    self._remove([r for r in self._rows if r.job.cancelled])
                     self._rows = alive
                 if self._rows:
                     self._step()
 
+    def _remove(self, rows: list[_Row]) -> None:
+        """Free finished or cancelled rows' cache slots and batch places."""
+        for r in rows:
+            if isinstance(r.decoder.cache, SlotCache):
+                self._free_slots.append(r.decoder.cache.slot)
+        self._release(len(rows))
+
     def _release(self, rows: int) -> None:
-        """Free finished or cancelled rows' slots; waiting jobs that now fit join at the next step."""
+        """Give back batch places; waiting jobs that now fit join at the next step."""
         with self._cond:
             self._shared.reserved -= rows
             self._promote()
@@ -213,10 +226,12 @@ class Engine:
             seq = torch.empty(1, len(spec.prompt_ids) + spec.max_new_tokens, dtype=torch.long, device=self.device)
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
             (generator,) = _generators(spec.seed, 1)
-            decoder = Decoder(self.model, 1)
-            self._rows.append(
-                _Row(job, index, spec, decoder, seq, len(spec.prompt_ids), generator, StopFilter(spec.stop))
-            )
+            if self.pool is not None:
+                decoder = slot_decoder(self.model, SlotCache(self.pool, self._free_slots.pop()))  # type: ignore[arg-type]
+            else:
+                decoder = Decoder(self.model, 1)
+            text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
+            self._rows.append(_Row(job, index, spec, decoder, seq, len(spec.prompt_ids), generator, text, last))
         if done:
             self._release(len(done))
             _deliver(job, done)
@@ -228,9 +243,9 @@ class Engine:
         fast = [i for i, r in enumerate(rows) if self.batched and r.decoder.feeds_one(r.n)]
         out: list[torch.Tensor | None] = [None] * len(rows)
         if fast:
-            tokens = torch.cat([rows[i].seq[0, rows[i].n - 1 : rows[i].n] for i in fast])  # (B,)
+            tokens = torch.tensor([rows[i].last for i in fast], device=self.device)  # (B,)
             caches = [rows[i].decoder.cache for i in fast]
-            logits = decode_rows(self.model, caches, tokens)  # type: ignore[arg-type]
+            logits = decode_rows(self.model, self.pool, caches, tokens)  # type: ignore[arg-type]
             for j, i in enumerate(fast):
                 rows[i].decoder.seen = rows[i].n
                 out[i] = logits[j : j + 1]
@@ -242,12 +257,13 @@ class Engine:
     def _step(self) -> None:
         """One token for every row; pieces to their jobs; finished rows free their slots."""
         pieces: dict[int, tuple[Job, list[Piece]]] = {}
-        keep = []
+        keep, done = [], []
         for r, logits in zip(self._rows, self._logits(), strict=True):
             s = r.spec
             nxt = int(pick_next(logits, s.temperature, s.top_k, s.top_p, [r.generator])[0])
             r.seq[0, r.n] = nxt
             r.n += 1
+            r.last = nxt
             r.produced += 1
             text = r.text.push(self.chars[nxt])
             finish = "stop" if r.text.stopped else "length" if r.produced == s.max_new_tokens else None
@@ -255,12 +271,10 @@ class Engine:
                 text += r.text.flush()
             if text or finish:
                 pieces.setdefault(id(r.job), (r.job, []))[1].append(Piece(r.index, text, finish, r.produced))
-            if finish is None:
-                keep.append(r)
-        finished = len(self._rows) - len(keep)
-        self._rows = keep
-        if finished:
-            self._release(finished)
+            (done if finish else keep).append(r)
+        if done:
+            self._remove(done)
+            self._rows = keep
         for job, job_pieces in pieces.values():
             if not job.cancelled:
                 _deliver(job, job_pieces)
