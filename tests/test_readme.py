@@ -38,7 +38,10 @@ SKIP = {
     "torchrun ": "multi-process / multi-machine launch (tests/test_distributed.py covers torchrun on CPU)",
     "chargpt train --nproc": "launches 8 processes (tests/test_distributed.py covers --nproc 2)",
     "chargpt serve": "a long-running server (tests/test_serve.py covers it)",
+    "curl ": "talks to a running `chargpt serve` (tests/test_serve.py covers the same requests)",
 }
+# Python blocks that talk to a running server: tests/test_serve.py runs them against one.
+SERVER_CLIENT = "from openai import OpenAI"
 # Appended to every `chargpt train` (later flags win): seconds, not minutes, on 2 busy cores.
 TRAIN_BUDGET = ["--max-time", "1", "--batch-size", "4", "--block-size", "32", "--eval-iters", "1", "--quiet"]
 TRAIN_BUDGET += ["--device", "cpu"]
@@ -108,6 +111,8 @@ def test_every_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)
     ran = {"python": 0, "toml": 0, "sh": 0}
     for info, body in blocks():
+        if info == "python" and SERVER_CLIENT in body:
+            continue
         if info == "python":
             env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in run_chargpt
             r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=600, env=env)

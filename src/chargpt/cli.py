@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import gc
 import json
 import logging
 import os
@@ -98,6 +99,10 @@ SAMPLE_EXAMPLES = """examples:
 """
 EVAL_EXAMPLES = """example:
   chargpt eval --model out/demo --data held-out.txt    # prints {"loss": ..., "bits_per_char": ..., "chars": ...}
+"""
+SERVE_EXAMPLES = """examples:
+  chargpt serve --model out/demo                       # http://127.0.0.1:8000, playground at /
+  chargpt serve --model out/demo --host 0.0.0.0 --port 9000 --api-key "$KEY" --max-batch 32
 """
 INFO_EXAMPLES = """examples:
   chargpt info out/demo
@@ -281,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("dir", metavar="DIR", help="model directory")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
+
+    v = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP API and a browser playground for a model",
+        description="Serve a model over HTTP: OpenAI-style /v1/completions (streaming, batching) and a playground.",
+        epilog=SERVE_EXAMPLES,
+    )
+    v.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000, help="0 = any free port (default 8000)")
+    v.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request")
+    v.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together (default 32)")
+    v.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait; beyond: 503")
+    v.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N", help="cap on max_tokens per request")
+    v.add_argument("--max-prompt-chars", type=int, default=65536, metavar="N", help="cap on a prompt's length")
+    v.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
     return p
 
 
@@ -625,6 +646,35 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from chargpt.serve import ServeConfig, describe, serve
+    except ImportError as e:
+        raise ChargptError(f"chargpt serve needs FastAPI and uvicorn ({e}); pip install 'chargpt[serve]'") from None
+    from chargpt.distributed import resolve_device
+
+    cfg = ServeConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_chars=args.max_prompt_chars,
+    )
+    cfg.validate()
+
+    def ready(url: str, card: Any) -> None:
+        print(
+            f"serving {describe(card)} at {url}  (playground {url}/ , OpenAI API {url}/v1 ; Ctrl-C stops)", flush=True
+        )
+
+    serve(cfg, resolve_device(args.device), ready)
+    gc.freeze()  # the exit need not walk torch's objects: that takes seconds on a busy machine
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -635,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             sub.error(f"unrecognized arguments: {' '.join(extra)}")
         commands = {"train": lambda: _cmd_train(args, argv), "sample": lambda: _cmd_sample(args)}
         commands.update(info=lambda: _cmd_info(args), eval=lambda: _cmd_eval(args))
+        commands.update(serve=lambda: _cmd_serve(args))
         code = commands[args.command]()
         sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
         return code

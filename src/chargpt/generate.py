@@ -149,7 +149,7 @@ class Decoder:
         if cache is None:
             with prec.autocast(self.device, self.prefill):
                 return self.model(window)[0][:, -1]
-        if n == self.seen + 1 and 0 < cache.length < self.block_size:
+        if self.feeds_one(n):
             if self.step is not None:
                 logits = self.step(seq[:, -1], cache.length)  # (B, vocab)
                 cache.length += 1
@@ -162,6 +162,12 @@ class Decoder:
                 logits = self.model(window, cache=cache)[0][:, -1]
         self.seen = n
         return logits
+
+    def feeds_one(self, n: int) -> bool:
+        """Whether a call with a sequence of n tokens feeds only the newest one through the cache (else the
+        cache is rebuilt). The serving engine batches exactly these steps across requests."""
+        cache = self.cache
+        return cache is not None and n == self.seen + 1 and 0 < cache.length < self.block_size
 
 
 class StaticStep:
@@ -272,6 +278,34 @@ def _stop_holdback(pending: str, stop: Sequence[str]) -> int:
     return len(pending)
 
 
+@dataclass
+class StopFilter:
+    """One sample's text as it grows, cut before the first stop string: hands out only text that can no
+    longer turn out to be the start of a stop string. Shared by stream() and the server."""
+
+    stop: tuple[str, ...]
+    text: str = ""
+    emitted: int = 0  # characters of text already handed out
+    stopped: bool = False  # a stop string was hit; text ends before it
+
+    def push(self, char: str) -> str:
+        """Add one generated character; return the text that became safe to show (often "")."""
+        self.text += char
+        hit = next((s for s in self.stop if self.text.endswith(s)), None)
+        if hit is not None:
+            self.text = self.text[: len(self.text) - len(hit)]
+            self.stopped = True
+            return self.flush()
+        safe = self.emitted + _stop_holdback(self.text[self.emitted :], self.stop) if self.stop else len(self.text)
+        chunk, self.emitted = self.text[self.emitted : safe], safe
+        return chunk
+
+    def flush(self) -> str:
+        """The rest of the text, held back or not (the sample has ended)."""
+        chunk, self.emitted = self.text[self.emitted :], len(self.text)
+        return chunk
+
+
 def stream(
     model: GPT | BigramLM, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
 ) -> Iterator[str]:
@@ -283,25 +317,20 @@ def stream(
     device = next(model.parameters()).device
     idx = _encode_prompt(tokenizer, prompt, 1, device)
     chars = tokenizer.to_list()
-    text, emitted = "", 0
+    text = StopFilter(tuple(cfg.stop))
     gens = _generators(cfg.seed, 1)
     steps = token_stream(
         model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision
     )
     for nxt in steps:
-        text += chars[int(nxt[0])]
-        hit = next((s for s in cfg.stop if text.endswith(s)), None)
-        if hit is not None:
-            text = text[: len(text) - len(hit)]
-            if len(text) > emitted:
-                yield text[emitted:]
+        chunk = text.push(chars[int(nxt[0])])
+        if chunk:
+            yield chunk
+        if text.stopped:
             return
-        safe = emitted + _stop_holdback(text[emitted:], cfg.stop) if cfg.stop else len(text)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+    rest = text.flush()
+    if rest:
+        yield rest
 
 
 def generate(

@@ -1,0 +1,178 @@
+"""Serving speed: `chargpt serve` on loopback, the seed-config model (10.8M parameters, random weights), CPU, fp32.
+
+(a) one client, 300 characters streamed: time to first character and characters per second;
+(b) 32 clients at once, 200 characters each, streamed: aggregate characters per second, p50/p99 time to first
+    character, errors;
+(c) the same 32 requests one after another.
+Targets (issue 10): 0 errors; (b) aggregate >= 8x the single-client rate of (a); p99 time to first character
+< 2 s. Every request has a seed, so (b) and (c) must also return the same texts: batching changes nothing.
+
+    python benchmarks/bench_serve.py [--clients 32] [--max-batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from chargpt.checkpoint import save_model
+from chargpt.config import GPTConfig
+from chargpt.model import GPT
+from chargpt.tokenizer import CharTokenizer
+
+VOCAB = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))  # the seed's 65
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    have = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()  # type: ignore[union-attr]
+    return " ".join(f"{f}{'+' if f in have else '-'}" for f in FLAGS)
+
+
+def seed_model_dir(directory: Path) -> Path:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=len(VOCAB), block_size=256, n_embd=384, n_heads=6, n_layers=6, dropout=0.2)
+    save_model(directory, GPT(cfg), CharTokenizer(VOCAB), info={"note": "random weights for bench_serve"})
+    return directory
+
+
+@dataclass
+class Result:
+    text: str = ""
+    ttfc: float = float("nan")  # seconds from sending the request to the first character
+    total: float = float("nan")  # seconds from sending the request to the last character
+    error: str | None = None
+
+
+async def one(client: httpx.AsyncClient, url: str, chars: int, seed: int) -> Result:
+    body = {"prompt": "\n", "max_tokens": chars, "temperature": 1.0, "seed": seed, "stream": True}
+    result, start = Result(), time.perf_counter()
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return Result(error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Result(error=chunk["error"]["message"])
+                text = chunk["choices"][0]["text"]
+                if text and not result.text:
+                    result.ttfc = time.perf_counter() - start
+                result.text += text
+        result.total = time.perf_counter() - start
+    except httpx.HTTPError as e:
+        result.error = f"{type(e).__name__}: {e}"
+    if result.error is None and len(result.text) != chars:
+        result.error = f"got {len(result.text)} characters, asked for {chars}"
+    return result
+
+
+async def scenario(url: str, clients: int, chars: int, concurrent: bool) -> tuple[list[Result], float]:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one(client, url, chars, seed) for seed in range(clients)))
+        else:
+            results = [await one(client, url, chars, seed) for seed in range(clients)]
+        return list(results), time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "chargpt", "serve", "--model", str(model_dir), "--port", "0", "--device", "cpu"]
+    cmd += ["--max-batch", str(max_batch), "--max-queue", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    if not match:
+        proc.kill()
+        sys.exit(f"bench_serve: the server did not start ({line!r})")
+    return proc, match.group(0)
+
+
+def summary(name: str, results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.error is None]
+    chars = sum(len(r.text) for r in ok)
+    ttfc = [r.ttfc for r in ok]
+    row = {
+        "scenario": name,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "chars": chars,
+        "wall_s": round(wall, 2),
+        "chars_per_s": round(chars / wall, 1),
+        "ttfc_p50_s": round(percentile(ttfc, 0.5), 3),
+        "ttfc_p99_s": round(percentile(ttfc, 0.99), 3),
+    }
+    print(
+        f"{name:<34} {row['chars_per_s']:8.1f} chars/s   TTFC p50 {row['ttfc_p50_s']:.3f} s  "
+        f"p99 {row['ttfc_p99_s']:.3f} s   errors {row['errors']}   ({chars} chars in {wall:.1f} s)"
+    )
+    for r in results:
+        if r.error:
+            print(f"  error: {r.error}")
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=32)
+    a = p.parse_args()
+    print(f"CPU flags: {cpu_flags()}   cores: {os.cpu_count()}   torch threads: {torch.get_num_threads()}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_server(seed_model_dir(Path(tmp) / "seed-random"), a.max_batch)
+        try:
+            asyncio.run(scenario(url, 2, 20, concurrent=True))  # warm-up: first allocations, connections
+            single, wall = asyncio.run(scenario(url, 1, 300, concurrent=False))
+            rows = [summary("(a) 1 client x 300 chars", single, wall)]
+            together, wall = asyncio.run(scenario(url, a.clients, 200, concurrent=True))
+            rows.append(summary(f"(b) {a.clients} concurrent x 200 chars", together, wall))
+            serial, wall = asyncio.run(scenario(url, a.clients, 200, concurrent=False))
+            rows.append(summary(f"(c) {a.clients} one after another", serial, wall))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    ratio = rows[1]["chars_per_s"] / rows[0]["chars_per_s"]
+    same = [r.text for r in together] == [r.text for r in serial]
+    errors = sum(r["errors"] for r in rows)
+    print(f"concurrent / single-client rate: {ratio:.1f}x (target >= 8x: {'met' if ratio >= 8 else 'NOT met'})")
+    p99 = rows[1]["ttfc_p99_s"]
+    verdict = "met" if p99 < 2 else "NOT met"
+    print(f"p99 time to first character with {a.clients} clients: {p99:.3f} s (target < 2 s: {verdict})")
+    print(f"errors: {errors} (target 0)   concurrent texts == one-after-another texts: {same}")
+    print(
+        json.dumps(
+            {"bench": "serve", "cpu_flags": cpu_flags(), "ratio": round(ratio, 2), "same_texts": same, "rows": rows}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The HTTP app: OpenAI's /v1/models and /v1/completions (streamed as Server-Sent Events), /health, and the
+playground page at /. Requests become engine Jobs; the engine's pieces come back through an asyncio queue.
+
+A client that goes away mid-request cancels its job, which frees its batch slots at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from chargpt.serve import protocol as wire
+from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, ShuttingDown
+from chargpt.serve.protocol import ApiError, Limits
+from chargpt.tokenizer import CharTokenizer
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ModelCard:
+    """What /v1/models and the playground say about the model."""
+
+    id: str
+    created: int
+    meta: dict[str, Any] = field(default_factory=dict)  # n_params, val_loss, step, block_size, ...
+
+    def body(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": "chargpt", "meta": self.meta}
+
+
+@dataclass
+class AppState:
+    engine: Engine
+    tokenizer: CharTokenizer
+    card: ModelCard
+    limits: Limits
+    api_key: str | None = None
+
+
+def create_app(state: AppState) -> FastAPI:
+    """The FastAPI app. Its lifespan starts the engine and, on shutdown, ends and joins it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        yield
+        state.engine.close(0)
+        await asyncio.to_thread(state.engine.join, 5)
+
+    app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(ApiError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(_playground_html(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [state.card.body()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        _check_model(state, model_id)
+        return state.card.body()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _completions(state, request)
+
+    return app
+
+
+async def _completions(state: AppState, request: Request) -> Response:
+    """POST /v1/completions: check the request, queue its job, answer with SSE or with the whole completion."""
+    req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes))
+    if req.model is not None:
+        _check_model(state, req.model)
+    spec = wire.to_completion(req, state.tokenizer, state.limits, secrets.randbelow(2**62))
+    run = _Run(state.card.id, len(spec.choices), spec.prompt_chars)
+    job = Job(spec.choices, run.deliver)
+    try:
+        state.engine.submit(job)
+    except QueueFull:
+        raise ApiError(
+            503,
+            "every batch slot is busy and the queue is full; retry shortly",
+            code="queue_full",
+            kind="server_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
+    except ShuttingDown:
+        raise _shutting_down() from None
+    if spec.stream:
+        return StreamingResponse(
+            _stream(run, job, state.engine, spec.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _complete(run, job, state.engine, request)
+
+
+def _check_model(state: AppState, model_id: str) -> None:
+    if model_id != state.card.id:
+        raise ApiError(
+            404,
+            f"the model '{model_id}' does not exist; this server serves '{state.card.id}'",
+            "model",
+            "model_not_found",
+        )
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", code="server_shutting_down", kind="server_error")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to be larger than `limit` bytes."""
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Run:
+    """The request side of a job: the queue its pieces arrive on, and the totals for the response."""
+
+    def __init__(self, model: str, n_choices: int, prompt_chars: int):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.id, self.model, self.created = wire.new_id(), model, wire.now()
+        self.texts = [""] * n_choices
+        self.finish: list[str | None] = [None] * n_choices
+        self.tokens = [0] * n_choices
+        self.prompt_chars = prompt_chars
+
+    def deliver(self, item: Delivery) -> None:
+        """Called from the engine thread."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def record(self, pieces: list[Piece]) -> None:
+        for p in pieces:
+            self.texts[p.index] += p.text
+            self.tokens[p.index] = p.completion_tokens
+            self.finish[p.index] = p.finish_reason
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def usage(self) -> dict[str, int]:
+        return wire.usage(self.prompt_chars, sum(self.tokens))
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _complete(run: _Run, job: Job, engine: Engine, request: Request) -> Response:
+    """Wait for every choice, or for the client to leave (then cancel the job)."""
+
+    async def collect() -> ShuttingDown | None:
+        while not run.done:
+            item = await run.queue.get()
+            if isinstance(item, ShuttingDown):
+                return item
+            run.record(item)
+        return None
+
+    result, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not result.done():
+            engine.cancel(job)
+        result.cancel()
+        gone.cancel()
+    if not result.done() or result.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    if result.result() is not None:
+        raise _shutting_down()
+    choices = [wire.choice(i, t, f) for i, (t, f) in enumerate(zip(run.texts, run.finish, strict=True))]
+    return JSONResponse(wire.completion_body(run.id, run.model, run.created, choices, run.usage()))
+
+
+async def _stream(run: _Run, job: Job, engine: Engine, include_usage: bool) -> AsyncIterator[str]:
+    """SSE: the pieces as they come, then the usage chunk if asked for, then [DONE]. Starlette cancels this
+    generator when the client disconnects; `finally` then frees the job's slots."""
+    try:
+        while not run.done:
+            item = await run.queue.get()
+            if isinstance(item, ShuttingDown):
+                yield wire.sse(_shutting_down().body())
+                return
+            run.record(item)
+            yield wire.stream_chunk(run.id, run.model, run.created, item, include_usage)
+        if include_usage:
+            yield wire.sse(
+                {
+                    "id": run.id,
+                    "object": "text_completion",
+                    "created": run.created,
+                    "model": run.model,
+                    "choices": [],
+                    "usage": run.usage(),
+                }
+            )
+        yield "data: [DONE]\n\n"
+    finally:
+        if not run.done:
+            engine.cancel(job)
+
+
+class _ApiKeyMiddleware:
+    """With an API key, every /v1/ request needs `Authorization: Bearer KEY` (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing or wrong API key; send the header 'Authorization: Bearer KEY'"
+                error = ApiError(401, message, code="invalid_api_key")
+                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _playground_html() -> str:
+    return resources.files("chargpt.serve").joinpath("playground.html").read_text(encoding="utf-8")

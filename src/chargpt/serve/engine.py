@@ -1,0 +1,287 @@
+"""The batching engine: every active request decoded together, one model step for all of them.
+
+Each choice of each request is a row with its own batch-of-one KV cache (generate's Decoder), its own
+sampling settings and its own torch.Generator, so its text never depends on what else is in the batch: a
+request with a seed gets exactly what `chargpt.generate` returns. A request joins at the next step and its
+rows leave as soon as they finish or it is cancelled. The model runs in one background thread; results go
+back through a `deliver` callback (the HTTP layer hands them to its event loop). At most `max_batch` rows
+run at once; up to `max_queue` requests wait beyond that, and `submit` refuses the rest (QueueFull).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from chargpt.generate import Decoder, StopFilter, _generators, pick_next
+from chargpt.model import GPT, BigramLM, KVCache
+from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
+from chargpt.tokenizer import CharTokenizer
+
+log = logging.getLogger("chargpt.serve")
+
+
+class QueueFull(Exception):
+    """Every batch slot is busy and the wait queue is full: try again shortly."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: no new requests, and those still running at the deadline are ended."""
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """What one row generates: the prompt's token ids and generate()'s settings for one sample."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Piece:
+    """New text for one choice; finish_reason ("stop" | "length") marks its last piece."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # characters generated so far, a cut-off stop string included
+
+
+Delivery = list[Piece] | ShuttingDown
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its choices and where their pieces go. `deliver` is called from the engine thread."""
+
+    choices: list[ChoiceSpec]
+    deliver: Callable[[Delivery], None]
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    index: int
+    spec: ChoiceSpec
+    decoder: Decoder
+    seq: torch.Tensor  # (1, prompt + max_new_tokens): the prompt, then the tokens generated so far
+    n: int  # tokens in seq
+    generator: torch.Generator
+    text: StopFilter
+    last: int  # the newest token id
+    produced: int = 0
+
+
+@dataclass
+class _Shared:
+    """State the request threads and the engine thread share; guarded by Engine._cond."""
+
+    waiting: deque[Job] = field(default_factory=deque)  # beyond the batch, in arrival order
+    joining: list[Job] = field(default_factory=list)  # slots reserved; they start at the next step
+    reserved: int = 0  # rows running or joining
+    closing: bool = False
+    deadline: float | None = None  # when closing: end whatever still runs at this time.monotonic()
+
+
+class Engine:
+    """Continuous batching over one model; start() it, submit() jobs, close() it."""
+
+    def __init__(self, model: GPT | BigramLM, tokenizer: CharTokenizer, max_batch: int = 32, max_queue: int = 64):
+        self.model = model.eval()
+        self.chars = tokenizer.to_list()
+        self.device = next(model.parameters()).device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.batched = isinstance(model, GPT) and matches_decoder(model)
+        if isinstance(model, GPT) and not self.batched:
+            log.warning(
+                "batched decoding does not reproduce single-row results on %s; decoding rows one by one", self.device
+            )
+        self.pool: KVCache | None = None  # every row's keys and values, one slot per row
+        if self.batched:
+            p = next(model.parameters())
+            self.pool = KVCache(model.config, max_batch, p.device, p.dtype)
+        self._free_slots = list(range(max_batch))  # engine thread only
+        self._cond = threading.Condition()
+        self._shared = _Shared()
+        self._rows: list[_Row] = []  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="chargpt-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; its rows join the batch at the next step with free slots. Raises QueueFull, ShuttingDown."""
+        need = len(job.choices)
+        if not 1 <= need <= self.max_batch:
+            raise ValueError(f"a job needs 1..{self.max_batch} rows, got {need}")
+        with self._cond:
+            s = self._shared
+            if s.closing:
+                raise ShuttingDown()
+            if not s.waiting and s.reserved + need <= self.max_batch:
+                s.reserved += need
+                s.joining.append(job)
+            elif len(s.waiting) < self.max_queue:
+                s.waiting.append(job)
+            else:
+                raise QueueFull()
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job now (its client went away): a waiting job leaves the queue, running rows leave at the
+        next step. Harmless for a finished job."""
+        with self._cond:
+            job.cancelled = True
+            s = self._shared
+            if job in s.waiting:
+                s.waiting.remove(job)
+            elif job in s.joining:
+                s.joining.remove(job)
+                s.reserved -= len(job.choices)
+                self._promote()
+            self._cond.notify()
+
+    def close(self, grace: float = 0.0) -> None:
+        """Refuse new jobs; let running and waiting ones go on for `grace` seconds, then end them."""
+        with self._cond:
+            s = self._shared
+            deadline = time.monotonic() + grace
+            s.closing = True
+            s.deadline = deadline if s.deadline is None else min(s.deadline, deadline)
+            self._cond.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _promote(self) -> None:
+        """Move waiting jobs that now fit into joining, in arrival order (call with the lock held)."""
+        s = self._shared
+        while s.waiting and s.reserved + len(s.waiting[0].choices) <= self.max_batch:
+            job = s.waiting.popleft()
+            s.reserved += len(job.choices)
+            s.joining.append(job)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    s = self._shared
+                    while not (self._rows or s.joining or s.closing):
+                        self._cond.wait()
+                    if s.deadline is not None and (time.monotonic() >= s.deadline or not (self._rows or s.joining)):
+                        self._end_all()
+                        return
+                    joining, s.joining = s.joining, []
+                for job in joining:
+                    self._start(job)
+                alive = [r for r in self._rows if not r.job.cancelled]
+                if len(alive) < len(self._rows):
+                    self._remove([r for r in self._rows if r.job.cancelled])
+                    self._rows = alive
+                if self._rows:
+                    self._step()
+
+    def _remove(self, rows: list[_Row]) -> None:
+        """Free finished or cancelled rows' cache slots and batch places."""
+        for r in rows:
+            if isinstance(r.decoder.cache, SlotCache):
+                self._free_slots.append(r.decoder.cache.slot)
+        self._release(len(rows))
+
+    def _release(self, rows: int) -> None:
+        """Give back batch places; waiting jobs that now fit join at the next step."""
+        with self._cond:
+            self._shared.reserved -= rows
+            self._promote()
+
+    def _end_all(self) -> None:
+        """At the deadline: every job still running or waiting gets ShuttingDown (lock held)."""
+        s = self._shared
+        jobs = {id(r.job): r.job for r in self._rows} | {id(j): j for j in [*s.joining, *s.waiting]}
+        self._rows, s.joining, s.waiting, s.reserved = [], [], deque(), 0
+        for job in jobs.values():
+            if not job.cancelled:
+                _deliver(job, ShuttingDown())
+
+    def _start(self, job: Job) -> None:
+        """Give each of a job's choices its row; a choice with max_new_tokens 0 finishes at once."""
+        done = []
+        for index, spec in enumerate(job.choices):
+            if spec.max_new_tokens == 0:
+                done.append(Piece(index, "", "length", 0))
+                continue
+            seq = torch.empty(1, len(spec.prompt_ids) + spec.max_new_tokens, dtype=torch.long, device=self.device)
+            seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
+            (generator,) = _generators(spec.seed, 1)
+            if self.pool is not None:
+                decoder = slot_decoder(self.model, SlotCache(self.pool, self._free_slots.pop()))  # type: ignore[arg-type]
+            else:
+                decoder = Decoder(self.model, 1)
+            text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
+            self._rows.append(_Row(job, index, spec, decoder, seq, len(spec.prompt_ids), generator, text, last))
+        if done:
+            self._release(len(done))
+            _deliver(job, done)
+
+    def _logits(self) -> list[torch.Tensor]:
+        """Next-token logits (1, vocab) for every row: the rows that feed one token through their cache in one
+        batched step, the others (first step, past block_size) by their own Decoder, as generate() does."""
+        rows = self._rows
+        fast = [i for i, r in enumerate(rows) if self.batched and r.decoder.feeds_one(r.n)]
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        if fast:
+            tokens = torch.tensor([rows[i].last for i in fast], device=self.device)  # (B,)
+            caches = [rows[i].decoder.cache for i in fast]
+            logits = decode_rows(self.model, self.pool, caches, tokens)  # type: ignore[arg-type]
+            for j, i in enumerate(fast):
+                rows[i].decoder.seen = rows[i].n
+                out[i] = logits[j : j + 1]
+        for i, r in enumerate(rows):
+            if out[i] is None:
+                out[i] = r.decoder(r.seq[:, : r.n])
+        return out  # type: ignore[return-value]
+
+    def _step(self) -> None:
+        """One token for every row; pieces to their jobs; finished rows free their slots."""
+        pieces: dict[int, tuple[Job, list[Piece]]] = {}
+        keep, done = [], []
+        for r, logits in zip(self._rows, self._logits(), strict=True):
+            s = r.spec
+            nxt = int(pick_next(logits, s.temperature, s.top_k, s.top_p, [r.generator])[0])
+            r.seq[0, r.n] = nxt
+            r.n += 1
+            r.last = nxt
+            r.produced += 1
+            text = r.text.push(self.chars[nxt])
+            finish = "stop" if r.text.stopped else "length" if r.produced == s.max_new_tokens else None
+            if finish == "length":
+                text += r.text.flush()
+            if text or finish:
+                pieces.setdefault(id(r.job), (r.job, []))[1].append(Piece(r.index, text, finish, r.produced))
+            (done if finish else keep).append(r)
+        if done:
+            self._remove(done)
+            self._rows = keep
+        for job, job_pieces in pieces.values():
+            if not job.cancelled:
+                _deliver(job, job_pieces)
+
+
+def _deliver(job: Job, item: Delivery) -> None:
+    try:
+        job.deliver(item)
+    except RuntimeError:  # the receiving event loop is closed: nobody is listening any more
+        job.cancelled = True

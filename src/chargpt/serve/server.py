@@ -1,0 +1,164 @@
+"""`chargpt serve`: bind the socket, load the model, run uvicorn, stop cleanly on Ctrl-C / SIGTERM.
+
+The port is bound before the model is loaded, so a port in use or a bad host fails at once with a one-line
+error. On the first SIGINT/SIGTERM the server stops accepting connections and new requests; requests
+already running get `grace` seconds to finish, then end with a "shutting down" error; the process exits 0.
+A second signal ends them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import signal
+import socket
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import torch
+import uvicorn
+
+from chargpt.checkpoint import WEIGHTS, load_model, read_config
+from chargpt.errors import ChargptError
+from chargpt.serve.app import AppState, ModelCard, create_app
+from chargpt.serve.engine import Engine
+from chargpt.serve.protocol import Limits
+
+
+@dataclass
+class ServeConfig:
+    model: str  # model directory
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = any free port
+    api_key: str | None = None
+    max_batch: int = 32
+    max_queue: int = 64
+    max_tokens_limit: int = 4096
+    max_prompt_chars: int = 65536
+    max_body_bytes: int = 1 << 20
+    grace: float = 1.0  # seconds running requests get to finish after Ctrl-C / SIGTERM
+
+    def validate(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, f"--port must be in 0..65535 (0 = any free port), got {self.port}"),
+            (self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}"),
+            (self.max_queue >= 0, f"--max-queue must be >= 0, got {self.max_queue}"),
+            (self.max_tokens_limit >= 1, f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}"),
+            (self.max_prompt_chars >= 1, f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}"),
+            (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ChargptError(message)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for host:port, or a one-line ChargptError (bad host, port in use, no permission)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
+        raise ChargptError(f"--host {host!r} is not an address of this machine ({reason}); try 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-closed port is free; a busy one is not
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ChargptError(f"port {port} on {host} is already in use; pick another with --port") from None
+        if e.errno == errno.EACCES:
+            raise ChargptError(f"no permission to listen on port {port}; use a port above 1023") from None
+        raise ChargptError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def model_card(directory: str, model: torch.nn.Module) -> ModelCard:
+    path = Path(directory)
+    _, _, info = read_config(path)
+    cfg = model.config  # type: ignore[union-attr]
+    meta = {
+        "n_params": model.num_params(),  # type: ignore[operator]
+        "val_loss": info.get("val_loss"),
+        "step": info.get("step"),
+        "architecture": cfg.model,
+        "block_size": cfg.block_size,
+        "vocab_size": cfg.vocab_size,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_embd": cfg.n_embd,
+    }
+    return ModelCard(path.resolve().name, int((path / WEIGHTS).stat().st_mtime), meta)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with our signal handling (no re-raised signal after a clean stop) and a ready callback."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float, on_ready: Callable[[], None]):
+        super().__init__(config)
+        self.engine, self.grace, self.on_ready = engine, grace, on_ready
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if self.started:
+            self.on_ready()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        grace = 0.0 if self.should_exit else self.grace  # a second signal: end everything now
+        self.force_exit = self.should_exit
+        self.should_exit = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.engine.close, grace)
+        else:
+            self.engine.close(grace)
+
+
+def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, ModelCard], None]) -> None:
+    """Run until Ctrl-C / SIGTERM. on_ready(url, card) is called once the server accepts connections."""
+    cfg.validate()
+    sock = bind(cfg.host, cfg.port)
+    try:
+        model, tokenizer = load_model(cfg.model, device)
+        card = model_card(cfg.model, model)
+        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue)
+        limits = Limits(cfg.max_tokens_limit, cfg.max_prompt_chars, cfg.max_batch, cfg.max_body_bytes)
+        app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key))
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(cfg.grace) + 3,  # a backstop: the engine ends requests at `grace`
+            lifespan="on",
+        )
+        url = url_of(sock)
+        server = _Server(config, engine, cfg.grace, lambda: on_ready(url, card))
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        sock.close()
+
+
+def describe(card: ModelCard) -> str:
+    """'tiny (4.2k parameters, val loss 1.93)' for the one-line banner."""
+    n = card.meta.get("n_params") or 0
+    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+    val = card.meta.get("val_loss")
+    return f"{card.id} ({size} parameters" + (f", val loss {val:.3f})" if isinstance(val, float) else ")")

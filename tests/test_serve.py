@@ -1,0 +1,424 @@
+"""`chargpt serve` end to end: the real server in a subprocess with the session's trained tiny model, spoken to
+with the official `openai` client (and raw HTTP where a client would refuse to send the request): the same text
+as chargpt.generate, streaming, batching across concurrent requests, every bad request, the API key, the queue,
+disconnects, signals and bad flags."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from chargpt.checkpoint import load_model
+from chargpt.generate import SampleConfig, generate
+from serving import ServerProcess, start_server
+
+MODEL = "tiny"  # the model directory's name is the model id
+
+
+@pytest.fixture(scope="module")
+def server(trained_model_dir: Path) -> Iterator[ServerProcess]:
+    srv = start_server(trained_model_dir)
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny(trained_model_dir: Path):
+    model, tokenizer = load_model(trained_model_dir, torch.device("cpu"))
+    assert model.config.block_size == 32
+    return model, tokenizer
+
+
+def reference(tiny, prompt: str, **settings) -> list[str]:
+    """What chargpt.generate returns for the same prompt and settings."""
+    model, tokenizer = tiny
+    return generate(model, tokenizer, prompt, SampleConfig(**settings))
+
+
+def streamed(client: openai.OpenAI, **request) -> tuple[str, list]:
+    chunks = list(client.completions.create(model=MODEL, stream=True, **request))
+    return "".join(c.choices[0].text for c in chunks if c.choices), chunks
+
+
+def test_ready_line_health_and_models(server: ServerProcess, client: openai.OpenAI):
+    assert server.banner.count("\n") == 1 and "tiny" in server.banner
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = client.models.list().data
+    assert [(m.id, m.object, m.owned_by) for m in models] == [(MODEL, "model", "chargpt")]
+    assert isinstance(models[0].created, int) and models[0].created > 0
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+# inside the 32-character window and well past it; greedy, temperature, top-k, top-p; a prompt longer than the window
+CASES = [
+    dict(prompt="ROMEO:", max_tokens=90, temperature=0.8, seed=3),
+    dict(prompt="\n", max_tokens=20, temperature=0.0, seed=0),
+    dict(prompt="First Citizen:\nBefore we proceed any further, hear me speak.\n", max_tokens=70, top_p=0.9, seed=11),
+    dict(prompt="KING", max_tokens=60, temperature=1.3, top_k=5, seed=2**40),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["temperature", "greedy", "long-prompt-top-p", "top-k"])
+def test_completion_equals_generate_and_streaming(client: openai.OpenAI, tiny, case: dict):
+    request = dict(case)
+    top_k = request.pop("top_k", None)
+    extra = {"top_k": top_k} if top_k is not None else None
+    expected = reference(
+        tiny,
+        request["prompt"],
+        max_new_tokens=request["max_tokens"],
+        temperature=request.get("temperature", 1.0),
+        top_k=top_k,
+        top_p=request.get("top_p"),
+        seed=request["seed"],
+    )[0]
+    out = client.completions.create(model=MODEL, extra_body=extra, **request)
+    assert out.object == "text_completion" and out.model == MODEL and out.id.startswith("cmpl-")
+    (choice,) = out.choices
+    assert (choice.text, choice.index, choice.finish_reason, choice.logprobs) == (expected, 0, "length", None)
+    assert len(expected) == request["max_tokens"]
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(request["prompt"]), request["max_tokens"])
+    assert out.usage.total_tokens == len(request["prompt"]) + request["max_tokens"]
+
+    joined, chunks = streamed(client, extra_body=extra, **request)
+    assert joined == expected
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+
+def test_stream_format_usage_chunk_and_done(server: ServerProcess, client: openai.OpenAI):
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 12, "seed": 4, "stream": True}
+    raw = httpx.post(server.url + "/v1/completions", json={**body, "stream_options": {"include_usage": True}})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = raw.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    data = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-2])
+    *text_chunks, usage_chunk = data
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 12,
+        "total_tokens": 18,
+    }
+    assert all(c["usage"] is None and c["object"] == "text_completion" for c in text_chunks)
+    # the openai client sees the same, with and without the usage chunk
+    joined, chunks = streamed(client, prompt="ROMEO:", max_tokens=12, seed=4, stream_options={"include_usage": True})
+    assert joined == "".join(c["choices"][0]["text"] for c in text_chunks)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    plain = httpx.post(server.url + "/v1/completions", json=body).text
+    assert '"usage"' not in plain and plain.endswith("data: [DONE]\n\n")
+
+
+def test_seed_determinism(client: openai.OpenAI):
+    def text(**kw) -> str:
+        return client.completions.create(model=MODEL, prompt="\n", max_tokens=80, **kw).choices[0].text
+
+    a = text(seed=7)
+    assert a == text(seed=7)
+    assert a != text(seed=8)
+    assert text() != text()  # no seed: a fresh random one each time
+
+
+def test_n_samples_and_prompt_lists(client: openai.OpenAI, tiny):
+    out = client.completions.create(model=MODEL, prompt="First", max_tokens=40, n=3, seed=5, extra_body={"top_k": 20})
+    texts = [c.text for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1, 2] and len(set(texts)) == 3
+    # sample i uses seed + i, as generate(num_samples=n) does
+    assert texts == [reference(tiny, "First", max_new_tokens=40, top_k=20, seed=5 + i)[0] for i in range(3)]
+    assert out.usage is not None and (out.usage.prompt_tokens, out.usage.completion_tokens) == (5, 120)
+
+    two = client.completions.create(model=MODEL, prompt=["First", "KING"], max_tokens=30, n=2, seed=9)
+    assert [c.text for c in two.choices] == [
+        *reference(tiny, "First", max_new_tokens=30, seed=9, num_samples=1),
+        *reference(tiny, "First", max_new_tokens=30, seed=10),
+        *reference(tiny, "KING", max_new_tokens=30, seed=9),
+        *reference(tiny, "KING", max_new_tokens=30, seed=10),
+    ]
+    streams = list(
+        client.completions.create(
+            model=MODEL, prompt="First", max_tokens=40, n=3, seed=5, stream=True, extra_body={"top_k": 20}
+        )
+    )
+    by_index = ["", "", ""]
+    for chunk in streams:
+        by_index[chunk.choices[0].index] += chunk.choices[0].text
+    assert by_index == texts
+
+
+def test_stop_strings(client: openai.OpenAI, tiny):
+    free = reference(tiny, "ROMEO:", max_new_tokens=120, seed=21)[0]
+    stop = free[40:42]  # occurs in the text, at the latest at offset 40
+    cut = free.index(stop)
+    for stops in ([stop], [stop, "QQQ"], stop):
+        out = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=120, seed=21, stop=stops)
+        (choice,) = out.choices
+        assert choice.text == free[:cut] and choice.finish_reason == "stop"
+        assert choice.text == reference(tiny, "ROMEO:", max_new_tokens=120, seed=21, stop=(stop,))[0]
+        assert out.usage is not None and out.usage.completion_tokens == cut + len(stop)  # the cut stop string counts
+        joined, chunks = streamed(client, prompt="ROMEO:", max_tokens=120, seed=21, stop=stops)
+        assert joined == free[:cut] and chunks[-1].choices[0].finish_reason == "stop"
+    zero = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=0)
+    assert (zero.choices[0].text, zero.choices[0].finish_reason) == ("", "length")
+
+
+def _error(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+BAD_JSON_BODIES = [
+    # (raw body, status, param, words in the message)
+    (b'{"prompt": "a", "max_tokens": 5', 400, None, "not valid JSON"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "nan"),
+    (b'{"prompt": "a", "temperature": Infinity}', 400, "temperature", "inf"),
+    (b"[1, 2]", 422, None, "JSON object"),
+    (b'{"max_tokens": 5}', 422, "prompt", "required"),
+    (b'{"prompt": 5}', 422, "prompt", "string"),
+    (b'{"prompt": "a", "max_tokens": "10"}', 422, "max_tokens", "integer"),
+    (b'{"prompt": "a", "max_tokens": 2.5}', 422, "max_tokens", "integer"),
+    (b'{"prompt": "a", "stream": "yes"}', 422, "stream", "true or false"),
+    (b'{"prompt": "a", "temprature": 1}', 422, "temprature", "unrecognized"),
+]
+
+BAD_REQUESTS = [
+    # (create() arguments, openai error type, status, param, words in the message)
+    (dict(model="gpt-4"), openai.NotFoundError, 404, "model", "'gpt-4' does not exist"),
+    (dict(prompt="ROMEO: €uro ✓"), openai.BadRequestError, 400, "prompt", "'€', '✓'"),
+    (dict(prompt=""), openai.BadRequestError, 400, "prompt", "empty"),
+    (dict(temperature=-0.5), openai.BadRequestError, 400, "temperature", ">= 0"),
+    (dict(top_p=0), openai.BadRequestError, 400, "top_p", "(0, 1]"),
+    (dict(top_p=1.5), openai.BadRequestError, 400, "top_p", "(0, 1]"),
+    (dict(n=0), openai.BadRequestError, 400, "n", ">= 1"),
+    (dict(n=40), openai.BadRequestError, 400, "n", "--max-batch"),
+    (dict(max_tokens=-1), openai.BadRequestError, 400, "max_tokens", ">= 0"),
+    (dict(max_tokens=4097), openai.BadRequestError, 400, "max_tokens", "4096"),
+    (dict(extra_body={"top_k": 0}), openai.BadRequestError, 400, "top_k", ">= 1"),
+    (dict(stop=["a", ""]), openai.BadRequestError, 400, "stop", "empty"),
+    (dict(echo=True), openai.BadRequestError, 400, "echo", "not supported"),
+    (dict(extra_body={"n": "2"}), openai.UnprocessableEntityError, 422, "n", "integer"),
+]
+
+
+def _good(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5, seed=1)
+    assert len(out.choices[0].text) == 5
+
+
+@pytest.mark.parametrize("body,status,param,words", BAD_JSON_BODIES)
+def test_bad_bodies_then_a_good_request(server: ServerProcess, client: openai.OpenAI, body, status, param, words):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = _error(r)
+    assert (r.status_code, error["param"], error["type"]) == (status, param, "invalid_request_error")
+    assert words.lower() in error["message"].lower()
+    _good(client)
+
+
+@pytest.mark.parametrize("args,kind,status,param,words", BAD_REQUESTS)
+def test_bad_requests_then_a_good_request(client: openai.OpenAI, args, kind, status, param, words):
+    request = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 5, **args}
+    with pytest.raises(kind) as caught:
+        client.completions.create(**request)
+    error = _error(caught.value.response)
+    assert (caught.value.status_code, error["param"]) == (status, param)
+    assert words in error["message"]
+    _good(client)
+
+
+def test_body_too_large_and_unknown_route(server: ServerProcess, client: openai.OpenAI):
+    big = json.dumps({"model": MODEL, "prompt": "a" * (1 << 20)}).encode()
+    r = httpx.post(server.url + "/v1/completions", content=big)
+    assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
+    _good(client)
+    r = httpx.post(server.url + "/v1/chat/completions", json={})
+    assert r.status_code == 404 and _error(r)["code"] == "not_found"
+    _good(client)
+
+
+def test_sixteen_concurrent_streams_equal_their_solo_results(client: openai.OpenAI, tiny):
+    """Different settings, seeds, prompts and lengths (most run past the window), all in flight at once."""
+    prompts = ["ROMEO:", "\n", "KING HENRY:\nWhat", "First Citizen:\nBefore we proceed any further, hear me"]
+    requests = [
+        dict(
+            prompt=prompts[i % 4],
+            max_tokens=40 + 9 * i,
+            temperature=[0.0, 0.7, 1.0, 1.4][i % 4],
+            top_p=[None, 0.9][i % 2],
+            seed=100 + i,
+            extra_body={"top_k": [None, 10, 3][i % 3]},
+            stop=["\n\n"] if i % 5 == 0 else None,
+        )
+        for i in range(16)
+    ]
+    solo = [streamed(client, **r)[0] for r in requests]
+    barrier = threading.Barrier(16)
+
+    def run(r: dict) -> tuple[str, float, float]:
+        barrier.wait()
+        first = last = 0.0
+        text = ""
+        for chunk in client.completions.create(model=MODEL, stream=True, **r):
+            last = time.monotonic()
+            first = first or last
+            text += chunk.choices[0].text
+        return text, first, last
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, requests))
+    assert [t for t, _, _ in together] == solo
+    # ...and equal to chargpt.generate
+    for r, text in zip(requests, solo, strict=True):
+        top_k = r["extra_body"]["top_k"]
+        stop = tuple(r["stop"] or ())
+        settings = dict(temperature=r["temperature"], top_k=top_k, top_p=r["top_p"], seed=r["seed"], stop=stop)
+        assert text == reference(tiny, r["prompt"], max_new_tokens=r["max_tokens"], **settings)[0]
+    # they really ran together: at one moment most of them were streaming at once
+    moments = sorted(first for _, first, _ in together)
+    overlap = max(sum(first <= m <= last for _, first, last in together) for m in moments)
+    assert overlap >= 8, together
+
+
+def test_api_key(trained_model_dir: Path):
+    srv = start_server(trained_model_dir, "--api-key", "s3cret-key")
+    try:
+        for key in ("wrong", "s3cret-key-and-more", "s3cret-ke"):
+            bad = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+            with pytest.raises(openai.AuthenticationError) as caught:
+                bad.models.list()
+            assert _error(caught.value.response)["code"] == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                bad.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "ROMEO:"})  # no header at all
+        assert r.status_code == 401 and _error(r)["type"] == "invalid_request_error"
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+        assert "<html" in httpx.get(srv.url + "/").text
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret-key", max_retries=0)
+        assert good.models.list().data[0].id == MODEL
+        _good(good)
+    finally:
+        srv.kill()
+
+
+def test_queue_full_is_503_and_a_disconnect_frees_the_slot(trained_model_dir: Path):
+    """One batch slot and no queue: a second request is refused while the first streams, /health still answers,
+    and once the first client disconnects the slot is free again (long before its 100k characters were done)."""
+    srv = start_server(trained_model_dir, "--max-batch", "1", "--max-queue", "0", "--max-tokens-limit", "100000")
+    url = srv.url + "/v1/completions"
+    small = {"prompt": "ROMEO:", "max_tokens": 5}
+    try:
+        with httpx.Client(timeout=60) as first:
+            with first.stream("POST", url, json={"prompt": "ROMEO:", "max_tokens": 100000, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                busy = httpx.post(url, json=small)
+                assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+                assert _error(busy)["code"] == "queue_full"
+                started = time.monotonic()
+                assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+                assert time.monotonic() - started < 10  # the model's thread does not block the server
+        # the first client has gone: its slot frees at the next step
+        deadline = time.monotonic() + 30
+        while (r := httpx.post(url, json=small)).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 5
+        # a non-streamed request whose client gives up frees its slot too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 100000}, timeout=0.5)
+        deadline = time.monotonic() + 30
+        while (r := httpx.post(url, json=small)).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.status_code == 200
+    finally:
+        srv.kill()
+
+
+def test_sigint_and_sigterm_with_requests_in_flight_exit_0_quickly(trained_model_dir: Path):
+    servers = {
+        sig: start_server(trained_model_dir, "--max-tokens-limit", "100000") for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        readers = []
+        for srv in servers.values():
+            for _ in range(2):
+                stream = httpx.Client(timeout=60).stream(
+                    "POST", srv.url + "/v1/completions", json={"prompt": "\n", "max_tokens": 100000, "stream": True}
+                )
+                response = stream.__enter__()
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")  # in flight
+                readers.append((stream, lines))
+        for sig, srv in servers.items():
+            srv.proc.send_signal(sig)
+        sent = time.monotonic()
+        for sig, srv in servers.items():
+            _, err = srv.proc.communicate(timeout=60)
+            assert srv.proc.returncode == 0, (sig, err)
+            assert time.monotonic() - sent < 5, sig
+            assert "Traceback" not in err, err
+        for stream, lines in readers:  # each in-flight stream ended with the shutting-down error, not a hang
+            rest = [line for line in lines if line]
+            assert "shutting down" in rest[-1], rest[-3:]
+            stream.__exit__(None, None, None)
+    finally:
+        for srv in servers.values():
+            srv.kill()
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Path):
+    sock, port = _busy_port()
+    base = [sys.executable, "-m", "chargpt", "serve"]
+    cases = {
+        "does not exist": ["--model", str(tmp_path / "nope"), "--port", "0"],
+        "already in use": ["--model", str(trained_model_dir), "--port", str(port)],
+        "not an address": ["--model", str(trained_model_dir), "--host", "no-such-host.invalid", "--port", "0"],
+        "--max-batch must be": ["--model", str(trained_model_dir), "--max-batch", "0"],
+        "--port must be": ["--model", str(trained_model_dir), "--port", "70000"],
+    }
+    try:
+        procs = {
+            words: subprocess.Popen([*base, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for words, flags in cases.items()
+        }
+        for words, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (words, err)
+            assert err.startswith("chargpt: error:") and words in err and len(err.strip().splitlines()) == 1, err
+            assert "Traceback" not in err and out == ""
+    finally:
+        sock.close()
+
+
+def test_readme_client_example_runs(server: ServerProcess):
+    """The README's `openai` example, pointed at this server and model."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = [block.split("```")[0] for block in readme.split("```python\n")[1:] if "OpenAI(" in block]
+    code = code.replace("http://127.0.0.1:8000", server.url).replace('"demo"', repr(MODEL))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == MODEL and "completion_tokens=200" in r.stdout and len(r.stdout) > 400
