@@ -17,7 +17,10 @@ from chargpt.errors import ChargptError
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 FLAG_HELP = {
-    "data": "UTF-8 text file or folder of .txt files; none = the complete Shakespeare plays",
+    "data": "UTF-8 text file, folder of .txt files, or quoted glob ('books/**/*.txt'); none = Shakespeare's plays",
+    "token_cache": "folder for the tokenized corpus (memory-mapped); off = tokenize into memory",
+    "vocab": "auto (the corpus's characters) or a UTF-8 file whose characters are the vocabulary",
+    "min_char_count": "with --vocab auto: rarer characters map to one unknown symbol (U+FFFD)",
     "out": "model directory to write",
     "val_fraction": "the last part of the text held out for validation",
     "model": "gpt, or bigram (the lecture's baseline)",
@@ -91,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a model on a text file (JSON: loss, bits_per_char, chars)")
     e.add_argument("--model", required=True, metavar="DIR", help="model directory")
-    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file")
+    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file (any size: streamed)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--token-cache", metavar="DIR", help="folder for the tokenized file (default: the cache dir)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     return p
 
 
@@ -219,19 +224,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from chargpt.checkpoint import load_model
-    from chargpt.data import read_text_file
-    from chargpt.evaluate import evaluate
+    from chargpt.evaluate import evaluate_file
     from chargpt.train import resolve_device
 
+    _setup_logging(args.quiet)
     model, tokenizer = load_model(args.model, resolve_device(args.device))
     path = Path(args.data)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise ChargptError(f"data file {path} {what}; pass a UTF-8 text file")
-    text = read_text_file(path)
-    if not text:
+    if path.stat().st_size == 0:
         raise ChargptError(f"{path} is empty; give it some text to score")
-    print(json.dumps(evaluate(model, tokenizer, text)))
+    result = evaluate_file(model, tokenizer, path, token_cache=args.token_cache, progress=not args.quiet)
+    print(json.dumps(result))
     return 0
 
 

@@ -58,6 +58,9 @@ class TrainConfig:
     data: str | None = None  # UTF-8 text file or folder of .txt files; None = embedded Shakespeare
     out: str = "out/model"
     val_fraction: float = 0.1
+    token_cache: str | None = None  # folder of token caches; None = <cache dir>/tokens; "off" = tokenize into memory
+    vocab: str = "auto"  # auto = the corpus's characters; or a UTF-8 file whose characters are the vocabulary
+    min_char_count: int = 1  # with vocab auto: characters seen fewer times map to one unknown symbol
     # model shape (the classic seed model by default)
     model: str = "gpt"
     block_size: int = 256
@@ -93,8 +96,10 @@ class TrainConfig:
             "eval_interval",
             "eval_iters",
             "checkpoint_interval",
+            "min_char_count",
         ):
             _positive_int(name, getattr(self, name))
+        self._validate_data_options()
         for name in ("warmup_updates",):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ChargptError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
@@ -108,6 +113,16 @@ class TrainConfig:
                 raise ChargptError(f"{name} must be a number >= 0, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ChargptError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+    def _validate_data_options(self) -> None:
+        if not isinstance(self.vocab, str) or not self.vocab:
+            raise ChargptError(f"vocab must be 'auto' or a UTF-8 file of characters, got {self.vocab!r}")
+        if self.vocab != "auto" and self.min_char_count > 1:
+            raise ChargptError(
+                "min_char_count applies to vocab auto; a vocab file fixes the vocabulary: drop one of the two"
+            )
+        if self.token_cache is not None and (not isinstance(self.token_cache, str) or not self.token_cache):
+            raise ChargptError(f"token_cache must be a folder or 'off', got {self.token_cache!r}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(

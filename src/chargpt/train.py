@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
 from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig, build_train_config, load_toml, resolve_preset
-from chargpt.data import get_batch, load_corpus, split
+from chargpt.data import get_batch, prepare_data
 from chargpt.errors import ChargptError, first_line
 from chargpt.fileio import atomic_write_bytes
 from chargpt.model import build_model
@@ -305,9 +305,10 @@ def train(
     device = d.device
     out = Path(cfg.out)
     state: dict[str, Any] | None = None
+    tokenizer: CharTokenizer | None = None
     if resume:
         state = ckpt.load_train_state(out)
-        tokenizer = CharTokenizer(list(state["vocab"]))
+        tokenizer = CharTokenizer(list(state["vocab"]), unknown=state.get("unknown"))
     elif ckpt.holds_model(out) and not overwrite:
         raise ChargptError(
             f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
@@ -315,11 +316,8 @@ def train(
         )
 
     # data (checked before --out is created, so bad data leaves no empty folders behind)
-    text = load_corpus(cfg.data)
-    if state is None:
-        tokenizer = CharTokenizer.from_text(text)
-    ids = torch.from_numpy(tokenizer.encode(text))
-    train_ids, val_ids = split(ids, cfg.val_fraction, cfg.block_size)
+    data = prepare_data(cfg, tokenizer, d, progress=progress and d.main)
+    tokenizer, train_ids, val_ids = data.tokenizer, data.train, data.val
     if d.main:
         ckpt.check_writable(out)
 
@@ -395,6 +393,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "rng": _rng_state(train_gen),
                     "vocab": tokenizer.to_list(),
+                    "unknown": tokenizer.unknown,
                     "config": asdict(cfg),
                 },
             )
