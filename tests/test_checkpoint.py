@@ -70,6 +70,18 @@ def test_save_load_round_trip_and_file_layout(model_dir: Path):
     assert config["format_version"] == ckpt.FORMAT_VERSION and config["info"] == {"step": 1}
 
 
+def test_unknown_symbol_round_trips_and_older_configs_have_none(model_dir: Path, tmp_path: Path):
+    """config.json gains "unknown" only for a vocabulary that has one: other models' files are as before."""
+    assert "unknown" not in json.loads((model_dir / "config.json").read_text())
+    assert ckpt.load_model(model_dir)[1].unknown is None
+    model = build_model(GPTConfig(vocab_size=3, block_size=8, n_embd=16, n_heads=2, n_layers=1))
+    tok = CharTokenizer(["a", "b", "\ufffd"], unknown="\ufffd")
+    ckpt.save_model(tmp_path / "m", model, tok)
+    assert json.loads((tmp_path / "m" / "config.json").read_text(encoding="utf-8"))["unknown"] == "\ufffd"
+    loaded = ckpt.load_model(tmp_path / "m")[1]
+    assert loaded == tok and loaded.encode("abz").tolist() == [0, 1, 2]
+
+
 def test_crash_between_the_two_renames_still_loads_the_new_model(model_dir: Path, tmp_path: Path):
     """--overwrite with a different model, killed after the weights' rename but before config.json's."""
     other = tmp_path / "other"
@@ -155,6 +167,8 @@ BROKEN = {
     "vocab with duplicates": lambda d: _mutate_config(d, lambda c: c["vocab"].__setitem__(1, "a")),
     "vocab of strings": lambda d: _mutate_config(d, lambda c: c["vocab"].__setitem__(1, "ab")),
     "vocab size disagrees": lambda d: _mutate_config(d, lambda c: c["vocab"].append("\u00e9")),
+    "unknown symbol not in vocab": lambda d: _mutate_config(d, lambda c: c.update({"unknown": "\ufffd"})),
+    "unknown symbol not a character": lambda d: _mutate_config(d, lambda c: c.update({"unknown": ["a"]})),
     "shapes disagree with config": lambda d: (
         _drop_embedded_config(d),
         _mutate_config(d, lambda c: c["model"].update({"n_embd": 64})),

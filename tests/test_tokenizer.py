@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargpt.errors import ChargptError
-from chargpt.tokenizer import CharTokenizer
+from chargpt.tokenizer import UNKNOWN, CharTokenizer
 
 # Any Unicode text except lone surrogates (which are not valid in a str read from a UTF-8 file).
 unicode_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=200)
@@ -116,3 +116,13 @@ def test_equality_and_list():
     assert a.to_list() == ["a", "b", "c"]
     a.to_list().append("z")  # a copy: the tokenizer is unchanged
     assert a.vocab_size == 3
+
+
+def test_unknown_symbol_takes_characters_outside_the_vocabulary():
+    tok = CharTokenizer(["a", "b", UNKNOWN], unknown=UNKNOWN)
+    assert tok.encode("ab\u00e9z\U0001f600a").tolist() == [0, 1, 2, 2, 2, 0]  # non-ASCII and ASCII alike
+    assert tok.unknown_id == 2 and tok != CharTokenizer(["a", "b", UNKNOWN])
+    with pytest.raises(ChargptError, match="unknown symbol .* is not in the vocabulary"):
+        CharTokenizer(["a", "b"], unknown=UNKNOWN)
+    with pytest.raises(ChargptError, match=r"1 character\(s\) not in the model's vocabulary: 'z'"):
+        CharTokenizer(["a", "b", UNKNOWN]).encode("abz")

@@ -36,7 +36,10 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
 log = logging.getLogger("chargpt.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
-CONFIG_KEYS = {"format", "format_version", "model", "vocab", "info"}
+# "unknown" (the vocabulary's unknown symbol) is written only by models that have one, so the files of
+# models without it are byte for byte what older chargpt wrote, and older config.json files still load
+CONFIG_KEYS = {"format", "format_version", "model", "vocab", "unknown", "info"}
+OPTIONAL_CONFIG_KEYS = {"unknown", "info"}
 
 
 def save_model(
@@ -60,6 +63,7 @@ def save_model(
         "format_version": FORMAT_VERSION,
         "model": {k: getattr(cfg, k) for k in sorted(MODEL_KEYS)},
         "vocab": tokenizer.to_list(),
+        **({"unknown": tokenizer.unknown} if tokenizer.unknown is not None else {}),
         "info": info or {},
     }
     text = json.dumps(config, indent=1, ensure_ascii=False) + "\n"
@@ -108,7 +112,7 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
             f"{where} has format version {_short(raw.get('format_version'))}; this chargpt reads version "
             f"{FORMAT_VERSION}"
         )
-    _check_keys(raw, CONFIG_KEYS - {"info"}, CONFIG_KEYS, where)
+    _check_keys(raw, CONFIG_KEYS - OPTIONAL_CONFIG_KEYS, CONFIG_KEYS, where)
     model = raw["model"]
     if not isinstance(model, dict):
         raise ChargptError(f"'model' in {where} must be an object")
@@ -116,7 +120,10 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
     vocab = raw["vocab"]
     if not isinstance(vocab, list):
         raise ChargptError(f"'vocab' in {where} must be a list of characters")
-    tokenizer = CharTokenizer(vocab)
+    unknown = raw.get("unknown")
+    if unknown is not None and not (isinstance(unknown, str) and len(unknown) == 1):
+        raise ChargptError(f"'unknown' in {where} must be a single character; the model directory is corrupt")
+    tokenizer = CharTokenizer(vocab, unknown=unknown)
     try:
         cfg = GPTConfig(**model)
     except ChargptError as e:
@@ -378,6 +385,8 @@ def _train_state_problem(state: Any) -> str | None:
         return f"elapsed time {_short(state['elapsed'])} is not a finite number >= 0"
     if math.isnan(state["best_val_loss"]) or state["best_val_loss"] < 0:  # +inf: no evaluation yet
         return f"best_val_loss {_short(state['best_val_loss'])} is not a loss"
+    if state.get("unknown") is not None and not isinstance(state["unknown"], str):  # absent before issue 12
+        return f"unknown has type {type(state['unknown']).__name__}"
     rng = state["rng"]
     for key in ("torch", "batches", "numpy_keys"):
         if not isinstance(rng.get(key), torch.Tensor):

@@ -31,7 +31,10 @@ EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 # A one-line description of every TrainConfig field, and the --help group it is listed under.
 FLAG_HELP = {
-    "data": "UTF-8 text file or folder of .txt files to train on",
+    "data": "UTF-8 text file, folder of .txt files, or quoted glob ('books/**/*.txt') to train on",
+    "token_cache": "folder for the tokenized corpus (memory-mapped); off = tokenize into memory",
+    "vocab": "auto (the corpus's characters) or a UTF-8 file whose characters are the vocabulary",
+    "min_char_count": "with --vocab auto: rarer characters map to one unknown symbol (U+FFFD)",
     "val_fraction": "the last part of the text held out for validation",
     "arch": "the model: gpt, or bigram (the lecture's baseline)",
     "block_size": "context length in characters",
@@ -63,7 +66,7 @@ FLAG_HELP = {
 }
 PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
 GROUPS = {
-    "data": ("data", "val_fraction"),
+    "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count"),
     "model": ("arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"),
     "optimisation": (
         "n_updates",
@@ -273,9 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EVAL_EXAMPLES,
     )
     e.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file (required)")
+    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, any size: streamed (required)")
     e.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
     e.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar on a terminal)")
+    e.add_argument(
+        "--token-cache", metavar="DIR", help="folder for the tokenized file (default: chargpt's cache folder)"
+    )
     e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
 
     i = sub.add_parser(
@@ -570,28 +576,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
     from chargpt.checkpoint import load_model
-    from chargpt.data import read_text_file
     from chargpt.distributed import resolve_device
-    from chargpt.evaluate import evaluate
+    from chargpt.evaluate import evaluate_file
 
+    _setup_logging(args.quiet)
     model, tokenizer = load_model(args.model, resolve_device(args.device))
     path = Path(args.data)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise ChargptError(f"data file {path} {what}; pass a UTF-8 text file")
-    text = read_text_file(path)
-    if not text:
+    if path.stat().st_size == 0:
         raise ChargptError(f"{path} is empty; give it some text to score")
-    bar = None
-    if not args.quiet and sys.stderr.isatty():  # a bar on a terminal; nothing in pipes and logs
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(text) - 1, unit="char", unit_scale=True, desc="eval", file=sys.stderr, leave=False)
-    try:
-        result = evaluate(model, tokenizer, text, precision=args.precision, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    # streamed through the token cache; bars (tokenizing, scoring) on a terminal only, not in pipes and logs
+    result = evaluate_file(
+        model, tokenizer, path, token_cache=args.token_cache, progress=not args.quiet, precision=args.precision
+    )
     if not all(map(math.isfinite, result.values())):
         raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
     print(json.dumps(result, allow_nan=False))

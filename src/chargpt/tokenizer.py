@@ -1,7 +1,9 @@
 """CharTokenizer: one token per Unicode character, vocabulary = sorted unique characters of the text.
 
 Encoding and decoding are vectorised with numpy (UTF-32 code points + a lookup table), so a
-megabyte of text encodes in milliseconds rather than in a per-character Python loop.
+megabyte of text encodes in milliseconds rather than in a per-character Python loop. A vocabulary
+may hold an unknown symbol (U+FFFD by default, see `--min-char-count`): characters outside the
+vocabulary then map to it instead of being an error.
 """
 
 from __future__ import annotations
@@ -12,13 +14,26 @@ import numpy as np
 
 from chargpt.errors import ChargptError
 
+# the symbol rare or unseen characters map to, when the vocabulary has one (U+FFFD REPLACEMENT CHARACTER)
+UNKNOWN = "\ufffd"
+
 
 def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
+def unknown_chars_error(unknown: Sequence[str]) -> ChargptError:
+    """The one-line error for text holding characters outside a vocabulary that has no unknown symbol."""
+    unknown = sorted(set(unknown))
+    shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+    return ChargptError(
+        f"{len(unknown)} character(s) not in the model's vocabulary: {shown}; "
+        f"remove them or train on text that contains them"
+    )
+
+
 class CharTokenizer:
-    def __init__(self, chars: Sequence[str]):
+    def __init__(self, chars: Sequence[str], unknown: str | None = None):
         chars = list(chars)
         if not chars:
             raise ChargptError("the vocabulary is empty; train on a non-empty text")
@@ -28,7 +43,11 @@ class CharTokenizer:
         if len(set(chars)) != len(chars):
             dupes = sorted({c for c in chars if chars.count(c) > 1})
             raise ChargptError(f"vocabulary has duplicate characters {dupes!r}; the model file is corrupt")
+        if unknown is not None and unknown not in chars:
+            raise ChargptError(f"the unknown symbol {unknown!r} is not in the vocabulary; the model file is corrupt")
         self.chars = chars
+        self.unknown = unknown
+        self.unknown_id = chars.index(unknown) if unknown is not None else -1
         self._cps = np.array([ord(c) for c in chars], dtype=np.uint32)
         # code point -> id, -1 for characters outside the vocabulary (one spare slot past the largest)
         self._table = np.full(int(self._cps.max()) + 2, -1, dtype=np.int64)
@@ -48,7 +67,8 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> np.ndarray:
-        """Text -> int64 ids. Raises ChargptError naming any characters outside the vocabulary."""
+        """Text -> int64 ids. Characters outside the vocabulary map to the unknown symbol if there is one,
+        else raise a ChargptError naming them."""
         if text.isascii():  # one byte per character: look the bytes up in a 256-entry table
             codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
             ids = self._ascii_table[codes]
@@ -56,12 +76,9 @@ class CharTokenizer:
             codes = _codepoints(text)
             ids = self._table[np.minimum(codes, len(self._table) - 1)]  # the last slot is always -1
         if ids.size and ids.min() < 0:
-            unknown = sorted({chr(c) for c in np.unique(codes[ids < 0])})
-            shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-            raise ChargptError(
-                f"{len(unknown)} character(s) not in the model's vocabulary: {shown}; "
-                f"remove them or train on text that contains them"
-            )
+            if self.unknown is not None:
+                return np.where(ids < 0, self.unknown_id, ids)
+            raise unknown_chars_error([chr(c) for c in np.unique(codes[ids < 0])])
         return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -74,7 +91,8 @@ class CharTokenizer:
         return list(self.chars)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and self.chars == other.chars
+        return isinstance(other, CharTokenizer) and (self.chars, self.unknown) == (other.chars, other.unknown)
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
+        extra = f", unknown={self.unknown!r}" if self.unknown is not None else ""
+        return f"CharTokenizer(vocab_size={self.vocab_size}{extra})"

@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
 from chargpt import memory, precision, report
 from chargpt.config import TrainConfig
-from chargpt.data import get_batch, load_corpus, split
+from chargpt.data import get_batch, prepare_data
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows
 from chargpt.errors import ChargptError, first_line
 from chargpt.model import build_model
@@ -53,8 +54,8 @@ class Run:
     dist: Dist
     out: Path
     tokenizer: CharTokenizer
-    train_ids: torch.Tensor
-    val_ids: torch.Tensor
+    train_ids: np.ndarray | torch.Tensor  # views of the (memory-mapped) token ids
+    val_ids: np.ndarray | torch.Tensor
     model: torch.nn.Module  # the plain model: evaluation, saving
     fwd: torch.nn.Module  # the model as trained: compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
@@ -165,7 +166,7 @@ def train(
     cfg.validate()
     d = init_distributed(cfg)
     with OutDir(cfg.out, resume=resume, overwrite=overwrite, main=d.main) as outdir:  # locked for the whole run
-        run, state = setup(cfg, d, resume=resume, overwrite=overwrite)
+        run, state = setup(cfg, d, resume=resume, overwrite=overwrite, progress=progress)
         run.outdir = outdir
         if resume and already_finished(run, state):
             finish_distributed(d)
@@ -247,16 +248,16 @@ def already_finished(run: Run, state: RunState) -> bool:
 # set up
 
 
-def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool) -> tuple[Run, RunState]:
+def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress: bool = False) -> tuple[Run, RunState]:
     """Data, model, optimizer and (when resuming) the saved state, in that order."""
     out = Path(cfg.out)  # locked and checked by OutDir: a user's files are never replaced
     saved: dict[str, Any] | None = None
     if resume:
         saved = ckpt.load_train_state(out)
-    # data (a failure leaves no empty folder behind: OutDir removes what it created)
-    text = load_corpus(cfg.data)
-    tokenizer = CharTokenizer(list(saved["vocab"])) if saved else CharTokenizer.from_text(text)
-    train_ids, val_ids = split(torch.from_numpy(tokenizer.encode(text)), cfg.val_fraction, cfg.block_size)
+    # data, through the token cache (a failure leaves no empty folder behind: OutDir removes what it created)
+    tokenizer = CharTokenizer(list(saved["vocab"]), unknown=saved.get("unknown")) if saved else None
+    data = prepare_data(cfg, tokenizer, d, progress=progress and d.main)
+    tokenizer, train_ids, val_ids = data.tokenizer, data.train, data.val
     rows = cfg.batch_size // (d.world * cfg.gradient_accumulation_steps)
     memory.check(
         memory.training_bytes(cfg.model_config(tokenizer.vocab_size), rows),
@@ -518,6 +519,7 @@ def save_state(run: Run, state: RunState) -> None:
             "optimizer": run.optimizer.state_dict(),
             "rng": ckpt.capture_rng(run.batches),
             "vocab": run.tokenizer.to_list(),
+            "unknown": run.tokenizer.unknown,
             "config": asdict(run.cfg),
         },
     )
