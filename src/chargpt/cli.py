@@ -527,10 +527,7 @@ def _last_line(line: str) -> None:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from chargpt import memory
-    from chargpt.checkpoint import load_model
-    from chargpt.distributed import resolve_device
-    from chargpt.generate import SampleConfig, decode_threads, generate, stream
+    from chargpt.generate import SampleConfig, decode_threads
 
     cfg = SampleConfig(
         max_new_tokens=args.max_new_tokens,
@@ -545,7 +542,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     cfg.validate()
     if args.threads is not None and args.threads < 1:
         raise ChargptError(f"--threads must be >= 1, got {args.threads}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or decode_threads(args.num_samples))
+    try:  # the process's thread count is put back: `main` may be called in-process (tests, notebooks)
+        return _sample(args, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(args: argparse.Namespace, cfg: Any) -> int:
+    from chargpt import memory
+    from chargpt.checkpoint import load_model
+    from chargpt.distributed import resolve_device
+    from chargpt.generate import generate, stream
+
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device)
     memory.check(
