@@ -173,7 +173,7 @@ def test_unknown_toml_key(tmp_path):
         ("n_embd = 9.5\n", "n_embd in .* must be of type int"),
         ("compile = 1\n", "compile in .* must be of type bool"),
         ("learning_rate = true\n", "learning_rate in .* must be of type float"),
-        ("[model]\nn_embd = 4\n", "model in .* must be of type str"),
+        ("[model]\nn_embd = 4\n", "arch in .* must be of type str"),  # `model`: the old name of arch
         ("n_embd = = 3\n", "is not valid TOML"),
     ],
 )

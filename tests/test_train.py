@@ -203,6 +203,6 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
     finally:
         torch.set_num_threads(threads)
     evals = read_metrics(tmp_path / "m")
-    assert result.stopped_by == "max_time" and len(evals) >= 3 and evals[-1]["step"] == result.step
+    assert result.stopped_by == "max_time" and len(evals) >= 2 and evals[-1]["step"] == result.step
     assert budget * 0.9 <= wall <= budget * 1.02 + 0.5, wall
     assert result.elapsed <= budget * 1.02, result.elapsed

@@ -411,7 +411,8 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
         )
         return 0
     why = {"max_time": "the time budget", "n_updates": "--n-updates", "pause": "pause_after"}.get(result.stopped_by)
-    print(f"done: {result.step} steps in {result.elapsed:.0f}s (stopped by {why or result.stopped_by})")
+    steps = f"{result.step} step" + ("" if result.step == 1 else "s")
+    print(f"done: {steps} in {result.elapsed:.0f}s (stopped by {why or result.stopped_by})")
     if result.best_step >= 0:
         print(f"best val loss {result.best_val_loss:.4f} (step {result.best_step}); the model is in {result.out}")
     print(f"next: {me} sample --model {result.out}    (and: {me} info {result.out})")

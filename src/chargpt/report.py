@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,12 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
         ax.plot([best["step"]], [best["val_loss"]], "*", color="tab:red", markersize=14, label="best val (saved)")
         title = f"{out.name}: best val {best['val_loss']:.4f} at step {best['step']}"
         # from the first evaluation after step 0 down: the untrained model's ~ln(vocab) would flatten the rest
-        high = max([trained[0]["val_loss"]] + smoothed[len(smoothed) // 10 : len(smoothed) // 10 + 1])
-        low = min([min(m["val_loss"], m["train_loss"]) for m in trained] + smoothed)
+        finite = [v for v in smoothed if math.isfinite(v)]  # a diverged run's rows hold nan/inf
+        high = max([trained[0]["val_loss"]] + finite[len(finite) // 10 : len(finite) // 10 + 1])
+        low = min([min(m["val_loss"], m["train_loss"]) for m in trained] + finite)
         pad = 0.08 * (high - low) + 0.02
-        ax.set_ylim(low - pad, high + pad)
+        if math.isfinite(low - pad) and math.isfinite(high + pad):
+            ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
     ax.grid(alpha=0.3)
