@@ -14,7 +14,7 @@ from chargpt.checkpoint import load_model
 from chargpt.config import GPTConfig
 from chargpt.generate import SampleConfig, generate
 from chargpt.model import GPT
-from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown
+from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
 from chargpt.serve.rows import matches_decoder
 
 
@@ -31,8 +31,8 @@ class Collector:
         self.error: Exception | None = None
         self.done = threading.Event()
 
-    def __call__(self, item: list[Piece] | ShuttingDown) -> None:
-        if isinstance(item, ShuttingDown):
+    def __call__(self, item: list[Piece] | ShuttingDown | StepFailed) -> None:
+        if isinstance(item, ShuttingDown | StepFailed):
             self.error = item
             self.done.set()
             return
@@ -107,3 +107,20 @@ def test_queue_bound_cancel_and_close(tiny):
     assert running_out.done.wait(30) and isinstance(running_out.error, ShuttingDown)
     engine.join(10)
     assert not engine._thread.is_alive()
+
+
+def test_a_failing_step_ends_its_jobs_and_the_engine_goes_on(tiny):
+    """A row whose sampling raises (top_k 0, which the HTTP layer would have refused) fails its step."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4)
+    engine.start()
+    ids = tokenizer.encode("ROMEO:").tolist()
+    bad, bad_out = _job([ChoiceSpec(ids, 50, top_k=0)])
+    engine.submit(bad)
+    assert bad_out.done.wait(60) and isinstance(bad_out.error, StepFailed)
+    good, good_out = _job([ChoiceSpec(ids, 30, seed=4), ChoiceSpec(ids, 30, seed=5)])
+    engine.submit(good)
+    assert good_out.done.wait(60) and good_out.error is None
+    assert good_out.texts == [generate(model, tokenizer, "ROMEO:", max_new_tokens=30, seed=s)[0] for s in (4, 5)]
+    engine.close()
+    engine.join(10)
