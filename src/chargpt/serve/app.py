@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chargpt.serve import protocol as wire
-from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, ShuttingDown
+from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
 from chargpt.serve.protocol import ApiError, Limits
 from chargpt.tokenizer import CharTokenizer
 
@@ -139,6 +139,13 @@ def _shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", code="server_shutting_down", kind="server_error")
 
 
+def _ended(error: ShuttingDown | StepFailed) -> ApiError:
+    """The error a request gets when the engine ends it."""
+    if isinstance(error, ShuttingDown):
+        return _shutting_down()
+    return ApiError(500, f"generation failed on the server ({error})", code="generation_failed", kind="server_error")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it is known to be larger than `limit` bytes."""
     too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
@@ -192,10 +199,10 @@ async def _until_disconnected(request: Request) -> None:
 async def _complete(run: _Run, job: Job, engine: Engine, request: Request) -> Response:
     """Wait for every choice, or for the client to leave (then cancel the job)."""
 
-    async def collect() -> ShuttingDown | None:
+    async def collect() -> ShuttingDown | StepFailed | None:
         while not run.done:
             item = await run.queue.get()
-            if isinstance(item, ShuttingDown):
+            if isinstance(item, ShuttingDown | StepFailed):
                 return item
             run.record(item)
         return None
@@ -210,8 +217,9 @@ async def _complete(run: _Run, job: Job, engine: Engine, request: Request) -> Re
         gone.cancel()
     if not result.done() or result.cancelled():
         return Response(status_code=499)  # nobody is listening
-    if result.result() is not None:
-        raise _shutting_down()
+    ended = result.result()
+    if ended is not None:
+        raise _ended(ended)
     choices = [wire.choice(i, t, f) for i, (t, f) in enumerate(zip(run.texts, run.finish, strict=True))]
     return JSONResponse(wire.completion_body(run.id, run.model, run.created, choices, run.usage()))
 
@@ -222,8 +230,8 @@ async def _stream(run: _Run, job: Job, engine: Engine, include_usage: bool) -> A
     try:
         while not run.done:
             item = await run.queue.get()
-            if isinstance(item, ShuttingDown):
-                yield wire.sse(_shutting_down().body())
+            if isinstance(item, ShuttingDown | StepFailed):
+                yield wire.sse(_ended(item).body())
                 return
             run.record(item)
             yield wire.stream_chunk(run.id, run.model, run.created, item, include_usage)

@@ -35,6 +35,10 @@ class ShuttingDown(Exception):
     """The server is stopping: no new requests, and those still running at the deadline are ended."""
 
 
+class StepFailed(Exception):
+    """The model step raised (a bug, out of memory): the jobs in that step end with this; the engine goes on."""
+
+
 @dataclass(frozen=True)
 class ChoiceSpec:
     """What one row generates: the prompt's token ids and generate()'s settings for one sample."""
@@ -58,7 +62,7 @@ class Piece:
     completion_tokens: int = 0  # characters generated so far, a cut-off stop string included
 
 
-Delivery = list[Piece] | ShuttingDown
+Delivery = list[Piece] | ShuttingDown | StepFailed
 
 
 @dataclass(eq=False)
@@ -68,6 +72,7 @@ class Job:
     choices: list[ChoiceSpec]
     deliver: Callable[[Delivery], None]
     cancelled: bool = False
+    held: int = 0  # batch places reserved for its rows and not yet given back (engine lock)
 
 
 @dataclass(eq=False)
@@ -132,6 +137,7 @@ class Engine:
                 raise ShuttingDown()
             if not s.waiting and s.reserved + need <= self.max_batch:
                 s.reserved += need
+                job.held = need
                 s.joining.append(job)
             elif len(s.waiting) < self.max_queue:
                 s.waiting.append(job)
@@ -149,8 +155,7 @@ class Engine:
                 s.waiting.remove(job)
             elif job in s.joining:
                 s.joining.remove(job)
-                s.reserved -= len(job.choices)
-                self._promote()
+                self._give_back(job, job.held)
             self._cond.notify()
 
     def close(self, grace: float = 0.0) -> None:
@@ -172,40 +177,59 @@ class Engine:
         while s.waiting and s.reserved + len(s.waiting[0].choices) <= self.max_batch:
             job = s.waiting.popleft()
             s.reserved += len(job.choices)
+            job.held = len(job.choices)
             s.joining.append(job)
+
+    def _give_back(self, job: Job, places: int) -> None:
+        """A job's rows finished or left: their places go to waiting jobs that now fit."""
+        with self._cond:
+            job.held -= places
+            self._shared.reserved -= places
+            self._promote()
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._cond:
-                    s = self._shared
-                    while not (self._rows or s.joining or s.closing):
-                        self._cond.wait()
-                    if s.deadline is not None and (time.monotonic() >= s.deadline or not (self._rows or s.joining)):
-                        self._end_all()
-                        return
-                    joining, s.joining = s.joining, []
-                for job in joining:
-                    self._start(job)
-                alive = [r for r in self._rows if not r.job.cancelled]
-                if len(alive) < len(self._rows):
+            while (joining := self._wait_for_work()) is not None:
+                try:
+                    for job in joining:
+                        self._start(job)
                     self._remove([r for r in self._rows if r.job.cancelled])
-                    self._rows = alive
-                if self._rows:
-                    self._step()
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a bug or out of memory: end the jobs of this step, keep serving
+                    log.exception("the model step failed; ending the requests in it")
+                    self._fail([*{id(r.job): r.job for r in self._rows}.values(), *joining], e)
+
+    def _wait_for_work(self) -> list[Job] | None:
+        """Block until there are rows to step or jobs to start; return the jobs joining now, or None to stop."""
+        with self._cond:
+            s = self._shared
+            while not (self._rows or s.joining or s.closing):
+                self._cond.wait()
+            if s.deadline is not None and (time.monotonic() >= s.deadline or not (self._rows or s.joining)):
+                self._end_all()
+                return None
+            joining, s.joining = s.joining, []
+            return joining
 
     def _remove(self, rows: list[_Row]) -> None:
-        """Free finished or cancelled rows' cache slots and batch places."""
+        """Take finished or cancelled rows out of the batch: their cache slots and places are free again."""
+        if not rows:
+            return
+        gone = {id(r) for r in rows}
+        self._rows = [r for r in self._rows if id(r) not in gone]
         for r in rows:
             if isinstance(r.decoder.cache, SlotCache):
                 self._free_slots.append(r.decoder.cache.slot)
-        self._release(len(rows))
+            self._give_back(r.job, 1)
 
-    def _release(self, rows: int) -> None:
-        """Give back batch places; waiting jobs that now fit join at the next step."""
-        with self._cond:
-            self._shared.reserved -= rows
-            self._promote()
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        self._remove([r for r in self._rows if r.job in jobs])
+        for job in {id(j): j for j in jobs}.values():
+            self._give_back(job, job.held)
+            if not job.cancelled:
+                _deliver(job, StepFailed(f"{type(error).__name__}: {error}"))
+                job.cancelled = True
 
     def _end_all(self) -> None:
         """At the deadline: every job still running or waiting gets ShuttingDown (lock held)."""
@@ -233,7 +257,7 @@ class Engine:
             text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
             self._rows.append(_Row(job, index, spec, decoder, seq, len(spec.prompt_ids), generator, text, last))
         if done:
-            self._release(len(done))
+            self._give_back(job, len(done))
             _deliver(job, done)
 
     def _logits(self) -> list[torch.Tensor]:
@@ -257,7 +281,7 @@ class Engine:
     def _step(self) -> None:
         """One token for every row; pieces to their jobs; finished rows free their slots."""
         pieces: dict[int, tuple[Job, list[Piece]]] = {}
-        keep, done = [], []
+        done = []
         for r, logits in zip(self._rows, self._logits(), strict=True):
             s = r.spec
             nxt = int(pick_next(logits, s.temperature, s.top_k, s.top_p, [r.generator])[0])
@@ -271,10 +295,9 @@ class Engine:
                 text += r.text.flush()
             if text or finish:
                 pieces.setdefault(id(r.job), (r.job, []))[1].append(Piece(r.index, text, finish, r.produced))
-            (done if finish else keep).append(r)
-        if done:
-            self._remove(done)
-            self._rows = keep
+            if finish:
+                done.append(r)
+        self._remove(done)
         for job, job_pieces in pieces.values():
             if not job.cancelled:
                 _deliver(job, job_pieces)

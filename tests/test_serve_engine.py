@@ -1,0 +1,126 @@
+"""The batching engine in-process: the batched step equals each row's own step bit for bit, batched jobs return
+exactly what chargpt.generate returns, the queue is bounded, cancelling frees slots, closing ends running jobs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chargpt.checkpoint import load_model
+from chargpt.config import GPTConfig
+from chargpt.generate import SampleConfig, generate
+from chargpt.model import GPT
+from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
+from chargpt.serve.rows import matches_decoder
+
+
+@pytest.fixture(scope="module")
+def tiny(trained_model_dir: Path):
+    return load_model(trained_model_dir, torch.device("cpu"))
+
+
+class Collector:
+    """A job's deliveries, gathered per choice; `done` is set when every choice has finished (or on an error)."""
+
+    def __init__(self, n: int):
+        self.texts, self.finish, self.tokens = [""] * n, [None] * n, [0] * n
+        self.error: Exception | None = None
+        self.done = threading.Event()
+
+    def __call__(self, item: list[Piece] | ShuttingDown | StepFailed) -> None:
+        if isinstance(item, ShuttingDown | StepFailed):
+            self.error = item
+            self.done.set()
+            return
+        for p in item:
+            self.texts[p.index] += p.text
+            self.finish[p.index], self.tokens[p.index] = p.finish_reason, p.completion_tokens  # type: ignore[call-overload]
+        if all(self.finish):
+            self.done.set()
+
+
+def _job(specs: list[ChoiceSpec]) -> tuple[Job, Collector]:
+    collector = Collector(len(specs))
+    return Job(specs, collector), collector
+
+
+def test_batched_step_reproduces_single_rows():
+    torch.manual_seed(0)
+    for cfg in (
+        GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0),
+        GPTConfig(vocab_size=30, block_size=40, n_embd=96, n_heads=6, n_layers=2, dropout=0.1),
+    ):
+        assert matches_decoder(GPT(cfg).eval())
+
+
+def test_engine_jobs_equal_generate(tiny):
+    """More rows than the batch holds (so jobs queue), prompts shorter and longer than the window, n > 1."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=5, max_queue=20)
+    assert engine.batched
+    engine.start()
+    cases = []
+    for i, prompt in enumerate(["\n", "ROMEO:", "First Citizen:\nBefore we proceed any further, hear me", "KING"]):
+        settings = dict(max_new_tokens=25 + 17 * i, temperature=[0.0, 0.8, 1.0, 1.5][i], top_k=[None, 7][i % 2])
+        settings |= dict(top_p=[None, 0.85][i // 2], seed=40 + i, stop=("\n\n",) if i == 2 else ())
+        n = 2 if i % 2 else 1  # sample j uses seed + j
+        per_sample = [{**settings, "seed": 40 + i + j} for j in range(n)]
+        job, got = _job([ChoiceSpec(tokenizer.encode(prompt).tolist(), **kw) for kw in per_sample])
+        cases.append((prompt, per_sample, job, got))
+    for _, _, job, _ in cases:
+        engine.submit(job)
+    for prompt, per_sample, _, got in cases:
+        assert got.done.wait(120)
+        assert got.texts == [generate(model, tokenizer, prompt, SampleConfig(**kw))[0] for kw in per_sample]
+        assert all(f in ("stop", "length") for f in got.finish)
+    engine.close()
+    engine.join(10)
+
+
+def test_queue_bound_cancel_and_close(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
+    engine.start()
+    ids = tokenizer.encode("ROMEO:").tolist()
+    long_job, long_out = _job([ChoiceSpec(ids, 10**6, seed=1)])
+    short_job, short_out = _job([ChoiceSpec(ids, 5, seed=2)])
+    engine.submit(long_job)
+    engine.submit(short_job)  # waits: the one slot is busy
+    with pytest.raises(QueueFull):
+        engine.submit(_job([ChoiceSpec(ids, 5)])[0])
+    time.sleep(0.2)
+    assert not short_out.done.is_set() and long_out.texts[0]  # the long job streams, the short one waits
+    engine.cancel(long_job)  # its client went away
+    assert short_out.done.wait(60) and len(short_out.texts[0]) == 5
+    assert short_out.finish == ["length"] and short_out.tokens == [5]
+
+    running, running_out = _job([ChoiceSpec(ids, 10**6, seed=3)])
+    engine.submit(running)
+    time.sleep(0.2)
+    engine.close(grace=0.2)
+    with pytest.raises(ShuttingDown):
+        engine.submit(_job([ChoiceSpec(ids, 5)])[0])
+    assert running_out.done.wait(30) and isinstance(running_out.error, ShuttingDown)
+    engine.join(10)
+    assert not engine._thread.is_alive()
+
+
+def test_a_failing_step_ends_its_jobs_and_the_engine_goes_on(tiny):
+    """A row whose sampling raises (top_k 0, which the HTTP layer would have refused) fails its step."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4)
+    engine.start()
+    ids = tokenizer.encode("ROMEO:").tolist()
+    bad, bad_out = _job([ChoiceSpec(ids, 50, top_k=0)])
+    engine.submit(bad)
+    assert bad_out.done.wait(60) and isinstance(bad_out.error, StepFailed)
+    good, good_out = _job([ChoiceSpec(ids, 30, seed=4), ChoiceSpec(ids, 30, seed=5)])
+    engine.submit(good)
+    assert good_out.done.wait(60) and good_out.error is None
+    assert good_out.texts == [generate(model, tokenizer, "ROMEO:", max_new_tokens=30, seed=s)[0] for s in (4, 5)]
+    engine.close()
+    engine.join(10)
