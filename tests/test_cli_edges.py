@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from chargpt import checkpoint as ckpt
+from chargpt.checkpoint import resume_config
 from chargpt.cli import main
+from chargpt.train import train
 from conftest import run_cli
 from test_resume import FLAGS
 
@@ -207,8 +209,8 @@ def test_sigterm_during_evaluation_stops_at_once_and_resume_evaluates_first(work
     _, err = proc.communicate(timeout=60)  # without the check between batches: hours
     assert proc.returncode == 143 and "interrupted by SIGTERM at step 3" in err, err
     assert not (out / "metrics.jsonl").exists()  # the cut-short evaluation recorded nothing
-    r = run_cli("train", "--resume", str(out), "--eval-iters", "2", "--quiet")
-    assert r.returncode == 0 and "done: 6 steps" in r.stdout, r.stderr
+    result = train(resume_config(out, eval_iters=2), resume=True, progress=False)
+    assert result.step == 6 and result.stopped_by == "n_updates"
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6]
 
