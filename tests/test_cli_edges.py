@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,8 +192,11 @@ def _saved_step(out: Path) -> int:
 
 
 def test_sigterm_during_evaluation_stops_at_once_and_resume_evaluates_first(work: Path):
+    """The step-0 evaluation of a run with an absurd eval_iters is cut short by SIGTERM; the resumed run
+    evaluates step 0 first (with a sane eval_iters), then goes on."""
     out = work / "run"
     flags = [f for f in FLAGS if not f.startswith(("--eval-iters", "--eval-interval", "--checkpoint-interval"))]
+    flags = [f for f in flags if f != "--quiet"]  # the announcement says when set-up is over
     args = ["--data", "ok.txt", "--out", str(out), *flags, "--eval-interval=3", "--checkpoint-interval=1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "chargpt", "train", *args, "--eval-iters=1000000", "--n-updates=6"],
@@ -200,19 +204,29 @@ def test_sigterm_during_evaluation_stops_at_once_and_resume_evaluates_first(work
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while _saved_step(out) < 2:  # step 3 and its (endless) evaluation follow at once
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    lines: list[str] = []
+    announced = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "; budget " in line:  # the announcement's last line: the (endless) step-0 evaluation follows
+                announced.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert announced.wait(240), "".join(lines)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)  # without the check between batches: hours
-    assert proc.returncode == 143 and "interrupted by SIGTERM at step 3" in err, err
+    proc.wait(timeout=60)  # without the check between batches: hours
+    reader.join(10)
+    err = "".join(lines)
+    assert proc.returncode == 143 and "interrupted by SIGTERM at step 0" in err, err
     assert not (out / "metrics.jsonl").exists()  # the cut-short evaluation recorded nothing
     result = train(resume_config(out, eval_iters=2), resume=True, progress=False)
     assert result.step == 6 and result.stopped_by == "n_updates"
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [3, 6]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if m["kind"] == "eval"] == [0, 3, 6]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,14 +185,14 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
     """Steps until the run is done or stopped, evaluating and saving when due, then the finish."""
     cfg, d = run.cfg, run.dist
     state.clock_start, state.clock_base = time.perf_counter(), state.elapsed  # cfg.max_time counts from here
-    if state.step == 0 and not state.metrics:
-        evaluate_and_save(run, state, 0.0)  # step 0: the untrained model's loss starts the curve
-    elif state.step % cfg.eval_interval == 0 < state.step and not _evaluated(state):  # a signal cut it short
-        evaluate_and_save(run, state, 0.0)
-    bar = report.Progress(cfg, state.step, state.elapsed, enabled=progress and d.main)
-    start_step, t_prev = state.step, bar.restart()
-    with _Signals() as signals:
+    with _Signals() as signals:  # a signal during the first evaluation cuts it short too
         run.signals = signals
+        if state.step == 0 and not state.metrics:
+            evaluate_and_save(run, state, 0.0)  # step 0: the untrained model's loss starts the curve
+        elif state.step % cfg.eval_interval == 0 < state.step and not _evaluated(state):  # a signal cut it short
+            evaluate_and_save(run, state, 0.0)
+        bar = report.Progress(cfg, state.step, state.elapsed, enabled=progress and d.main)
+        start_step, t_prev = state.step, bar.restart()
         while state.step < cfg.n_updates:
             stop = stop_reason(run, state, signals, pause_after, start_step)
             if stop:
