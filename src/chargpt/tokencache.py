@@ -275,7 +275,9 @@ def _build(
         raise
     seconds = (time.time_ns() - started_ns) / 1e9
     megabytes = sum(s.size for s in sources) / 1e6
-    log.info(
+    level = logging.INFO if seconds >= 1.0 else logging.DEBUG  # a quick one is not news (nor an error's prelude)
+    log.log(
+        level,
         "tokenized %s: %.1f MB in %.1f s, %d characters, vocabulary of %d; token cache %s",
         *(identity, megabytes, seconds, found.count, tokenizer.vocab_size, tokens_path),
     )
