@@ -281,7 +281,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
         if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
     choices = {kind: precision.resolve(cfg.precision, d.device, kind) for kind in ("train", "eval")}
-    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, choices)
+    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
     return run, state
 
 
