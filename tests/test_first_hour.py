@@ -219,7 +219,7 @@ def test_eval_progress_bar_on_a_terminal_only(trained_model_dir, corpus_text, tm
     args = ("--model", str(trained_model_dir), "--data", str(data))
     rc, out, terminal = _eval_with_stderr_on_a_terminal(*args)
     assert rc == 0 and '"loss"' in out
-    assert "eval:" in terminal and "/20.0k [" in terminal, terminal[-500:]  # the characters to score
+    assert "evaluating:" in terminal and "/20.0k [" in terminal, terminal[-500:]  # the characters to score
     rc, out, terminal = _eval_with_stderr_on_a_terminal(*args, "--quiet")
     assert rc == 0 and '"loss"' in out and terminal == ""
     piped = run_cli("eval", *args)
