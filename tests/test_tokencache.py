@@ -532,4 +532,4 @@ def test_eval_cli_progress_bars_only_on_a_terminal(trained_model_dir, corpus_tex
         eval_with_stderr_on(piped)
     os.close(main_fd)
     logged = (tmp_path / "stderr.txt").read_text()
-    assert "tokenized" in logged and "evaluating" not in logged and "B/s" not in logged  # messages, no bars
+    assert "evaluating" not in logged and "B/s" not in logged  # no bars when piped (a quick tokenization logs nothing)
