@@ -397,7 +397,6 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
         "already in use": ["--model", str(trained_model_dir), "--port", str(port)],
         "not an address": ["--model", str(trained_model_dir), "--host", "no-such-host.invalid", "--port", "0"],
         "--max-batch must be": ["--model", str(trained_model_dir), "--max-batch", "0"],
-        "--port must be": ["--model", str(trained_model_dir), "--port", "70000"],
     }
     try:
         procs = {
