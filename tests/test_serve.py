@@ -259,7 +259,7 @@ def test_sixteen_concurrent_streams_equal_their_solo_results(client: openai.Open
     requests = [
         dict(
             prompt=prompts[i % 4],
-            max_tokens=40 + 9 * i,
+            max_tokens=24 + 8 * i,
             temperature=[0.0, 0.7, 1.0, 1.4][i % 4],
             top_p=[None, 0.9][i % 2],
             seed=100 + i,
