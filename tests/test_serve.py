@@ -259,7 +259,7 @@ def test_sixteen_concurrent_streams_equal_their_solo_results(client: openai.Open
     requests = [
         dict(
             prompt=prompts[i % 4],
-            max_tokens=40 + 9 * i,
+            max_tokens=24 + 8 * i,
             temperature=[0.0, 0.7, 1.0, 1.4][i % 4],
             top_p=[None, 0.9][i % 2],
             seed=100 + i,
@@ -397,7 +397,6 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
         "already in use": ["--model", str(trained_model_dir), "--port", str(port)],
         "not an address": ["--model", str(trained_model_dir), "--host", "no-such-host.invalid", "--port", "0"],
         "--max-batch must be": ["--model", str(trained_model_dir), "--max-batch", "0"],
-        "--port must be": ["--model", str(trained_model_dir), "--port", "70000"],
     }
     try:
         procs = {

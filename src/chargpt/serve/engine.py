@@ -2,8 +2,11 @@
 
 Each choice of each request is a row with its own batch-of-one KV cache (generate's Decoder), its own
 sampling settings and its own torch.Generator, so its text never depends on what else is in the batch: a
-request with a seed gets exactly what `chargpt.generate` returns. A request joins at the next step and its
-rows leave as soon as they finish or it is cancelled. The model runs in one background thread; results go
+request with a seed gets exactly what `chargpt.generate` returns. Each step runs one batched forward for
+every row that continues through its cache (rows.decode_rows); a row that must build its cache (its prompt,
+or every step past block_size) runs that forward on its own, as generate() does: it is a matrix-matrix
+product already, so batching it would save nothing. A request joins at the next step and its rows leave as
+soon as they finish or it is cancelled. The model runs in one background thread; results go
 back through a `deliver` callback (the HTTP layer hands them to its event loop). At most `max_batch` rows
 run at once; up to `max_queue` requests wait beyond that, and `submit` refuses the rest (QueueFull).
 """
@@ -94,7 +97,7 @@ class _Shared:
     """State the request threads and the engine thread share; guarded by Engine._cond."""
 
     waiting: deque[Job] = field(default_factory=deque)  # beyond the batch, in arrival order
-    joining: list[Job] = field(default_factory=list)  # slots reserved; they start at the next step
+    joining: list[Job] = field(default_factory=list)  # places reserved; they start at the next step
     reserved: int = 0  # rows running or joining
     closing: bool = False
     deadline: float | None = None  # when closing: end whatever still runs at this time.monotonic()
