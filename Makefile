@@ -39,6 +39,7 @@ format: install
 
 bench: install
 	$(PY) benchmarks/bench_tokenizer.py
+	$(PY) benchmarks/bench_corpus.py
 	$(PY) benchmarks/bench_sample.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_quality.py

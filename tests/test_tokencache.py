@@ -260,11 +260,17 @@ def test_invalid_utf8_part_way_names_the_byte_offset_and_leaves_no_cache(tmp_pat
     assert cache_files(cache) == []
 
 
+@pytest.mark.parametrize("age", ["written just before", "an hour old"])
 @pytest.mark.parametrize("change", ["append", "same size"])
-def test_a_corpus_that_changes_while_being_tokenized_is_an_error_and_leaves_no_cache(change, tmp_path, monkeypatch):
-    """The file changes between pass 1 (vocabulary) and pass 2 (ids): caught, nothing stale is kept."""
+def test_a_corpus_that_changes_while_being_tokenized_is_an_error_and_leaves_no_cache(
+    change, age, tmp_path, monkeypatch
+):
+    """The file changes between pass 1 (vocabulary) and pass 2 (ids): caught, nothing stale is kept. An old
+    file's change moves its mtime (checked after pass 2); a just-written one is hashed again."""
     path = tmp_path / "growing.txt"
     path.write_text("abc " * 1000)
+    if age == "an hour old":
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
     real_encode = tokencache.encode
 
     def encode_after_a_change(*args, **kwargs):

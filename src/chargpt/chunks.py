@@ -262,14 +262,18 @@ def encode(
     dtype: str,
     write: Callable[[Any], Any],
     progress: bool,
+    racy_after_ns: int = 0,
 ) -> None:
-    """Pass 2: hand each chunk's ids to `write`; a file whose bytes differ from pass 1's is an error."""
+    """Pass 2: hand each chunk's ids to `write`. A file that changed since it was listed is an error: its
+    size and mtime are checked again at the end; one modified after `racy_after_ns` (so recently that a
+    change might not move its mtime) is hashed again instead, as are files held in memory."""
     encoder = Encoder(tokenizer, dtype)
     with progress_bar(sum(s.size for s in sources), "writing token ids", progress) as bar:
         for i, (src, seen) in enumerate(zip(sources, found.files, strict=True)):
             if i:
                 write(encoder.joiner)
-            digest, n_ids = hashlib.sha256(), 0
+            rehash = src.data is not None or src.mtime_ns > racy_after_ns
+            digest, n_ids = hashlib.sha256() if rehash else _NoDigest(), 0
             for _, raw in prefetched(file_chunks(src, digest)):
                 try:
                     ids = encoder(raw)
@@ -278,8 +282,23 @@ def encode(
                 n_ids += len(ids)
                 write(ids)
                 bar.update(len(raw))
-            if digest.hexdigest() != seen["sha256"] or n_ids != seen["chars"]:
+            if n_ids != seen["chars"] or (rehash and digest.hexdigest() != seen["sha256"]):
                 raise changed_error(src.path)
+            if not rehash and _stat(src.path) != (src.size, src.mtime_ns):
+                raise changed_error(src.path)
+
+
+class _NoDigest:
+    def update(self, data: bytes) -> None:
+        pass
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 class Encoder:

@@ -248,7 +248,7 @@ def _build(
     header_path.unlink(missing_ok=True)  # from here on, the old cache is invalid
     try:
         with atomic_writer(tokens_path, reserve=nbytes) as f, BackgroundWriter(f) as write:
-            encode(sources, found, tokenizer, dtype, write, progress)
+            encode(sources, found, tokenizer, dtype, write, progress, racy_after_ns=started_ns - RACY_NS)
         st = tokens_path.stat()
         header = {
             "format": FORMAT,
