@@ -21,6 +21,7 @@ import openai
 import pytest
 import torch
 
+from chargpt import precision as prec
 from chargpt.checkpoint import load_model
 from chargpt.generate import SampleConfig, generate
 from serving import ServerProcess, start_server
@@ -60,11 +61,15 @@ def streamed(client: openai.OpenAI, **request) -> tuple[str, list]:
 
 def test_ready_line_health_and_models(server: ServerProcess, client: openai.OpenAI):
     assert server.banner.count("\n") == 1 and "tiny" in server.banner
+    chosen = {kind: prec.resolve("auto", "cpu", kind) for kind in ("prefill", "decode")}  # as generate() chooses
+    assert f" in {prec.describe(chosen)}" in server.banner  # the precision chosen, and why
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     models = client.models.list().data
     assert [(m.id, m.object, m.owned_by) for m in models] == [(MODEL, "model", "chargpt")]
     assert isinstance(models[0].created, int) and models[0].created > 0
     assert client.models.retrieve(MODEL).id == MODEL
+    meta = httpx.get(server.url + "/v1/models").json()["data"][0]["meta"]
+    assert meta["precision"] == {kind: c.name for kind, c in chosen.items()}
 
 
 # inside the 32-character window and well past it; greedy, temperature, top-k, top-p; a prompt longer than the window
@@ -397,6 +402,7 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
         "already in use": ["--model", str(trained_model_dir), "--port", str(port)],
         "not an address": ["--model", str(trained_model_dir), "--host", "no-such-host.invalid", "--port", "0"],
         "--max-batch must be": ["--model", str(trained_model_dir), "--max-batch", "0"],
+        "invalid choice: 'fp16'": ["--model", str(trained_model_dir), "--precision", "fp16"],
     }
     try:
         procs = {
@@ -406,7 +412,8 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
         for words, proc in procs.items():
             out, err = proc.communicate(timeout=120)
             assert proc.returncode == 2, (words, err)
-            assert err.startswith("chargpt: error:") and words in err and len(err.strip().splitlines()) == 1, err
+            assert err.startswith(("chargpt: error:", "chargpt serve: error:")) and words in err, err
+            assert len(err.strip().splitlines()) == 1, err
             assert "Traceback" not in err and out == ""
     finally:
         sock.close()

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from chargpt import precision as prec
 from chargpt.checkpoint import load_model
 from chargpt.config import GPTConfig
 from chargpt.generate import SampleConfig, generate
-from chargpt.model import GPT
+from chargpt.model import GPT, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
-from chargpt.serve.rows import matches_decoder
+from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,42 @@ def test_a_failing_step_ends_its_jobs_and_the_engine_goes_on(tiny):
     assert good_out.texts == [generate(model, tokenizer, "ROMEO:", max_new_tokens=30, seed=s)[0] for s in (4, 5)]
     engine.close()
     engine.join(10)
+
+
+def test_engine_in_bf16_equals_generate_in_bf16(tiny):
+    """--precision bf16: the engine resolves the name as generate does, and a seeded job still returns exactly
+    generate's text in that precision (batched where the bf16 batched step is bit-exact here, else row by row)."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=3, max_queue=3, precision="bf16")
+    assert (engine.prefill.name, engine.decode.name) == ("bf16", "bf16")
+    assert engine.batched == matches_decoder(model, engine.prefill, engine.decode)
+    engine.start()
+    cases = []
+    for i, prompt in enumerate(["\n", "ROMEO:"]):
+        kw = dict(max_new_tokens=30, temperature=0.9, seed=7 + i, precision="bf16")
+        job, got = _job([ChoiceSpec(tokenizer.encode(prompt).tolist(), **{k: kw[k] for k in kw if k != "precision"})])
+        engine.submit(job)
+        cases.append((prompt, kw, got))
+    for prompt, kw, got in cases:
+        assert got.done.wait(120)
+        assert got.texts == generate(model, tokenizer, prompt, SampleConfig(**kw))
+    engine.close()
+
+
+def test_the_batched_step_runs_in_the_precision_asked(tiny):
+    """The bf16 choice reaches the batched step: its logits differ from the fp32 step's by bf16 rounding, not more."""
+    model, _ = tiny
+    bf16 = prec.Choice("bf16", "asked for")
+    logits = {}
+    with torch.inference_mode():
+        for name, choice in (("fp32", prec.FP32), ("bf16", bf16)):
+            pool = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+            caches = [SlotCache(pool, slot) for slot in (0, 1)]
+            seqs = [torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]])]
+            for cache, seq in zip(caches, seqs, strict=True):
+                slot_decoder(model, cache, choice, choice)(seq[:, :-1])
+            with prec.autocast("cpu", choice):
+                logits[name] = decode_rows(model, pool, caches, torch.tensor([4, 6]))
+    assert logits["bf16"].dtype == torch.bfloat16 and logits["fp32"].dtype == torch.float32
+    diff = (logits["bf16"].float() - logits["fp32"]).abs().max().item()
+    assert 0 < diff < 0.25

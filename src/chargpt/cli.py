@@ -300,14 +300,31 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EXAMPLES,
     )
     v.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    v.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only; 0.0.0.0 = every interface (default: 127.0.0.1)")
+    v.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="127.0.0.1 = this machine only; 0.0.0.0 = every interface (default: 127.0.0.1)",
+    )
     v.add_argument("--port", type=int, default=8000, help="0 = any free port (default: 8000)")
-    v.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request (default: none)")
+    v.add_argument(
+        "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request (default: none)"
+    )
     v.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together (default: 32)")
-    v.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait; beyond: 503 (default: 64)")
-    v.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N", help="cap on max_tokens per request (default: 4096)")
-    v.add_argument("--max-prompt-chars", type=int, default=65536, metavar="N", help="cap on a prompt's length in characters (default: 65536)")
+    v.add_argument(
+        "--max-queue", type=int, default=64, metavar="N", help="requests that may wait; beyond: 503 (default: 64)"
+    )
+    v.add_argument(
+        "--max-tokens-limit", type=int, default=4096, metavar="N", help="cap on max_tokens per request (default: 4096)"
+    )
+    v.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="cap on a prompt's length in characters (default: 65536)",
+    )
     v.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    v.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p
 
 
@@ -672,6 +689,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_chars=args.max_prompt_chars,
+        precision=args.precision,
     )
     cfg.validate()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -242,11 +241,7 @@ def token_stream(
     was_training = model.training
     model.eval()
     try:
-        with ExitStack() as region:
-            if "bf16" in (prefill.name, decode.name) and device.type in ("cpu", "cuda"):
-                # autocast forgets its bf16 copies of the weights when the outermost autocast region ends: this
-                # (disabled) region around the whole generation keeps them, so each weight is cast once, not per token
-                region.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=False))
+        with prec.weight_cast_region(device, prefill, decode):  # each weight is cast once, not per token
             for n in range(T0, T0 + max_new_tokens):
                 nxt = pick_next(decoder(seq[:, :n]), temperature, top_k, top_p, generator)  # (B,)
                 seq[:, n] = nxt

@@ -159,6 +159,16 @@ def autocast(device: torch.device | str, choice: Choice, cache_enabled: bool = T
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=choice.name == "bf16", cache_enabled=cache_enabled)
 
 
+def weight_cast_region(device: torch.device | str, *choices: Choice) -> AbstractContextManager:
+    """Wrap a whole generation (or a server's decoding thread) in this: autocast forgets its bf16 copies of the
+    weights whenever the outermost autocast region ends, so without an enclosing (disabled) region every
+    token would cast every weight again. A no-op unless one of the choices is bf16."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda") or all(c.name != "bf16" for c in choices):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=False)
+
+
 def autocast_for(device: torch.device | str, kind: str, name: str = "auto") -> AbstractContextManager:
     """resolve() and autocast() in one call, for callers that only need the context (e.g. a server)."""
     return autocast(device, resolve(name, device, kind))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chargpt import precision as prec
 from chargpt.generate import Decoder, StopFilter, _generators, pick_next
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
@@ -106,12 +107,21 @@ class _Shared:
 class Engine:
     """Continuous batching over one model; start() it, submit() jobs, close() it."""
 
-    def __init__(self, model: GPT | BigramLM, tokenizer: CharTokenizer, max_batch: int = 32, max_queue: int = 64):
+    def __init__(
+        self,
+        model: GPT | BigramLM,
+        tokenizer: CharTokenizer,
+        max_batch: int = 32,
+        max_queue: int = 64,
+        precision: str = "auto",
+    ):
         self.model = model.eval()
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.batched = isinstance(model, GPT) and matches_decoder(model)
+        # as chargpt.generate resolves the same name: a seeded request returns exactly what generate returns
+        self.prefill, self.decode = (prec.resolve(precision, self.device, kind) for kind in ("prefill", "decode"))
+        self.batched = isinstance(model, GPT) and matches_decoder(model, self.prefill, self.decode)
         if isinstance(model, GPT) and not self.batched:
             log.warning(
                 "batched decoding does not reproduce single-row results on %s; decoding rows one by one", self.device
@@ -191,7 +201,7 @@ class Engine:
             self._promote()
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), prec.weight_cast_region(self.device, self.prefill, self.decode):
             while (joining := self._wait_for_work()) is not None:
                 try:
                     for job in joining:
@@ -254,9 +264,10 @@ class Engine:
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
             (generator,) = _generators(spec.seed, 1)
             if self.pool is not None:
-                decoder = slot_decoder(self.model, SlotCache(self.pool, self._free_slots.pop()))  # type: ignore[arg-type]
+                slot = SlotCache(self.pool, self._free_slots.pop())
+                decoder = slot_decoder(self.model, slot, self.prefill, self.decode)  # type: ignore[arg-type]
             else:
-                decoder = Decoder(self.model, 1)
+                decoder = Decoder(self.model, 1, prefill=self.prefill, decode=self.decode)
             text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
             self._rows.append(_Row(job, index, spec, decoder, seq, len(spec.prompt_ids), generator, text, last))
         if done:
@@ -272,7 +283,8 @@ class Engine:
         if fast:
             tokens = torch.tensor([rows[i].last for i in fast], device=self.device)  # (B,)
             caches = [rows[i].decoder.cache for i in fast]
-            logits = decode_rows(self.model, self.pool, caches, tokens)  # type: ignore[arg-type]
+            with prec.autocast(self.device, self.decode):
+                logits = decode_rows(self.model, self.pool, caches, tokens)  # type: ignore[arg-type]
             for j, i in enumerate(fast):
                 rows[i].decoder.seen = rows[i].n
                 out[i] = logits[j : j + 1]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chargpt import precision as prec
 from chargpt.generate import Decoder
 from chargpt.model import GPT, CausalSelfAttention, KVCache
 
@@ -36,7 +37,10 @@ class SlotCache(KVCache):
 
 def linear_rows(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x (B, 1, in) -> (B, 1, out), each row computed as F.linear computes a batch of one."""
-    w = lin.weight.t().expand(x.size(0), -1, -1)  # (B, in, out), no copy
+    weight = lin.weight
+    if torch.is_autocast_enabled(x.device.type):  # cast the weight itself, not its B-fold broadcast
+        weight = weight.to(torch.get_autocast_dtype(x.device.type))
+    w = weight.t().expand(x.size(0), -1, -1)  # (B, in, out), no copy
     if lin.bias is None:
         return torch.bmm(x, w)
     return torch.baddbmm(lin.bias.expand(x.size(0), 1, -1), x, w)
@@ -57,8 +61,9 @@ def _attend_rows(attn: CausalSelfAttention, x: torch.Tensor, rows: _Rows, layer:
     B, _, C = x.shape
     q, k, v = linear_rows(attn.qkv, x).split(C, dim=2)  # 3 x (B, 1, C)
     q, k, v = (t.view(B, 1, attn.n_heads, attn.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, 1, hs)
-    rows.pool.k[layer][rows.slots, :, rows.positions] = k[:, :, 0]  # every row's new key: (B, H, hs)
-    rows.pool.v[layer][rows.slots, :, rows.positions] = v[:, :, 0]
+    pool_k, pool_v = rows.pool.k[layer], rows.pool.v[layer]  # stored in the cache's dtype, as model.step stores
+    pool_k[rows.slots, :, rows.positions] = k[:, :, 0].to(pool_k.dtype)  # every row's new key: (B, H, hs)
+    pool_v[rows.slots, :, rows.positions] = v[:, :, 0].to(pool_v.dtype)
     ys = []
     for b, cache in enumerate(rows.caches):
         end = cache.length + 1
@@ -86,8 +91,11 @@ def decode_rows(model: GPT, pool: KVCache, caches: list[SlotCache], tokens: torc
 
 
 @torch.inference_mode()
-def matches_decoder(model: GPT, rows: int = 3) -> bool:
-    """Does decode_rows give bit for bit the logits of each row's own batch-of-one step, here, on this device?
+def matches_decoder(
+    model: GPT, prefill: prec.Choice = prec.FP32, decode: prec.Choice = prec.FP32, rows: int = 3
+) -> bool:
+    """Does decode_rows give bit for bit the logits of each row's own batch-of-one step, here, on this device,
+    in these number formats (the rebuilds in `prefill`, the one-token steps in `decode`)?
 
     Rows of random tokens at different positions (1, the middle, the last cached one), one step each.
     """
@@ -101,16 +109,21 @@ def matches_decoder(model: GPT, rows: int = 3) -> bool:
     p = next(model.parameters())
     pool = KVCache(model.config, len(seqs) + 1, p.device, p.dtype)
     caches = [SlotCache(pool, slot) for slot in (2, 0, 1)[: len(seqs)]]  # slots out of order, one left empty
-    batched, single = [slot_decoder(model, c) for c in caches], [Decoder(model, 1) for _ in seqs]
-    for seq, a, b in zip(seqs, batched, single, strict=True):
-        a(seq[:, :-1]), b(seq[:, :-1])  # prefill all but the last token
-    expected = torch.cat([d(seq) for d, seq in zip(single, seqs, strict=True)])  # (rows, vocab)
-    got = decode_rows(model, pool, caches, torch.cat([seq[:, -1] for seq in seqs]))
+    batched = [slot_decoder(model, c, prefill, decode) for c in caches]
+    single = [Decoder(model, 1, prefill=prefill, decode=decode) for _ in seqs]
+    with prec.weight_cast_region(device, prefill, decode):
+        for seq, a, b in zip(seqs, batched, single, strict=True):
+            a(seq[:, :-1]), b(seq[:, :-1])  # prefill all but the last token
+        expected = torch.cat([d(seq) for d, seq in zip(single, seqs, strict=True)])  # (rows, vocab)
+        with prec.autocast(device, decode):
+            got = decode_rows(model, pool, caches, torch.cat([seq[:, -1] for seq in seqs]))
     return torch.equal(got, expected)
 
 
-def slot_decoder(model: GPT, cache: SlotCache) -> Decoder:
+def slot_decoder(
+    model: GPT, cache: SlotCache, prefill: prec.Choice = prec.FP32, decode: prec.Choice = prec.FP32
+) -> Decoder:
     """generate's Decoder for one row, keeping its cache in a pool slot."""
-    decoder = Decoder(model, 1, use_cache=False)
+    decoder = Decoder(model, 1, use_cache=False, prefill=prefill, decode=decode)
     decoder.cache = cache
     return decoder

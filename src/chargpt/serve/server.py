@@ -21,7 +21,9 @@ from types import FrameType
 import torch
 import uvicorn
 
+from chargpt import precision as prec
 from chargpt.checkpoint import WEIGHTS, load_model, read_config
+from chargpt.config import PRECISIONS
 from chargpt.errors import ChargptError
 from chargpt.serve.app import AppState, ModelCard, create_app
 from chargpt.serve.engine import Engine
@@ -39,6 +41,7 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_prompt_chars: int = 65536
     max_body_bytes: int = 1 << 20
+    precision: str = "auto"  # fp32, bf16 or auto: per kind of work (prefill, one-token decode), as in sampling
     grace: float = 1.0  # seconds running requests get to finish after Ctrl-C / SIGTERM
 
     def validate(self) -> None:
@@ -49,6 +52,10 @@ class ServeConfig:
             (self.max_tokens_limit >= 1, f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}"),
             (self.max_prompt_chars >= 1, f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
+            (
+                self.precision in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,7 +146,9 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
     try:
         model, tokenizer = load_model(cfg.model, device)
         card = model_card(cfg.model, model)
-        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue)
+        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.precision)
+        card.meta["precision"] = {"prefill": engine.prefill.name, "decode": engine.decode.name}
+        card.meta["precision_reason"] = prec.describe({"prefill": engine.prefill, "decode": engine.decode})
         limits = Limits(cfg.max_tokens_limit, cfg.max_prompt_chars, cfg.max_batch, cfg.max_body_bytes)
         app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key))
         config = uvicorn.Config(
@@ -157,8 +166,10 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
 
 
 def describe(card: ModelCard) -> str:
-    """'tiny (4.2k parameters, val loss 1.93)' for the one-line banner."""
+    """'tiny (4.2k parameters, val loss 1.930) in fp32 (the default)' for the one-line banner."""
     n = card.meta.get("n_params") or 0
     size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
     val = card.meta.get("val_loss")
-    return f"{card.id} ({size} parameters" + (f", val loss {val:.3f})" if isinstance(val, float) else ")")
+    described = f"{card.id} ({size} parameters" + (f", val loss {val:.3f})" if isinstance(val, float) else ")")
+    reason = card.meta.get("precision_reason")
+    return described + (f" in {reason}" if reason else "")
