@@ -4,8 +4,10 @@ and one tiny model trained for real once per session. Tests never need ../shared
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from chargpt.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT = 180  # seconds; a hung rank fails the test instead of the CI job
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -84,3 +87,27 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kwargs)
         timeout=timeout,
         **kwargs,
     )
+
+
+def spawn_gloo_ranks(fn: Callable[..., None], payload: object, world: int = 2) -> dict:
+    """Run fn(rank, world, port, payload, results) in `world` spawned processes (a free 127.0.0.1 port for their
+    gloo group) and return what they put in `results`. A rank still running after LAUNCH_TIMEOUT is killed and
+    fails the test; every rank must exit 0."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        args = (world, port, payload, shared)
+        ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+        for p in ctx.processes:
+            p.join(LAUNCH_TIMEOUT)
+        hung = [p.pid for p in ctx.processes if p.is_alive()]
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        assert not hung, "a rank hung"
+        assert [p.exitcode for p in ctx.processes] == [0] * world
+        return dict(shared)

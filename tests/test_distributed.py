@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from chargpt import checkpoint as ckpt
 from chargpt.errors import ChargptError
 from chargpt.train import train
-from conftest import run_cli, tiny_config
+from conftest import LAUNCH_TIMEOUT, run_cli, spawn_gloo_ranks, tiny_config
 
 RTOL = 1e-5
-LAUNCH_TIMEOUT = 180  # seconds; a hung rank fails the test instead of the CI job
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 # shorter than tiny_config's default, still three evaluations (10, 20, 24); at learning_rate 3e-3 Adam amplifies
 # float rounding (the sums run in another order) past 1e-5 by step 24, at 1e-3 it stays near 3e-6
@@ -46,12 +43,6 @@ def single(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             mp_env.delenv(key, raising=False)
         train(tiny_config(out, text_file, **SMALL), progress=False)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -126,20 +117,7 @@ def test_gradient_accumulation_equals_the_double_micro_batch(single, text_file, 
 def test_two_spawned_gloo_ranks_with_accumulation_equal_one_process(single, text_file, tmp_path):
     """2 ranks x 2 micro-batches of 4 (torch.multiprocessing, gloo on 127.0.0.1) == 1 process, batch 16."""
     cfg_kwargs = dict(out=str(tmp_path / "ddp"), data=str(text_file), gradient_accumulation_steps=2, **SMALL)
-    with mp.Manager() as manager:
-        shared = manager.dict()
-        ctx = mp.start_processes(
-            _spawned_rank, args=(2, _free_port(), cfg_kwargs, shared), nprocs=2, join=False, start_method="spawn"
-        )
-        for p in ctx.processes:
-            p.join(LAUNCH_TIMEOUT)
-        hung = [p.pid for p in ctx.processes if p.is_alive()]
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        assert not hung, "a rank hung"
-        assert [p.exitcode for p in ctx.processes] == [0, 0]
-        results = dict(shared)
+    results = spawn_gloo_ranks(_spawned_rank, cfg_kwargs)
     assert {r: v[0] for r, v in results.items()} == {0: 0, 1: 1}
     assert results[0][1:3] == results[1][1:3]  # same step, same best val loss on both ranks
     assert not results[0][3] and not results[1][3], "train() left its process group behind"

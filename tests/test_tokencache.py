@@ -10,7 +10,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from chargpt import checkpoint as ckpt
 from chargpt import chunks, tokencache
@@ -41,11 +39,10 @@ from chargpt.evaluate import evaluate, evaluate_file
 from chargpt.generate import generate
 from chargpt.tokenizer import UNKNOWN, CharTokenizer
 from chargpt.train import train
-from conftest import tiny_config
+from conftest import spawn_gloo_ranks, tiny_config
 
 train_module = importlib.import_module("chargpt.train")  # `chargpt.train` is also the name of the function
 AUTO = vocab_policy("auto", 1)
-LAUNCH_TIMEOUT = 180
 
 
 @pytest.fixture(autouse=True)
@@ -427,12 +424,6 @@ def test_vocab_file_fixes_the_vocabulary(tmp_path):
 # DDP: the first rank builds, the others wait and map the same file
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_prepares(rank: int, world: int, port: int, configs: list[dict], results: dict) -> None:
     """One rank of a gloo group: prepare_data for each config in turn, as train() does."""
     import torch.distributed as dist
@@ -461,20 +452,7 @@ def test_two_gloo_ranks_rank_0_builds_the_cache_and_both_map_it(tmp_path):
         dict(data=str(data), out=str(tmp_path / "m"), token_cache=str(cache), block_size=8),
         dict(data=str(tmp_path / "bad.txt"), out=str(tmp_path / "m"), token_cache=str(cache)),
     ]
-    with mp.Manager() as manager:
-        shared = manager.dict()
-        ctx = mp.start_processes(
-            _rank_prepares, args=(2, _free_port(), configs, shared), nprocs=2, join=False, start_method="spawn"
-        )
-        for p in ctx.processes:
-            p.join(LAUNCH_TIMEOUT)
-        hung = [p.pid for p in ctx.processes if p.is_alive()]
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        assert not hung, "a rank hung"
-        assert [p.exitcode for p in ctx.processes] == [0, 0]
-        results = dict(shared)
+    results = spawn_gloo_ranks(_rank_prepares, configs)
     good = results[0, 0], results[1, 0]
     assert good[0][0] == good[1][0] == "ok"
     assert (good[0][1], good[1][1]) == (True, False)  # rank 0 tokenized, rank 1 opened its cache
