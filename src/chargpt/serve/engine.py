@@ -148,14 +148,11 @@ class Engine:
             s = self._shared
             if s.closing:
                 raise ShuttingDown()
-            if not s.waiting and s.reserved + need <= self.max_batch:
-                s.reserved += need
-                job.held = need
-                s.joining.append(job)
-            elif len(s.waiting) < self.max_queue:
-                s.waiting.append(job)
-            else:
+            starts_now = not s.waiting and s.reserved + need <= self.max_batch
+            if not starts_now and len(s.waiting) >= self.max_queue:
                 raise QueueFull()
+            s.waiting.append(job)
+            self._promote()  # a job that fits now joins at once, without taking a place in the queue
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
