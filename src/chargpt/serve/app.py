@@ -236,16 +236,7 @@ async def _stream(run: _Run, job: Job, engine: Engine, include_usage: bool) -> A
             run.record(item)
             yield wire.stream_chunk(run.id, run.model, run.created, item, include_usage)
         if include_usage:
-            yield wire.sse(
-                {
-                    "id": run.id,
-                    "object": "text_completion",
-                    "created": run.created,
-                    "model": run.model,
-                    "choices": [],
-                    "usage": run.usage(),
-                }
-            )
+            yield wire.sse(wire.completion_body(run.id, run.model, run.created, [], run.usage()))
         yield "data: [DONE]\n\n"
     finally:
         if not run.done:

@@ -242,7 +242,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(cid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict) -> dict[str, Any]:
+def completion_body(
+    cid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict | None
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "text_completion",
@@ -254,19 +256,13 @@ def completion_body(cid: str, model: str, created: int, choices: list[dict[str, 
 
 
 def stream_chunk(cid: str, model: str, created: int, pieces: list[Piece], with_usage: bool) -> str:
-    """One SSE event per piece, in one write."""
+    """One SSE event per piece, in one write. With usage asked for, every chunk but the last carries `"usage": null`."""
     out = []
     for p in pieces:
-        body: dict[str, Any] = {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice(p.index, p.text, p.finish_reason)],
-        }
-        if with_usage:
-            body["usage"] = None
-        out.append(f"data: {json.dumps(body, ensure_ascii=False)}\n\n")
+        body = completion_body(cid, model, created, [choice(p.index, p.text, p.finish_reason)], None)
+        if not with_usage:
+            del body["usage"]
+        out.append(sse(body))
     return "".join(out)
 
 
