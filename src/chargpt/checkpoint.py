@@ -434,7 +434,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     return {
         "dir": str(directory),
         "model": {"arch": cfg.model, **shape},
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": model.num_params(),
         "vocab": tokenizer.to_list(),
         "training": training,
         "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
