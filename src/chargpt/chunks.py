@@ -262,7 +262,7 @@ def encode(
     dtype: str,
     write: Callable[[Any], Any],
     progress: bool,
-    racy_after_ns: int = 0,
+    racy_after_ns: int,
 ) -> None:
     """Pass 2: hand each chunk's ids to `write`. A file that changed since it was listed is an error: its
     size and mtime are checked again at the end; one modified after `racy_after_ns` (so recently that a

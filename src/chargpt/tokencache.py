@@ -76,7 +76,7 @@ def tokenize(
     """
     started_ns = time.time_ns()
     if cache is None or any(s.data is not None for s in sources):
-        return _into_memory(sources, policy, progress, None, "")
+        return _into_memory(sources, policy, progress, None, "", started_ns)
     plain = identity.split("*")[0].split("?")[0].split("[")[0].rstrip("/")  # a glob's folder
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(plain).stem or "corpus")[:40]
     key = hashlib.sha256(json.dumps([identity, policy.key]).encode()).hexdigest()[:16]
@@ -87,7 +87,7 @@ def tokenize(
     except OSError as e:
         reason = f"the token cache folder {cache} is not usable ({e.strerror})"
         log.warning("%s; tokenizing into memory", reason)
-        return _into_memory(sources, policy, progress, None, reason)
+        return _into_memory(sources, policy, progress, None, reason, started_ns)
     try:
         return _open(stem, sources, policy, started_ns) or _build(stem, sources, policy, identity, started_ns, progress)
     finally:
@@ -267,9 +267,10 @@ def _build(
         }
         _write_header(header_path, header)
     except DiskFullError as e:
-        return _fallback(tokens_path, sources, policy, progress, found, str(e).split(";")[0])
+        return _fallback(tokens_path, sources, policy, progress, found, str(e).split(";")[0], started_ns)
     except OSError as e:
-        return _fallback(tokens_path, sources, policy, progress, found, f"cannot write {tokens_path} ({e.strerror})")
+        reason = f"cannot write {tokens_path} ({e.strerror})"
+        return _fallback(tokens_path, sources, policy, progress, found, reason, started_ns)
     except BaseException:
         tokens_path.unlink(missing_ok=True)  # e.g. the text changed while being tokenized: no cache at all
         raise
@@ -285,14 +286,22 @@ def _build(
 
 
 def _fallback(
-    tokens_path: Path, sources: list[SourceFile], policy: Policy, progress: bool, found: Scan, reason: str
+    tokens_path: Path,
+    sources: list[SourceFile],
+    policy: Policy,
+    progress: bool,
+    found: Scan,
+    reason: str,
+    started_ns: int,
 ) -> Tokens:
     tokens_path.unlink(missing_ok=True)  # a token file without its header would only be rebuilt: no partial cache
     log.warning("%s; tokenizing into memory instead (no cache is left behind)", reason)
-    return _into_memory(sources, policy, progress, found, reason)
+    return _into_memory(sources, policy, progress, found, reason, started_ns)
 
 
-def _into_memory(sources: list[SourceFile], policy: Policy, progress: bool, found: Scan | None, reason: str) -> Tokens:
+def _into_memory(
+    sources: list[SourceFile], policy: Policy, progress: bool, found: Scan | None, reason: str, started_ns: int
+) -> Tokens:
     found = found or scan(sources, policy.min_count > 1, progress)
     tokenizer = vocabulary(found, policy)
     dtype = dtype_for(tokenizer.vocab_size)
@@ -305,7 +314,7 @@ def _into_memory(sources: list[SourceFile], policy: Policy, progress: bool, foun
             f"({available / 1e9:.1f} GB available); free disk space or pass --token-cache DIR on a larger disk"
         )
     sink = _ArraySink(ids, sources[0].path)
-    encode(sources, found, tokenizer, dtype, sink, progress)
+    encode(sources, found, tokenizer, dtype, sink, progress, racy_after_ns=started_ns - RACY_NS)
     return Tokens(tokenizer, ids, None, built=True)
 
 
