@@ -394,9 +394,9 @@ class BackgroundWriter:
             raise self.error
 
 
-def progress_bar(total: int, desc: str, progress: bool) -> Any:
-    """A bytes progress bar (MB/s) on stderr, only where a person watches: a terminal, progress asked for."""
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "B") -> Any:
+    """A progress bar (bytes: MB/s) on stderr, only where a person watches: a terminal, progress asked for."""
     from tqdm import tqdm
 
     show = progress and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not show, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, disable=not show, leave=False)

@@ -221,8 +221,12 @@ def vocab_policy(vocab: str, min_char_count: int, given: CharTokenizer | None = 
     symbol) or fixed by a file of characters; `given` (a resumed run's vocabulary) is encoded with as is."""
     if vocab == "auto":
         return Policy(key=f"auto-min{min_char_count}", fixed=given, min_count=min_char_count)
-    fixed = given or vocab_from_file(vocab)
-    return Policy(key=f"vocab-{vocab_digest(fixed)}", fixed=fixed)
+    return fixed_policy(given or vocab_from_file(vocab))
+
+
+def fixed_policy(tokenizer: CharTokenizer) -> Policy:
+    """Encode with exactly this vocabulary (a --vocab file's, or a trained model's): one cache per vocabulary."""
+    return Policy(key=f"vocab-{vocab_digest(tokenizer)}", fixed=tokenizer)
 
 
 def vocab_from_file(path: str) -> CharTokenizer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,16 +47,11 @@ def evaluate_file(
 ) -> dict[str, float]:
     """evaluate() on a file of any size: its ids stream through the token cache (the model's vocabulary) and
     are read from the memory map a batch at a time. progress: bars on a terminal (tokenizing, scoring)."""
-    from tqdm import tqdm
+    from chargpt.chunks import progress_bar
+    from chargpt.data import fixed_policy, token_cache_dir, tokenize_corpus
 
-    from chargpt.data import token_cache_dir, tokenize_corpus, vocab_digest
-    from chargpt.tokencache import Policy
-
-    policy = Policy(key=f"model-{vocab_digest(tokenizer)}", fixed=tokenizer)
-    tokens = tokenize_corpus(str(path), policy, token_cache_dir(token_cache), progress=progress)
-    show = progress and sys.stderr.isatty()
-    with tqdm(total=max(len(tokens.ids) - 1, 0), desc="evaluating", unit="char", unit_scale=True,
-              file=sys.stderr, disable=not show, leave=False) as bar:  # fmt: skip
+    tokens = tokenize_corpus(str(path), fixed_policy(tokenizer), token_cache_dir(token_cache), progress=progress)
+    with progress_bar(max(len(tokens.ids) - 1, 0), "evaluating", progress, unit="char") as bar:
         return evaluate_ids(model, tokens.ids, batch_size, precision, progress=bar.update)
 
 
