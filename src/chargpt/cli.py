@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from chargpt import __version__
-from chargpt.config import MODEL_TYPES, PRECISIONS, PRESETS, TIME_GOVERNED_UPDATES, TrainConfig
+from chargpt.config import MODEL_TYPES, PRECISIONS, PRESETS, TIME_GOVERNED_UPDATES, TRAIN_FIELDS, TrainConfig
 from chargpt.errors import ChargptError
 
 # set by the --nproc launcher: each rank writes its last line (an error, "interrupted ...") to DIR/rankN,
@@ -64,6 +64,7 @@ FLAG_HELP = {
     "compile": "torch.compile the model (needs a C++ compiler on CPU)",
     "precision": "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16",
 }
+DEVICE_HELP = f"{FLAG_HELP['device']} (default: auto)"
 PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
 GROUPS = {
     "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count"),
@@ -168,7 +169,7 @@ def _preset_here() -> str:
 
 def _default_text(name: str) -> str:
     """`default X`, or the two presets' values for the fields a preset sets."""
-    f = next(f for f in fields(TrainConfig) if f.name == name)
+    f = TRAIN_FIELDS[name]
     if name == "data":
         return "default: the complete Shakespeare plays, built in"
     if f.type == "bool":
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop", action="append", default=[], help="end a sample at this string; repeatable (default: none)"
     )
     s.add_argument("--no-stream", action="store_true", help="print when done instead of as generated (default: off)")
-    s.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument(
         "--threads",
         type=int,
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
     e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, any size: streamed (required)")
-    e.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar on a terminal)")
     e.add_argument(
         "--token-cache", metavar="DIR", help="folder for the tokenized file (default: chargpt's cache folder)"
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="cap on a prompt's length in characters (default: 65536)",
     )
-    v.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: auto)")
+    v.add_argument("--device", default="auto", help=DEVICE_HELP)
     v.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p
 

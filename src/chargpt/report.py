@@ -56,9 +56,7 @@ def prepare_plot() -> None:
 def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     """loss.png: the smoothed training loss, the evaluations' train and val points, the best val, and
     the learning rate on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    prepare_plot()
     import matplotlib.pyplot as plt
 
     evals = [m for m in metrics if is_eval(m)]
@@ -133,7 +131,7 @@ def announce(
     preset_note: str,
 ) -> None:
     """Two lines before the bar: what is trained, how and where; then what it learns from, for how long."""
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_params()
     if cfg.arch == "bigram":
         shape = f"a bigram model, {n_params:,} parameters"
     else:
