@@ -169,11 +169,6 @@ def weight_cast_region(device: torch.device | str, *choices: Choice) -> Abstract
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=False)
 
 
-def autocast_for(device: torch.device | str, kind: str, name: str = "auto") -> AbstractContextManager:
-    """resolve() and autocast() in one call, for callers that only need the context (e.g. a server)."""
-    return autocast(device, resolve(name, device, kind))
-
-
 def describe(choices: dict[str, Choice]) -> str:
     """One phrase for the run's announcement, e.g. 'fp32 (this CPU has no native bf16 ...)'."""
     names = {c.name for c in choices.values()}
@@ -181,11 +176,6 @@ def describe(choices: dict[str, Choice]) -> str:
         first = next(iter(choices.values()))
         return f"{first.name} ({first.reason})"
     return "; ".join(f"{kind} {c.name} ({c.reason})" for kind, c in choices.items())
-
-
-def announce(name: str, device: torch.device | str, kinds: tuple[str, ...] = ("train", "eval")) -> str:
-    """What a run announces: the format chosen for each of its kinds of work, and why."""
-    return describe({kind: resolve(name, device, kind) for kind in kinds})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,10 +64,10 @@ class Run:
     signals: _Signals | None = None  # a signal pending during evaluation cuts it short
     precision: dict[str, precision.Choice] = field(default_factory=dict)  # "train", "eval" -> fp32 / bf16
 
-    def autocast(self, kind: str = "train") -> AbstractContextManager:
-        """bf16 autocast where the run's precision says so for this kind of work; weights stay fp32."""
-        choice = self.precision.get(kind) or precision.Choice("fp32", "")
-        return precision.autocast(self.dist.device, choice)
+    def autocast(self, kind: str) -> AbstractContextManager:
+        """bf16 autocast where the run's precision says so for this kind of work ("train", "eval"); weights
+        stay fp32."""
+        return precision.autocast(self.dist.device, self.precision[kind])
 
 
 @dataclass
@@ -239,7 +239,7 @@ def _result(run: Run, state: RunState, stopped_by: str) -> TrainResult:
 def already_finished(run: Run, state: RunState) -> bool:
     """A resumed run with nothing left to do: its steps are done, or its time budget (not extended) is spent."""
     cfg = run.cfg
-    evaluated = any(report.is_eval(m) and m["step"] == state.step for m in state.metrics)
+    evaluated = _evaluated(state)
     spent = bool(cfg.max_time and state.elapsed + state.reserve() >= cfg.max_time)
     return evaluated and (state.step >= cfg.n_updates or spent)
 
@@ -502,7 +502,9 @@ def save_state(run: Run, state: RunState) -> None:
     state.saved_at = state.tick()
     if not run.dist.main:
         return
-    report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
+    last = state.metrics[-1] if state.metrics else None
+    if not (last and report.is_eval(last) and last["step"] == state.step):  # else this step's evaluation wrote it
+        report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
     weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}
     ckpt.save_train_state(
         run.out,
