@@ -29,24 +29,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from chargpt import precision as prec
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
+TINY = SHARED / "data" / "tinyshakespeare.txt"
 # the CPU preset's model and batch; evaluation only at the end (it is not counted in training time)
 TRAIN = dict(block_size=128, n_embd=128, n_heads=4, n_layers=4, dropout=0.0, batch_size=16, learning_rate=3e-3,
              warmup_updates=50, eval_iters=10, device="cpu", seed=1337)  # fmt: skip
 
 
 def machine() -> dict:
-    info = {"cpu": "?", "flags": [], "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-        info["flags"] = [f for f in FLAGS if f in flags]
-    except (OSError, StopIteration):
-        pass
-    return info
+    cpu = prec.cpu_info()
+    return {
+        "cpu": cpu.model,
+        "flags": cpu.shown_flags(),
+        "cores": os.cpu_count(),
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def generate(path: Path, size: int, seed: int = 0, n_blocks: int = 16) -> int:
@@ -269,7 +269,7 @@ def main() -> None:
     if free < 2.5 * size:  # the text, its uint8 token file, and room to spare
         sys.exit(f"bench_corpus: {a.dir} has {free / 1e9:.1f} GB free, {2.5 * size / 1e9:.1f} GB are needed; use --dir")
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['flags']) or 'none of ' + str(FLAGS)}, "
+    print(f"machine: {info['cpu']}, {info['cores']} cores, flags {info['flags']}, "
           f"load average {info['load_1min']} (a loaded machine makes every figure slower)", flush=True)  # fmt: skip
     result = run(size, a.steps, Path(a.dir), Path(a.tiny), a.threads)
     result["threads"] = a.threads or "default"

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from chargpt import report
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
 CORPUS = SHARED / "data" / "tinyshakespeare.txt"
@@ -32,7 +34,7 @@ NANOGPT = {"best_val": 1.4702, "seconds_to_best": 82.0}  # issue 13, one H100, t
 
 
 def time_to(metrics: list[dict], target: float) -> float | None:
-    """Training seconds at the first evaluation whose val loss is <= target."""
+    """Training seconds at the first evaluation (of these evaluation rows) whose val loss is <= target."""
     return next((m["time"] for m in metrics if m["val_loss"] <= target), None)
 
 
@@ -41,13 +43,14 @@ def train(data: Path, out: str, max_time: float, extra: list[str]) -> dict:
     t0 = time.perf_counter()
     subprocess.run([*cmd, "--max-time", str(max_time), *extra], check=True)
     wall = time.perf_counter() - t0
-    metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = report.read_metrics(Path(out), sys.maxsize)  # evaluation rows and training-loss rows
+    evals = [m for m in rows if report.is_eval(m)]
     return {
         "wall_s": round(wall, 1),
-        "best_val": round(min(m["val_loss"] for m in metrics), 4),
-        "steps": metrics[-1]["step"],
-        "train_s_to_1.47": time_to(metrics, 1.47),
-        "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in metrics if m["tokens_per_s"])),
+        "best_val": round(min(m["val_loss"] for m in evals), 4),
+        "steps": rows[-1]["step"],
+        "train_s_to_1.47": time_to(evals, 1.47),
+        "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in rows if m.get("tokens_per_s"))),
     }
 
 

@@ -27,28 +27,14 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench_sample import VOCAB, seed_model  # the seed-config model with random weights, as bench_sample times it
+from chargpt import precision as prec
 from chargpt.checkpoint import save_model
-from chargpt.config import GPTConfig
-from chargpt.model import GPT
 from chargpt.tokenizer import CharTokenizer
-
-VOCAB = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))  # the seed's 65
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    have = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()  # type: ignore[union-attr]
-    return " ".join(f"{f}{'+' if f in have else '-'}" for f in FLAGS)
 
 
 def seed_model_dir(directory: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=len(VOCAB), block_size=256, n_embd=384, n_heads=6, n_layers=6, dropout=0.2)
-    save_model(directory, GPT(cfg), CharTokenizer(VOCAB), info={"note": "random weights for bench_serve"})
+    save_model(directory, seed_model(), CharTokenizer(VOCAB), info={"note": "random weights for bench_serve"})
     return directory
 
 
@@ -143,7 +129,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     a = p.parse_args()
-    print(f"CPU flags: {cpu_flags()}   cores: {os.cpu_count()}   torch threads: {torch.get_num_threads()}")
+    cpu = prec.cpu_info()
+    print(
+        f"CPU: {cpu.model}; flags: {cpu.shown_flags()}   cores: {os.cpu_count()}   "
+        f"torch threads: {torch.get_num_threads()}"
+    )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(seed_model_dir(Path(tmp) / "seed-random"), a.max_batch)
@@ -169,7 +159,13 @@ def main() -> None:
     print(f"errors: {errors} (target 0)   concurrent texts == one-after-another texts: {same}")
     print(
         json.dumps(
-            {"bench": "serve", "cpu_flags": cpu_flags(), "ratio": round(ratio, 2), "same_texts": same, "rows": rows}
+            {
+                "bench": "serve",
+                "cpu_flags": cpu.shown_flags(),
+                "ratio": round(ratio, 2),
+                "same_texts": same,
+                "rows": rows,
+            }
         )
     )
 
