@@ -3,6 +3,7 @@ and one tiny model trained for real once per session. Tests never need ../shared
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from chargpt.config import TrainConfig
 
@@ -75,6 +77,18 @@ def trained_model_dir(text_file: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny(trained_model_dir: Path):
+    """That trained tiny GPT (block_size 32) and its tokenizer, loaded on the CPU in eval mode; one per test
+    module, so that a module's use of it cannot leak into another's."""
+    from chargpt.checkpoint import load_model
+    from chargpt.model import GPT
+
+    model, tokenizer = load_model(trained_model_dir, torch.device("cpu"))
+    assert isinstance(model, GPT) and model.config.block_size == 32
+    return model, tokenizer
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m chargpt ARGS` as a user would, capturing text output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -87,6 +101,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kwargs)
         timeout=timeout,
         **kwargs,
     )
+
+
+def read_metrics(directory: Path, kind: str = "eval") -> list[dict]:
+    """The metrics.jsonl rows of one kind: "eval" (every eval_interval, step 0 included) or "train" (every
+    log_interval)."""
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in rows if m["kind"] == kind]
 
 
 def spawn_gloo_ranks(fn: Callable[..., None], payload: object, world: int = 2) -> dict:

@@ -6,7 +6,6 @@ Every multi-process test launches real processes (torchrun, or torch.multiproces
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from chargpt import checkpoint as ckpt
 from chargpt.errors import ChargptError
 from chargpt.train import train
-from conftest import LAUNCH_TIMEOUT, run_cli, spawn_gloo_ranks, tiny_config
+from conftest import LAUNCH_TIMEOUT, read_metrics, run_cli, spawn_gloo_ranks, tiny_config
 
 RTOL = 1e-5
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -45,12 +44,6 @@ def single(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _metrics(out: Path) -> list[dict]:
-    """The evaluation rows (the training-loss rows are checked in tests/test_train.py)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in rows if m["kind"] == "eval"]
-
-
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
     """The weights after the last step (train_state.pt, not only the best-val snapshot) and AdamW's moments:
     Adam's step hardly changes when every gradient is scaled by the same factor, its moments do."""
@@ -71,7 +64,7 @@ def _rel(a: float | torch.Tensor, b: float | torch.Tensor) -> float:
 
 def assert_same_run(a: Path, b: Path) -> float:
     """Same loss curve and same final weights within RTOL (relative to each tensor's scale); returns the worst."""
-    ma, mb = _metrics(a), _metrics(b)
+    ma, mb = read_metrics(a), read_metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     worst = 0.0
     for x, y in zip(ma, mb, strict=True):
@@ -150,7 +143,7 @@ def test_cli_nproc_2_trains_like_one_process_and_only_rank_0_writes(single, text
     assert {"model.safetensors", "config.json", "train_state.pt", "metrics.jsonl", "loss.png"} <= {
         p.name for p in out.iterdir()
     }
-    assert [m["step"] for m in _metrics(out)] == [0, 10, 20, 24]
+    assert [m["step"] for m in read_metrics(out)] == [0, 10, 20, 24]
     worst = assert_same_run(out, single)
     print(f"torchrun 2 ranks vs 1 process: max relative diff {worst:.2e}")
     # the model it wrote is a normal model directory

@@ -6,19 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chargpt.checkpoint import load_model
 from chargpt.errors import ChargptError
 from chargpt.generate import Decoder, generate, pick_next, stream, token_stream
 from chargpt.model import GPT, KVCache
 from conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def tiny(trained_model_dir):
-    """The session's trained tiny GPT (block_size 32) and its tokenizer, in eval mode on the CPU."""
-    model, tokenizer = load_model(trained_model_dir, torch.device("cpu"))
-    assert isinstance(model, GPT) and model.config.block_size == 32
-    return model, tokenizer
 
 
 def _ids(tokenizer, text: str, batch: int = 1) -> torch.Tensor:

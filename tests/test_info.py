@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from chargpt.checkpoint import load_model
+from conftest import read_metrics
 from test_cli import assert_one_line_error, call_main
 
 
@@ -19,8 +20,8 @@ def test_info_json(trained_model_dir, capsys):
     assert info["vocab"] == tokenizer.chars
     training = info["training"]
     assert training["steps"] == 300 and training["config"]["n_updates"] == 300 and training["elapsed"] > 0
-    evals = [json.loads(line) for line in (trained_model_dir / "metrics.jsonl").read_text().splitlines()]
-    best = min((m for m in evals if m["kind"] == "eval" and m["step"] > 0), key=lambda m: m["val_loss"])
+    evals = read_metrics(trained_model_dir)
+    best = min((m for m in evals if m["step"] > 0), key=lambda m: m["val_loss"])
     assert (training["best_step"], training["best_val_loss"]) == (best["step"], best["val_loss"])
     sizes = {p.name: p.stat().st_size for p in trained_model_dir.iterdir()}
     assert info["files"] == sizes and "model.safetensors" in sizes

@@ -17,6 +17,7 @@ from chargpt.evaluate import evaluate
 from chargpt.generate import generate
 from chargpt.train import RunState, save_due, train
 from conftest import run_cli, tiny_config
+from test_resume import assert_same_tensors, final_state, metrics
 
 ZEN5 = prec.CPUInfo("AMD EPYC 9R45", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), "AVX512")
 ZEN3 = prec.CPUInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"}), "AVX2")
@@ -157,25 +158,12 @@ def test_reading_the_loss_now_and_then_changes_nothing(tmp_path, text_file):
         out = tmp_path / f"every{every}"
         cfg = tiny_config(out, text_file, n_updates=16, eval_interval=8, checkpoint_interval=8)
         train(cfg, progress=False, loss_history=history, loss_read_every=every)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        metrics = [{k: v for k, v in m.items() if k not in ("tokens_per_s", "time")} for m in rows]  # not the clock
-        runs[every] = (history, metrics, torch.load(out / ckpt.TRAIN_STATE, weights_only=True))
+        runs[every] = (history, metrics(out), final_state(out))  # metrics without the clock
     (h1, m1, s1), (h7, m7, s7) = runs[1], runs[5]
     assert len(h1) == 16 and all(math.isfinite(x) for x in h1)
     assert h1 == h7 and m1 == m7 and [m["step"] for m in m1 if m["kind"] == "eval"] == [0, 8, 16]
-    _assert_same(s1["model"], s7["model"])
-    _assert_same(s1["optimizer"]["state"], s7["optimizer"]["state"])
-
-
-def _assert_same(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    else:
-        assert a == b
+    assert_same_tensors(s1["model"], s7["model"])
+    assert_same_tensors(s1["optimizer"]["state"], s7["optimizer"]["state"])
 
 
 def test_a_diverged_step_read_late_is_named_and_nothing_after_it_is_saved(tmp_path, text_file):

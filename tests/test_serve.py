@@ -19,10 +19,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from chargpt import precision as prec
-from chargpt.checkpoint import load_model
 from chargpt.generate import SampleConfig, generate
 from serving import ServerProcess, start_server
 
@@ -39,13 +37,6 @@ def server(trained_model_dir: Path) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tiny(trained_model_dir: Path):
-    model, tokenizer = load_model(trained_model_dir, torch.device("cpu"))
-    assert model.config.block_size == 32
-    return model, tokenizer
 
 
 def reference(tiny, prompt: str, **settings) -> list[str]:

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from chargpt import precision as prec
-from chargpt.checkpoint import load_model
 from chargpt.config import GPTConfig
 from chargpt.generate import SampleConfig, generate
 from chargpt.model import GPT, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
 from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
-
-
-@pytest.fixture(scope="module")
-def tiny(trained_model_dir: Path):
-    return load_model(trained_model_dir, torch.device("cpu"))
 
 
 class Collector:

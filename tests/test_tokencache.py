@@ -39,7 +39,7 @@ from chargpt.evaluate import evaluate, evaluate_file
 from chargpt.generate import generate
 from chargpt.tokenizer import UNKNOWN, CharTokenizer
 from chargpt.train import train
-from conftest import spawn_gloo_ranks, tiny_config
+from conftest import read_metrics, spawn_gloo_ranks, tiny_config
 
 train_module = importlib.import_module("chargpt.train")  # `chargpt.train` is also the name of the function
 AUTO = vocab_policy("auto", 1)
@@ -360,8 +360,7 @@ def test_training_on_the_memory_map_equals_training_in_memory(corpus_text, tmp_p
     assert paused.step == 10 and mapped.step == in_memory.step == resumed.step == 20
 
     def run(name: str) -> tuple[list, dict]:
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        evals = [r for r in rows if r.get("kind") == "eval"]
+        evals = read_metrics(tmp_path / name)
         return [(r["step"], r["train_loss"], r["val_loss"]) for r in evals], ckpt.load_train_state(tmp_path / name)
 
     curve, state = run("mapped")

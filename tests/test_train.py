@@ -15,19 +15,13 @@ from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate
 from chargpt.model import GPT, BigramLM
 from chargpt.train import train
-from conftest import tiny_config
+from conftest import read_metrics, tiny_config
 
 
 def unigram_entropy(text: str) -> float:
     """Nats per character of the best model that ignores context: -sum p log p over character frequencies."""
     counts = collections.Counter(text)
     return -sum(n / len(text) * math.log(n / len(text)) for n in counts.values())
-
-
-def read_metrics(directory: Path, kind: str = "eval") -> list[dict]:
-    """The rows of one kind: "eval" (every eval_interval, step 0 included) or "train" (every log_interval)."""
-    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in rows if m["kind"] == kind]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
