@@ -503,10 +503,19 @@ def test_eval_cli_progress_bars_only_on_a_terminal(trained_model_dir, corpus_tex
         args = ["eval", "--model", str(trained_model_dir), "--data", str(path), "--token-cache", str(cache), *extra]
         assert main(args) == 0
         monkeypatch.setattr(sys, "stderr", sys.__stderr__)
-        try:
-            return os.read(main_fd, 1 << 20).decode(errors="replace") if stream.isatty() else ""
-        except BlockingIOError:
-            return ""
+        return drain().decode(errors="replace") if stream.isatty() else ""
+
+    def drain() -> bytes:
+        """Everything the terminal holds: one read returns at most a pty buffer's worth (4 KB)."""
+        got = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 1 << 20)
+            except BlockingIOError:
+                return got
+            if not chunk:
+                return got
+            got += chunk
 
     with open(child_fd, "w", closefd=True) as terminal, open(tmp_path / "stderr.txt", "w") as piped:
         shown = eval_with_stderr_on(terminal)
