@@ -502,9 +502,7 @@ def save_state(run: Run, state: RunState) -> None:
     state.saved_at = state.tick()
     if not run.dist.main:
         return
-    last = state.metrics[-1] if state.metrics else None
-    if not (last and report.is_eval(last) and last["step"] == state.step):  # else this step's evaluation wrote it
-        report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
+    report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
     weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}
     ckpt.save_train_state(
         run.out,
