@@ -103,7 +103,10 @@ def test_a_special_train_state_is_refused(kind: str, work: Path, model_dir: Path
 AS_USER = textwrap.dedent(
     """
     import json, os, sys
-    import chargpt.checkpoint, chargpt.cli, chargpt.data, chargpt.train, chargpt.rundir
+    # everything the commands import lazily, while still root: the checkout may be unreadable to user 65534
+    # (a clone in a `mktemp -d` folder is mode 700)
+    import chargpt.checkpoint, chargpt.cli, chargpt.data, chargpt.evaluate, chargpt.generate, chargpt.rundir
+    import chargpt.train
     if os.geteuid() == 0:
         os.setgid(65534)
         os.setuid(65534)
