@@ -5,11 +5,12 @@ eval mode, CPU) continues a 1-character prompt for 300 characters, sampling at t
 reference, in fp32 and (where the CPU has native bf16) in bf16.
 
 Inside the window (the first 256 tokens) each token costs one single-position forward through the cache,
-which must stream every weight matrix from memory once: the benchmark measures that floor itself, as a
-pass of bare matrix-vector products over the same weights (in the same format), and reports the ratio
-(target, issue 13: <= 1.15x). Past block_size the model must see exactly what the no-cache model sees, the
-last 256 tokens at positions 0..255, so every position shifts at every step and each token costs a full
-256-token forward (the reference pays that too, and a growing-context forward for every token before it).
+which must stream every weight matrix from memory once: the benchmark measures that floor itself, as a pass
+of bare matrix-vector products over the same weights (in the same format) after every sampled token, and
+reports the ratio of the medians (target, issue 13: <= 1.15x). Past block_size the model must see exactly
+what the no-cache model sees, the last 256 tokens at positions 0..255, so every position shifts at every
+step and each token costs a full 256-token forward (the reference pays that too, and a growing-context
+forward for every token before it).
 
     python benchmarks/bench_sample.py [--tokens 300] [--threads N] [--precision fp32 bf16]
 """
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,43 +48,46 @@ def seed_model() -> GPT:
     return GPT(cfg).float().eval()
 
 
-def chargpt_step_times(model: GPT, tokens: int, precision: str) -> list[float]:
-    """Seconds from the start to each generated character (a streamed chunk is one character here)."""
-    tokenizer = CharTokenizer(VOCAB)
-    t0 = time.perf_counter()
-    chars = stream(model, tokenizer, "\n", max_new_tokens=tokens, seed=0, precision=precision)
-    stamps = [time.perf_counter() - t0 for _ in chars]
-    assert len(stamps) == tokens
-    return stamps
-
-
-@torch.inference_mode()
-def streaming_floor(model: GPT, dtype: torch.dtype, passes: int = 30) -> float:
-    """Median seconds of one pass of matrix-vector products over every weight matrix of the model, in `dtype`:
-    what a one-token forward cannot go below, whatever it does around them."""
+def weight_pass(model: GPT, dtype: torch.dtype) -> Callable[[], float]:
+    """A timed pass of bare matrix-vector products over every weight matrix of the model, in `dtype`: what a
+    one-token forward cannot go below, whatever it does around them. Returns the pass's seconds."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = [(m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)) for m in linears]
     vectors = {w.size(1): torch.randn(1, w.size(1), dtype=dtype) for w, _ in weights}
-    times = []
-    for i in range(passes + 3):
+
+    @torch.inference_mode()
+    def one_pass() -> float:
         t0 = time.perf_counter()
         for w, b in weights:
             F.linear(vectors[w.size(1)], w, b)
-        if i >= 3:  # after warm-up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    return one_pass
 
 
 def measure(model: GPT, tokens: int, precision: str, window: int) -> dict[str, float]:
-    chargpt_step_times(model, 8, precision)  # warm-up: first-call allocations, not part of steady-state sampling
-    stamps = chargpt_step_times(model, tokens, precision)
-    steps = [t1 - t0 for t0, t1 in zip([0.0, *stamps[:-1]], stamps, strict=True)]
+    """Sample `tokens` characters, timing each, with one weight-streaming pass (timed apart) after each: the floor
+    and the steps are measured in alternation, so that both see the same machine. On a shared machine whose
+    speed drifts by 10-20% from one second to the next, a floor measured before or after the sampling could be
+    taken in another regime than the steps it is compared with."""
+    floor_pass = weight_pass(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    tokenizer = CharTokenizer(VOCAB)
+    for _ in range(3):
+        floor_pass()  # warm-up
+    list(stream(model, tokenizer, "\n", max_new_tokens=8, seed=0, precision=precision))  # first-call allocations
+    steps, floors = [], []
+    t0 = time.perf_counter()
+    for _ in stream(model, tokenizer, "\n", max_new_tokens=tokens, seed=0, precision=precision):
+        steps.append(time.perf_counter() - t0)  # a streamed chunk is one character here
+        floors.append(floor_pass())
+        t0 = time.perf_counter()
+    assert len(steps) == tokens
     inside = statistics.median(steps[1:window])  # one-token forwards through the cache (step 0 is the prefill)
     past = statistics.median(steps[window + 1 :]) if tokens > window + 1 else float("nan")
-    floor = streaming_floor(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    floor = statistics.median(floors[1:window])
     return {
-        "chars_per_s": tokens / stamps[-1],
-        "chars_per_s_255": window / stamps[window - 1] if tokens >= window else float("nan"),
+        "chars_per_s": tokens / sum(steps),
+        "chars_per_s_255": window / sum(steps[:window]) if tokens >= window else float("nan"),
         "ms_inside": inside * 1e3,
         "ms_past": past * 1e3,
         "ms_floor": floor * 1e3,

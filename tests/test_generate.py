@@ -251,7 +251,10 @@ def test_static_decode_step_equals_the_ordinary_step():
         model(seq[:, :5], cache=cache)
         one = model.step(seq[:, 5], cache)  # the lean one-token step: exactly forward's numbers
         cache.length = 5
+        again = model.step(seq[:, 5], cache, model.step_weights())  # with the weights gathered beforehand
+        cache.length = 5
         assert torch.equal(one, model(seq[:, 5:6], cache=cache)[0][:, -1])
+        assert torch.equal(again, one)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "auto"])

@@ -91,6 +91,8 @@ def pick_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()  # (B, V)
+    if not isinstance(generator, (torch.Generator, type(None))) and len(generator) == 1 == probs.size(0):
+        generator = generator[0]  # the same draw as below, without the per-row list (a stream's every token)
     if generator is None or isinstance(generator, torch.Generator):
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     else:
@@ -131,6 +133,7 @@ class Decoder:
         self.device = p.device
         self.prefill, self.decode = prefill, decode
         self.step: StaticStep | None = None
+        self.weights = model.step_weights() if use_cache and isinstance(model, GPT) else None  # for model.step
         if use_cache and isinstance(model, GPT):
             static = self.device.type == "cuda" if static is None else static
             self.cache = KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
@@ -154,7 +157,7 @@ class Decoder:
                 cache.length += 1
             else:
                 with prec.autocast(self.device, self.decode):
-                    logits = self.model.step(seq[:, -1], cache)  # one new token at cache.length: (B, vocab)
+                    logits = self.model.step(seq[:, -1], cache, self.weights)  # the token at cache.length: (B, vocab)
         else:
             cache.reset()  # (re)build: the window at positions 0..
             with prec.autocast(self.device, self.prefill):

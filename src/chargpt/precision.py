@@ -152,9 +152,10 @@ def _bf16_caveat(device: torch.device) -> str:
 
 
 def autocast(device: torch.device | str, choice: Choice, cache_enabled: bool = True) -> AbstractContextManager:
-    """The context to run a kind of work in: bf16 autocast on, or (fp32) off, also inside an enclosing one."""
+    """The context to run a kind of work in: bf16 autocast on, or (fp32) off, also inside an enclosing one.
+    fp32 with no enclosing region is no region at all (entering one costs as much as a few one-token operations)."""
     device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or (choice.name == "fp32" and not torch.is_autocast_enabled(device.type)):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=choice.name == "bf16", cache_enabled=cache_enabled)
 
