@@ -3,6 +3,7 @@ kill -9), one run at a time holds the folder, and a run that saves nothing leave
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from chargpt import checkpoint as ckpt
 from chargpt.checkpoint import resume_config
 from chargpt.cli import main
 from chargpt.errors import ChargptError
-from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, OutDir, settle
+from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file, settle
 from chargpt.train import train
 from test_resume import FLAGS, small
 
@@ -195,6 +196,32 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(text_file: Pat
     assert (out / LOCK).read_text().strip() == str(holder.pid)  # a stale lock file stays behind ...
     result = train(small(out, text_file, n_updates=2), progress=False)  # ... and is taken over
     assert result.step == 2 and not (out / LOCK).exists()
+
+
+def test_settle_never_removes_a_lock_another_run_took_meanwhile(old_run: Path, tmp_path: Path, monkeypatch):
+    """The race: settle opens the lock file; its holder finishes (removes the file, drops the lock) and a new run
+    creates and locks a new one; settle's flock then succeeds on the removed file. It must see that, try the
+    new file (busy), and leave the folder alone: not roll back under the new run, not remove its lock."""
+    out = copy_run(old_run, tmp_path / "run")
+    (out / BACKUP).mkdir()  # what a killed overwrite leaves: settle has something to do
+    (out / LOCK).write_text("1\n")  # the finishing holder's file
+    real_flock, new_run = fcntl.flock, []
+
+    def flock_after_the_swap(fd: int, op: int) -> None:
+        if not new_run:  # between settle's open and its flock: the holder leaves, a new run comes
+            new_run.append(None)
+            (out / LOCK).unlink()
+            new_run[0] = lock_file(out / LOCK)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_swap)
+    settle(out)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert (out / LOCK).stat().st_ino == os.fstat(new_run[0]).st_ino  # the new run's lock is still in place
+    assert (out / BACKUP).is_dir()  # and nothing was rolled back under it
+    with pytest.raises(Busy):
+        lock_file(out / LOCK)
+    os.close(new_run[0])
 
 
 def test_the_lock_is_held_for_the_whole_run(text_file: Path, tmp_path: Path):

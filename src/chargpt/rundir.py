@@ -106,30 +106,16 @@ class OutDir:
 
     def _lock(self) -> None:
         path = self.out / LOCK
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise ChargptError(f"cannot write to {self.out} ({e.strerror}); choose another --out") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = _read_pid(fd)
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                    raise ChargptError(f"cannot lock {path} ({e.strerror}); choose another --out") from None
-                who = f"process {holder}" if holder else "another process"
-                raise ChargptError(
-                    f"{self.out} is in use by another chargpt run ({who}); wait for it to finish, stop it, "
-                    f"or choose another --out"
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # else the holder removed the file as we opened it: lock the new one
-                break
-            os.close(fd)
+        try:
+            fd = lock_file(path)
+        except Busy as busy:
+            who = f"process {busy.holder}" if busy.holder else "another process"
+            raise ChargptError(
+                f"{self.out} is in use by another chargpt run ({who}); wait for it to finish, stop it, "
+                f"or choose another --out"
+            ) from None
+        except OSError as e:
+            raise ChargptError(f"cannot write to {self.out} ({e.strerror}); choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -197,21 +183,48 @@ def settle(out: str | Path) -> None:
     if not any(os.path.lexists(out / name) for name in (BACKUP, MOVING, DISCARD)):
         return
     try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
+        fd = lock_file(out / LOCK)
+    except OSError:  # a live run holds it (Busy), or the folder is read-only to us
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return
-    try:
-        if os.fstat(fd).st_ino == os.stat(out / LOCK).st_ino:
-            recover(out)
+        recover(out)
     except OSError:
         pass
     finally:
-        (out / LOCK).unlink(missing_ok=True)
+        (out / LOCK).unlink(missing_ok=True)  # ours: lock_file checked that the lock is on the file at the path
+        os.close(fd)
+
+
+class Busy(OSError):
+    """Another process holds the lock; holder: its pid, as it wrote it into the lock file (None if unknown)."""
+
+    def __init__(self, holder: int | None):
+        super().__init__(errno.EWOULDBLOCK, "locked by another process")
+        self.holder = holder
+
+
+def lock_file(path: Path) -> int:
+    """A descriptor holding an exclusive flock on the file at `path` (created if missing), or Busy.
+
+    A holder that finishes removes the lock file while still holding it; a process that opened it just before
+    would then lock a file no longer at the path, beside the next process that creates a new one. So the lock
+    counts only if the file locked is still the one at the path; otherwise lock the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise Busy(holder) from None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
 
 
