@@ -257,6 +257,32 @@ def test_invalid_utf8_part_way_names_the_byte_offset_and_leaves_no_cache(tmp_pat
     assert cache_files(cache) == []
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        "\ufeffhello there\n".encode("utf-16-le"),
+        ("hello world, " * 20).encode("utf-16-be"),  # no byte-order mark
+        b"ok \xe9t\xe9",  # latin-1
+        ("caf\u00e9\n" * 50).encode(),  # fine
+        b"\x00" * 100 + b"abc",  # NULs are valid UTF-8, but every other byte is zero: refused as UTF-16 by both
+    ],
+    ids=["utf16-bom", "utf16-no-bom", "latin1", "utf8", "nul-padding"],
+)
+def test_the_token_cache_and_the_in_memory_reader_accept_and_refuse_the_same_files(content, tmp_path):
+    """--token-cache off (and --vocab FILE) read files whole; they must take exactly what the cache takes, with
+    the same message."""
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    outcomes = []
+    for read in (lambda: tokens_of(path, tmp_path / "cache"), lambda: load_corpus(str(path))):
+        try:
+            read()
+            outcomes.append("accepted")
+        except ChargptError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1], outcomes
+
+
 @pytest.mark.parametrize("age", ["written just before", "an hour old"])
 @pytest.mark.parametrize("change", ["append", "same size"])
 def test_a_corpus_that_changes_while_being_tokenized_is_an_error_and_leaves_no_cache(

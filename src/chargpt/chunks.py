@@ -68,7 +68,7 @@ def file_chunks(src: SourceFile, digest: Any, chunk_bytes: int | None = None) ->
             except OSError as e:
                 raise ChargptError(f"cannot read {src.path}: {e.strerror}") from None
             if size == 0:
-                _check_not_utf16(src.path, data)
+                check_not_utf16(src.path, data)
             size += len(data)
             digest.update(data)
             buf = carry + data if carry else data
@@ -139,7 +139,9 @@ def _complete_prefix(buf: bytes) -> int:
     return n  # only continuation bytes: invalid, and decoding will say where
 
 
-def _check_not_utf16(path: str, head: bytes) -> None:
+def check_not_utf16(path: str, head: bytes) -> None:
+    """Refuse UTF-16 text (a byte-order mark, or every other byte zero) with a message that says so: every
+    reader of text files applies this same rule, so a file is refused or accepted alike with or without the cache."""
     sample = head[:4096]
     halves = (sample[0::2], sample[1::2])  # UTF-16 without a byte-order mark: every other byte zero
     alternating = len(sample) >= 64 and any(h.count(0) >= 0.9 * len(h) for h in halves)
@@ -150,7 +152,7 @@ def _check_not_utf16(path: str, head: bytes) -> None:
         )
 
 
-def _decode_error(path: str, raw: bytes, offset: int) -> ChargptError:
+def decode_error(path: str, raw: bytes, offset: int) -> ChargptError:
     try:
         raw.decode("utf-8")
         start = 0  # not reached for invalid input; keeps the message well-formed regardless
@@ -219,7 +221,7 @@ def _scan_chunk(raw: bytes, path: str, offset: int, counts: np.ndarray, exact: b
                 return len(cps)
             cps = _codepoints(_runs_decoded(a, high))
         except UnicodeDecodeError:
-            raise _decode_error(path, raw, offset) from None
+            raise decode_error(path, raw, offset) from None
         _add(counts, cps[cps != 0], exact)
         n_chars -= int(np.count_nonzero(a[high] < 0xC0))  # continuation bytes are no characters
     if exact:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from chargpt.chunks import check_not_utf16, decode_error
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
@@ -130,27 +131,13 @@ def _shakespeare() -> tuple[Path, str | None]:
 
 
 def read_text_file(path: Path) -> str:
+    """A whole UTF-8 file as text, refused as the token cache refuses it (chunks' UTF-16 and UTF-8 checks)."""
     raw = read_regular(path, "data file")  # regular files only: a FIFO or /dev/zero is refused, not read
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") and len(raw) > 2 and _is_utf16(raw):
-        raise ChargptError(
-            f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to UTF-8 first, "
-            f"e.g. iconv -f UTF-16 -t UTF-8"
-        )
+    check_not_utf16(str(path), raw[:4096])
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ChargptError(
-            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-            f"convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
-
-
-def _is_utf16(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-16")
-        return True
     except UnicodeDecodeError:
-        return False
+        raise decode_error(str(path), raw, 0) from None
 
 
 def corpus_files(data: str) -> list[Path]:
