@@ -12,6 +12,7 @@ import torch
 
 from chargpt import checkpoint as ckpt
 from chargpt import precision as prec
+from chargpt.distributed import sum_dtype
 from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate
 from chargpt.generate import generate
@@ -164,6 +165,14 @@ def test_reading_the_loss_now_and_then_changes_nothing(tmp_path, text_file):
     assert h1 == h7 and m1 == m7 and [m["step"] for m in m1 if m["kind"] == "eval"] == [0, 8, 16]
     assert_same_tensors(s1["model"], s7["model"])
     assert_same_tensors(s1["optimizer"]["state"], s7["optimizer"]["state"])
+
+
+def test_loss_sums_kept_on_the_device_have_a_dtype_it_has():
+    """The loop sums losses on the training device in float64, which MPS (Apple GPUs) does not have: there the
+    sums are float32 (a float64 tensor on MPS is an error, at the first step). No MPS here: the rule is checked,
+    and the float64 it keeps on CPU and CUDA is what the test above runs."""
+    assert sum_dtype(torch.device("mps")) == torch.float32
+    assert sum_dtype(torch.device("cpu")) == sum_dtype(torch.device("cuda")) == torch.float64
 
 
 def test_a_diverged_step_read_late_is_named_and_nothing_after_it_is_saved(tmp_path, text_file):

@@ -108,6 +108,12 @@ def finish_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of loss sums kept on `device`: float64, except on MPS, which has no float64 (a float64 tensor
+    there is an error, at the first training step)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def rank_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """This rank's contiguous share of a global batch (every rank drew the same global batch)."""
     rows = x.size(0) // d.world

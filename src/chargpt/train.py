@@ -26,7 +26,7 @@ from chargpt import checkpoint as ckpt
 from chargpt import memory, precision, report
 from chargpt.config import TrainConfig
 from chargpt.data import get_batch, prepare_data
-from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows
+from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows, sum_dtype
 from chargpt.errors import ChargptError, first_line
 from chargpt.model import build_model
 from chargpt.optim import learning_rate, make_optimizer, set_learning_rate
@@ -347,12 +347,12 @@ def stop_reason(run: Run, state: RunState, signals: _Signals, pause_after: int |
 
 def train_step(run: Run, state: RunState) -> torch.Tensor:
     """One optimizer step on one global batch (this rank's rows, in micro-batches); returns the mean loss as a
-    0-dim float64 tensor on the device, unread: reading it would make the host wait for the device."""
+    0-dim float64 tensor on the device (float32 on MPS), unread: reading it would make the host wait for it."""
     cfg, d = run.cfg, run.dist
     set_learning_rate(run.optimizer, learning_rate(cfg, state.step, state.elapsed))
     x_all, y_all = get_batch(run.train_ids, cfg.batch_size, cfg.block_size, run.batches)
     accum = cfg.gradient_accumulation_steps
-    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)
     for micro, (x, y) in enumerate(
         zip(rank_rows(x_all, d).chunk(accum), rank_rows(y_all, d).chunk(accum), strict=True)
     ):
@@ -437,7 +437,7 @@ def estimate(run: Run, at_step: int) -> tuple[float, float]:
     losses = []
     for part in (run.train_ids, run.val_ids):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
-        total = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on the device: one read per split
+        total = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)  # summed there: one read per split
         for i in range(cfg.eval_iters):
             if _signal_pending(run, i):
                 raise _EvaluationInterrupted
