@@ -726,19 +726,15 @@ def _import_holding_ctrl_c(command: str) -> None:
     KeyboardInterrupt unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
     to the command, which says what to install."""
 
-    def load() -> None:
-        try:
-            for name in HEAVY_MODULES.get(command, ()):
-                importlib.import_module(name)
-        except Exception:  # the command imports it again, and reports it its own way
-            return
-
-    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
-        return load()
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's: nothing to hold
+        return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        load()
+        for name in HEAVY_MODULES.get(command, ()):
+            importlib.import_module(name)
+    except Exception:  # the command imports it again, and reports it its own way
+        pass
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:

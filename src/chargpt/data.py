@@ -133,7 +133,7 @@ def _shakespeare() -> tuple[Path, str | None]:
 def read_text_file(path: Path) -> str:
     """A whole UTF-8 file as text, refused as the token cache refuses it (chunks' UTF-16 and UTF-8 checks)."""
     raw = read_regular(path, "data file")  # regular files only: a FIFO or /dev/zero is refused, not read
-    check_not_utf16(str(path), raw[:4096])
+    check_not_utf16(str(path), raw)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -124,7 +124,7 @@ def all_max(values: list[float], d: Dist) -> list[float]:
     """Element-wise maximum over ranks (one all-reduce for several values)."""
     if d.world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    t = torch.tensor(values, dtype=sum_dtype(d.device), device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
@@ -132,6 +132,6 @@ def all_max(values: list[float], d: Dist) -> list[float]:
 def all_mean(value: float, d: Dist) -> float:
     if d.world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    t = torch.tensor([value], dtype=sum_dtype(d.device), device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item() / d.world

@@ -91,7 +91,7 @@ def pick_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()  # (B, V)
-    if not isinstance(generator, (torch.Generator, type(None))) and len(generator) == 1 == probs.size(0):
+    if isinstance(generator, Sequence) and len(generator) == 1 == probs.size(0):
         generator = generator[0]  # the same draw as below, without the per-row list (a stream's every token)
     if generator is None or isinstance(generator, torch.Generator):
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -133,8 +133,9 @@ class Decoder:
         self.device = p.device
         self.prefill, self.decode = prefill, decode
         self.step: StaticStep | None = None
-        self.weights = model.step_weights() if use_cache and isinstance(model, GPT) else None  # for model.step
+        self.weights: tuple[tuple[torch.Tensor, ...], ...] | None = None  # model.step's, gathered once
         if use_cache and isinstance(model, GPT):
+            self.weights = model.step_weights()
             static = self.device.type == "cuda" if static is None else static
             self.cache = KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
             if static:
