@@ -60,6 +60,7 @@ def tiny_config(out: Path | str, data: Path | str, **overrides: object) -> Train
         checkpoint_interval=20,
         device="cpu",
         seed=7,
+        precision="fp32",  # tests assert fp32 figures; auto would pick bf16 on a CPU with native bf16
     )
     values.update(overrides)
     cfg = TrainConfig(**values)  # type: ignore[arg-type]

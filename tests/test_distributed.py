@@ -122,7 +122,7 @@ def test_cli_nproc_2_trains_like_one_process_and_only_rank_0_writes(single, text
     """`chargpt train --nproc 2` (torchrun, gloo) == one process; one model dir, one set of metrics, one bar."""
     cfg = tiny_config(single, text_file, **SMALL)
     keys = "block_size n_embd n_heads n_layers dropout batch_size n_updates learning_rate warmup_updates"
-    keys += " eval_interval eval_iters checkpoint_interval seed"
+    keys += " eval_interval eval_iters checkpoint_interval seed precision"
     flags = [arg for key in keys.split() for arg in (f"--{key.replace('_', '-')}", str(getattr(cfg, key)))]
     out = tmp_path / "ddp"
     r = run_cli(

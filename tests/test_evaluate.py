@@ -45,7 +45,7 @@ def tiny_model(vocab: CharTokenizer, kind: str = "gpt", block_size: int = 8) -> 
 def test_trained_model_on_unseen_text(trained_model_dir, corpus_text):
     model, tok = load_model(trained_model_dir)
     text = corpus_text[-3001:]  # 3000 predictions: 93 full windows of 32 and a partial one of 24
-    result = evaluate(model, tok, text)
+    result = evaluate(model, tok, text, precision="fp32")
     expected, count = reference_loss(model, tok, text)
     assert result["chars"] == count == len(text) - 1
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
@@ -61,7 +61,7 @@ def test_window_arithmetic(length, kind):
     text = "".join(alphabet[(i * 7 + i // 3) % len(alphabet)] for i in range(length))
     tok = CharTokenizer.from_text(alphabet)
     model = tiny_model(tok, kind)
-    result = evaluate(model, tok, text, batch_size=3)  # batches that do not divide the windows evenly
+    result = evaluate(model, tok, text, batch_size=3, precision="fp32")  # batches that do not divide the windows evenly
     expected, count = reference_loss(model, tok, text)
     assert result["chars"] == count == length - 1
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
@@ -78,7 +78,7 @@ def test_windows_do_not_overlap():
         for i in range(1, len(ids)):
             ctx = ids[max(0, i - 4) : i][None]
             sliding.append(-model(ctx)[0][0, -1].log_softmax(-1)[ids[i]].item())
-    result = evaluate(model, tok, text)
+    result = evaluate(model, tok, text, precision="fp32")
     assert result["loss"] == pytest.approx(reference_loss(model, tok, text)[0], rel=1e-6)
     assert abs(result["loss"] - sum(sliding) / len(sliding)) > 1e-4
 

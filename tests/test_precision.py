@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,65 @@ def test_sample_and_eval_take_precision(trained_model_dir, corpus_text):
     assert r.returncode == 0 and len(r.stdout) > 20, r.stderr
     bad = run_cli("eval", "--model", str(trained_model_dir), "--data", "x.txt", "--precision", "fp16")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "fp16" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# auto timed on the real work (a Probe), and a CPU with native bf16 simulated on any machine
+
+
+def _sleeper(fp32_s: float, bf16_s: float, calls: list[str]) -> prec.Probe:
+    """Work whose speed in each format is known: it sleeps that long (a real callable, timed for real)."""
+
+    def run(choice: prec.Choice) -> None:
+        calls.append(choice.name)
+        time.sleep(fp32_s if choice.name == "fp32" else bf16_s)
+
+    return prec.Probe(f"sleep {fp32_s} {bf16_s}", run, budget_s=0.05)
+
+
+def test_the_probe_times_both_formats_alternating_and_keeps_the_faster(tmp_path):
+    calls: list[str] = []
+    ratio = prec.time_probe(_sleeper(0.004, 0.002, calls))
+    assert 1.5 < ratio < 2.5 and calls[:4] == ["fp32", "bf16", "fp32", "bf16"]
+    assert prec.choose_measured("train", ZEN5, ratio).name == "bf16"
+    slow = prec.choose_measured("train", ZEN5, prec.time_probe(_sleeper(0.002, 0.004, [])))
+    assert slow.name == "fp32" and "a training step of this model measured only 0.5" in slow.reason
+
+
+def test_auto_with_a_probe_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
+    """On a CPU with native bf16 (simulated here: the choice needs only its description) auto times the probe,
+    caches the ratio under the probe's key, and reads it back next time without running the work."""
+    monkeypatch.setattr(prec, "cpu_info", lambda: ZEN5)
+    calls: list[str] = []
+    first = prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=_sleeper(0.004, 0.002, calls))
+    assert first.name == "bf16" and calls
+    calls.clear()
+    again = prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=_sleeper(0.004, 0.002, calls))
+    assert again == first and not calls  # from the cache
+    other = prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=_sleeper(0.002, 0.004, calls))
+    assert other.name == "fp32" and calls  # another shape: another key, measured
+    assert len(list(tmp_path.iterdir())) == 2
+    # asked for explicitly, or on a CPU without native bf16: nothing is timed
+    calls.clear()
+    assert prec.resolve("fp32", "cpu", "train", cache=tmp_path, probe=_sleeper(1, 1, calls)).name == "fp32"
+    monkeypatch.setattr(prec, "cpu_info", lambda: ZEN3)
+    assert prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=_sleeper(1, 1, calls)).name == "fp32"
+    assert not calls
+
+
+def test_a_simulated_bf16_cpu_leaves_pinned_runs_and_the_run_itself_untouched(tmp_path, text_file, monkeypatch):
+    """What makes the suite pass on any CPU: tests that assert fp32 figures pin --precision fp32, and auto's
+    timing of the real step (which runs on a CPU with native bf16, simulated here) changes nothing in the run:
+    it takes no optimizer step, keeps no gradients and restores the random streams (dropout is on)."""
+    kw = dict(n_updates=12, eval_interval=6, checkpoint_interval=6, dropout=0.1)
+    train(tiny_config(tmp_path / "plain", text_file, **kw), progress=False)
+    monkeypatch.setattr(prec, "cpu_info", lambda: ZEN5)
+    monkeypatch.setattr(prec, "MIN_SPEEDUP", math.inf)  # whatever it measures, auto keeps fp32 here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # measured now, not read from a cache
+    train(tiny_config(tmp_path / "pinned", text_file, **kw), progress=False)
+    train(tiny_config(tmp_path / "auto", text_file, precision="auto", **kw), progress=False)
+    assert list((tmp_path / "cache" / "chargpt").glob("precision-*-*.json"))  # the real step was timed
+    for name in ("pinned", "auto"):
+        assert metrics(tmp_path / name) == metrics(tmp_path / "plain")
+        assert_same_tensors(final_state(tmp_path / name)["model"], final_state(tmp_path / "plain")["model"])
+        assert_same_tensors(final_state(tmp_path / name)["rng"], final_state(tmp_path / "plain")["rng"])

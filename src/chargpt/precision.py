@@ -8,9 +8,13 @@ one-token matrix-vector products (decoding) run on different kernels.
 - CUDA: bf16 for batched work where the GPU supports it (as training always did); fp32 for decoding,
   which is launch-bound at batch 1, so bf16 would only add cast kernels.
 - CPU: bf16 only where the CPU has native bf16 instructions (avx512_bf16, amx_bf16, or Arm's bf16)
-  and a micro-benchmark (< 100 ms, cached per machine under the chargpt cache dir) confirms that bf16
-  is faster for that kind of work. Without native bf16, torch emulates it ~80x slower than fp32, so
-  nothing is measured and fp32 is chosen.
+  and a measurement confirms that bf16 is faster for that kind of work. Where the caller can run the
+  real work (training: a step of the actual model on a batch of the actual shape; evaluation: a forward
+  pass), a `Probe` times that, alternating the two formats (a few seconds at most, cached per machine,
+  shape, thread count and torch version): at small widths the casts autocast adds can cost more than
+  the bf16 matmuls save. Otherwise a micro-benchmark of the two shapes that matter (< 100 ms, cached per
+  machine) decides. Without native bf16, torch emulates it ~80x slower than fp32, so nothing is
+  measured and fp32 is chosen.
 - anything else (MPS): fp32.
 """
 
@@ -20,6 +24,7 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,8 +111,21 @@ def check(name: str) -> str:
     return name
 
 
-def resolve(name: str, device: torch.device | str, kind: str, cache: Path | None = None) -> Choice:
-    """The format for `kind` of work on `device`, as asked (`fp32`, `bf16`) or chosen (`auto`)."""
+@dataclass(frozen=True)
+class Probe:
+    """The real work of one kind, runnable in either format: `run(choice)` does one unit of it (e.g. one
+    training step's forward and backward) under that choice's autocast. `key` names its shape (the cache key)."""
+
+    key: str
+    run: Callable[[Choice], object]
+    budget_s: float = 2.5  # both formats together, warm-ups excluded
+
+
+def resolve(
+    name: str, device: torch.device | str, kind: str, cache: Path | None = None, probe: Probe | None = None
+) -> Choice:
+    """The format for `kind` of work on `device`, as asked (`fp32`, `bf16`) or chosen (`auto`; with a probe,
+    by timing that real work on a CPU with native bf16)."""
     check(name)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -123,7 +141,18 @@ def resolve(name: str, device: torch.device | str, kind: str, cache: Path | None
     info = cpu_info()
     if not info.native_bf16:
         return Choice("fp32", f"this CPU has no native bf16: no {'/'.join(NATIVE_BF16_FLAGS[:2])} flag")
+    if probe is not None:
+        return choose_measured(kind, info, measured_probe(info, probe, cache))
     return choose_cpu(kind, info, measured_speedups(info, cache))
+
+
+def choose_measured(kind: str, info: CPUInfo, ratio: float) -> Choice:
+    """Auto's CPU rule when the real work was timed: bf16 only if it ran that work MIN_SPEEDUP x as fast."""
+    flags = "/".join(info.native_bf16)
+    what = {"train": "a training step", "eval": "an evaluation batch"}.get(kind, f"the {kind} work")
+    if ratio >= MIN_SPEEDUP:
+        return Choice("bf16", f"CPU has {flags}; {what} of this model measured {ratio:.2f}x as fast in bf16")
+    return Choice("fp32", f"CPU has {flags} but {what} of this model measured only {ratio:.2f}x as fast in bf16")
 
 
 def choose_cpu(kind: str, info: CPUInfo, speed: Speedups | None) -> Choice:
@@ -213,6 +242,43 @@ def measured_speedups(info: CPUInfo, directory: Path | None = None) -> Speedups:
     except (OSError, ChargptError):
         pass  # measured again next time
     return speed
+
+
+def measured_probe(info: CPUInfo, probe: Probe, directory: Path | None = None) -> float:
+    """bf16's speed over fp32 on the probe's work: cached for this machine and shape, else timed (then cached)."""
+    base = cache_file(info, directory)
+    path = base.with_name(f"{base.stem}-{hashlib.sha256(probe.key.encode()).hexdigest()[:16]}.json")
+    try:
+        return float(json.loads(path.read_text())["ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    ratio = time_probe(probe)
+    try:
+        from chargpt.fileio import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({"ratio": ratio, "key": probe.key, "cpu": info.model}).encode())
+    except (OSError, ChargptError):
+        pass  # measured again next time
+    return ratio
+
+
+def time_probe(probe: Probe) -> float:
+    """fp32 time / bf16 time of one unit of the probe's work: one warm-up each, then the two alternate (so a
+    machine whose speed drifts slows both alike) until the budget is spent; the best time of each counts."""
+    formats = (Choice("fp32", "probe"), Choice("bf16", "probe"))
+    for choice in formats:
+        probe.run(choice)
+    best = {c.name: float("inf") for c in formats}
+    spent, rounds = 0.0, 0
+    while rounds < 1 or (spent < probe.budget_s and rounds < 50):
+        for choice in formats:
+            t0 = time.perf_counter()
+            probe.run(choice)
+            dt = time.perf_counter() - t0
+            best[choice.name], spent = min(best[choice.name], dt), spent + dt
+        rounds += 1
+    return round(best["fp32"] / best["bf16"], 3)
 
 
 def measure_speedups(n_embd: int = 384, rows: int = 128, budget_s: float = 0.012) -> Speedups:

@@ -280,9 +280,48 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
         fwd = DDP(fwd, device_ids=[d.device.index] if d.device.type == "cuda" else None)  # broadcasts rank 0's weights
         if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
-    choices = {kind: precision.resolve(cfg.precision, d.device, kind) for kind in ("train", "eval")}
+    choices = choose_precision(cfg, d, model, tokenizer.vocab_size)
     run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
     return run, state
+
+
+PROBE_POSITIONS = 2048  # rows x block_size of the batch that times a precision: enough for matmuls of the real speed
+
+
+def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_size: int) -> dict[str, precision.Choice]:
+    """The number format of training and of evaluation: as asked, or (auto) timed on this model's own step and
+    forward pass at its own shape. The timing leaves the run untouched: no optimizer step, gradients dropped, the
+    random streams restored. Under DDP every rank takes bf16 only if every rank measured it faster."""
+    rows = cfg.batch_size // (d.world * cfg.gradient_accumulation_steps)
+    rows = max(1, min(rows, -(-PROBE_POSITIONS // cfg.block_size)))
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(vocab_size, (rows, cfg.block_size), generator=g).to(d.device) for _ in range(2))
+    shape = f"{cfg.arch} v{vocab_size} T{cfg.block_size} C{cfg.n_embd} L{cfg.n_layers} H{cfg.n_heads} rows{rows}"
+
+    def step(choice: precision.Choice) -> None:
+        with torch.random.fork_rng(devices=[]):
+            with precision.autocast(d.device, choice):
+                _, loss = model(x, y)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def forward(choice: precision.Choice) -> None:
+        model.eval()
+        with torch.no_grad(), precision.autocast(d.device, choice):
+            model(x, y)
+        model.train()
+
+    probes = {
+        "train": precision.Probe(f"train {shape} dropout{cfg.dropout}", step),
+        "eval": precision.Probe(f"eval {shape}", forward, budget_s=1.0),
+    }
+    choices = {kind: precision.resolve(cfg.precision, d.device, kind, probe=probes[kind]) for kind in probes}
+    if d.world > 1:
+        fp32 = all_max([1.0 if choices[kind].name == "fp32" else 0.0 for kind in probes], d)
+        for kind, veto in zip(probes, fp32, strict=True):
+            if veto and choices[kind].name == "bf16":
+                choices[kind] = precision.Choice("fp32", "another process measured bf16 slower")
+    return choices
 
 
 def restore(
