@@ -19,7 +19,7 @@ from chargpt import checkpoint as ckpt
 from chargpt.checkpoint import resume_config
 from chargpt.cli import main
 from chargpt.errors import ChargptError
-from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file, settle
+from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
 from chargpt.train import train
 from test_resume import FLAGS, small
 
@@ -107,6 +107,17 @@ def _run_files(out: Path) -> dict[str, bytes]:
     return {n: (out / n).read_bytes() for n in RUN_FILES if (out / n).exists()}
 
 
+def _read_view(out: Path) -> dict[str, bytes]:
+    """The run files as a reader (sample, eval, info, serve) finds them, without changing the folder."""
+    return {n: ckpt.run_file(out, n).read_bytes() for n in RUN_FILES if ckpt.run_file(out, n).exists()}
+
+
+def _next_train_takes(out: Path) -> None:
+    """What the next `chargpt train` on the folder does first: take the lock and finish a cut-short overwrite."""
+    with OutDir(out, resume=True, overwrite=False):
+        pass
+
+
 def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text_file: Path, tmp_path: Path):
     """Kill -9 an overwriting run (n_embd 16 over 32) while it moves the old run aside, trains, saves its
     first files and drops the old run; the next run on the folder finds the old run whole or the new one
@@ -137,8 +148,13 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
         assert proc.poll() is None, f"{event}: the run ended before the kill point ({proc.stderr.read()})"
         proc.kill()
         proc.wait()
-        settle(out)  # what the next chargpt command on the folder does first
+        seen_by_readers, tree = _read_view(out), files(out)
+        if ckpt.WEIGHTS in seen_by_readers and ckpt.CONFIG in seen_by_readers:
+            ckpt.load_model(out)  # a reader ...
+        assert files(out) == tree  # ... changes nothing
+        _next_train_takes(out)
         now = _run_files(out)
+        assert now == seen_by_readers, f"{event}: readers saw another run than the one the folder keeps"
         if now == old:
             seen.add("old")
         else:
@@ -152,17 +168,21 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
     assert seen == {"old", "new"}, seen
 
 
-def test_resume_and_sample_settle_a_folder_left_mid_overwrite(old_run: Path, tmp_path: Path):
-    """A kill between the move aside and the new run's first save: --resume and sample find the old run."""
+def test_readers_of_a_folder_left_mid_overwrite_read_the_old_run_and_change_nothing(old_run: Path, tmp_path: Path):
+    """A kill between the move aside and the new run's first save: --resume, sample and info find the old run
+    where it waits, and leave every file where it is; the next train puts it back."""
     before = _run_files(old_run)
-    for reader in (lambda d: resume_config(d), lambda d: ckpt.load_model(d)):
-        out = copy_run(old_run, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
-        (out / BACKUP).mkdir()
-        for name in RUN_FILES:
-            os.replace(out / name, out / BACKUP / name)
-        (out / ckpt.WEIGHTS).write_bytes(b"the new run's half-written weights")
-        reader(out)
-        assert _run_files(out) == before and not (out / BACKUP).exists()
+    out = copy_run(old_run, tmp_path / "run")
+    (out / BACKUP).mkdir()
+    for name in RUN_FILES:
+        os.replace(out / name, out / BACKUP / name)
+    (out / ckpt.WEIGHTS).write_bytes(b"the new run's half-written weights")
+    tree = files(out)
+    assert resume_config(out).n_embd == 32 and ckpt.load_model(out)[0].config.n_embd == 32
+    assert ckpt.describe(out)["training"]["steps"] == 10
+    assert files(out) == tree and _read_view(out) == before
+    _next_train_takes(out)
+    assert _run_files(out) == before and not (out / BACKUP).exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,29 +218,27 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(text_file: Pat
     assert result.step == 2 and not (out / LOCK).exists()
 
 
-def test_settle_never_removes_a_lock_another_run_took_meanwhile(old_run: Path, tmp_path: Path, monkeypatch):
-    """The race: settle opens the lock file; its holder finishes (removes the file, drops the lock) and a new run
-    creates and locks a new one; settle's flock then succeeds on the removed file. It must see that, try the
-    new file (busy), and leave the folder alone: not roll back under the new run, not remove its lock."""
-    out = copy_run(old_run, tmp_path / "run")
-    (out / BACKUP).mkdir()  # what a killed overwrite leaves: settle has something to do
+def test_a_lock_taken_on_a_file_just_removed_is_retried_on_the_new_one(tmp_path: Path, monkeypatch):
+    """The race: a process opens the lock file; its holder finishes (removes the file, drops the lock) and a new
+    run creates and locks a new one; the first flock then succeeds on the removed file. lock_file must see that,
+    try the new file, and report it busy (so that nobody rolls back or unlocks under the new run)."""
+    out = tmp_path / "run"
+    out.mkdir()
     (out / LOCK).write_text("1\n")  # the finishing holder's file
     real_flock, new_run = fcntl.flock, []
 
     def flock_after_the_swap(fd: int, op: int) -> None:
-        if not new_run:  # between settle's open and its flock: the holder leaves, a new run comes
+        if not new_run:  # between the open and the flock: the holder leaves, a new run comes
             new_run.append(None)
             (out / LOCK).unlink()
             new_run[0] = lock_file(out / LOCK)
         real_flock(fd, op)
 
     monkeypatch.setattr(fcntl, "flock", flock_after_the_swap)
-    settle(out)
-    monkeypatch.setattr(fcntl, "flock", real_flock)
-    assert (out / LOCK).stat().st_ino == os.fstat(new_run[0]).st_ino  # the new run's lock is still in place
-    assert (out / BACKUP).is_dir()  # and nothing was rolled back under it
     with pytest.raises(Busy):
         lock_file(out / LOCK)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert (out / LOCK).stat().st_ino == os.fstat(new_run[0]).st_ino  # the new run's lock is still in place
     os.close(new_run[0])
 
 
@@ -292,3 +310,77 @@ def test_a_train_state_with_a_nan_clock_is_refused(old_run: Path, tmp_path: Path
         rc, err = main(["train", "--resume", str(out)]), capsys.readouterr().err
         assert rc == 2 and "train_state.pt" in err and err.count("\n") == 1 and key.split("_")[0] in err, err
         assert files(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# links: reading a folder never writes, and nothing outside it is touched through a link
+
+
+@pytest.mark.parametrize("name", [BACKUP, MOVING])
+def test_a_linked_roll_back_folder_never_moves_anyone_s_files(name: str, old_run: Path, text_file: Path, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for f in ("model.safetensors", "config.json", "notes.txt"):
+        (victim / f).write_text(f"the user's {f}")
+    out = copy_run(old_run, tmp_path / "run")
+    (out / name).symlink_to(victim)
+    mine, tree = files(victim), files(out)
+    for command in (["info", str(out)], ["sample", "--model", str(out), "--max-new-tokens", "3"],
+                    ["train", "--resume", str(out), "--n-updates", "12"],
+                    ["train", "--out", str(out), "--data", str(text_file), *FLAGS, "--overwrite"]):  # fmt: skip
+        rc = main(command)
+        assert rc == 2, command
+    assert files(victim) == mine and files(out) == tree and (out / name).is_symlink()
+
+
+def test_a_linked_lock_file_is_never_written_through(old_run: Path, text_file: Path, tmp_path: Path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out = copy_run(old_run, tmp_path / "run")
+    (out / LOCK).symlink_to(target)
+    assert main(["train", "--resume", str(out), "--n-updates", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and err.count("\n") == 1, err
+    assert target.read_text() == "keep me"
+    # a dangling one: readers create nothing there either
+    dangling = copy_run(old_run, tmp_path / "run2")
+    (dangling / LOCK).symlink_to(tmp_path / "created-outside")
+    assert main(["sample", "--model", str(dangling), "--max-new-tokens", "3"]) == 0
+    assert main(["info", str(dangling)]) == 0
+    assert not (tmp_path / "created-outside").exists()
+
+
+def test_linked_model_files_are_refused_by_readers(old_run: Path, tmp_path: Path, capsys):
+    out = copy_run(old_run, tmp_path / "run")
+    outside = tmp_path / "outside.json"
+    os.replace(out / ckpt.CONFIG, outside)
+    (out / ckpt.CONFIG).symlink_to(outside)
+    assert main(["info", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and err.count("\n") == 1, err
+
+
+def test_a_run_killed_before_its_first_save_leaves_a_folder_every_command_explains(text_file: Path, tmp_path, capsys):
+    """kill -9 inside the first eval_interval steps: metrics and plot, no model. info and --resume say what to
+    do, and a plain train --out starts the run again there (no --overwrite needed: nothing is lost)."""
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--data", str(text_file), *FLAGS, "--n-updates=100000", "--eval-interval=100000"]
+    args += ["--checkpoint-interval=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "chargpt", "train", *args], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (out / "metrics.jsonl").exists() and not (out / ckpt.WEIGHTS).exists()
+    assert main(["info", str(out)]) == 2
+    assert "stopped before it saved anything" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stopped before its first save" in err and f"chargpt train --out {out}" in err, err
+    flags = [a for a in args if not a.startswith(("--n-updates", "--eval-interval"))]
+    assert main(["train", *flags, "--n-updates=4", "--eval-interval=2"]) == 0
+    assert ckpt.load_model(out)[0] is not None and not (out / LOCK).exists()

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ from chargpt.tokenizer import CharTokenizer
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+# what an overwriting run leaves while it has saved nothing of its own yet (rundir.py): the folder's run is then
+# the previous one, kept whole in BACKUP, or (during the moves) split between MOVING and the top level
+BACKUP = ".chargpt-previous"
+MOVING = ".chargpt-previous.partial"
+DISCARD = ".chargpt-previous.discard"
 log = logging.getLogger("chargpt.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
 # "unknown" (the vocabulary's unknown symbol) is written only by models that have one, so the files of
@@ -71,6 +77,25 @@ def save_model(
     atomic_write_bytes(directory / CONFIG, text.encode())
 
 
+def run_file(directory: str | Path, name: str) -> Path:
+    """Where the folder's current run keeps file `name`, found without changing anything: an overwrite that
+    was cut short before its first save leaves the previous run in BACKUP (or half moved, in MOVING); the
+    next `chargpt train` on the folder puts it back, a reader reads it where it is. A link in their place is
+    refused: reading never follows a link out of the folder."""
+    directory = Path(directory)
+    for folder in (BACKUP, MOVING):
+        path = directory / folder
+        if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+            raise ChargptError(
+                f"{path} is not a folder chargpt made (a link or a file); chargpt never follows links in a model "
+                f"folder: remove it"
+            )
+    if (directory / BACKUP).is_dir():
+        return directory / BACKUP / name
+    moved = directory / MOVING / name
+    return moved if os.path.lexists(moved) else directory / name
+
+
 def read_config(directory: str | Path) -> tuple[GPTConfig, CharTokenizer, dict[str, Any]]:
     """Parse and check config.json; every problem becomes a one-line ChargptError."""
     directory = Path(directory)
@@ -84,13 +109,26 @@ def read_config(directory: str | Path) -> tuple[GPTConfig, CharTokenizer, dict[s
         )
     if not os.access(directory, os.R_OK | os.X_OK):
         raise ChargptError(f"cannot read model directory {directory} (permission denied); check its permissions")
-    path = directory / CONFIG
+    path = run_file(directory, CONFIG)
     if not os.path.lexists(path):
-        raise ChargptError(
-            f"{directory} holds no model ({CONFIG} is missing); point --model at a trained model directory"
-        )
-    data = read_regular(path, "model config", limit=CONFIG_LIMIT)
+        raise ChargptError(no_model_message(directory))
+    data = read_regular(path, "model config", limit=CONFIG_LIMIT, follow=False)
     return parse_config(data, str(path))
+
+
+def no_model_message(directory: Path) -> str:
+    """Why a folder has no model to read, and what to do: train one, resume the run, or start it again."""
+    if os.path.lexists(run_file(directory, TRAIN_STATE)):
+        return (
+            f"{directory} holds a run stopped before its first evaluation saved a model; continue it with "
+            f"`chargpt train --resume {directory}`"
+        )
+    if any(os.path.lexists(directory / n) for n in (".chargpt-run", "metrics.jsonl")):
+        return (
+            f"{directory} holds no model: a run started there was stopped before it saved anything; start it "
+            f"again with `chargpt train --out {directory}` (its leftovers are replaced)"
+        )
+    return f"{directory} holds no model ({CONFIG} is missing); give the folder `chargpt train --out` wrote"
 
 
 CONFIG_LIMIT = 64 << 20  # the largest vocabulary (all of Unicode) takes ~10 MB of JSON
@@ -141,15 +179,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
     The safetensors header is checked against the file size and the config before any tensor data is read,
     so a header claiming a huge tensor costs nothing."""
-    from chargpt.rundir import settle  # rundir builds on this module
-
     directory = Path(directory)
-    settle(directory)  # a run killed while overwriting this folder: its old model comes back first
     cfg, tokenizer, _ = read_config(directory)
-    path = directory / WEIGHTS
+    path = run_file(directory, WEIGHTS)
     if not os.path.lexists(path):
         raise ChargptError(f"{directory} holds no weights ({WEIGHTS} is missing); the model directory is incomplete")
-    size = check_regular(path, "weights file")
+    size = check_regular(path, "weights file", follow=False)
     header = _read_header(path, size)
     embedded = header.get("__metadata__", {}).get("config")
     if embedded is not None and not isinstance(embedded, str):
@@ -164,7 +199,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         cfg, tokenizer = own_cfg, own_tokenizer
     _check_header(cfg, header, size, str(path))
     memory.check(3 * size, torch.device("cpu"), f"loading {path}", "use a machine with more memory")
-    data = read_regular(path, "weights file")
+    data = read_regular(path, "weights file", follow=False)
     try:
         state = st_load(data)
     except (SafetensorError, ValueError, OverflowError, RuntimeError, TypeError) as e:
@@ -190,7 +225,7 @@ FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 def _read_header(path: Path, size: int) -> dict[str, Any]:
     """The JSON header of a safetensors file: 8 bytes of length, then that many bytes of JSON."""
     where = f"{path} is not a valid safetensors file"
-    with open(path, "rb") as f:  # a regular file (checked): opening cannot block
+    with open(path, "rb", opener=_open_nofollow) as f:  # a regular file (checked): opening cannot block
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n < 2 or n > min(size - 8, HEADER_LIMIT):
@@ -310,10 +345,15 @@ def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any
     """Read train_state.pt without unpickling code (weights_only) and check its layout.
 
     mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
-    path = Path(directory) / TRAIN_STATE
+    path = run_file(directory, TRAIN_STATE)
     if not os.path.lexists(path):
+        if os.path.lexists(Path(directory) / ".chargpt-run"):
+            raise ChargptError(
+                f"{directory} has no {TRAIN_STATE} to resume from: its run was stopped before its first save; "
+                f"start it again with `chargpt train --out {directory}` (its leftovers are replaced)"
+            )
         raise ChargptError(f"{directory} has no {TRAIN_STATE} to resume from; it was not written by `chargpt train`")
-    check_regular(path, "train state")
+    check_regular(path, "train state", follow=False)
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line suffices
             warnings.simplefilter("ignore")
@@ -331,9 +371,6 @@ def resume_config(out: str | Path, sources: dict[str, str] | None = None, **over
     """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates).
 
     The model's shape and data cannot change (config.RESUME_FIXED); `sources` names where settings came from."""
-    from chargpt.rundir import settle  # rundir builds on this module
-
-    settle(out)  # a run killed while overwriting this folder: the run to resume comes back first
     saved = load_train_state(out, mmap=True)["config"]  # train() reads the tensors; here only the config
     return saved_train_config(saved, str(out), f"the train state in {out}", sources, **overrides)
 
@@ -396,6 +433,17 @@ def _train_state_problem(state: Any) -> str | None:
     return None
 
 
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def _check_keys(obj: dict, required: set[str], allowed: set[str], where: str) -> None:
     missing, extra = sorted(required - set(obj)), sorted(set(obj) - allowed)
     if missing:
@@ -424,7 +472,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "best_train_loss": info.get("train_loss"),
         "config": info.get("train_config"),
     }
-    if (directory / TRAIN_STATE).is_file():
+    if os.path.lexists(run_file(directory, TRAIN_STATE)):
         try:
             state = load_train_state(directory, mmap=True)
             training.update(steps=state["step"], elapsed=float(state["elapsed"]))
@@ -437,5 +485,5 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "parameters": model.num_params(),
         "vocab": tokenizer.to_list(),
         "training": training,
-        "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
+        "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if _regular(p)},
     }

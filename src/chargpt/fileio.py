@@ -101,15 +101,21 @@ def _kind(mode: int) -> str:
     return "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
 
 
-def check_regular(path: str | Path, what: str, limit: int | None = None) -> int:
-    """The size of `path` if it is a regular file (after symlinks) of at most `limit` bytes, else a one-line
-    error. Checked before opening: opening a FIFO blocks, and reading /dev/zero never ends."""
+def check_regular(path: str | Path, what: str, limit: int | None = None, follow: bool = True) -> int:
+    """The size of `path` if it is a regular file (after symlinks; with follow=False a link is refused) of at
+    most `limit` bytes, else a one-line error. Checked before opening: opening a FIFO blocks, and reading
+    /dev/zero never ends."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
         raise ChargptError(f"{what} {path} does not exist; check the path") from None
     except OSError as e:
         raise ChargptError(f"cannot read {what} {path} ({e.strerror}); check the path and permissions") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ChargptError(
+            f"{what} {path} is a symbolic link; chargpt never follows links inside a model folder: put the file "
+            f"itself there"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise ChargptError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file; pass a regular file")
     if limit is not None and st.st_size > limit:
@@ -120,12 +126,14 @@ def check_regular(path: str | Path, what: str, limit: int | None = None) -> int:
     return st.st_size
 
 
-def read_regular(path: str | Path, what: str, limit: int | None = None) -> bytes:
+def read_regular(path: str | Path, what: str, limit: int | None = None, follow: bool = True) -> bytes:
     """Read a regular file (see check_regular) with one-line errors. O_NONBLOCK: if the path is swapped for a
-    FIFO between the check and the open, the open does not hang, and fstat refuses it."""
-    check_regular(path, what, limit)
+    FIFO between the check and the open, the open does not hang, and fstat refuses it (O_NOFOLLOW likewise
+    for a link, with follow=False)."""
+    check_regular(path, what, limit, follow)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except OSError as e:
         raise ChargptError(f"cannot read {what} {path} ({e.strerror}); check the path and permissions") from None
     try:

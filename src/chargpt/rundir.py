@@ -12,8 +12,10 @@ A training run holds `OutDir` for its whole life:
   rename each; the folder is named so only once all are in), and stay there until the new run has saved
   something of its own (`saved()`): then they are dropped. If the new run fails before that, they are put
   back. After `kill -9` at any instant the next `chargpt train` on the folder finishes that roll-back (or the
-  drop) first (and `sample`, `eval` and `--resume` settle the folder before reading it), so the folder
-  holds one run, old or new, never a mix.
+  drop) first, so the folder holds one run, old or new, never a mix. Readers (`sample`, `eval`, `info`,
+  `serve`) change nothing: they read the old run where it waits (checkpoint.run_file).
+- links: the lock, the marker and the roll-back folders are never opened or moved through a symbolic link; a
+  link in their place stops the run with a one-line error, so nothing outside the folder is ever touched.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
-from chargpt.checkpoint import CONFIG, FORMAT_NAME, TRAIN_STATE, WEIGHTS
+from chargpt.checkpoint import BACKUP, CONFIG, DISCARD, FORMAT_NAME, MOVING, TRAIN_STATE, WEIGHTS
 from chargpt.errors import ChargptError
-from chargpt.fileio import DiskFullError, atomic_write_bytes
+from chargpt.fileio import DiskFullError, atomic_write_bytes, read_regular
 from chargpt.report import METRICS, PLOT
 
+log = logging.getLogger("chargpt.rundir")
 LOCK, MARKER = ".chargpt.lock", ".chargpt-run"
-BACKUP = ".chargpt-previous"  # complete: the old run, while the new one has saved nothing yet
-MOVING = ".chargpt-previous.partial"  # being filled (or emptied): its files and the top level are the old run
-DISCARD = ".chargpt-previous.discard"  # the new run has saved: being deleted
+# BACKUP: complete, the old run, while the new one has saved nothing yet; MOVING: being filled (or emptied), its
+# files and the top level are the old run; DISCARD: the new run has saved, the old one is being deleted
 RUN_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, METRICS, PLOT)
 MARKER_TEXT = json.dumps({"format": "chargpt-run", "files": list(RUN_FILES)}) + "\n"
 
@@ -59,6 +63,7 @@ class OutDir:
             return self
         self._create()
         try:
+            check_no_links(self.out)
             self._lock()
             recover(self.out)
             self._take_over()
@@ -130,6 +135,12 @@ class OutDir:
                 f"{out} holds {', '.join(present)} that chargpt did not write; it never replaces such files, "
                 f"even with --overwrite: move them away or choose another --out"
             )
+        if present and not {WEIGHTS, CONFIG, TRAIN_STATE} & set(present):
+            # a run stopped before its first save left only its metrics and plot: nothing to keep or resume
+            log.info("%s holds only the metrics of a run stopped before its first save; starting afresh", out)
+            for name in present:
+                (out / name).unlink()
+            present = []
         if present and not self.overwrite:
             raise ChargptError(
                 f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
@@ -176,25 +187,6 @@ class OutDir:
                 return
 
 
-def settle(out: str | Path) -> None:
-    """Before reading a folder: finish the roll-back a killed overwriting run left, if no live run holds the
-    folder (best effort: a folder this process cannot lock is read as it is)."""
-    out = Path(out)
-    if not any(os.path.lexists(out / name) for name in (BACKUP, MOVING, DISCARD)):
-        return
-    try:
-        fd = lock_file(out / LOCK)
-    except OSError:  # a live run holds it (Busy), or the folder is read-only to us
-        return
-    try:
-        recover(out)
-    except OSError:
-        pass
-    finally:
-        (out / LOCK).unlink(missing_ok=True)  # ours: lock_file checked that the lock is on the file at the path
-        os.close(fd)
-
-
 class Busy(OSError):
     """Another process holds the lock; holder: its pid, as it wrote it into the lock file (None if unknown)."""
 
@@ -210,7 +202,10 @@ def lock_file(path: Path) -> int:
     would then lock a file no longer at the path, beside the next process that creates a new one. So the lock
     counts only if the file locked is still the one at the path; otherwise lock the new one."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device in its place: never written to
+            os.close(fd)
+            raise OSError(errno.EINVAL, "the lock file is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -230,20 +225,40 @@ def lock_file(path: Path) -> int:
 
 def owned(out: Path) -> bool:
     """Whether the run files in `out` are provably chargpt's: its marker, or a chargpt config.json."""
-    if (out / MARKER).is_file():
+    if _is_regular(out / MARKER):
         return True
     path = out / CONFIG
     try:
-        if not path.is_file() or path.stat().st_size > 256 << 20:
+        if not _is_regular(path) or path.lstat().st_size > 256 << 20:
             return False
-        config = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        config = json.loads(read_regular(path, "config", follow=False))
+    except (OSError, ValueError, RecursionError, ChargptError):
         return False
     return isinstance(config, dict) and config.get("format") == FORMAT_NAME
 
 
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def check_no_links(out: Path) -> None:
+    """The lock, marker and roll-back folders must be what chargpt makes, never links it would follow."""
+    for name in (LOCK, MARKER, BACKUP, MOVING, DISCARD):
+        if (out / name).is_symlink():
+            raise ChargptError(
+                f"{out / name} is a symbolic link; chargpt never follows links in a model folder: remove it "
+                f"(it is not the run's), then run again"
+            )
+
+
 def recover(out: Path) -> None:
-    """Finish what a killed overwriting run left half done (call with the lock held)."""
+    """Finish what a killed overwriting run left half done (call with the lock held; links were refused)."""
+    for name in (BACKUP, MOVING, DISCARD):
+        if os.path.lexists(out / name) and not (out / name).is_dir():
+            raise ChargptError(f"{out / name} is not a folder chargpt made; move it away, then run again")
     if (out / DISCARD).exists():
         shutil.rmtree(out / DISCARD, ignore_errors=True)
     if (out / BACKUP).is_dir():
