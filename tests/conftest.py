@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,38 @@ LAUNCH_TIMEOUT = 180  # seconds; a hung rank fails the test instead of the CI jo
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the converted-corpus cache out of the user's home during tests."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root` (Linux /proc; elsewhere none are known)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """Every process a test starts (a CLI run, a server, a rank) is killed when the test ends, pass or fail:
+    a child left running (a lost Ctrl-C, a timed-out communicate) would train beside the rest of the suite.
+    Processes of wider-scoped fixtures (a module's server) were started before and are left alone."""
+    before = _descendants(os.getpid())
+    yield
+    for pid in _descendants(os.getpid()) - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,37 @@ def test_sigkill_during_saves_always_leaves_a_loadable_directory(tmp_path: Path)
         zygote.wait()
     assert len(seen) >= 2  # the kills did land at different points of the cycle
     print(f"kill trials: 25, killed mid-write (a temp file present): {mid_write}, versions seen: {sorted(seen)}")
+
+
+def test_a_process_a_test_leaves_running_is_killed_when_the_test_ends(tmp_path):
+    """conftest's guard, checked in a pytest run of its own: a test starts a child that would sleep for 10
+    minutes and ends (here, fails) without stopping it; once that run is over the child is gone."""
+    (tmp_path / "test_leaky.py").write_text(
+        textwrap.dedent(
+            f"""
+            import subprocess, sys
+            def test_leaks():
+                child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+                open({str(tmp_path / "pid")!r}, "w").write(str(child.pid))
+                assert False, "a failing test leaves its child running"
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "1 failed" in r.stdout, r.stdout[-2000:]
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while _state(pid) not in ("gone", "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(pid) in ("gone", "Z"), "the leaked child is still running"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
