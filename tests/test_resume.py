@@ -187,3 +187,28 @@ def test_disk_full_during_a_resumed_run(reference: Path, text_file: Path, tmp_pa
     assert r.returncode == 2 and "disk full while writing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert snapshot(out) == before and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     ckpt.load_model(out)
+
+
+def test_extending_a_budget_continues_the_learning_rate_smoothly(text_file: Path, tmp_path: Path):
+    """Resume with more steps: the schedule goes on down from where it was (the old stretched cosine jumped back
+    up, and val loss rose before improving), and an extended run still resumes bit for bit."""
+    runs = {}
+    for name in ("once", "paused"):
+        out = tmp_path / name
+        train(small(out, text_file, n_updates=20, warmup_updates=2), progress=False)
+        history: list[float] = []
+        extended = resume_config(out, n_updates=40)
+        if name == "paused":
+            train(extended, resume=True, progress=False, pause_after=7)
+            extended = resume_config(out, n_updates=40)  # same budget: the saved anchor holds
+        train(extended, resume=True, progress=False, loss_history=history)
+        runs[name] = (final_state(out), metrics(out))
+    once, paused = runs["once"], runs["paused"]
+    assert_same_tensors(once[0]["model"], paused[0]["model"])
+    assert once[1] == paused[1]
+    lrs = [m["lr"] for m in once[1] if m["kind"] == "train"]
+    at_20 = [m["lr"] for m in once[1] if m["kind"] == "train" and m["step"] == 20][0]
+    after = [m["lr"] for m in once[1] if m["kind"] == "train" and m["step"] > 20]
+    assert after[0] <= at_20 * 1.001 and after == sorted(after, reverse=True), lrs  # no jump, still decaying
+    assert after[-1] == pytest.approx(3e-3 * 0.1, rel=0.05)  # and it ends at the floor, as before
+    assert once[0]["lr_anchor"][0] == 20

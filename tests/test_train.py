@@ -200,3 +200,17 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
     assert result.stopped_by == "max_time" and len(evals) >= 2 and evals[-1]["step"] == result.step
     assert budget * 0.9 <= wall <= budget * 1.02 + 0.5, wall
     assert result.elapsed <= budget * 1.02, result.elapsed
+
+
+def test_the_time_budget_bounds_evaluations_too(tmp_path, text_file, caplog):
+    """An evaluation that cannot fit (here 100,000 batches per split) is cut to what fits, and says so: the run
+    ends within its budget instead of sitting at step 0 (each split gets at least one batch)."""
+    cfg = tiny_config(tmp_path / "m", text_file, max_time=3.0, n_updates=10**9, eval_iters=100_000, eval_interval=50)
+    with caplog.at_level("INFO", logger="chargpt"):
+        result = train(cfg, progress=False)
+    assert result.stopped_by == "max_time" and result.step > 0
+    assert result.elapsed < 3.0 + 2.0, result.elapsed  # the budget, plus at most one step and one batch over
+    evals = read_metrics(tmp_path / "m")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == result.step
+    assert all(1 <= m["eval_batches"] < 100_000 for m in evals)
+    assert "evaluated on" in caplog.text and "to fit the time budget" in caplog.text

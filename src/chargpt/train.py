@@ -9,6 +9,7 @@ explicitly to each step of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import signal
@@ -29,7 +30,7 @@ from chargpt.data import get_batch, prepare_data
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows, sum_dtype
 from chargpt.errors import ChargptError, first_line
 from chargpt.model import build_model
-from chargpt.optim import learning_rate, make_optimizer, set_learning_rate
+from chargpt.optim import SCHEDULE_KEYS, Anchor, extended_anchor, learning_rate, make_optimizer, set_learning_rate
 from chargpt.rundir import OutDir
 from chargpt.tokenizer import CharTokenizer
 
@@ -93,6 +94,7 @@ class RunState:
     save_seconds: float = 0.0
     plotted_at: float = -math.inf  # elapsed at the last drawing of loss.png
     plotted_rows: int = 0  # metrics rows it showed
+    lr_anchor: Anchor | None = None  # where a resume extended the budget: the schedule continues from there
 
     def tick(self) -> float:
         """Bring `elapsed` up to now; --max-time counts everything the loop does, evaluations included."""
@@ -272,6 +274,8 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     state = RunState()
     if saved is not None:
         state = restore(saved, out, model, optimizer, batches)
+        old = dataclasses.replace(cfg, **{k: saved["config"][k] for k in SCHEDULE_KEYS if k in saved["config"]})
+        state.lr_anchor = extended_anchor(old, cfg, state.step, state.elapsed, state.lr_anchor)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -349,7 +353,19 @@ def restore(
         eval_seconds=float(saved.get("eval_seconds", 0.0)),
         plot_seconds=float(saved.get("plot_seconds", 0.0)),
         save_seconds=float(saved.get("save_seconds", 0.0)),
+        lr_anchor=_anchor(saved.get("lr_anchor")),
     )
+
+
+def _anchor(value: Any) -> Anchor | None:
+    """A saved schedule anchor: [step, elapsed, lr], or None (a run never extended, or from before anchors)."""
+    if value is None:
+        return None
+    try:
+        step, elapsed, lr = value
+        return int(step), float(elapsed), float(lr)
+    except (TypeError, ValueError):
+        raise ChargptError("the train state's lr_anchor is malformed; start a new run with --overwrite") from None
 
 
 def _maybe_compile(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -388,7 +404,7 @@ def train_step(run: Run, state: RunState) -> torch.Tensor:
     """One optimizer step on one global batch (this rank's rows, in micro-batches); returns the mean loss as a
     0-dim float64 tensor on the device (float32 on MPS), unread: reading it would make the host wait for it."""
     cfg, d = run.cfg, run.dist
-    set_learning_rate(run.optimizer, learning_rate(cfg, state.step, state.elapsed))
+    set_learning_rate(run.optimizer, learning_rate(cfg, state.step, state.elapsed, state.lr_anchor))
     x_all, y_all = get_batch(run.train_ids, cfg.batch_size, cfg.block_size, run.batches)
     accum = cfg.gradient_accumulation_steps
     loss_sum = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)
@@ -469,23 +485,33 @@ def _diverged(run: Run, step: int, loss: float) -> ChargptError:
 
 
 @torch.no_grad()
-def estimate(run: Run, at_step: int) -> tuple[float, float]:
-    """Mean train and val loss over eval_iters batches, the same batches for any resume or world size."""
+def estimate(run: Run, at_step: int, seconds: float = math.inf) -> tuple[float, float, int]:
+    """Mean train and val loss over eval_iters batches, the same batches for any resume or world size, and how
+    many batches per split were used: fewer when the evaluation would outlast `seconds` (a time budget's share;
+    each split gets half, and at least one batch)."""
     cfg, d = run.cfg, run.dist
     run.model.eval()
-    losses = []
-    for part in (run.train_ids, run.val_ids):
+    losses, used = [], cfg.eval_iters
+    start = time.perf_counter()
+    for half, part in enumerate((run.train_ids, run.val_ids)):
+        deadline = start + seconds * (half + 1) / 2
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
         total = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)  # summed there: one read per split
-        for i in range(cfg.eval_iters):
-            if _signal_pending(run, i):
+        n = 0
+        while n < min(cfg.eval_iters, used if half else cfg.eval_iters):
+            signal, late = _stop_pending(run, n, deadline)
+            if signal:
                 raise _EvaluationInterrupted
+            if late and n > 0:
+                break
             x, y = get_batch(part, cfg.batch_size, cfg.block_size, gen)
             with run.autocast("eval"):
                 total += run.model(_to_device(rank_rows(x, d), d.device), _to_device(rank_rows(y, d), d.device))[1]
-        losses.append(all_mean(total.item() / cfg.eval_iters, d))
+            n += 1
+        used = min(used, n)
+        losses.append(all_mean(total.item() / n, d))
     run.model.train()
-    return losses[0], losses[1]
+    return losses[0], losses[1], used
 
 
 def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = False) -> None:
@@ -495,12 +521,17 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     t0 = time.perf_counter()
     state.tick()
     try:
-        train_loss, val_loss = estimate(run, state.step)
+        train_loss, val_loss, used = estimate(run, state.step, eval_seconds(run.cfg, state, final))
     except _EvaluationInterrupted:
         run.model.train()
         return
+    if used < run.cfg.eval_iters:
+        report.log.info(
+            "step %d: evaluated on %d of %d batches per split to fit the time budget", state.step, used,
+            run.cfg.eval_iters,
+        )  # fmt: skip
     best = val_loss < state.best_val and state.step > 0
-    lr = learning_rate(run.cfg, max(state.step - 1, 0), state.elapsed)
+    lr = learning_rate(run.cfg, max(state.step - 1, 0), state.elapsed, state.lr_anchor)
     state.metrics.append(
         {
             "kind": "eval",
@@ -510,6 +541,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
             "lr": lr,
             "tokens_per_s": tok_s,
             "time": round(state.elapsed, 3),
+            **({"eval_batches": used} if used < run.cfg.eval_iters else {}),
         }
     )
     if run.dist.main:
@@ -525,6 +557,18 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     state.eval_seconds = time.perf_counter() - t0
     if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:
         draw_plot(run, state)
+
+
+EVAL_SHARE = 0.1  # of a time budget: the most one evaluation before the last may take
+
+
+def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
+    """How long an evaluation may take: no limit without a time budget; with one, a tenth of it, and never past
+    its end (the last evaluation gets what is left); a budget already spent still gets one batch per split."""
+    if not cfg.max_time:
+        return math.inf
+    left = max(cfg.max_time - state.elapsed, 0.0)
+    return left if final else min(EVAL_SHARE * cfg.max_time, left)
 
 
 def draw_plot(run: Run, state: RunState) -> None:
@@ -554,6 +598,7 @@ def save_state(run: Run, state: RunState) -> None:
             "eval_seconds": state.eval_seconds,
             "plot_seconds": state.plot_seconds,
             "save_seconds": state.save_seconds,
+            **({"lr_anchor": list(state.lr_anchor)} if state.lr_anchor is not None else {}),
             "model": weights,
             "optimizer": run.optimizer.state_dict(),
             "rng": ckpt.capture_rng(run.batches),
@@ -599,12 +644,17 @@ class _EvaluationInterrupted(Exception):
     """A signal arrived while estimating the losses."""
 
 
-def _signal_pending(run: Run, batch: int) -> bool:
-    """Whether SIGINT/SIGTERM is pending; with several ranks they agree (one all-reduce every 16 batches)."""
+def _stop_pending(run: Run, batch: int, deadline: float) -> tuple[bool, bool]:
+    """Whether SIGINT/SIGTERM is pending, and whether the evaluation is past its deadline; with several ranks
+    they agree on both (one all-reduce every 16 batches), so every rank evaluates the same batches."""
     caught = run.signals is not None and run.signals.caught is not None
+    late = time.perf_counter() > deadline
     if run.dist.world == 1:
-        return caught
-    return batch % 16 == 0 and all_max([1.0 if caught else 0.0], run.dist)[0] > 0
+        return caught, late
+    if batch % 16:
+        return False, False
+    flags = all_max([1.0 if caught else 0.0, 1.0 if late else 0.0], run.dist)
+    return flags[0] > 0, flags[1] > 0
 
 
 class _Signals:
