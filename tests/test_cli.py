@@ -91,12 +91,12 @@ def test_eval_cli_on_unseen_text(cli_run, tmp_path):
     model, tok = load_model(work / "model")
     assert set(UNSEEN) <= set(tok.chars)
     assert UNSEEN[:40] not in (work / "run.toml").read_text() and len(UNSEEN) % 16 != 1  # a partial last window
-    r = run_cli("eval", "--model", str(work / "model"), "--data", str(data))
+    r = run_cli("eval", "--model", str(work / "model"), "--data", str(data), "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"loss", "bits_per_char", "chars"}
+    assert set(result) == {"loss", "bits_per_char", "chars", "precision"} and result["precision"] == "fp32"
     assert result["chars"] == len(UNSEEN) - 1
     expected, _ = reference_loss(model, tok, UNSEEN)
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
@@ -241,3 +241,13 @@ def test_bad_input_in_a_real_process(bad_inputs, trained_model_dir):
         r = run_cli(*args, cwd=bad_inputs)
         assert_one_line_error(r.returncode, r.stdout, r.stderr, message)
     assert snapshot(bad_inputs) == before
+
+
+def test_chargpt_alone_prints_help_and_a_typo_gets_a_suggestion(capsys):
+    rc, out, err = call_main([], capsys)
+    assert rc == 0 and "usage: chargpt" in out and "start here:" in out and err == ""
+    rc, out, err = call_main(["trian"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "did you mean train?" in err, err
+    rc, out, err = call_main(["train", "--help"], capsys)
+    assert rc == 0 and "--model" not in out and "deprecated" not in out  # the old spelling still works, unlisted
+    assert "--token-cache" in out and "(default: None)" not in out

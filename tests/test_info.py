@@ -40,3 +40,36 @@ def test_info_text(trained_model_dir, capsys):
 def test_info_on_something_that_is_not_a_model(tmp_path, capsys):
     rc, out, err = call_main(["info", str(tmp_path)], capsys)
     assert_one_line_error(rc, out, err, "holds no model")
+
+
+def test_info_shows_settings_as_given_not_internal_values(tmp_path, text_file, capsys):
+    from chargpt.train import train
+    from conftest import tiny_config
+
+    out = tmp_path / "timed"
+    cfg = tiny_config(out, text_file, max_time=2.0, n_updates=10**9, eval_interval=10)
+    train(cfg, progress=False)
+    rc, text, err = call_main(["info", str(out)], capsys)
+    assert rc == 0, err
+    settings = [line for line in text.splitlines() if line.startswith("trained on")][0]
+    assert "max_time=2.0" in settings and "n_updates=" not in settings  # the clock governed the run
+    assert "None" not in settings and "n_embd=" not in settings  # no 'none' values, the shape is said above
+
+
+def test_info_on_a_folder_of_runs_lists_them(trained_model_dir, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    for name in ("first", "second-run"):
+        shutil.copytree(trained_model_dir, runs / name)
+    (runs / "notes").mkdir()  # not a run: not listed
+    rc, out, err = call_main(["info", str(runs)], capsys)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["run", "shape"] and len(lines) == 3
+    assert lines[1].startswith("first ") and "2x4x48 T32" in lines[1] and " 300 " in lines[1]
+    rc, out, err = call_main(["info", str(runs), "--json"], capsys)
+    listed = json.loads(out)["runs"]
+    assert [r["name"] for r in listed] == ["first", "second-run"] and listed[0]["steps"] == 300
+    saved = json.loads((trained_model_dir / "config.json").read_text())["info"]
+    assert (listed[0]["best_step"], listed[0]["best_val_loss"]) == (saved["step"], saved["val_loss"])

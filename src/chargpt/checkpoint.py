@@ -459,6 +459,35 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_run_folder(directory: Path) -> bool:
+    """Whether a folder holds a model or a run of its own (as opposed to a folder of runs)."""
+    names = (CONFIG, TRAIN_STATE, WEIGHTS, ".chargpt-run", "metrics.jsonl", BACKUP)
+    return any(os.path.lexists(directory / n) for n in names)
+
+
+def list_runs(directory: str | Path) -> list[dict[str, Any]]:
+    """The runs in a folder of runs (each subfolder `chargpt train --out` wrote), read cheaply: config.json and
+    the train state's step and clock, no weights. A subfolder that cannot be read is listed with its problem."""
+    directory = Path(directory)
+    runs = []
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.is_symlink() and is_run_folder(p)):
+        row: dict[str, Any] = {"name": sub.name}
+        try:
+            cfg, _, info = read_config(sub)
+            row.update(shape=f"{cfg.n_layers}x{cfg.n_heads}x{cfg.n_embd} T{cfg.block_size}", arch=cfg.model)
+            row.update(best_step=info.get("step"), best_val_loss=info.get("val_loss"))
+        except ChargptError as e:
+            row["problem"] = str(e)
+        try:
+            if os.path.lexists(run_file(sub, TRAIN_STATE)):
+                state = load_train_state(sub, mmap=True)
+                row.update(steps=state["step"], elapsed=float(state["elapsed"]))
+        except ChargptError as e:
+            row.setdefault("problem", str(e))
+        runs.append(row)
+    return runs
+
+
 def describe(directory: str | Path) -> dict[str, Any]:
     """What a model directory holds, as plain data (for `chargpt info`): shape, parameters, vocabulary,
     how it was trained (saved step, losses, config; the run's latest step from train_state.pt), files."""

@@ -103,7 +103,7 @@ SAMPLE_EXAMPLES = """examples:
   chargpt sample --model out/demo --top-p 0.9 --num-samples 4 --no-stream
 """
 EVAL_EXAMPLES = """example:
-  chargpt eval --model out/demo --data held-out.txt    # prints {"loss": ..., "bits_per_char": ..., "chars": ...}
+  chargpt eval --model out/demo --data held-out.txt    # one JSON line: loss, bits_per_char, chars, precision
 """
 SERVE_EXAMPLES = """examples:
   chargpt serve --model out/demo                       # http://127.0.0.1:8000, playground at /
@@ -134,6 +134,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
     def suggestion(self, message: str) -> str:
+        if message.startswith("argument COMMAND: invalid choice: "):  # a mistyped subcommand
+            word = message.split("invalid choice: ", 1)[1].split(" (choose", 1)[0].strip("'")
+            commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            close = difflib.get_close_matches(word, commands, n=1, cutoff=0.5)
+            return f"; did you mean {close[0]}?" if close else ""
         if "unrecognized arguments: " not in message:
             return ""
         known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -177,10 +182,13 @@ def _default_text(name: str) -> str:
         return f"default: {'on' if f.default else 'off'}"
     if name == "max_time":
         return "default: 0, no limit"
-    shown = [f"{PRESETS[p][name]} with --preset {p}" for p in ("cpu", "gpu") if name in PRESETS[p]]
-    if shown:
-        return f"default: {', '.join(shown)}, {f.default} with --preset seed"
-    return f"default: {f.default}"
+    if name == "token_cache":
+        return "default: the tokens folder in chargpt's cache folder"
+    values = {p: PRESETS[p].get(name, f.default) for p in ("cpu", "gpu", "seed")}
+    if len(set(values.values())) == 1:
+        return f"default: {f.default}"
+    shown = [f"{value} with --preset {p}" for p, value in values.items()]
+    return f"default: {', '.join(shown)}"
 
 
 def _add_train_flags(p: _Parser) -> None:
@@ -214,7 +222,10 @@ def _add_train_flags(p: _Parser) -> None:
             choices = MODEL_TYPES if f.name == "arch" else None
             group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
     groups["model"].add_argument(
-        "--model", dest="legacy_model", metavar="ARCH", help="deprecated spelling of --arch (default: not given)"
+        "--model",
+        dest="legacy_model",
+        metavar="ARCH",
+        help=argparse.SUPPRESS,  # the old spelling of --arch
     )
     checkpoints = groups["evaluation and checkpoints"]
     checkpoints.add_argument(
@@ -621,15 +632,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_file(
         model, tokenizer, path, token_cache=args.token_cache, progress=not args.quiet, precision=args.precision
     )
-    if not all(map(math.isfinite, result.values())):
+    if not all(math.isfinite(result[k]) for k in ("loss", "bits_per_char")):
         raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
     print(json.dumps(result, allow_nan=False))
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from chargpt.checkpoint import describe
+    from chargpt.checkpoint import describe, is_run_folder, list_runs
 
+    folder = Path(args.dir)
+    if folder.is_dir() and not is_run_folder(folder):
+        runs = list_runs(folder)
+        if runs:
+            _print_runs(folder, runs, args.json)
+            return 0
     info = describe(args.dir)
     if args.json:
         print(json.dumps(info, indent=1, ensure_ascii=False))
@@ -637,6 +654,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for line in _info_lines(info):
         print(line)
     return 0
+
+
+def _print_runs(folder: Path, runs: list[dict[str, Any]], as_json: bool) -> None:
+    """`chargpt info FOLDER` on a folder of runs: one line each, to compare them."""
+    if as_json:
+        print(json.dumps({"dir": str(folder), "runs": runs}, indent=1, ensure_ascii=False))
+        return
+    width = max(3, *(len(r["name"]) for r in runs))
+    print(f"{'run':<{width}}  {'shape (LxHxC, context)':<22}  {'steps':>8}  {'time':>7}  {'best val':>8}  at step")
+    for r in runs:
+        elapsed = f"{r['elapsed']:.0f}s" if r.get("elapsed") is not None else "-"
+        steps = r.get("steps", "-")
+        line = f"{r['name']:<{width}}  {r.get('shape', '-'):<22}  {steps:>8}  {elapsed:>7}  "
+        best = _num(r.get("best_val_loss")) if r.get("best_step") is not None else "-"
+        line += f"{best:>8}  {r.get('best_step', '-')}"
+        print(line + (f"  ({_one_line(r['problem'], 100)})" if "problem" in r and "shape" not in r else ""))
 
 
 def _info_lines(info: dict[str, Any]) -> list[str]:
@@ -657,10 +690,20 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"training: {t['steps']} steps in {t['elapsed']:.0f}s, resumable (train_state.pt)")
     cfg = t.get("config") or {}
     if cfg:
-        settings = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("data", "out"))
+        settings = ", ".join(f"{k}={v}" for k, v in _user_settings(cfg).items())
         lines.append(f"trained on {cfg.get('data') or 'the built-in Shakespeare plays'} with {settings}")
     lines.append("files: " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
     return lines
+
+
+def _user_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings as the user would give them: not the shape (said above), not the paths, not the
+    step count that stands for 'the clock decides', not defaults that mean 'none'."""
+    skip = {"data", "out", "arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"}
+    shown = {k: v for k, v in cfg.items() if k not in skip and v is not None}
+    if shown.get("n_updates") == TIME_GOVERNED_UPDATES:
+        del shown["n_updates"]
+    return shown
 
 
 def _num(value: Any) -> str:
@@ -745,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
+        if not argv:  # `chargpt` alone: what it can do, not an error
+            parser.print_help()
+            return 0
         args, extra = parser.parse_known_args(argv)
         if extra:  # the subcommand's parser reports it, with its own --help and a close match
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ def evaluate(
     batch_size: int = 32,
     precision: str = "auto",
     progress: Callable[[int], object] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Loss (nats/char) over non-overlapping windows covering the whole text.
 
     Window i feeds characters [iT, iT+T) and predicts [iT+1, iT+T+1); every character but the first
@@ -44,7 +45,7 @@ def evaluate_file(
     progress: bool = False,
     batch_size: int = 32,
     precision: str = "auto",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """evaluate() on a file of any size: its ids stream through the token cache (the model's vocabulary) and
     are read from the memory map a batch at a time. progress: bars on a terminal (tokenizing, scoring)."""
     from chargpt.chunks import progress_bar
@@ -62,7 +63,7 @@ def evaluate_ids(
     batch_size: int = 32,
     precision: str = "auto",
     progress: Callable[[int], object] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """evaluate() on token ids (an array, or a view of the memory-mapped token cache: read a batch at a time)."""
     from chargpt.tokencache import release_pages
 
@@ -100,7 +101,7 @@ def evaluate_ids(
     finally:
         model.train(was_training)
     loss = total / n_pred
-    return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": n_pred}
+    return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": n_pred, "precision": choice.name}
 
 
 def _int64(part: np.ndarray | torch.Tensor) -> torch.Tensor:
