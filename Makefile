@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # ~3 minutes on a 2-core laptop: 150 s of training (evaluations included), then a sample.
+# A second `make demo` keeps the model in out/demo (it may have been trained further since): it only samples.
 demo: install
-	@echo "== make demo: train a small GPT (the 'cpu' preset, 0.8M parameters) on the complete Shakespeare plays"
-	@echo "== for 150 seconds on this machine, then let it write 600 characters. Everything lands in out/demo/."
-	$(VENV)/bin/chargpt train --out out/demo --overwrite --max-time 150
+	@if [ -e out/demo/model.safetensors ]; then \
+	    echo "== out/demo already holds a model: sampling from it (rm -r out/demo first to train a new one)"; \
+	else \
+	    echo "== make demo: train a small GPT (the 'cpu' preset, 0.8M parameters) on the complete Shakespeare plays"; \
+	    echo "== for 150 seconds on this machine, then let it write 600 characters. Everything lands in out/demo/."; \
+	    $(VENV)/bin/chargpt train --out out/demo --max-time 150; \
+	fi
 	@echo "== A sample from out/demo (temperature 0.8):"
 	$(VENV)/bin/chargpt sample --model out/demo --prompt "ROMEO:" --max-new-tokens 600 --temperature 0.8 --seed 0
 	@echo "== That was 150 s on a CPU. Next: out/demo/loss.png shows the run; $(VENV)/bin/chargpt info out/demo"

@@ -204,7 +204,7 @@ def test_load_corpus_errors(tmp_path):
     empty_folder = tmp_path / "nothing"
     empty_folder.mkdir()
     (empty_folder / "readme.md").write_text("x")
-    with pytest.raises(ChargptError, match="holds no .txt files"):
+    with pytest.raises(ChargptError, match=r"holds no .txt files; for other kinds of text give a quoted pattern"):
         load_corpus(str(empty_folder))
     # a folder whose one bad file is not UTF-8 names that file
     bad_folder = tmp_path / "mixed"
@@ -270,3 +270,14 @@ def test_batches_reproducible_with_seed_and_cover_every_start():
         starts |= set(x[:, 0].tolist())
         assert int(y.max()) <= 18
     assert starts == {0, 1, 2}
+
+
+def test_a_pattern_through_link_loops_ends(tmp_path):
+    """`--data 'dir/**/*.txt'` where folders link back up: each file once, at once (glob.glob followed every
+    loop: 5 links back up made it run for minutes)."""
+    (tmp_path / "books" / "a").mkdir(parents=True)
+    (tmp_path / "books" / "a" / "one.txt").write_text("to be or not to be\n")
+    (tmp_path / "books" / "two.txt").write_text("that is the question\n")
+    for i in range(5):
+        (tmp_path / "books" / "a" / f"up{i}").symlink_to("..")
+    assert load_corpus(str(tmp_path / "books" / "**" / "*.txt")) == "to be or not to be\n\nthat is the question\n"

@@ -61,10 +61,19 @@ def shell_lines(body: str) -> list[str]:
 
 
 def demo_recipe() -> list[str]:
-    """The Makefile's `demo` commands, with $(VENV)/bin/chargpt as plain chargpt (echo lines dropped)."""
+    """The Makefile's `demo` commands on a fresh clone (no out/demo yet), with $(VENV)/bin/chargpt as plain
+    chargpt: echo lines dropped, and of the `if` that keeps an existing model, the branch that trains."""
     recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M).group(1)
-    lines = [line.strip().replace("$(VENV)/bin/chargpt", "chargpt") for line in recipe.splitlines()]
-    return [line for line in lines if not line.startswith("@echo")]
+    recipe = re.sub(r"\\\n\t\s*", " ", recipe)  # continuation lines joined
+    commands = []
+    for line in recipe.splitlines():
+        line = line.strip()
+        if line.startswith("@if "):
+            fresh = line.split("else", 1)[1].rsplit("fi", 1)[0]
+            commands += [part.strip() for part in fresh.split(";") if part.strip().startswith("$(VENV)")]
+        elif not line.startswith("@echo"):
+            commands.append(line)
+    return [c.replace("$(VENV)/bin/chargpt", "chargpt") for c in commands]
 
 
 def bash_words(line: str) -> list[str]:

@@ -3,7 +3,6 @@ token cache, see tokencache.py), splits and batches."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import importlib.metadata
 import json
@@ -156,16 +155,31 @@ def _corpus_paths(data: str) -> list[Path]:
             raise ChargptError(f"cannot read folder {path} (permission denied); check its permissions")
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
-            raise ChargptError(f"folder {path} holds no .txt files; point --data at a text file or such a folder")
+            raise ChargptError(
+                f"folder {path} holds no .txt files; for other kinds of text give a quoted pattern, e.g. "
+                f"--data '{path}/**/*.py', or point --data at a text file"
+            )
         return files
     if path.exists():
         return [path]
     if any(c in data for c in "*?["):
-        files = sorted(p for p in map(Path, glob.glob(data, recursive=True)) if p.is_file())
+        files = _glob_files(data)
         if not files:
             raise ChargptError(f"no files match {data}; check the pattern (quote it so that the shell leaves it)")
         return files
     raise ChargptError(f"data path {path} does not exist; pass an existing text file or folder")
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files a pattern matches (`**`: any depth). pathlib's glob does not descend into linked folders, so
+    a link loop under the folder cannot make it run forever (glob.glob follows them)."""
+    parts = Path(pattern).parts
+    first_magic = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    try:
+        return sorted(p for p in root.glob(str(Path(*parts[first_magic:]))) if p.is_file())
+    except (OSError, ValueError) as e:
+        raise ChargptError(f"cannot match {pattern} ({e}); check the pattern") from None
 
 
 def load_corpus(data: str | None) -> str:
