@@ -94,6 +94,7 @@ def tiny_config(out: Path | str, data: Path | str, **overrides: object) -> Train
         device="cpu",
         seed=7,
         precision="fp32",  # tests assert fp32 figures; auto would pick bf16 on a CPU with native bf16
+        threads=1,  # exactness tests compare runs bit for bit: auto's count (and its re-checks) follows the load
     )
     values.update(overrides)
     cfg = TrainConfig(**values)  # type: ignore[arg-type]

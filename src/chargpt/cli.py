@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import gc
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -63,9 +65,11 @@ FLAG_HELP = {
     "checkpoint_seconds": "also save the resumable state every this many seconds of training; 0 = off",
     "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
     "compile": "torch.compile the model (needs a C++ compiler on CPU)",
+    "threads": "CPU threads; 0 = auto: the cores free at the start, re-checked when steps slow down",
     "precision": "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16",
 }
 DEVICE_HELP = f"{FLAG_HELP['device']} (default: auto)"
+THREADS_HELP = "CPU threads (default: the cores free at start-up)"
 PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
 GROUPS = {
     "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count"),
@@ -91,7 +95,7 @@ GROUPS = {
         "checkpoint_interval",
         "checkpoint_seconds",
     ),
-    "hardware": ("device", "precision", "compile"),
+    "hardware": ("device", "precision", "threads", "compile"),
 }
 TRAIN_EXAMPLES = """examples:
   chargpt train --out out/demo --max-time 150          # 2.5 minutes on the built-in Shakespeare
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-cache", metavar="DIR", help="folder for the tokenized file (default: chargpt's cache folder)"
     )
     e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    e.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
     i = sub.add_parser(
         "info",
@@ -338,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--device", default="auto", help=DEVICE_HELP)
     v.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    v.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return p
 
 
@@ -556,8 +562,6 @@ def _last_line(line: str) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from chargpt.generate import SampleConfig, decode_threads
 
     cfg = SampleConfig(
@@ -571,14 +575,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     cfg.validate()
-    if args.threads is not None and args.threads < 1:
-        raise ChargptError(f"--threads must be >= 1, got {args.threads}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or decode_threads(args.num_samples))
-    try:  # the process's thread count is put back: `main` may be called in-process (tests, notebooks)
+    with _threads(args.threads, decode_threads(args.num_samples) if args.threads is None else None):
         return _sample(args, cfg)
+
+
+@contextlib.contextmanager
+def _threads(requested: int | None, default: int | None = None) -> Iterator[None]:
+    """Run a command with `requested` CPU threads (at most the cores), else `default`, else the free cores; the
+    process's count is put back after: `main` may be called in-process (tests, notebooks)."""
+    import torch
+
+    from chargpt import cores
+
+    if requested is not None and requested < 1:
+        raise ChargptError(f"--threads must be >= 1, got {requested}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(default if default is not None else cores.choose_threads(requested))
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _sample(args: argparse.Namespace, cfg: Any) -> int:
@@ -614,13 +630,18 @@ def _sample(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _setup_logging(args.quiet)
+    with _threads(args.threads):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
     import math
 
     from chargpt.checkpoint import load_model
     from chargpt.distributed import resolve_device
     from chargpt.evaluate import evaluate_file
 
-    _setup_logging(args.quiet)
     model, tokenizer = load_model(args.model, resolve_device(args.device))
     path = Path(args.data)
     if not path.is_file():
@@ -743,7 +764,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"serving {describe(card)} at {url}  (playground {url}/ , OpenAI API {url}/v1 ; Ctrl-C stops)", flush=True
         )
 
-    serve(cfg, resolve_device(args.device), ready)
+    with _threads(args.threads):
+        serve(cfg, resolve_device(args.device), ready)
     gc.freeze()  # the exit need not walk torch's objects: that takes seconds on a busy machine
     return 0
 

@@ -21,6 +21,7 @@ MAX_SIZE = 2**31 - 1  # block_size, n_embd, n_heads, n_layers, batch sizes
 MAX_COUNT = 10**12  # steps and intervals
 MAX_EVAL_ITERS = 1_000_000  # batches per loss estimate (evaluation also checks for signals between batches)
 MAX_SEED = 2**32 - 1
+MAX_THREADS = 4096  # more is a typo (and torch would try to start them); the cores bound it further
 MAX_VOCAB = 0x110000  # every Unicode code point
 TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
 # on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
@@ -101,6 +102,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto: cuda > mps > cpu
     compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU; falls back cleanly)
+    threads: int = 0  # CPU threads; 0 = auto: the cores free at the start, re-checked as the run goes
     precision: str = "auto"  # fp32, bf16 (autocast; weights stay fp32), auto: whichever is faster here
 
     def validate(self) -> None:
@@ -116,7 +118,12 @@ class TrainConfig:
         ):
             _positive_int(name, getattr(self, name), limit)
         self._validate_data_options()
-        for name, limit in (("warmup_updates", MAX_COUNT), ("checkpoint_interval", MAX_COUNT), ("seed", MAX_SEED)):
+        for name, limit in (
+            ("warmup_updates", MAX_COUNT),
+            ("checkpoint_interval", MAX_COUNT),
+            ("seed", MAX_SEED),
+            ("threads", MAX_THREADS),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
                 raise ChargptError(f"{name} must be a non-negative integer up to {limit}, got {shorten(value)}")

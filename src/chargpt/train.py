@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import time
@@ -24,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
-from chargpt import memory, precision, report
+from chargpt import cores, memory, precision, report
 from chargpt.config import TrainConfig
 from chargpt.data import get_batch, prepare_data
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows, sum_dtype
@@ -64,6 +65,8 @@ class Run:
     outdir: OutDir | None = None  # the locked output folder, told when the run first saves
     signals: _Signals | None = None  # a signal pending during evaluation cuts it short
     precision: dict[str, precision.Choice] = field(default_factory=dict)  # "train", "eval" -> fp32 / bf16
+    tuner: cores.ThreadTuner | None = None  # re-checks the thread count (auto threads on a CPU)
+    threads_note: str = ""  # how many CPU threads, and why, for the announcement
 
     def autocast(self, kind: str) -> AbstractContextManager:
         """bf16 autocast where the run's precision says so for this kind of work ("train", "eval"); weights
@@ -167,6 +170,24 @@ def train(
     """
     cfg.validate()
     d = init_distributed(cfg)
+    threads = torch.get_num_threads()
+    try:  # the process's thread count is put back: train() may be called again in the same process
+        return _train(cfg, d, resume, overwrite, progress, pause_after, preset_note, loss_history, loss_read_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig,
+    d: Dist,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    pause_after: int | None,
+    preset_note: str,
+    loss_history: list[float] | None,
+    loss_read_every: int | None,
+) -> TrainResult:
     with OutDir(cfg.out, resume=resume, overwrite=overwrite, main=d.main) as outdir:  # locked for the whole run
         run, state = setup(cfg, d, resume=resume, overwrite=overwrite, progress=progress)
         run.outdir = outdir
@@ -175,7 +196,7 @@ def train(
             return _result(run, state, "finished")
         if d.main:
             report.prepare_plot()  # matplotlib's import, once, so that timing a plot times the drawing only
-            how = precision.describe(run.precision)
+            how = precision.describe(run.precision) + (f", {run.threads_note}" if run.threads_note else "")
             report.announce(
                 run.cfg, run.model, run.tokenizer, run.train_ids, run.val_ids, d.device, how, state, preset_note
             )
@@ -204,6 +225,7 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
             state.step += 1
             now = time.perf_counter()
             state.step_seconds, t_prev = now - t_prev, now
+            retune(run, state)
             evaluate_now = state.step % cfg.eval_interval == 0 or state.step == cfg.n_updates
             save_now = save_due(cfg, state)
             due = (state.step % losses.every, state.step % cfg.log_interval)
@@ -256,6 +278,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     saved: dict[str, Any] | None = None
     if resume:
         saved = ckpt.load_train_state(out)
+    tuner, threads_note = set_threads(cfg, d, saved)
     # data, through the token cache (a failure leaves no empty folder behind: OutDir removes what it created)
     tokenizer = CharTokenizer(list(saved["vocab"]), unknown=saved.get("unknown")) if saved else None
     data = prepare_data(cfg, tokenizer, d, progress=progress and d.main)
@@ -286,7 +309,28 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
     choices = choose_precision(cfg, d, model, tokenizer.vocab_size)
     run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
+    run.tuner, run.threads_note = tuner, threads_note
     return run, state
+
+
+def set_threads(cfg: TrainConfig, d: Dist, saved: dict[str, Any] | None) -> tuple[cores.ThreadTuner | None, str]:
+    """The CPU thread count of the run: --threads as given, or (auto) the free cores shared among this machine's
+    ranks. A resumed auto run keeps the count it saved (the same count gives the same bits), and an auto run
+    gets a ThreadTuner. On an accelerator torch's default stays."""
+    if d.device.type != "cpu":
+        return None, ""
+    total = cores.cores()
+    requested = cfg.threads or None
+    saved_threads = saved.get("threads") if saved else None
+    if requested is None and isinstance(saved_threads, int) and not isinstance(saved_threads, bool):
+        threads = max(1, min(saved_threads, total))
+        note = f"{threads} thread{'s' if threads > 1 else ''} (as the run saved)"
+    else:
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+        threads = cores.choose_threads(requested, total, share=share)
+        note = cores.why(requested, threads, total)
+    torch.set_num_threads(threads)
+    return (None if requested else cores.ThreadTuner(threads)), note
 
 
 PROBE_POSITIONS = 2048  # rows x block_size of the batch that times a precision: enough for matmuls of the real speed
@@ -431,6 +475,18 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+def retune(run: Run, state: RunState) -> None:
+    """Feed the step time to the run's ThreadTuner; a changed count is set and said. Under DDP the ranks keep
+    their own counts (numbers differ only in speed)."""
+    if run.tuner is None:
+        return
+    before = run.tuner.threads
+    after = run.tuner.step(state.step_seconds)
+    if after != before:
+        torch.set_num_threads(after)
+        report.log.info("step %d: training with %s", state.step, run.tuner.changes[-1])
 
 
 def save_due(cfg: TrainConfig, state: RunState) -> bool:
@@ -598,6 +654,7 @@ def save_state(run: Run, state: RunState) -> None:
             "eval_seconds": state.eval_seconds,
             "plot_seconds": state.plot_seconds,
             "save_seconds": state.save_seconds,
+            "threads": torch.get_num_threads(),
             **({"lr_anchor": list(state.lr_anchor)} if state.lr_anchor is not None else {}),
             "model": weights,
             "optimizer": run.optimizer.state_dict(),
