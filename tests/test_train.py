@@ -15,7 +15,7 @@ from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate
 from chargpt.model import GPT, BigramLM
 from chargpt.train import train
-from conftest import read_metrics, tiny_config
+from conftest import read_metrics, run_cli, tiny_config
 
 
 def unigram_entropy(text: str) -> float:
@@ -214,3 +214,17 @@ def test_the_time_budget_bounds_evaluations_too(tmp_path, text_file, caplog):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == result.step
     assert all(1 <= m["eval_batches"] < 100_000 for m in evals)
     assert "evaluated on" in caplog.text and "to fit the time budget" in caplog.text
+
+
+def test_patience_stops_after_n_evaluations_without_a_better_val_loss(tmp_path):
+    """Training text all 'a', validation all 'b': every step makes val worse, so the first evaluation is the best
+    and --patience 2 stops the run two evaluations later, keeping that model."""
+    data = tmp_path / "ab.txt"
+    data.write_text("a" * 9000 + "b" * 1000)
+    cfg = tiny_config(tmp_path / "m", data, n_updates=200, eval_interval=5, patience=2, learning_rate=1e-2)
+    result = train(cfg, progress=False)
+    assert result.stopped_by == "patience" and result.step == 15 and result.best_step == 5
+    assert [m["step"] for m in read_metrics(tmp_path / "m")] == [0, 5, 10, 15]
+    r = run_cli("train", "--resume", str(tmp_path / "m"), "--quiet")  # still out of patience: it says so
+    assert r.returncode == 0 and "already finished" not in r.stdout, r.stdout + r.stderr
+    assert "stopped by --patience: 2 evaluations in a row without a better val loss" in r.stdout, r.stdout

@@ -57,6 +57,7 @@ FLAG_HELP = {
     "grad_clip": "max gradient norm; 0 = off",
     "beta2": "AdamW second-moment decay (0.99 suits small batches)",
     "seed": "seeds weights, batches and dropout: same seed, same run",
+    "patience": "stop after N evaluations in a row without a better val loss (the best model is kept); 0 = never",
     "out": "model directory to write",
     "eval_interval": "steps between evaluations (metrics row, best-val checkpoint, plot)",
     "eval_iters": "batches per loss estimate",
@@ -94,6 +95,7 @@ GROUPS = {
         "log_interval",
         "checkpoint_interval",
         "checkpoint_seconds",
+        "patience",
     ),
     "hardware": ("device", "precision", "threads", "compile"),
 }
@@ -447,6 +449,8 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
         )
         return 0
     why = {"max_time": "the time budget", "n_updates": "--n-updates", "pause": "pause_after"}.get(result.stopped_by)
+    if result.stopped_by == "patience":
+        why = f"--patience: {cfg.patience} evaluations in a row without a better val loss"
     steps = f"{result.step} step" + ("" if result.step == 1 else "s")
     print(f"done: {steps} in {result.elapsed:.0f}s (stopped by {why or result.stopped_by})")
     if result.best_step >= 0:

@@ -99,6 +99,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # steps between resumable-state saves; 0 = by time only
     checkpoint_seconds: float = 0.0  # also save the resumable state after this many seconds of training; 0 = off
     max_time: float = 0.0  # seconds of training; 0 = no limit. The LR schedule ends when time does.
+    patience: int = 0  # stop after this many evaluations in a row without a better val loss; 0 = never
     seed: int = 1337
     device: str = "auto"  # auto: cuda > mps > cpu
     compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU; falls back cleanly)
@@ -123,6 +124,7 @@ class TrainConfig:
             ("checkpoint_interval", MAX_COUNT),
             ("seed", MAX_SEED),
             ("threads", MAX_THREADS),
+            ("patience", MAX_COUNT),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:

@@ -43,7 +43,7 @@ class TrainResult:
     best_val_loss: float
     last_val_loss: float
     elapsed: float
-    stopped_by: str  # "n_updates", "max_time", "pause", "SIGINT", "SIGTERM", or "finished" (nothing left to do)
+    stopped_by: str  # "n_updates", "max_time", "patience", "pause", "SIGINT", "SIGTERM", or "finished" (nothing left)
     rank: int = 0  # under torchrun, only rank 0 reports
     best_step: int = -1  # the step of the saved (best-val) model
 
@@ -97,6 +97,7 @@ class RunState:
     save_seconds: float = 0.0
     plotted_at: float = -math.inf  # elapsed at the last drawing of loss.png
     plotted_rows: int = 0  # metrics rows it showed
+    evals_since_best: int = 0  # evaluations in a row without a better val loss (for --patience)
     lr_anchor: Anchor | None = None  # where a resume extended the budget: the schedule continues from there
 
     def tick(self) -> float:
@@ -398,6 +399,7 @@ def restore(
         plot_seconds=float(saved.get("plot_seconds", 0.0)),
         save_seconds=float(saved.get("save_seconds", 0.0)),
         lr_anchor=_anchor(saved.get("lr_anchor")),
+        evals_since_best=int(saved.get("evals_since_best", 0)),
     )
 
 
@@ -441,6 +443,8 @@ def stop_reason(run: Run, state: RunState, signals: _Signals, pause_after: int |
         return "max_time"  # (a budget too short for even one step still trains one)
     if pause_after is not None and state.step - start_step >= pause_after:
         return "pause"
+    if run.cfg.patience and state.evals_since_best >= run.cfg.patience:
+        return "patience"
     return None
 
 
@@ -609,6 +613,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         report.log_evaluation(state.step, train_loss, val_loss, best)
     if state.step > 0:
         state.best_val = min(state.best_val, val_loss)
+        state.evals_since_best = 0 if best else state.evals_since_best + 1
     state.last_val, state.last_eval_step = val_loss, state.step
     state.eval_seconds = time.perf_counter() - t0
     if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:
@@ -655,6 +660,7 @@ def save_state(run: Run, state: RunState) -> None:
             "plot_seconds": state.plot_seconds,
             "save_seconds": state.save_seconds,
             "threads": torch.get_num_threads(),
+            "evals_since_best": state.evals_since_best,
             **({"lr_anchor": list(state.lr_anchor)} if state.lr_anchor is not None else {}),
             "model": weights,
             "optimizer": run.optimizer.state_dict(),
@@ -682,7 +688,7 @@ def _saved(run: Run) -> None:
 def finish(run: Run, state: RunState, tok_s: float) -> None:
     """A run that completed gets its final evaluation; any stop saves the resumable state. An interruption
     does not evaluate: that would change the run's metrics and best model."""
-    finished = state.stopped_by in ("n_updates", "max_time")
+    finished = state.stopped_by in ("n_updates", "max_time", "patience")
     if finished and state.step > 0 and not _evaluated(state):
         evaluate_and_save(run, state, tok_s, final=True)
     else:
