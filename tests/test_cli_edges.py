@@ -265,3 +265,34 @@ def test_nproc_ctrl_c_is_one_line_and_130(work: Path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted by SIGINT at step") and f"--resume {out}" in last, err
     assert err.count("interrupted") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+# what a careless or hostile value does: one line and exit 2, or the right result, never a traceback
+
+
+def test_empty_and_nul_paths_and_over_long_names_are_one_line(work: Path, capsys):
+    one_line_error(["train", "--resume", ""], capsys, "--resume got an empty path")  # was: a fresh run
+    one_line_error(["train", "--config", "", "--out", "o"], capsys, "--config got an empty path")  # was: ignored
+    one_line_error(["sample", "--model", "a\0b"], capsys, "NUL byte")
+    (work / "nul.toml").write_text('token_cache = "a\\u0000b"\n')  # was: silently ignored
+    one_line_error(["train", "--config", "nul.toml", "--out", "o"], capsys, "token_cache contains a NUL byte")
+    one_line_error(["train", "--data", "ok.txt", "--out", "x" * 300, *FLAGS], capsys, "File name too long")
+    one_line_error(["sample", "--model", "y" * 300], capsys, "")
+    assert not (work / "out").exists() and not (work / "o").exists()
+
+
+def test_tiny_temperature_and_top_p_are_their_limits_not_a_crash(trained_model_dir: Path):
+    """1e-45 overflowed the scaled logits (multinomial on NaN): the limit of a vanishing temperature is greedy,
+    and of a vanishing top-p the likeliest character alone."""
+    from chargpt.generate import generate
+
+    model, tokenizer = ckpt.load_model(trained_model_dir)
+    greedy = generate(model, tokenizer, "\n", max_new_tokens=30, temperature=0, precision="fp32")
+    for kw in (dict(temperature=1e-45), dict(top_p=1e-45), dict(temperature=1e-45, top_p=1e-45, top_k=3)):
+        assert generate(model, tokenizer, "\n", max_new_tokens=30, seed=1, precision="fp32", **kw) == greedy, kw
+
+
+def test_a_huge_max_new_tokens_is_refused_before_allocating(trained_model_dir: Path, capsys):
+    argv = ["sample", "--model", str(trained_model_dir), "--max-new-tokens", str(10**12), "--no-stream"]
+    one_line_error(argv, capsys, "ask for fewer new tokens")

@@ -86,3 +86,9 @@ def test_gradients_flow_through_the_dropout_path() -> None:
     _, loss = model(idx, idx)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_dropout_just_below_one_keeps_a_finite_scale():
+    """dropout 0.999999 is in [0, 1): it rounded to 'drop everything' and divided by zero."""
+    drop, scale = dropout_mask((64, 64), 0.999999, torch.device("cpu"))
+    assert scale == 65536.0 and drop.float().mean() > 0.99

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,31 @@ def test_eval_output_is_always_json(work: Path, model_dir: Path, capsys):
         json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     else:
         assert rc == 2 and out == "" and err.count("\n") == 1, err
+
+
+def test_a_lone_surrogate_in_a_vocabulary_is_one_line(model_dir: Path, capsys):
+    """JSON can spell a lone surrogate ("\\ud800"); no text can be written with one: info, info --json and sample
+    printed a traceback (and serve cut its stream)."""
+    config = json.loads((model_dir / ckpt.CONFIG).read_text())
+    config["vocab"][-1] = "\ud800"
+    (model_dir / ckpt.CONFIG).write_text(json.dumps(config))
+    (model_dir / ckpt.WEIGHTS).unlink()  # the config is read first: the weights' own copy plays no part here
+    for argv in (["info", str(model_dir)], ["info", str(model_dir), "--json"], ["sample", "--model", str(model_dir)]):
+        one_line_error(argv, capsys, "lone surrogate")
+
+
+def test_a_config_claiming_a_million_layers_is_refused_at_once(model_dir: Path, capsys):
+    """The check that costs nothing comes first: no model skeleton of a million layers is built (that took
+    minutes in info and sample). Both copies of the config say so: config.json and the one inside the weights."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((model_dir / ckpt.CONFIG).read_text())
+    config["model"]["n_layers"] = 1_000_000
+    text = json.dumps(config)
+    (model_dir / ckpt.CONFIG).write_text(text)
+    weights = load_file(model_dir / ckpt.WEIGHTS)
+    save_file(weights, model_dir / ckpt.WEIGHTS, metadata={"format": ckpt.FORMAT_NAME, "config": text})
+    t0 = time.perf_counter()
+    for argv in (["info", str(model_dir)], ["sample", "--model", str(model_dir), "--max-new-tokens", "2"]):
+        one_line_error(argv, capsys, "too few for n_layers=1000000")
+    assert time.perf_counter() - t0 < 30

@@ -161,6 +161,11 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
     unknown = raw.get("unknown")
     if unknown is not None and not (isinstance(unknown, str) and len(unknown) == 1):
         raise ChargptError(f"'unknown' in {where} must be a single character; the model directory is corrupt")
+    if any(isinstance(c, str) and any("\ud800" <= ch <= "\udfff" for ch in c) for c in [*vocab, unknown or ""]):
+        raise ChargptError(
+            f"the vocabulary in {where} holds a lone surrogate (not a character UTF-8 can hold); the model "
+            f"directory is corrupt"
+        )
     tokenizer = CharTokenizer(vocab, unknown=unknown)
     try:
         cfg = GPTConfig(**model)
@@ -243,6 +248,9 @@ def _read_header(path: Path, size: int) -> dict[str, Any]:
 
 def _check_header(cfg: GPTConfig, header: dict[str, Any], size: int, where: str) -> None:
     """Names, dtypes, shapes and offsets in the header against the config and the file size."""
+    count = len([k for k in header if k not in ("__metadata__", "__data_start__")])
+    if cfg.model == "gpt" and cfg.n_layers > count:  # every layer owns tensors: checked before building anything
+        raise ChargptError(f"{where} holds {count} tensors, too few for n_layers={cfg.n_layers}; files disagree")
     expected = _expected_shapes(cfg, where)
     tensors = {k: v for k, v in header.items() if k not in ("__metadata__", "__data_start__")}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -821,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:  # the subcommand's parser reports it, with its own --help and a close match
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
             sub.error(f"unrecognized arguments: {' '.join(extra)}")
+        _check_paths(args)
         _import_holding_ctrl_c(args.command)
         commands = {"train": lambda: _cmd_train(args, argv), "sample": lambda: _cmd_sample(args)}
         commands.update(info=lambda: _cmd_info(args), eval=lambda: _cmd_eval(args))
@@ -832,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         _last_line(f"chargpt: error: {_one_line(str(e))}")
         return EXIT_USAGE
     except KeyboardInterrupt:  # also during start-up (imports, data loading), before training handles signals
+        if threading.current_thread() is threading.main_thread():
+            # a Ctrl-C still pending (or a second one) must not turn this exit into death by SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         _quiet_stdout()
         sys.stderr.write("\ninterrupted\n")
         return EXIT_SIGNAL["SIGINT"]
@@ -840,10 +844,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-            raise
+            where = f" {e.filename}" if e.filename else ""
+            _last_line(f"chargpt: error: cannot use{where} ({e.strerror or e}); check the path and the machine")
+            return EXIT_USAGE
         _quiet_stdout()
         sys.stderr.write(f"chargpt: error: cannot write the output ({e.strerror}); is the disk it goes to full?\n")
         return EXIT_USAGE
+    except MemoryError:
+        _last_line("chargpt: error: out of memory; ask for less (a smaller model, batch or output)")
+        return EXIT_USAGE
+
+
+PATH_FLAGS = ("resume", "config", "model", "data", "out", "vocab", "token_cache", "dir")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """A path flag given as '' or with a NUL byte is a mistake (a shell variable that was empty, a bad paste):
+    said at once, rather than read as 'not given' (an empty --resume started a fresh run) or failing deep inside."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        flag = "DIR" if name == "dir" else "--" + name.replace("_", "-")
+        if value == "":
+            raise ChargptError(f"{flag} got an empty path; give a file or folder (is a shell variable empty?)")
+        if isinstance(value, str) and "\0" in value:
+            raise ChargptError(f"{flag} contains a NUL byte, which no path can hold; check the value")
 
 
 def _one_line(message: str, limit: int = 2000) -> str:

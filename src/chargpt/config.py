@@ -138,6 +138,9 @@ class TrainConfig:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok or not 0 <= value < float("inf"):  # `not >=` also rejects NaN
                 raise ChargptError(f"{name} must be a number >= 0, got {shorten(value)}")
+        for name in ("data", "out", "vocab", "token_cache"):
+            if "\0" in str(getattr(self, name) or ""):
+                raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
         if not isinstance(self.out, str) or not self.out.strip():
             raise ChargptError("--out must name a folder, got an empty path; e.g. --out out/my-model")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chargpt import memory
 from chargpt import precision as prec
 from chargpt.errors import ChargptError
 from chargpt.model import GPT, BigramLM, KVCache
@@ -80,7 +81,10 @@ def pick_next(
     so a sample's randomness does not depend on the other samples in its batch."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small that logits overflow: its limit, the likeliest
+        scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature  # 0 for them, -inf else
+    logits = scaled
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -237,6 +241,10 @@ def token_stream(
     precision: fp32, bf16 or auto, resolved for the batched rebuilds ("prefill") and one-token steps ("decode").
     """
     B, T0 = idx.shape
+    memory.check(
+        8 * B * (T0 + max_new_tokens), idx.device, f"a buffer for {max_new_tokens:,} new characters per sample",
+        "ask for fewer new tokens (or stream them in several calls)",
+    )  # fmt: skip
     seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # no torch.cat per step
     seq[:, :T0] = idx
     device = next(model.parameters()).device

@@ -48,7 +48,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tupl
     n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     uniform16 = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
-    k = round(p * 65536)
+    k = min(round(p * 65536), 65535)  # p just below 1 still keeps 1 element in 65536 (and a finite scale)
     return uniform16 < k - 32768, 65536 / (65536 - k)
 
 
