@@ -42,8 +42,8 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("command", ["train", "sample", "eval", "info"])
 def test_every_flag_has_a_description_and_a_default(command):
     for action in _subparsers()[command]._actions:
-        if isinstance(action, argparse._HelpAction) or not action.option_strings:
-            continue
+        if isinstance(action, argparse._HelpAction) or not action.option_strings or action.help == argparse.SUPPRESS:
+            continue  # (a suppressed flag is an old spelling, kept working but not listed)
         flag = action.option_strings[0]
         assert action.help and len(action.help) > 12, f"{command} {flag} has no description"
         assert "default" in action.help or "required" in action.help, f"{command} {flag}: {action.help}"
@@ -57,7 +57,7 @@ def test_train_help_groups_examples_and_the_preset_of_this_machine(capsys):
     assert out.count("\n  chargpt train ") >= 3  # the examples
     assert f"on this machine: --preset {resolve_preset(None, 'auto')} applies" in out
     # defaults where the issue found none: the presets' values, --device, --beta2, --seed, --compile
-    assert "128 with --preset cpu, 384 with --preset seed" in " ".join(out.split())
+    assert "128 with --preset cpu, 384 with --preset gpu, 384 with --preset seed" in " ".join(out.split())
     for flag, text in [("--device", "default: auto"), ("--beta2", "default: 0.99"), ("--seed", "default: 1337")]:
         assert text in " ".join(out.split(f"\n  {flag} ", 1)[1].split()[:25]), flag  # its entry, not the usage
     assert "(default: off)" in " ".join(out.split("\n  --compile, --no-compile", 1)[1].split()[:20])

@@ -22,12 +22,8 @@ from conftest import run_cli, tiny_config
 # small enough for a few seconds per run on 2 busy cores; dropout > 0 so the RNG state matters
 SMALL = dict(block_size=16, n_embd=32, n_heads=4, n_layers=2, batch_size=8, eval_iters=2, dropout=0.1)
 SMALL.update(eval_interval=5, checkpoint_interval=5)
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()] + [
-    "--device=cpu",
-    "--seed=7",
-    "--quiet",
-    "--threads=1",
-]
+FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+FLAGS += ["--device=cpu", "--seed=7", "--quiet", "--threads=1", "--precision=fp32"]  # as tiny_config pins them
 
 
 def small(out: Path, data: Path, **kw):

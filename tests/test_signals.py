@@ -69,7 +69,7 @@ def test_sigint_sigkill_sigterm_then_resume_equals_the_uninterrupted_run(text_fi
     assert r.returncode == 0 and f"done: {n} steps" in r.stdout, r.stderr
 
     ref = tmp_path / "reference"
-    cli_like = {**SMALL, "device": "cpu", "seed": 7, "n_updates": n}
+    cli_like = {**SMALL, "device": "cpu", "seed": 7, "n_updates": n, "threads": 1, "precision": "fp32"}
     train(make_train_config(None, None, data=str(text_file), out=str(ref), **cli_like), progress=False)
     a, b = final_state(ref), final_state(out)
     for part in ("model", "optimizer"):
