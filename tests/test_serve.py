@@ -249,6 +249,22 @@ def test_body_too_large_and_unknown_route(server: ServerProcess, client: openai.
     _good(client)
 
 
+def test_what_json_can_say_but_a_float_or_a_header_cannot_is_a_4xx(server: ServerProcess, client: openai.OpenAI):
+    """A 400-digit integer for a float field, a lone surrogate in `model`, a vanishing temperature: JSON errors
+    (or, for the temperature, its greedy limit), never a 500."""
+    url = server.url + "/v1/completions"
+    for field in ("temperature", "top_p"):
+        body = '{"prompt": "ROMEO:", "max_tokens": 3, "' + field + '": 1' + "0" * 400 + "}"
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and _error(r)["param"] == field, r.text
+    r = httpx.post(url, content='{"prompt": "a", "model": "\\ud800"}', headers={"content-type": "application/json"})
+    assert r.status_code == 404 and _error(r)["code"] == "model_not_found", r.text
+    greedy = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}).json()
+    tiny = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 8, "temperature": 1e-45, "seed": 1}).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
+    _good(client)
+
+
 def test_sixteen_concurrent_streams_equal_their_solo_results(client: openai.OpenAI, tiny):
     """Different settings, seeds, prompts and lengths (most run past the window), all in flight at once."""
     prompts = ["ROMEO:", "\n", "KING HENRY:\nWhat", "First Citizen:\nBefore we proceed any further, hear me"]
@@ -394,6 +410,7 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
         "not an address": ["--model", str(trained_model_dir), "--host", "no-such-host.invalid", "--port", "0"],
         "--max-batch must be": ["--model", str(trained_model_dir), "--max-batch", "0"],
         "invalid choice: 'fp16'": ["--model", str(trained_model_dir), "--precision", "fp16"],
+        "--api-key must be printable ASCII": ["--model", str(trained_model_dir), "--api-key", "key\n"],
     }
     try:
         procs = {

@@ -37,6 +37,7 @@ class ApiError(Exception):
         kind: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
     ):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate a client sent
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
@@ -170,11 +171,11 @@ def _check_unsupported(req: CompletionRequest) -> None:
 def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limits, seed: int) -> Completion:
     """Check every value; the ApiError names the field. `seed` is used when the request has none."""
     _check_unsupported(req)
-    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    temperature = 1.0 if req.temperature is None else _float(req.temperature, "temperature")
     _check(
         0 <= temperature < math.inf, "temperature", f"temperature must be a number >= 0 (0 = greedy), got {temperature}"
     )
-    top_p = None if req.top_p is None else float(req.top_p)
+    top_p = None if req.top_p is None else _float(req.top_p, "top_p")
     _check(top_p is None or 0 < top_p <= 1, "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}")
     _check(req.top_k is None or req.top_k >= 1, "top_k", f"top_k must be an integer >= 1, got {req.top_k}")
     n = 1 if req.n is None else req.n
@@ -211,6 +212,14 @@ def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limi
         bool(req.stream),
         bool(req.stream_options and req.stream_options.include_usage),
     )
+
+
+def _float(value: float | int, param: str) -> float:
+    """A JSON number as a float; an integer too large for one (10**400) is a 400 that names the field."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ApiError(400, f"{param} is too large a number", param, "invalid_value") from None
 
 
 def _encode(prompt: str, tokenizer: CharTokenizer, limits: Limits) -> list[int]:

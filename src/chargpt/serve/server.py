@@ -53,6 +53,12 @@ class ServeConfig:
             (self.max_prompt_chars >= 1, f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
             (
+                self.api_key is None
+                or (self.api_key.isascii() and self.api_key.isprintable() and " " not in self.api_key),
+                "--api-key must be printable ASCII without spaces (a client could never send it in a header); "
+                "check for a stray space or newline",
+            ),
+            (
                 self.precision in PRECISIONS,
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
             ),
@@ -173,3 +179,8 @@ def describe(card: ModelCard) -> str:
     described = f"{card.id} ({size} parameters" + (f", val loss {val:.3f})" if isinstance(val, float) else ")")
     reason = card.meta.get("precision_reason")
     return described + (f" in {reason}" if reason else "")
+
+
+def _sendable(key: str) -> bool:
+    """Whether a client can send the key in an Authorization header: printable ASCII, no spaces."""
+    return key.isascii() and key.isprintable() and " " not in key
