@@ -508,6 +508,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "best_val_loss": info.get("val_loss"),
         "best_train_loss": info.get("train_loss"),
         "config": info.get("train_config"),
+        "init_from": info.get("init_from"),
     }
     if os.path.lexists(run_file(directory, TRAIN_STATE)):
         try:

@@ -38,6 +38,8 @@ FLAG_HELP = {
     "token_cache": "folder for the tokenized corpus (memory-mapped); off = tokenize into memory",
     "vocab": "auto (the corpus's characters) or a UTF-8 file whose characters are the vocabulary",
     "min_char_count": "with --vocab auto: rarer characters map to one unknown symbol (U+FFFD)",
+    "init_from": "fine-tune: start from this trained model's weights (its shape; the new text's characters are "
+    "added); the learning rate defaults to a third of the preset's, warm-up to 20 steps",
     "val_fraction": "the last part of the text held out for validation",
     "arch": "the model: gpt, or bigram (the lecture's baseline)",
     "block_size": "context length in characters",
@@ -73,7 +75,7 @@ DEVICE_HELP = f"{FLAG_HELP['device']} (default: auto)"
 THREADS_HELP = "CPU threads (default: the cores free at start-up)"
 PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
 GROUPS = {
-    "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count"),
+    "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count", "init_from"),
     "model": ("arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"),
     "optimisation": (
         "n_updates",
@@ -190,6 +192,8 @@ def _default_text(name: str) -> str:
         return "default: 0, no limit"
     if name == "token_cache":
         return "default: the tokens folder in chargpt's cache folder"
+    if name == "init_from":
+        return "default: a fresh model"
     values = {p: PRESETS[p].get(name, f.default) for p in ("cpu", "gpu", "seed")}
     if len(set(values.values())) == 1:
         return f"default: {f.default}"
@@ -225,6 +229,7 @@ def _add_train_flags(p: _Parser) -> None:
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
             metavar = {"int": "N", "float": "X"}.get(f.type, "PATH" if f.name in ("data", "out") else "NAME")
+            metavar = "DIR" if f.name == "init_from" else metavar
             choices = MODEL_TYPES if f.name == "arch" else None
             group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
     groups["model"].add_argument(
@@ -391,6 +396,11 @@ def _legacy_model_flag(args: argparse.Namespace) -> None:
 
 
 def _preset_note(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    note = _preset_choice(args, cfg)
+    return f"{note}; fine-tuning {cfg.init_from}" if cfg.init_from and not args.resume else note
+
+
+def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
     if args.resume:
         return "the saved run's settings"
     if args.preset:
@@ -713,6 +723,10 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
         )
     if t.get("steps") is not None:
         lines.append(f"training: {t['steps']} steps in {t['elapsed']:.0f}s, resumable (train_state.pt)")
+    origin = t.get("init_from")
+    if isinstance(origin, dict):
+        where = f"its step {origin.get('step')}, val loss {_num(origin.get('val_loss'))}"
+        lines.append(f"fine-tuned from {origin.get('path')} ({where})")
     cfg = t.get("config") or {}
     if cfg:
         settings = ", ".join(f"{k}={v}" for k, v in _user_settings(cfg).items())
@@ -855,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-PATH_FLAGS = ("resume", "config", "model", "data", "out", "vocab", "token_cache", "dir")
+PATH_FLAGS = ("resume", "config", "model", "data", "out", "vocab", "token_cache", "dir", "init_from")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

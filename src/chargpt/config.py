@@ -25,7 +25,7 @@ MAX_THREADS = 4096  # more is a typo (and torch would try to start them); the co
 MAX_VOCAB = 0x110000  # every Unicode code point
 TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
 # on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
-RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction")
+RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction", "init_from")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: per device and kind of work, what is faster here (precision.py)
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
@@ -75,6 +75,7 @@ class TrainConfig:
     token_cache: str | None = None  # folder of token caches; None = <cache dir>/tokens; "off" = tokenize into memory
     vocab: str = "auto"  # auto = the corpus's characters; or a UTF-8 file whose characters are the vocabulary
     min_char_count: int = 1  # with vocab auto: characters seen fewer times map to one unknown symbol
+    init_from: str | None = None  # fine-tune: start from this trained model's weights (its shape; new characters added)
     # model shape (the classic seed model by default)
     arch: str = "gpt"  # gpt, or bigram (saved configs and TOML files may still call it `model`)
     block_size: int = 256
@@ -138,7 +139,9 @@ class TrainConfig:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok or not 0 <= value < float("inf"):  # `not >=` also rejects NaN
                 raise ChargptError(f"{name} must be a number >= 0, got {shorten(value)}")
-        for name in ("data", "out", "vocab", "token_cache"):
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ChargptError(f"init_from must name a trained model folder, got {shorten(self.init_from)}")
+        for name in ("data", "out", "vocab", "token_cache", "init_from"):
             if "\0" in str(getattr(self, name) or ""):
                 raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
         if not isinstance(self.out, str) or not self.out.strip():
@@ -333,8 +336,13 @@ def build_train_config(
 ) -> TrainConfig:
     """Layer defaults < preset < TOML < overrides into a validated TrainConfig."""
     values: dict[str, Any] = dict(PRESETS[preset])
-    values.update(toml or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {**(toml or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    values.update(given)
+    if values.get("init_from") is not None:  # a fine-tune: the shape is the model's, the defaults gentler
+        from chargpt.finetune import fill_config  # reads the model's config.json
+
+        values.setdefault("learning_rate", TRAIN_FIELDS["learning_rate"].default)
+        fill_config(values, given)
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg

@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
-from chargpt import cores, memory, precision, report
+from chargpt import cores, finetune, memory, precision, report
 from chargpt.config import TrainConfig
 from chargpt.data import get_batch, prepare_data
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows, sum_dtype
@@ -67,6 +67,7 @@ class Run:
     precision: dict[str, precision.Choice] = field(default_factory=dict)  # "train", "eval" -> fp32 / bf16
     tuner: cores.ThreadTuner | None = None  # re-checks the thread count (auto threads on a CPU)
     threads_note: str = ""  # how many CPU threads, and why, for the announcement
+    origin: dict[str, Any] | None = None  # a fine-tune's source: path, step, val loss (for config.json)
 
     def autocast(self, kind: str) -> AbstractContextManager:
         """bf16 autocast where the run's precision says so for this kind of work ("train", "eval"); weights
@@ -282,6 +283,12 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     tuner, threads_note = set_threads(cfg, d, saved)
     # data, through the token cache (a failure leaves no empty folder behind: OutDir removes what it created)
     tokenizer = CharTokenizer(list(saved["vocab"]), unknown=saved.get("unknown")) if saved else None
+    begin = None
+    if saved is None and cfg.init_from is not None:  # a fine-tune: the source's vocabulary, extended
+        begin = finetune.start(cfg)
+        if begin.tokenizer.unknown is None:
+            finetune.extend(begin, prepare_data(cfg, None, d, progress=progress and d.main).tokenizer.chars)
+        tokenizer = begin.tokenizer
     data = prepare_data(cfg, tokenizer, d, progress=progress and d.main)
     tokenizer, train_ids, val_ids = data.tokenizer, data.train, data.val
     rows = cfg.batch_size // (d.world * cfg.gradient_accumulation_steps)
@@ -292,7 +299,10 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
         "use a smaller --batch-size, --block-size, --n-embd or --n-layers (or more --gradient-accumulation-steps)",
     )
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config(tokenizer.vocab_size)).to(d.device)
+    model = build_model(cfg.model_config(tokenizer.vocab_size))
+    if begin is not None:
+        finetune.load_into(model, begin)
+    model = model.to(d.device)
     optimizer = make_optimizer(model, cfg, d.device)
     batches = torch.Generator().manual_seed(cfg.seed)
     state = RunState()
@@ -311,6 +321,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     choices = choose_precision(cfg, d, model, tokenizer.vocab_size)
     run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
     run.tuner, run.threads_note = tuner, threads_note
+    run.origin = begin.origin if begin is not None else saved.get("origin") if saved else None
     return run, state
 
 
@@ -607,6 +618,8 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     if run.dist.main:
         if best:
             info = {"step": state.step, "val_loss": val_loss, "train_loss": train_loss, "train_config": asdict(run.cfg)}
+            if run.cfg.init_from is not None:
+                info["init_from"] = run.origin or {"path": run.cfg.init_from}
             ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
             _saved(run)
         report.write_metrics(run.out, state.metrics)
@@ -660,6 +673,7 @@ def save_state(run: Run, state: RunState) -> None:
             "plot_seconds": state.plot_seconds,
             "save_seconds": state.save_seconds,
             "threads": torch.get_num_threads(),
+            **({"origin": run.origin} if run.origin is not None else {}),
             "evals_since_best": state.evals_since_best,
             **({"lr_anchor": list(state.lr_anchor)} if state.lr_anchor is not None else {}),
             "model": weights,
