@@ -184,6 +184,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
     The safetensors header is checked against the file size and the config before any tensor data is read,
     so a header claiming a huge tensor costs nothing."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"load_model() takes a model folder's path, got {type(directory).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ChargptError(f"unknown device {_short(device)}; use cpu, cuda, cuda:N or mps") from None
     directory = Path(directory)
     cfg, tokenizer, _ = read_config(directory)
     path = run_file(directory, WEIGHTS)

@@ -270,6 +270,8 @@ def make_train_config(preset: str | None = None, config_path: str | None = None,
     if unknown:
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
     device = overrides.get("device") or toml.get("device") or "auto"
+    if not isinstance(device, str) or not _known_device(device):
+        raise ChargptError(f"unknown device {shorten(device)}; use auto, cpu, cuda, cuda:N or mps")
     preset = resolve_preset(preset, device)
     given = {**toml, **{k: v for k, v in overrides.items() if v is not None}}
     if given.get("max_time") and "n_updates" not in given:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from chargpt import precision as prec
 from chargpt.errors import ChargptError
-from chargpt.model import GPT, BigramLM
+from chargpt.model import GPT, BigramLM, check_usable
 from chargpt.tokenizer import CharTokenizer
 
 
@@ -33,6 +35,9 @@ def evaluate(
     precision: fp32, bf16 (autocast) or auto (bf16 where this machine's batched matmuls are faster in it).
     progress: called after each batch with the number of characters it scored (they add up to `chars`).
     """
+    check_usable(model, tokenizer, "evaluate()")
+    if not isinstance(text, str):
+        raise TypeError(f"evaluate() takes the text as a str, got {type(text).__name__}")
     return evaluate_ids(model, tokenizer.encode(text), batch_size, precision, progress)
 
 
@@ -108,3 +113,15 @@ def _int64(part: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(part, torch.Tensor):
         return part.long()
     return torch.from_numpy(part.astype(np.int64))
+
+
+class _CallableModule(types.ModuleType):
+    """`chargpt.evaluate` is both this module and the public function: once the module is imported, Python sets
+    the package's attribute to the module, so calling the module calls the function (`chargpt.evaluate(...)`
+    always works)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

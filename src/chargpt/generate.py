@@ -18,7 +18,7 @@ import torch
 from chargpt import memory
 from chargpt import precision as prec
 from chargpt.errors import ChargptError
-from chargpt.model import GPT, BigramLM, KVCache
+from chargpt.model import GPT, BigramLM, KVCache, check_usable
 from chargpt.tokenizer import CharTokenizer
 
 
@@ -313,10 +313,19 @@ class StopFilter:
         return chunk
 
 
+def _check_args(model: object, tokenizer: object, prompt: object, config: object, where: str) -> None:
+    check_usable(model, tokenizer, where)
+    if not isinstance(prompt, str):
+        raise TypeError(f"{where} takes the prompt as a str, got {type(prompt).__name__}")
+    if config is not None and not isinstance(config, SampleConfig):
+        raise TypeError(f"{where} takes a SampleConfig as config (or its fields as keywords)")
+
+
 def stream(
     model: GPT | BigramLM, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` in text chunks as they are produced (one sample)."""
+    _check_args(model, tokenizer, prompt, config, "stream()")
     cfg = config or SampleConfig(**kwargs)
     cfg.validate()
     if cfg.num_samples != 1:
@@ -344,6 +353,7 @@ def generate(
     model: GPT | BigramLM, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
 ) -> list[str]:
     """Return num_samples continuations of `prompt` (without the prompt), generated as one batch."""
+    _check_args(model, tokenizer, prompt, config, "generate()")
     cfg = config or SampleConfig(**kwargs)
     cfg.validate()
     device = next(model.parameters()).device

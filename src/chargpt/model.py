@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chargpt.config import GPTConfig
+from chargpt.errors import ChargptError
 
 
 class KVCache:
@@ -297,3 +298,24 @@ class BigramLM(nn.Module):
 
 def build_model(cfg: GPTConfig) -> GPT | BigramLM:
     return BigramLM(cfg) if cfg.model == "bigram" else GPT(cfg)
+
+
+def check_usable(model: object, tokenizer: object = None, where: str = "this function") -> None:
+    """What public functions that run a model check first, so that a wrong argument is a clear error rather
+    than an exception from deep inside torch: a chargpt model with real float32 weights (and a CharTokenizer)."""
+    from chargpt.tokenizer import CharTokenizer
+
+    if not isinstance(model, (GPT, BigramLM)):
+        raise TypeError(
+            f"{where} takes a chargpt model (chargpt.load_model(DIR) returns one), got {type(model).__name__}"
+        )
+    if tokenizer is not None and not isinstance(tokenizer, CharTokenizer):
+        raise TypeError(f"{where} takes the model's CharTokenizer second, got {type(tokenizer).__name__}")
+    weight = next(model.parameters())
+    if weight.device.type == "meta":
+        raise ChargptError("the model is on the meta device (shapes, no weights); load it with chargpt.load_model")
+    if weight.dtype != torch.float32:
+        raise ChargptError(
+            f"the model's weights are {weight.dtype}; chargpt keeps float32 weights (bf16 is autocast): call "
+            f"model.float(), and pass precision='bf16' for bf16 compute"
+        )

@@ -82,7 +82,10 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        ids = np.asarray(ids, dtype=np.int64)
+        try:
+            ids = np.asarray(ids, dtype=np.int64)
+        except (OverflowError, ValueError, TypeError):
+            raise ChargptError(f"token ids must be integers below {self.vocab_size}") from None
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ChargptError(f"token id out of range for a vocabulary of {self.vocab_size}")
         return self._cps[ids].astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")

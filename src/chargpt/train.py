@@ -14,7 +14,9 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
+import types
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,6 +172,8 @@ def train(
     loss_history: a list to append every step's training loss to.
     loss_read_every: steps between reads of the loss from the device (default: see loss_read_interval).
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig (see chargpt.make_train_config), got {type(cfg).__name__}")
     cfg.validate()
     d = init_distributed(cfg)
     threads = torch.get_num_threads()
@@ -757,3 +761,14 @@ class _Signals:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class _CallableModule(types.ModuleType):
+    """`chargpt.train` is both this module and the public function: once the module is imported, Python sets the
+    package's attribute to the module, so calling the module calls the function (`chargpt.train(...)` always works)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
