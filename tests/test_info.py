@@ -71,5 +71,9 @@ def test_info_on_a_folder_of_runs_lists_them(trained_model_dir, tmp_path, capsys
     rc, out, err = call_main(["info", str(runs), "--json"], capsys)
     listed = json.loads(out)["runs"]
     assert [r["name"] for r in listed] == ["first", "second-run"] and listed[0]["steps"] == 300
+    rc, out, err = call_main(["info", str(runs), "--plot", str(tmp_path / "curves.png")], capsys)
+    assert rc == 0 and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
+    rc, out, err = call_main(["info", str(runs / "first"), "--plot", str(tmp_path / "no.png")], capsys)
+    assert rc == 2 and "not one" in err and not (tmp_path / "no.png").exists()
     saved = json.loads((trained_model_dir / "config.json").read_text())["info"]
     assert (listed[0]["best_step"], listed[0]["best_val_loss"]) == (saved["step"], saved["val_loss"])

@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("dir", metavar="DIR", help="model directory")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
+    i.add_argument(
+        "--plot", metavar="FILE", help="with a folder of runs: draw their val curves in one PNG (default: none)"
+    )
 
     v = sub.add_parser(
         "serve",
@@ -681,7 +684,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         runs = list_runs(folder)
         if runs:
             _print_runs(folder, runs, args.json)
+            if args.plot:
+                _plot_runs(folder, runs, Path(args.plot))
             return 0
+    if args.plot:
+        raise ChargptError(f"--plot draws a folder of runs; {folder} is not one (use its loss.png)")
     info = describe(args.dir)
     if args.json:
         print(json.dumps(info, indent=1, ensure_ascii=False))
@@ -689,6 +696,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for line in _info_lines(info):
         print(line)
     return 0
+
+
+def _plot_runs(folder: Path, runs: list[dict[str, Any]], path: Path) -> None:
+    from chargpt.report import METRICS, compare_plot, read_metrics
+
+    # a run folder is read without following links (it may not be the user's own)
+    curves = {r["name"]: read_metrics(folder / r["name"], 10**18) for r in runs
+              if not (folder / r["name"] / METRICS).is_symlink()}  # fmt: skip
+    compare_plot(path, curves)
+    print(f"wrote {path}")
 
 
 def _print_runs(folder: Path, runs: list[dict[str, Any]], as_json: bool) -> None:

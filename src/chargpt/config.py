@@ -328,7 +328,7 @@ def resume_settings(preset: str | None, config_path: str | None, **flags: Any) -
 
 
 def _same_setting(key: str, a: Any, b: Any) -> bool:
-    if key == "data" and isinstance(a, str) and isinstance(b, str):
+    if key in ("data", "init_from") and isinstance(a, str) and isinstance(b, str):
         return Path(a).resolve() == Path(b).resolve()
     return a == b
 

@@ -84,6 +84,13 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
         pad = 0.08 * (high - low) + 0.02
         if math.isfinite(low - pad) and math.isfinite(high + pad):
             ax.set_ylim(low - pad, high + pad)
+            start = evals[0] if evals and evals[0]["step"] == 0 else None
+            if start is not None and start["val_loss"] > high + pad:  # off the top: say where it is
+                ax.annotate(
+                    f"step 0: val {start['val_loss']:.2f} (above)", xy=(0, high + pad), xytext=(4, -12),
+                    textcoords="offset points", fontsize=8, color="tab:orange",
+                    arrowprops={"arrowstyle": "->", "color": "tab:orange"},
+                )  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
     ax.grid(alpha=0.3)
@@ -102,6 +109,33 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(out / PLOT, buf.getvalue())
+
+
+def compare_plot(path: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """One picture of several runs' validation curves (by training time, so runs of different speeds compare
+    fairly), for `chargpt info FOLDER --plot FILE`."""
+    prepare_plot()
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, metrics in runs.items():
+        evals = [
+            m for m in metrics
+            if is_eval(m) and m["step"] > 0 and all(isinstance(m.get(k), (int, float)) for k in ("time", "val_loss"))
+        ]  # fmt: skip
+        if evals:
+            ax.plot([m["time"] for m in evals], [m["val_loss"] for m in evals], "o-", markersize=3, label=name)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("val loss (nats/char)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.set_title(f"{len(runs)} runs: validation loss")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
