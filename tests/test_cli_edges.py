@@ -296,3 +296,18 @@ def test_tiny_temperature_and_top_p_are_their_limits_not_a_crash(trained_model_d
 def test_a_huge_max_new_tokens_is_refused_before_allocating(trained_model_dir: Path, capsys):
     argv = ["sample", "--model", str(trained_model_dir), "--max-new-tokens", str(10**12), "--no-stream"]
     one_line_error(argv, capsys, "ask for fewer new tokens")
+
+
+def test_a_non_utf8_out_and_run_files_that_are_folders(work: Path, capsys):
+    one_line_error(["train", "--data", "ok.txt", "--out", "o\udcff", *FLAGS], capsys, "is not UTF-8")
+    assert not list(work.glob("o?"))
+    out = work / "run"
+    assert main(["train", "--data", "ok.txt", "--out", str(out), *FLAGS, "--n-updates=5"]) == 0
+    (out / "loss.png").unlink()
+    (out / "loss.png").mkdir()  # the picture cannot be drawn: the run goes on, and says so
+    assert main(["train", "--resume", str(out), "--n-updates=10", "--quiet"]) == 0
+    assert ckpt.load_train_state(out)["step"] == 10
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").mkdir()  # the history cannot be written: one line, no traceback
+    capsys.readouterr()
+    one_line_error(["train", "--resume", str(out), "--n-updates=15", "--quiet"], capsys, "metrics.jsonl is a folder")

@@ -142,8 +142,16 @@ class TrainConfig:
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise ChargptError(f"init_from must name a trained model folder, got {shorten(self.init_from)}")
         for name in ("data", "out", "vocab", "token_cache", "init_from"):
-            if "\0" in str(getattr(self, name) or ""):
+            value = str(getattr(self, name) or "")
+            if "\0" in value:
                 raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a file name that is not UTF-8 (Python holds its bytes as surrogates)
+                raise ChargptError(
+                    f"{name} {value.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')!r} is not UTF-8; "
+                    f"the run records its paths in JSON, which holds UTF-8 only: choose a UTF-8 name"
+                ) from None
         if not isinstance(self.out, str) or not self.out.strip():
             raise ChargptError("--out must name a folder, got an empty path; e.g. --out out/my-model")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):

@@ -55,6 +55,8 @@ def atomic_writer(path: str | Path, reserve: int = 0) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, IsADirectoryError):
+            raise ChargptError(f"{path} is a folder where chargpt writes a file; move it away and run again") from None
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             raise DiskFullError(
                 f"disk full while writing {path} ({e.strerror}); free some space and run again (the old file is intact)"

@@ -72,11 +72,12 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     ax.plot(steps, [m["train_loss"] for m in evals], "o", color="tab:blue", markersize=4, label="train (eval)")
     ax.plot(steps, [m["val_loss"] for m in evals], "o-", color="tab:orange", markersize=4, label="val")
     trained = [m for m in evals if m["step"] > 0]
-    title = out.name
+    name = out.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a name that is not UTF-8
+    title = name
     if trained:
         best = min(trained, key=lambda m: m["val_loss"])
         ax.plot([best["step"]], [best["val_loss"]], "*", color="tab:red", markersize=14, label="best val (saved)")
-        title = f"{out.name}: best val {best['val_loss']:.4f} at step {best['step']}"
+        title = f"{name}: best val {best['val_loss']:.4f} at step {best['step']}"
         # from the first evaluation after step 0 down: the untrained model's ~ln(vocab) would flatten the rest
         finite = [v for v in smoothed if math.isfinite(v)]  # a diverged run's rows hold nan/inf
         high = max([trained[0]["val_loss"]] + finite[len(finite) // 10 : len(finite) // 10 + 1])

@@ -32,6 +32,7 @@ from chargpt.config import TrainConfig
 from chargpt.data import get_batch, prepare_data
 from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows, sum_dtype
 from chargpt.errors import ChargptError, first_line
+from chargpt.fileio import DiskFullError
 from chargpt.model import build_model
 from chargpt.optim import SCHEDULE_KEYS, Anchor, extended_anchor, learning_rate, make_optimizer, set_learning_rate
 from chargpt.rundir import OutDir
@@ -649,10 +650,19 @@ def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
     return left if final else min(EVAL_SHARE * cfg.max_time, left)
 
 
+def ckpt_plot(run: Run) -> Path:
+    return run.out / report.PLOT
+
+
 def draw_plot(run: Run, state: RunState) -> None:
     t0 = time.perf_counter()
     if run.dist.main:
-        report.plot(run.out, state.metrics)
+        try:
+            report.plot(run.out, state.metrics)
+        except DiskFullError:
+            raise  # said like any other write
+        except Exception as e:  # loss.png is a picture of metrics.jsonl: never worth a run
+            report.log.warning("could not draw %s (%s); metrics.jsonl holds the same", ckpt_plot(run), first_line(e))
     state.plot_seconds = max(state.plot_seconds, time.perf_counter() - t0)  # the worst seen: end early, not late
     state.plotted_at, state.plotted_rows = state.tick(), len(state.metrics)
 
