@@ -311,3 +311,47 @@ def test_a_non_utf8_out_and_run_files_that_are_folders(work: Path, capsys):
     (out / "metrics.jsonl").mkdir()  # the history cannot be written: one line, no traceback
     capsys.readouterr()
     one_line_error(["train", "--resume", str(out), "--n-updates=15", "--quiet"], capsys, "metrics.jsonl is a folder")
+
+
+def test_vocab_files_and_text_encodings_are_named_for_what_they_are(work: Path, capsys):
+    (work / "empty.txt").write_text("")
+    one_line_error(
+        ["train", "--data", "ok.txt", "--vocab", "empty.txt", "--out", "o"], capsys, "vocab file empty.txt is empty"
+    )
+    (work / "folder").mkdir()
+    one_line_error(["train", "--data", "ok.txt", "--vocab", "folder", "--out", "o"], capsys, "is a directory")
+    os.mkfifo(work / "fifo")
+    one_line_error(["train", "--data", "ok.txt", "--vocab", "fifo", "--out", "o"], capsys, "is a FIFO")
+    (work / "utf32.txt").write_text("hello there\n" * 50, encoding="utf-32")
+    one_line_error(["train", "--data", "utf32.txt", "--out", "o"], capsys, "looks like UTF-32")
+    (work / "utf32le.txt").write_bytes(("hello there\n" * 50).encode("utf-32-le"))  # no byte-order mark
+    one_line_error(["train", "--data", "utf32le.txt", "--out", "o"], capsys, "looks like UTF-32")
+    assert not (work / "o").exists()
+
+
+def test_a_diverged_run_names_what_made_it_diverge(work: Path, capsys):
+    one_line_error(["train", "--data", "ok.txt", "--out", "o", *FLAGS, "--weight-decay", "1e300"], capsys,
+                   "lower --weight-decay")  # fmt: skip
+    one_line_error(["train", "--data", "ok.txt", "--out", "o", *FLAGS, "--learning-rate", "1e30"], capsys,
+                   "lower --learning-rate")  # fmt: skip
+
+
+def test_resuming_on_changed_data_is_refused(work: Path, capsys):
+    out = work / "run"
+    assert main(["train", "--data", "ok.txt", "--out", str(out), *FLAGS, "--n-updates=5"]) == 0
+    text = (work / "ok.txt").read_text()
+    (work / "ok.txt").write_text(text[: len(text) // 2])  # the corpus shrank
+    capsys.readouterr()
+    one_line_error(["train", "--resume", str(out), "--n-updates=10", "--quiet"], capsys, "the data changed since")
+
+
+def test_a_closed_log_pipe_does_not_end_training(work: Path):
+    """`chargpt train ... 2>&1 | head -c 10`: the reader goes away after 10 bytes; the run goes on to the end."""
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "chargpt", "train", "--data", "ok.txt", "--out", "run", *FLAGS[:-3],
+                             "--n-updates=12", "--threads=1"], stdout=write, stderr=write)  # fmt: skip
+    os.close(write)
+    os.read(read, 10)
+    os.close(read)
+    assert proc.wait(timeout=240) == 0
+    assert ckpt.load_train_state(work / "run")["step"] == 12

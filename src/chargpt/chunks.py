@@ -143,6 +143,13 @@ def check_not_utf16(path: str, head: bytes) -> None:
     """Refuse UTF-16 text (a byte-order mark, or every other byte zero) with a message that says so: every
     reader of text files applies this same rule, so a file is refused or accepted alike with or without the cache."""
     sample = head[:4096]
+    quarters = [sample[i::4] for i in range(4)]  # UTF-32: three bytes in four zero (BOM: FF FE 00 00, 00 00 FE FF)
+    zero = [len(q) > 0 and q.count(0) >= 0.9 * len(q) for q in quarters]
+    if sample[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") or (len(sample) >= 64 and sum(zero) >= 3):
+        raise ChargptError(
+            f"{path} is not UTF-8 text: it looks like UTF-32 (a byte-order mark, or three bytes in four zero); "
+            f"convert it first, e.g. iconv -f utf-32 -t utf-8"
+        )
     halves = (sample[0::2], sample[1::2])  # UTF-16 without a byte-order mark: every other byte zero
     alternating = len(sample) >= 64 and any(h.count(0) >= 0.9 * len(h) for h in halves)
     if sample[:2] in (b"\xff\xfe", b"\xfe\xff") or alternating:

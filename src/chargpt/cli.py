@@ -8,6 +8,7 @@ import difflib
 import errno
 import gc
 import importlib
+import io
 import json
 import logging
 import os
@@ -842,7 +843,17 @@ def _import_holding_ctrl_c(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The `chargpt` command. stderr is made tolerant for its duration: a closed log pipe (`2>&1 | head`) or a
+    closed descriptor (`2>&-`) must not end a training run."""
+    stderr = sys.stderr
+    sys.stderr = stderr if isinstance(stderr, _Tolerant) else _Tolerant(stderr)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        sys.stderr = stderr
+
+
+def _main(argv: list[str]) -> int:
     try:
         parser = build_parser()
         if not argv:  # `chargpt` alone: what it can do, not an error
@@ -884,6 +895,11 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         _last_line("chargpt: error: out of memory; ask for less (a smaller model, batch or output)")
         return EXIT_USAGE
+    except RuntimeError as e:
+        if "allocate" not in str(e):  # torch's own out-of-memory (e.g. under ulimit -v) is the user's to fix
+            raise
+        _last_line(f"chargpt: error: out of memory ({_one_line(str(e), 200)}); ask for less, or allow more memory")
+        return EXIT_USAGE
 
 
 PATH_FLAGS = ("resume", "config", "model", "data", "out", "vocab", "token_cache", "dir", "init_from")
@@ -899,6 +915,44 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise ChargptError(f"{flag} got an empty path; give a file or folder (is a shell variable empty?)")
         if isinstance(value, str) and "\0" in value:
             raise ChargptError(f"{flag} contains a NUL byte, which no path can hold; check the value")
+
+
+class _Tolerant(io.TextIOBase):
+    """stderr that stops writing, silently, once its reader has gone (a closed pipe, a closed descriptor): the
+    messages and the progress bar are for a person watching; the run's results are in its files."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):
+                self.stream = None
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.stream = None
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream is not None and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        if self.stream is None:
+            raise OSError(errno.EBADF, "stderr is closed")
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", None) or "utf-8"
 
 
 def _one_line(message: str, limit: int = 2000) -> str:

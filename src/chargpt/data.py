@@ -232,9 +232,12 @@ def fixed_policy(tokenizer: CharTokenizer) -> Policy:
 
 def vocab_from_file(path: str) -> CharTokenizer:
     """`--vocab FILE`: the distinct characters of a UTF-8 file, plus the unknown symbol for all others."""
-    if not Path(path).is_file():
+    if not os.path.lexists(path):
         raise ChargptError(f"vocab file {path} does not exist; pass --vocab auto or a UTF-8 file of characters")
+    check_regular(path, "vocab file")  # a folder, a FIFO, a link loop: said as what it is
     chars = set(read_text_file(Path(path)))
+    if not chars:
+        raise ChargptError(f"vocab file {path} is empty; it must hold the characters of the vocabulary")
     return CharTokenizer(sorted(chars | {UNKNOWN}), unknown=UNKNOWN)
 
 

@@ -57,6 +57,11 @@ def atomic_writer(path: str | Path, reserve: int = 0) -> Iterator[BinaryIO]:
             pass
         if isinstance(e, IsADirectoryError):
             raise ChargptError(f"{path} is a folder where chargpt writes a file; move it away and run again") from None
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            raise DiskFullError(
+                f"{path} would be larger than this process may write (a file-size limit: ulimit -f); raise the "
+                f"limit and run again (the old file is intact)"
+            ) from None
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             raise DiskFullError(
                 f"disk full while writing {path} ({e.strerror}); free some space and run again (the old file is intact)"

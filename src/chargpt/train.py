@@ -296,6 +296,13 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
         tokenizer = begin.tokenizer
     data = prepare_data(cfg, tokenizer, d, progress=progress and d.main)
     tokenizer, train_ids, val_ids = data.tokenizer, data.train, data.val
+    chars = len(train_ids) + len(val_ids)
+    if saved is not None and saved.get("data_chars") not in (None, chars):
+        raise ChargptError(
+            f"the data changed since this run started ({saved['data_chars']:,} characters then, {chars:,} now); a "
+            f"resumed run trains on the same data: restore it, or start a new run (--init-from {out} keeps the "
+            f"weights)"
+        )
     rows = cfg.batch_size // (d.world * cfg.gradient_accumulation_steps)
     memory.check(
         memory.training_bytes(cfg.model_config(tokenizer.vocab_size), rows),
@@ -550,10 +557,15 @@ def log_training_loss(run: Run, state: RunState, values: list[float], tok_s: flo
 def _diverged(run: Run, step: int, loss: float) -> ChargptError:
     cfg, out = run.cfg, run.out
     kept = f"the best model in {out} is intact" if (out / ckpt.WEIGHTS).exists() else "nothing was saved"
-    return ChargptError(
-        f"the loss became {loss} at step {step}; training stopped and {kept}; "
-        f"lower --learning-rate (now {cfg.learning_rate:g}, try {cfg.learning_rate / 10:g})"
-    )
+    shrink = cfg.learning_rate * cfg.weight_decay  # AdamW scales every matrix by (1 - shrink) each step
+    if shrink >= 0.5 and cfg.weight_decay > 1:  # an unusual weight decay, not the learning rate, is at fault
+        advice = (
+            f"lower --weight-decay (now {cfg.weight_decay:g}: each step multiplies the weights by 1 - learning "
+            f"rate x weight decay = {1 - shrink:g}; 0.1 is usual)"
+        )
+    else:
+        advice = f"lower --learning-rate (now {cfg.learning_rate:g}, try {cfg.learning_rate / 10:g})"
+    return ChargptError(f"the loss became {loss} at step {step}; training stopped and {kept}; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,6 +699,7 @@ def save_state(run: Run, state: RunState) -> None:
             "plot_seconds": state.plot_seconds,
             "save_seconds": state.save_seconds,
             "threads": torch.get_num_threads(),
+            "data_chars": len(run.train_ids) + len(run.val_ids),
             **({"origin": run.origin} if run.origin is not None else {}),
             "evals_since_best": state.evals_since_best,
             **({"lr_anchor": list(state.lr_anchor)} if state.lr_anchor is not None else {}),
