@@ -52,15 +52,18 @@ def streamed(client: openai.OpenAI, **request) -> tuple[str, list]:
 
 def test_ready_line_health_and_models(server: ServerProcess, client: openai.OpenAI):
     assert server.banner.count("\n") == 1 and "tiny" in server.banner
-    chosen = {kind: prec.resolve("auto", "cpu", kind) for kind in ("prefill", "decode")}  # as generate() chooses
-    assert f" in {prec.describe(chosen)}" in server.banner  # the precision chosen, and why
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     models = client.models.list().data
     assert [(m.id, m.object, m.owned_by) for m in models] == [(MODEL, "model", "chargpt")]
     assert isinstance(models[0].created, int) and models[0].created > 0
     assert client.models.retrieve(MODEL).id == MODEL
     meta = httpx.get(server.url + "/v1/models").json()["data"][0]["meta"]
-    assert meta["precision"] == {kind: c.name for kind, c in chosen.items()}
+    # the banner says the precision chosen and why, as the model card does; what auto chooses is measured in
+    # the server's own process (at its own thread count), so it is read back rather than recomputed here
+    assert f" in {meta['precision_reason']}" in server.banner
+    assert set(meta["precision"]) == {"prefill", "decode"} and set(meta["precision"].values()) <= {"fp32", "bf16"}
+    if not prec.cpu_info().native_bf16:
+        assert set(meta["precision"].values()) == {"fp32"}
 
 
 # inside the 32-character window and well past it; greedy, temperature, top-k, top-p; a prompt longer than the window
