@@ -355,3 +355,14 @@ def test_a_closed_log_pipe_does_not_end_training(work: Path):
     os.close(read)
     assert proc.wait(timeout=240) == 0
     assert ckpt.load_train_state(work / "run")["step"] == 12
+
+
+def test_closed_stdout_and_stderr_are_quiet_not_tracebacks(trained_model_dir: Path, work: Path):
+    """`>&-` and `2>&-`: Python starts with sys.stdout / sys.stderr None; chargpt runs, prints nothing, exits 0."""
+    me = f'"{sys.executable}" -m chargpt'
+    for line in (f'{me} info "{trained_model_dir}" >&-', f'{me} sample --model "{trained_model_dir}" '
+                 f"--max-new-tokens 5 >&- 2>&-", f'{me} train --data ok.txt --out run {" ".join(FLAGS)} '
+                 f"--n-updates=3 2>&-"):  # fmt: skip
+        r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=240, cwd=work)
+        assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, (line, r.stderr)
+    assert ckpt.load_train_state(work / "run")["step"] == 3

@@ -844,13 +844,17 @@ def _import_holding_ctrl_c(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The `chargpt` command. stderr is made tolerant for its duration: a closed log pipe (`2>&1 | head`) or a
-    closed descriptor (`2>&-`) must not end a training run."""
-    stderr = sys.stderr
+    closed descriptor (`2>&-`) must not end a training run; a closed stdout (`>&-`) discards the output."""
+    stderr, stdout = sys.stderr, sys.stdout
     sys.stderr = stderr if isinstance(stderr, _Tolerant) else _Tolerant(stderr)
+    if stdout is None:  # started with stdout closed (`>&-`): what it would print goes nowhere
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (closed below)
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     finally:
-        sys.stderr = stderr
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+        sys.stderr, sys.stdout = stderr, stdout
 
 
 def _main(argv: list[str]) -> int:
