@@ -21,6 +21,7 @@ from types import FrameType
 import torch
 import uvicorn
 
+from chargpt import memory
 from chargpt import precision as prec
 from chargpt.checkpoint import WEIGHTS, load_model, read_config
 from chargpt.config import PRECISIONS
@@ -152,6 +153,10 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
     try:
         model, tokenizer = load_model(cfg.model, device)
         card = model_card(cfg.model, model)
+        memory.check(
+            memory.inference_bytes(model.config, cfg.max_batch), device, f"serving {cfg.max_batch} rows at once",
+            "use a smaller --max-batch",
+        )  # fmt: skip
         engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.precision)
         card.meta["precision"] = {"prefill": engine.prefill.name, "decode": engine.decode.name}
         card.meta["precision_reason"] = prec.describe({"prefill": engine.prefill, "decode": engine.decode})
