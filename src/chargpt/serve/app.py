@@ -26,6 +26,29 @@ from chargpt.serve.protocol import ApiError, Limits
 from chargpt.tokenizer import CharTokenizer
 
 RETRY_AFTER_S = 1
+OPENAPI_URL = "/openapi.json"  # the API's schema, for clients and schema-driven tools (behind the API key if any)
+_ERROR = {"description": "an error in OpenAI's shape: {'error': {'message', 'type', 'param', 'code'}}"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (400, 401, 404, 413, 422, 503)}
+
+
+def _completions_openapi() -> dict[str, Any]:
+    """The request body of POST /v1/completions in the OpenAPI schema: the route reads the body itself (for
+    OpenAI-shaped errors), so FastAPI cannot see it; this is the same pydantic model the route validates with,
+    its nested definitions inlined."""
+    schema = wire.CompletionRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline(schema, defs)}}}}
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inline(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline(value, defs) for value in node]
+    return node
 
 
 @dataclass
@@ -59,7 +82,7 @@ def create_app(state: AppState) -> FastAPI:
         state.engine.close(0)
         await asyncio.to_thread(state.engine.join, 5)
 
-    app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL, lifespan=lifespan)
     app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key)
 
     @app.exception_handler(ApiError)
@@ -70,7 +93,8 @@ def create_app(state: AppState) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(ApiError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
+        error = ApiError(exc.status_code, message, code=code)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -84,12 +108,12 @@ def create_app(state: AppState) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [state.card.body()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", responses={404: _ERROR})
     async def model(model_id: str) -> dict[str, Any]:
         _check_model(state, model_id)
         return state.card.body()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_completions_openapi(), responses=_ERROR_RESPONSES)
     async def completions(request: Request) -> Response:
         return await _completions(state, request)
 
@@ -251,7 +275,8 @@ class _ApiKeyMiddleware:
         self.expected = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        guarded = scope.get("path", "").startswith("/v1/") or scope.get("path") == OPENAPI_URL
+        if self.expected is not None and scope["type"] == "http" and guarded:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "missing or wrong API key; send the header 'Authorization: Bearer KEY'"
