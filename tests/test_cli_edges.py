@@ -366,3 +366,19 @@ def test_closed_stdout_and_stderr_are_quiet_not_tracebacks(trained_model_dir: Pa
         r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=240, cwd=work)
         assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, (line, r.stderr)
     assert ckpt.load_train_state(work / "run")["step"] == 3
+
+
+def test_link_loops_and_a_file_size_limit_are_named(work: Path, capsys):
+    (work / "loop-a").symlink_to("loop-b")
+    (work / "loop-b").symlink_to("loop-a")
+    one_line_error(["train", "--data", "loop-a", "--out", "o"], capsys, "a link that leads nowhere")
+    one_line_error(["train", "--data", "ok.txt", "--vocab", "loop-a", "--out", "o"], capsys, "symbolic links")
+    import resource
+
+    def small_files() -> None:  # `ulimit -f 64`: no file over 64 KB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    r = subprocess.run([sys.executable, "-m", "chargpt", "train", "--data", "ok.txt", "--out", "big", *FLAGS,
+                        "--n-embd=64", "--n-updates=3"], capture_output=True, text=True, preexec_fn=small_files,
+                       timeout=240)  # fmt: skip
+    assert r.returncode == 2 and "file-size limit" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -167,6 +167,10 @@ def _corpus_paths(data: str) -> list[Path]:
         if not files:
             raise ChargptError(f"no files match {data}; check the pattern (quote it so that the shell leaves it)")
         return files
+    if os.path.lexists(path):  # a link to nothing, or links that loop
+        raise ChargptError(
+            f"data path {path} is a link that leads nowhere (broken, or a loop); point --data at the file itself"
+        )
     raise ChargptError(f"data path {path} does not exist; pass an existing text file or folder")
 
 
