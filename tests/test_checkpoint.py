@@ -128,7 +128,7 @@ def test_disk_full_mid_save_keeps_the_old_files(model_dir: Path):
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "disk full while writing" in r.stdout and "model.safetensors" in r.stdout
+    assert "file-size limit" in r.stdout and "model.safetensors" in r.stdout  # (ulimit -f stands in for a full disk)
     assert _snapshot(model_dir) == before  # old files byte for byte, and no temp file left
 
 

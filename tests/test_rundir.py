@@ -295,7 +295,7 @@ def test_disk_full_before_anything_was_saved_does_not_advise_resuming(text_file:
     out = tmp_path / "run"
     args = ["4096", "train", "--data", str(text_file), "--out", str(out), *FLAGS, "--n-updates=10"]
     r = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "disk full while writing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and "file-size limit" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "then start the run again" in r.stderr and "resume" not in r.stderr, r.stderr
     assert not out.exists()
 

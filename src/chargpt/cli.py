@@ -955,6 +955,10 @@ class _Tolerant(io.TextIOBase):
         return self.stream.fileno()
 
     @property
+    def buffer(self) -> Any:  # the --nproc launcher relays torchrun's bytes here (and handles a failed write)
+        return getattr(self.stream, "buffer", None)
+
+    @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.stream, "encoding", None) or "utf-8"
 
