@@ -382,3 +382,18 @@ def test_link_loops_and_a_file_size_limit_are_named(work: Path, capsys):
                         "--n-embd=64", "--n-updates=3"], capture_output=True, text=True, preexec_fn=small_files,
                        timeout=240)  # fmt: skip
     assert r.returncode == 2 and "file-size limit" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("megabytes", [300, 450])
+def test_a_small_address_space_limit_is_one_line(trained_model_dir: Path, megabytes: int):
+    """`ulimit -v`: torch's libraries cannot be mapped (300 MB here), or an allocation fails (450 MB)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
+
+    r = subprocess.run([sys.executable, "-m", "chargpt", "info", str(trained_model_dir)], capture_output=True,
+                       text=True, preexec_fn=limited, timeout=120)  # fmt: skip
+    if r.returncode == 0:  # this machine's torch fits: nothing to check
+        return
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -899,6 +899,12 @@ def _main(argv: list[str]) -> int:
     except MemoryError:
         _last_line("chargpt: error: out of memory; ask for less (a smaller model, batch or output)")
         return EXIT_USAGE
+    except ImportError as e:  # e.g. torch's libraries cannot be mapped under a small `ulimit -v`
+        _last_line(
+            f"chargpt: error: cannot load {e.name or 'a module'} ({_one_line(str(e), 200)}); check the "
+            f"installation (pip install chargpt) and that the process may use enough memory"
+        )
+        return EXIT_USAGE
     except RuntimeError as e:
         if "allocate" not in str(e):  # torch's own out-of-memory (e.g. under ulimit -v) is the user's to fix
             raise
