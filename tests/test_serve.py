@@ -434,6 +434,14 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
         "invalid choice: 'fp16'": ["--model", str(trained_model_dir), "--precision", "fp16"],
         "--api-key must be printable ASCII": ["--model", str(trained_model_dir), "--api-key", "key\n"],
         "use a smaller --max-batch": ["--model", str(trained_model_dir), "--max-batch", str(10**9), "--port", "0"],
+        "use a smaller --max-tokens-limit": [
+            "--model",
+            str(trained_model_dir),
+            "--max-tokens-limit",
+            str(10**12),
+            "--port",
+            "0",
+        ],  # fmt: skip
     }
     try:
         procs = {

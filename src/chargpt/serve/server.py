@@ -157,6 +157,9 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
             memory.inference_bytes(model.config, cfg.max_batch), device, f"serving {cfg.max_batch} rows at once",
             "use a smaller --max-batch",
         )  # fmt: skip
+        tokens = 8 * cfg.max_batch * (cfg.max_tokens_limit + cfg.max_prompt_chars)  # every row's token buffer, full
+        memory.check(tokens, device, f"{cfg.max_batch} rows of up to {cfg.max_tokens_limit:,} tokens",
+                     "use a smaller --max-tokens-limit (or --max-batch)")  # fmt: skip
         engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.precision)
         card.meta["precision"] = {"prefill": engine.prefill.name, "decode": engine.decode.name}
         card.meta["precision_reason"] = prec.describe({"prefill": engine.prefill, "decode": engine.decode})
