@@ -505,8 +505,9 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def retune(run: Run, state: RunState) -> None:
-    """Feed the step time to the run's ThreadTuner; a changed count is set and said. Under DDP the ranks keep
-    their own counts (numbers differ only in speed)."""
+    """Feed the step time to the run's ThreadTuner; a changed count is set and said. Under DDP each rank keeps
+    its own count. (A change of count changes float rounding: such a run is not bit-identical to one whose
+    machine stayed quiet, which is why tests and exact comparisons pin --threads.)"""
     if run.tuner is None:
         return
     before = run.tuner.threads
@@ -662,10 +663,6 @@ def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
     return left if final else min(EVAL_SHARE * cfg.max_time, left)
 
 
-def ckpt_plot(run: Run) -> Path:
-    return run.out / report.PLOT
-
-
 def draw_plot(run: Run, state: RunState) -> None:
     t0 = time.perf_counter()
     if run.dist.main:
@@ -674,7 +671,8 @@ def draw_plot(run: Run, state: RunState) -> None:
         except DiskFullError:
             raise  # said like any other write
         except Exception as e:  # loss.png is a picture of metrics.jsonl: never worth a run
-            report.log.warning("could not draw %s (%s); metrics.jsonl holds the same", ckpt_plot(run), first_line(e))
+            report.log.warning("could not draw %s (%s); metrics.jsonl holds the same", run.out / report.PLOT,
+                               first_line(e))  # fmt: skip
     state.plot_seconds = max(state.plot_seconds, time.perf_counter() - t0)  # the worst seen: end early, not late
     state.plotted_at, state.plotted_rows = state.tick(), len(state.metrics)
 
