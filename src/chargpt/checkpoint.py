@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from safetensors.torch import save as st_save
 from chargpt import memory
 from chargpt.config import MAX_COUNT, GPTConfig, TrainConfig, saved_train_config
 from chargpt.errors import ChargptError, first_line
-from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
+from chargpt.fileio import atomic_write_bytes, check_regular, is_regular_file, read_regular
 from chargpt.model import GPT, BigramLM, build_model
 from chargpt.tokenizer import CharTokenizer
 
@@ -451,13 +450,6 @@ def _open_nofollow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW)
 
 
-def _regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.lstat().st_mode)
-    except OSError:
-        return False
-
-
 def _check_keys(obj: dict, required: set[str], allowed: set[str], where: str) -> None:
     missing, extra = sorted(required - set(obj)), sorted(set(obj) - allowed)
     if missing:
@@ -529,5 +521,5 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "parameters": model.num_params(),
         "vocab": tokenizer.to_list(),
         "training": training,
-        "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if _regular(p)},
+        "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if is_regular_file(p)},
     }

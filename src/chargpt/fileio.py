@@ -108,6 +108,14 @@ def _kind(mode: int) -> str:
     return "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
 
 
+def is_regular_file(path: str | Path) -> bool:
+    """Whether `path` is itself a regular file (a link to one is not)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def check_regular(path: str | Path, what: str, limit: int | None = None, follow: bool = True) -> int:
     """The size of `path` if it is a regular file (after symlinks; with follow=False a link is refused) of at
     most `limit` bytes, else a one-line error. Checked before opening: opening a FIFO blocks, and reading

@@ -32,7 +32,7 @@ from typing import Any
 
 from chargpt.checkpoint import BACKUP, CONFIG, DISCARD, FORMAT_NAME, MOVING, TRAIN_STATE, WEIGHTS
 from chargpt.errors import ChargptError
-from chargpt.fileio import DiskFullError, atomic_write_bytes, read_regular
+from chargpt.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular
 from chargpt.report import METRICS, PLOT
 
 log = logging.getLogger("chargpt.rundir")
@@ -225,23 +225,16 @@ def lock_file(path: Path) -> int:
 
 def owned(out: Path) -> bool:
     """Whether the run files in `out` are provably chargpt's: its marker, or a chargpt config.json."""
-    if _is_regular(out / MARKER):
+    if is_regular_file(out / MARKER):
         return True
     path = out / CONFIG
     try:
-        if not _is_regular(path) or path.lstat().st_size > 256 << 20:
+        if not is_regular_file(path) or path.lstat().st_size > 256 << 20:
             return False
         config = json.loads(read_regular(path, "config", follow=False))
     except (OSError, ValueError, RecursionError, ChargptError):
         return False
     return isinstance(config, dict) and config.get("format") == FORMAT_NAME
-
-
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.lstat().st_mode)
-    except OSError:
-        return False
 
 
 def check_no_links(out: Path) -> None:
