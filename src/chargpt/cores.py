@@ -1,11 +1,11 @@
 """How many CPU threads a kind of work gets: the cores that are free now, not every core the machine has.
 
 A PyTorch parallel region waits for its slowest thread, and a thread whose core is shared with another busy
-process is the slowest by far: on a 2-core machine with one core kept busy, training with torch's default of
-two threads ran 12x slower than with one. So the threads are chosen from the cores that are actually free,
-measured over a moment from /proc/stat (all CPU time spent, less this process's own), and a training run
-re-checks as it goes (`ThreadTuner`): when its steps get much slower it tries one thread fewer and keeps what is
-faster. An explicit count (`--threads N`) is used as given, bounded by the cores.
+process is the slowest by far (docs/benchmarks.md: bench_contention). So the threads are chosen from the
+cores that are actually free, measured over a moment from /proc/stat (all CPU time spent, less this
+process's own), and a training run re-checks as it goes (`ThreadTuner`): when its steps get much slower it
+tries one thread fewer and keeps what is faster. An explicit count (`--threads N`) is used as given, bounded
+by the cores.
 """
 
 from __future__ import annotations

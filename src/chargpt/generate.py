@@ -17,6 +17,7 @@ import torch
 
 from chargpt import memory
 from chargpt import precision as prec
+from chargpt.cores import cores as usable_cores
 from chargpt.errors import ChargptError
 from chargpt.model import GPT, BigramLM, KVCache, check_usable
 from chargpt.tokenizer import CharTokenizer
@@ -32,7 +33,7 @@ def decode_threads(num_samples: int, cores: int | None = None, load: float | Non
     thread that waits for a busy core stalls the others at every token.
     """
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if num_samples <= 1:

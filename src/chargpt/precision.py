@@ -227,40 +227,37 @@ def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
 
 def measured_speedups(info: CPUInfo, directory: Path | None = None) -> Speedups:
     """The cached measurement for this machine, or a fresh one (then cached; an unwritable cache is fine)."""
-    path = cache_file(info, directory)
-    try:
-        saved = json.loads(path.read_text())
-        return Speedups(matmul=float(saved["matmul"]), matvec=float(saved["matvec"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    speed = measure_speedups()
-    try:
-        from chargpt.fileio import atomic_write_bytes
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps({**asdict(speed), "cpu": info.model}).encode())
-    except (OSError, ChargptError):
-        pass  # measured again next time
-    return speed
+    saved = _cached(cache_file(info, directory), ("matmul", "matvec"), lambda: {**asdict(measure_speedups()),
+                                                                                 "cpu": info.model})  # fmt: skip
+    return Speedups(matmul=float(saved["matmul"]), matvec=float(saved["matvec"]))
 
 
 def measured_probe(info: CPUInfo, probe: Probe, directory: Path | None = None) -> float:
     """bf16's speed over fp32 on the probe's work: cached for this machine and shape, else timed (then cached)."""
     base = cache_file(info, directory)
     path = base.with_name(f"{base.stem}-{hashlib.sha256(probe.key.encode()).hexdigest()[:16]}.json")
+    saved = _cached(path, ("ratio",), lambda: {"ratio": time_probe(probe), "key": probe.key, "cpu": info.model})
+    return float(saved["ratio"])
+
+
+def _cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> dict:
+    """The measurement saved at `path` if it holds a number for each of `keys`, else a fresh one, saved there
+    (an unwritable or damaged cache only costs a measurement next time)."""
     try:
-        return float(json.loads(path.read_text())["ratio"])
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and all(isinstance(saved.get(k), (int, float)) for k in keys):
+            return saved
+    except (OSError, ValueError, RecursionError):
         pass
-    ratio = time_probe(probe)
+    fresh = measure()
     try:
         from chargpt.fileio import atomic_write_bytes
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps({"ratio": ratio, "key": probe.key, "cpu": info.model}).encode())
+        atomic_write_bytes(path, json.dumps(fresh).encode())
     except (OSError, ChargptError):
         pass  # measured again next time
-    return ratio
+    return fresh
 
 
 def time_probe(probe: Probe) -> float:
