@@ -96,7 +96,7 @@ def test_eval_cli_on_unseen_text(cli_run, tmp_path):
     lines = r.stdout.splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"loss", "bits_per_char", "chars", "precision"} and result["precision"] == "fp32"
+    assert set(result) == {"loss", "bits_per_char", "chars", "precision", "quantize"} and result["precision"] == "fp32"
     assert result["chars"] == len(UNSEEN) - 1
     expected, _ = reference_loss(model, tok, UNSEEN)
     assert result["loss"] == pytest.approx(expected, rel=1e-5)

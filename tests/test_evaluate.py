@@ -50,7 +50,7 @@ def test_trained_model_on_unseen_text(trained_model_dir, corpus_text):
     assert result["chars"] == count == len(text) - 1
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
     assert result["bits_per_char"] == pytest.approx(expected / math.log(2), rel=1e-6)
-    assert set(result) == {"loss", "bits_per_char", "chars", "precision"} and result["precision"] == "fp32"
+    assert set(result) == {"loss", "bits_per_char", "chars", "precision", "quantize"} and result["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("length", [2, 5, 9, 17, 8 * 4 + 1, 8 * 4 + 2, 100])

@@ -235,26 +235,44 @@ def test_cli_bad_input_is_one_line_and_exit_2(trained_model_dir, flags):
 
 
 def test_static_decode_step_equals_the_ordinary_step():
-    """The fixed-shape step that a CUDA graph replays on a GPU (GPT.step_at), run eagerly here: the same logits
-    at every step, inside the window and past it (rebuilds), and the same greedy tokens."""
+    """The fixed-shape step that a CUDA graph replays on a GPU, run eagerly here: the same logits at every step,
+    inside the window and past it (rebuilds), and the same greedy tokens."""
     torch.manual_seed(0)
     from chargpt.config import GPTConfig
 
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0)).eval()
     seq = torch.randint(0, 65, (2, 40))
     ordinary, static = Decoder(model, 2), Decoder(model, 2, static=True)
-    assert static.step is not None and not static.step.graphed and ordinary.step is None  # no graph on a CPU
+    assert static.graph is not None and not static.graph.graphed and ordinary.graph is None  # no graph on a CPU
     with torch.inference_mode():
         diffs = [(ordinary(seq[:, :n]) - static(seq[:, :n])).abs().max().item() for n in range(1, 41)]
         assert max(diffs) < 1e-5
-        cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
-        model(seq[:, :5], cache=cache)
-        one = model.step(seq[:, 5], cache)  # the lean one-token step: exactly forward's numbers
-        cache.length = 5
-        again = model.step(seq[:, 5], cache, model.step_weights())  # with the weights gathered beforehand
-        cache.length = 5
-        assert torch.equal(one, model(seq[:, 5:6], cache=cache)[0][:, -1])
-        assert torch.equal(again, one)
+
+
+def test_one_token_step_continues_the_prefill():
+    """The one-token step after a prefill of 5 tokens gives the logits of the whole 6-token forward (to float
+    rounding), in all three of its modes: same position, fixed shapes, rows at their own positions."""
+    torch.manual_seed(0)
+    from chargpt.config import GPTConfig
+    from chargpt.decode import DecodeStep, Rows
+
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0)).eval()
+    seq = torch.randint(0, 65, (2, 6))
+    with torch.inference_mode():
+        full = model(seq)[0][:, -1]
+        prefilled = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+        model(seq, cache=prefilled)  # what a 6-token prefill stores at position 5
+        for invariant in (False, True):
+            step = DecodeStep(model, invariant=invariant)
+            for at in (5, torch.tensor(5), Rows([0, 1], [5, 5])):
+                cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32, zeroed=True)
+                model(seq[:, :5], cache=cache)
+                got = step(seq[:, 5], cache, at)
+                assert (got - full).abs().max().item() < 1e-5
+                for layer in range(4):  # the new position's keys and values are stored
+                    assert (cache.k[layer][:, :, 5] - prefilled.k[layer][:, :, 5]).abs().max().item() < 1e-5
+                    assert (cache.v[layer][:, :, 5] - prefilled.v[layer][:, :, 5]).abs().max().item() < 1e-5
+                assert cache.length == 5  # the caller advances it
 
 
 @pytest.mark.parametrize("precision", ["bf16", "auto"])

@@ -11,10 +11,10 @@ import torch
 
 from chargpt import precision as prec
 from chargpt.config import GPTConfig
+from chargpt.decode import DecodeStep, Rows, batch_invariant
 from chargpt.generate import SampleConfig, generate
 from chargpt.model import GPT, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
-from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
 
 
 class Collector:
@@ -48,13 +48,15 @@ def test_batched_step_reproduces_single_rows():
         GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0),
         GPTConfig(vocab_size=30, block_size=40, n_embd=96, n_heads=6, n_layers=2, dropout=0.1),
     ):
-        assert matches_decoder(GPT(cfg).eval())
+        assert batch_invariant(GPT(cfg).eval())
 
 
-def test_engine_jobs_equal_generate(tiny):
-    """More rows than the batch holds (so jobs queue), prompts shorter and longer than the window, n > 1."""
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_engine_jobs_equal_generate(tiny, quantize):
+    """More rows than the batch holds (so jobs queue), prompts shorter and longer than the window, n > 1; with the
+    weights as trained and as int8."""
     model, tokenizer = tiny
-    engine = Engine(model, tokenizer, max_batch=5, max_queue=20)
+    engine = Engine(model, tokenizer, max_batch=5, max_queue=20, quantize=quantize)
     assert engine.batched
     engine.start()
     cases = []
@@ -69,7 +71,8 @@ def test_engine_jobs_equal_generate(tiny):
         engine.submit(job)
     for prompt, per_sample, _, got in cases:
         assert got.done.wait(120)
-        assert got.texts == [generate(model, tokenizer, prompt, SampleConfig(**kw))[0] for kw in per_sample]
+        expected = [generate(model, tokenizer, prompt, SampleConfig(**kw, quantize=quantize))[0] for kw in per_sample]
+        assert got.texts == expected
         assert all(f in ("stop", "length") for f in got.finish)
     engine.close()
     engine.join(10)
@@ -126,7 +129,7 @@ def test_engine_in_bf16_equals_generate_in_bf16(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, max_batch=3, max_queue=3, precision="bf16")
     assert (engine.prefill.name, engine.decode.name) == ("bf16", "bf16")
-    assert engine.batched == matches_decoder(model, engine.prefill, engine.decode)
+    assert engine.batched == batch_invariant(model, engine.prefill, engine.decode)
     engine.start()
     cases = []
     for i, prompt in enumerate(["\n", "ROMEO:"]):
@@ -148,12 +151,11 @@ def test_the_batched_step_runs_in_the_precision_asked(tiny):
     with torch.inference_mode():
         for name, choice in (("fp32", prec.FP32), ("bf16", bf16)):
             pool = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
-            caches = [SlotCache(pool, slot) for slot in (0, 1)]
             seqs = [torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]])]
-            for cache, seq in zip(caches, seqs, strict=True):
-                slot_decoder(model, cache, choice, choice)(seq[:, :-1])
             with prec.autocast("cpu", choice):
-                logits[name] = decode_rows(model, pool, caches, torch.tensor([4, 6]))
+                for slot, seq in enumerate(seqs):
+                    model(seq[:, :-1], cache=pool.row(slot))
+                logits[name] = DecodeStep(model, invariant=True)(torch.tensor([4, 6]), pool, Rows([0, 1], [3, 1]))
     assert logits["bf16"].dtype == torch.bfloat16 and logits["fp32"].dtype == torch.float32
     diff = (logits["bf16"].float() - logits["fp32"]).abs().max().item()
     assert 0 < diff < 0.25

@@ -27,6 +27,7 @@ TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
 # on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
 RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction", "init_from")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: per device and kind of work, what is faster here (precision.py)
+QUANTIZE = ("auto", "none", "int8")  # int8 weights for sampling/serving/eval (chargpt.quantize)
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
 

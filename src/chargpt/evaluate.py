@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from chargpt import precision as prec
+from chargpt import quantize as quant
 from chargpt.errors import ChargptError
 from chargpt.model import GPT, BigramLM, check_usable
 from chargpt.tokenizer import CharTokenizer
@@ -27,6 +28,7 @@ def evaluate(
     batch_size: int = 32,
     precision: str = "auto",
     progress: Callable[[int], object] | None = None,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """Loss (nats/char) over non-overlapping windows covering the whole text.
 
@@ -34,11 +36,13 @@ def evaluate(
     is predicted exactly once, each with the context available inside its window.
     precision: fp32, bf16 (autocast) or auto (bf16 where this machine's batched matmuls are faster in it).
     progress: called after each batch with the number of characters it scored (they add up to `chars`).
+    quantize: none, int8 or auto (int8 where this CPU decodes faster with it). With int8 weights the text is
+    scored twice, and `loss_unquantized` is the loss of the model as trained, for comparison.
     """
     check_usable(model, tokenizer, "evaluate()")
     if not isinstance(text, str):
         raise TypeError(f"evaluate() takes the text as a str, got {type(text).__name__}")
-    return evaluate_ids(model, tokenizer.encode(text), batch_size, precision, progress)
+    return evaluate_ids(model, tokenizer.encode(text), batch_size, precision, progress, quantize)
 
 
 def evaluate_file(
@@ -50,6 +54,7 @@ def evaluate_file(
     progress: bool = False,
     batch_size: int = 32,
     precision: str = "auto",
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """evaluate() on a file of any size: its ids stream through the token cache (the model's vocabulary) and
     are read from the memory map a batch at a time. progress: bars on a terminal (tokenizing, scoring)."""
@@ -57,8 +62,9 @@ def evaluate_file(
     from chargpt.data import fixed_policy, token_cache_dir, tokenize_corpus
 
     tokens = tokenize_corpus(str(path), fixed_policy(tokenizer), token_cache_dir(token_cache), progress=progress)
-    with progress_bar(max(len(tokens.ids) - 1, 0), "evaluating", progress, unit="char") as bar:
-        return evaluate_ids(model, tokens.ids, batch_size, precision, progress=bar.update)
+    passes = 2 if quant.apply(model, quantize)[1].name == "int8" else 1
+    with progress_bar(passes * max(len(tokens.ids) - 1, 0), "evaluating", progress, unit="char") as bar:
+        return evaluate_ids(model, tokens.ids, batch_size, precision, bar.update, quantize)
 
 
 @torch.no_grad()
@@ -68,12 +74,28 @@ def evaluate_ids(
     batch_size: int = 32,
     precision: str = "auto",
     progress: Callable[[int], object] | None = None,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """evaluate() on token ids (an array, or a view of the memory-mapped token cache: read a batch at a time)."""
-    from chargpt.tokencache import release_pages
-
     if len(ids) < 2:
         raise ChargptError("the evaluation text needs at least 2 characters")
+    run, choice = quant.apply(model, quantize)
+    result = _score(run, ids, batch_size, precision, progress)
+    result["quantize"] = choice.name
+    if choice.name == "int8":
+        result["loss_unquantized"] = _score(model, ids, batch_size, precision, progress)["loss"]
+    return result
+
+
+def _score(
+    model: GPT | BigramLM,
+    ids: np.ndarray | torch.Tensor,
+    batch_size: int,
+    precision: str,
+    progress: Callable[[int], object] | None,
+) -> dict[str, Any]:
+    from chargpt.tokencache import release_pages
+
     T = model.config.block_size
     n_pred = len(ids) - 1
     n_full = n_pred // T

@@ -17,7 +17,9 @@ import torch
 
 from chargpt import memory
 from chargpt import precision as prec
+from chargpt import quantize as quant
 from chargpt.cores import cores as usable_cores
+from chargpt.decode import DecodeStep
 from chargpt.errors import ChargptError
 from chargpt.model import GPT, BigramLM, KVCache, check_usable
 from chargpt.tokenizer import CharTokenizer
@@ -52,9 +54,11 @@ class SampleConfig:
     num_samples: int = 1  # generated together as one batch
     stop: Sequence[str] = field(default_factory=tuple)  # end a sample at any of these; not included
     precision: str = "auto"  # fp32, bf16 or auto: per kind of work (prefill, one-token decode), the faster here
+    quantize: str = "auto"  # int8 weights, none, or auto: int8 where this CPU decodes faster with it
 
     def validate(self) -> None:
         prec.check(self.precision)
+        quant.check(self.quantize)
         if not isinstance(self.temperature, (int, float)) or not (0 <= self.temperature < math.inf):
             raise ChargptError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -111,15 +115,18 @@ class Decoder:
     """Next-token logits of a growing sequence, exactly as the no-cache model computes them.
 
     Call it with the whole sequence so far (B, n), each call one token longer than the last. Inside the window
-    the cache feeds only the new token. The model has learned absolute positions, so past block_size the
-    no-cache model sees the last block_size tokens at positions 0..block_size-1, every position shifting at
-    every step: then the cache is rebuilt from those tokens (one full forward per token, the final layer run
-    for the last position only). Any other call (a first call, a sequence that did not grow by one) rebuilds too.
+    the cache feeds only the new token (chargpt.decode's one-token step). The model has learned absolute
+    positions, so past block_size the no-cache model sees the last block_size tokens at positions
+    0..block_size-1, every position shifting at every step: then the cache is rebuilt from those tokens (one
+    full forward per token, the final layer run for the last position only). Any other call (a first call, a
+    sequence that did not grow by one) rebuilds too.
 
     prefill / decode: the number format of the rebuilds (batched) and of the one-token steps.
-    static: run the one-token step with fixed shapes (`GPT.step_at`); on CUDA it is then captured once in a
-    CUDA graph and replayed for every token, which removes the per-kernel launch cost that bounds batch-1
-    decoding on a GPU. None = on CUDA only.
+    static: run the one-token step with fixed shapes; on CUDA it is then captured once in a CUDA graph and
+    replayed for every token, which removes the per-kernel launch cost that bounds batch-1 decoding on a GPU.
+    None = on CUDA only.
+    step / cache: a step to share (its weights gathered once for many decoders) and a cache to fill (e.g. a
+    row of the server's pool); by default the decoder makes its own.
     """
 
     def __init__(
@@ -130,6 +137,8 @@ class Decoder:
         prefill: prec.Choice = prec.FP32,
         decode: prec.Choice = prec.FP32,
         static: bool | None = None,
+        step: DecodeStep | None = None,
+        cache: KVCache | None = None,
     ):
         self.model = model
         self.block_size = model.config.block_size
@@ -137,14 +146,14 @@ class Decoder:
         p = next(model.parameters())
         self.device = p.device
         self.prefill, self.decode = prefill, decode
-        self.step: StaticStep | None = None
-        self.weights: tuple[tuple[torch.Tensor, ...], ...] | None = None  # model.step's, gathered once
+        self.step: DecodeStep | None = None
+        self.graph: StaticStep | None = None
         if use_cache and isinstance(model, GPT):
-            self.weights = model.step_weights()
+            self.step = step or DecodeStep(model)
             static = self.device.type == "cuda" if static is None else static
-            self.cache = KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
+            self.cache = cache or KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
             if static:
-                self.step = StaticStep(model, self.cache, batch_size, decode)
+                self.graph = StaticStep(self.step, self.cache, batch_size, decode)
         self.seen = 0  # length of the sequence the cache holds
 
     def __call__(self, seq: torch.Tensor) -> torch.Tensor:
@@ -158,12 +167,12 @@ class Decoder:
             with prec.autocast(self.device, self.prefill):
                 return self.model(window)[0][:, -1]
         if self.feeds_one(n):
-            if self.step is not None:
-                logits = self.step(seq[:, -1], cache.length)  # (B, vocab)
-                cache.length += 1
+            if self.graph is not None:
+                logits = self.graph(seq[:, -1], cache.length)  # (B, vocab)
             else:
                 with prec.autocast(self.device, self.decode):
-                    logits = self.model.step(seq[:, -1], cache, self.weights)  # the token at cache.length: (B, vocab)
+                    logits = self.step(seq[:, -1], cache, cache.length)  # the token at cache.length: (B, vocab)
+            cache.length += 1
         else:
             cache.reset()  # (re)build: the window at positions 0..
             with prec.autocast(self.device, self.prefill):
@@ -179,15 +188,15 @@ class Decoder:
 
 
 class StaticStep:
-    """The one-token decode step on fixed buffers (token, position in; logits out), so that on CUDA it can be
+    """The one-token step on fixed buffers (token, position in; logits out), so that on CUDA it can be
     captured once in a CUDA graph and replayed per token. Elsewhere it runs eagerly (the tests compare it
     with the ordinary step on a CPU). The graph is captured at the first call, replaying kernels that read
     the buffers, so every later call only copies the new token and position in."""
 
-    def __init__(self, model: GPT, cache: KVCache, batch_size: int, decode: prec.Choice):
-        device = next(model.parameters()).device
-        self.model, self.cache, self.decode, self.device = model, cache, decode, device
-        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+    def __init__(self, step: DecodeStep, cache: KVCache, batch_size: int, decode: prec.Choice):
+        device = cache.k[0].device
+        self.step, self.cache, self.decode, self.device = step, cache, decode, device
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graphed = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -196,11 +205,11 @@ class StaticStep:
     def _run(self) -> torch.Tensor:
         # no autocast weight cache while a graph is captured: a cached cast would not be replayed
         with prec.autocast(self.device, self.decode, cache_enabled=not self.graphed):
-            return self.model.step_at(self.tok, self.pos, self.cache)
+            return self.step(self.tok, self.cache, self.pos)
 
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """token (B,) at position pos -> logits (B, vocab); writes that position's keys and values."""
-        self.tok.copy_(token[:, None])
+        self.tok.copy_(token)
         self.pos.fill_(pos)
         if not self.graphed:
             return self._run()
@@ -235,11 +244,13 @@ def token_stream(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
     precision: str = "fp32",
+    quantize: str = "none",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, continuing the prompts idx (B, T0).
 
     use_cache=False re-runs the whole window every step (the reference behaviour the tests compare to).
     precision: fp32, bf16 or auto, resolved for the batched rebuilds ("prefill") and one-token steps ("decode").
+    quantize: none, int8 or auto: the model's Linear weights as int8 (chargpt.quantize) for the whole generation.
     """
     B, T0 = idx.shape
     memory.check(
@@ -250,9 +261,10 @@ def token_stream(
     seq[:, :T0] = idx
     device = next(model.parameters()).device
     prefill, decode = (prec.resolve(precision, device, kind) for kind in ("prefill", "decode"))
-    decoder = Decoder(model, B, use_cache, prefill, decode)
     was_training = model.training
     model.eval()
+    run = quant.apply(model, quantize, device)[0]
+    decoder = Decoder(run, B, use_cache, prefill, decode)
     try:
         with prec.weight_cast_region(device, prefill, decode):  # each weight is cast once, not per token
             for n in range(T0, T0 + max_new_tokens):
@@ -337,7 +349,16 @@ def stream(
     text = StopFilter(tuple(cfg.stop))
     gens = _generators(cfg.seed, 1)
     steps = token_stream(
-        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision
+        model,
+        idx,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        gens,
+        True,
+        cfg.precision,
+        cfg.quantize,
     )
     for nxt in steps:
         chunk = text.push(chars[int(nxt[0])])
@@ -364,7 +385,16 @@ def generate(
     done = [False] * cfg.num_samples
     gens = _generators(cfg.seed, cfg.num_samples)
     steps = token_stream(
-        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision
+        model,
+        idx,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        gens,
+        True,
+        cfg.precision,
+        cfg.quantize,
     )
     for nxt in steps:
         for i, ch in enumerate(chars[t] for t in nxt.tolist()):

@@ -24,8 +24,10 @@ class KVCache:
     """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size).
 
     Allocated once per generation; `reset()` makes it reusable for a rebuild without new allocations.
-    zeroed: start from zeros rather than whatever memory held, as the fixed-shape step (`GPT.step_at`) needs:
-    it attends over every slot and masks the unfilled ones, and a masked NaN would still poison the sum.
+    A prefill (`GPT.forward(idx, cache=...)`) fills positions 0..T-1; the one-token step (chargpt.decode)
+    writes one position per row. zeroed: start from zeros rather than whatever memory held, as the fixed-shape
+    step needs: it attends over every slot and masks the unfilled ones, and a masked NaN would still poison
+    the sum.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype, zeroed: bool = False):
@@ -38,6 +40,15 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def row(self, slot: int) -> KVCache:
+        """Row `slot` as a batch-of-one cache whose keys and values are views into this one (nothing allocated):
+        a server request's own cache, kept in the pool that the batched step writes."""
+        view = object.__new__(KVCache)
+        view.k = [k[slot : slot + 1] for k in self.k]
+        view.v = [v[slot : slot + 1] for v in self.v]
+        view.block_size, view.length = self.block_size, 0
+        return view
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -85,20 +96,15 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); with last_only, (B, 1, C): only the last query (the model's final layer
-        while sampling needs no other position's output, but every position's key and value)."""
+        while sampling needs no other position's output, but every position's key and value). With a cache
+        (a prefill from position 0) the keys and values are stored in it."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
         causal = T > 1
         if cache is not None:
-            # a prefill (or rebuild) starts at 0 and is causal; one new token attends to everything before it
-            start = cache.length
-            assert start == 0 or T == 1, "the cache takes a prefill from position 0 or one token at a time"
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            if start > 0:
-                k = cache.k[layer][:, :, : start + T]  # (B, H, start+T, hs)
-                v = cache.v[layer][:, :, : start + T]
+            cache.k[layer][:, :, :T] = k
+            cache.v[layer][:, :, :T] = v
         if last_only and T > 1:
             q, T, causal = q[:, :, -1:], 1, False  # the last query sees every key: (B, H, 1, hs)
         if self.training and self.attn_dropout > 0 and x.device.type == "cpu" and cache is None:
@@ -109,20 +115,6 @@ class CausalSelfAttention(nn.Module):
             )  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
         return self.resid_dropout(self.proj(y))
-
-    def step_at(
-        self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, seen: torch.Tensor
-    ) -> torch.Tensor:
-        """x (B, 1, C), one new token at position `pos` (a 0-dim device tensor) -> (B, 1, C). Fixed shapes and
-        no host values, so a CUDA graph can capture it: attends over all block_size cache slots, `seen` (1, 1,
-        1, block_size) masking those past pos (their weights are exactly 0, as if they were not there)."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, 1, C)
-        q, k, v = (t.view(B, 1, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, 1, hs)
-        cache.k[layer].index_copy_(2, pos.view(1), k.to(cache.k[layer].dtype))
-        cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
-        y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=seen)  # (B, H, 1, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, 1, C))
 
     def _attend_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention with dropout on the weights, written out for CPU training: SDPA's CPU kernel
@@ -163,12 +155,6 @@ class Block(nn.Module):
         x = (x[:, -1:] if last_only else x) + a
         return x + self.ffwd(self.ln2(x))
 
-    def step_at(
-        self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, seen: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.attn.step_at(self.ln1(x), cache, layer, pos, seen)  # (B, 1, C)
-        return x + self.ffwd(self.ln2(x))
-
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -197,77 +183,23 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
 
-        With a cache (sampling): idx continues the cached positions and only the last position's logits
-        (B, 1, vocab) are computed; the final layer then runs its query, feed-forward and head on one position.
+        With a cache (sampling's prefill): idx fills the cache from position 0 and only the last position's
+        logits (B, 1, vocab) are computed; the final layer then runs its query, feed-forward and head on one
+        position. The tokens after it go through the one-token step, chargpt.decode.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        assert start + T <= self.config.block_size, "sequence longer than block_size"
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        assert T <= self.config.block_size, "sequence longer than block_size"
+        pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
         last = len(self.blocks) - 1 if cache is not None else -1
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, last_only=i == last)
         if cache is not None:
-            cache.length += T
+            cache.length = T
         logits = self.head(self.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-    def step_weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """Per block, the tensors `step` reads, in its order: ln1 weight, bias; qkv weight; proj weight, bias; ln2
-        weight, bias; up weight, bias; down weight, bias. Gather them once per generation (see `step`)."""
-        return tuple(
-            (b.ln1.weight, b.ln1.bias, b.attn.qkv.weight, b.attn.proj.weight, b.attn.proj.bias)
-            + (b.ln2.weight, b.ln2.bias, b.ffwd.up.weight, b.ffwd.up.bias, b.ffwd.down.weight, b.ffwd.down.bias)
-            for b in self.blocks
-        )
-
-    def step(
-        self, idx: torch.Tensor, cache: KVCache, weights: tuple[tuple[torch.Tensor, ...], ...] | None = None
-    ) -> torch.Tensor:
-        """idx (B,), the tokens at position cache.length -> logits (B, vocab); advances the cache by one.
-
-        The one-token decode step (eval mode: no dropout): forward(idx[:, None], cache=cache) computes the same
-        numbers, bit for bit, with the same operations. Here they are called directly on 2-D rows, without the
-        modules around them (pass weights=step_weights(), gathered once): at batch 1 each small operation costs
-        far more than its arithmetic, and the module calls, attribute lookups and 3-D reshapes around them took
-        40% of the time the step spends outside its matrix products (844 -> 509 us per token, measured with
-        the matrices made tiny).
-        """
-        t = cache.length
-        assert 0 < t < self.config.block_size, "one token after a prefill, inside the window"
-        assert not self.training, "the one-token step has no dropout: call it in eval mode"
-        C, H, hs, eps = self.config.n_embd, self.config.n_heads, self.config.head_size, self.ln_f.eps
-        x = self.tok_emb(idx) + self.pos_emb.weight[t]  # (B, C)
-        B = x.size(0)
-        layers = weights if weights is not None else self.step_weights()
-        for (ln1_w, ln1_b, qkv_w, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b), k, v in zip(
-            layers, cache.k, cache.v, strict=True
-        ):
-            qkv = F.linear(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w).view(B, 3, H, hs)  # queries, keys, values
-            k[:, :, t] = qkv[:, 1]  # (B, H, hs) into the cache's (B, H, block_size, hs)
-            v[:, :, t] = qkv[:, 2]
-            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k[:, :, : t + 1], v[:, :, : t + 1])  # (B, H, 1, hs)
-            x = x + F.linear(y.view(B, C), proj_w, proj_b)  # concat(heads) -> proj; residual
-            x = x + F.linear(F.relu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b)), down_w, down_b)
-        cache.length = t + 1
-        return self.head(self.ln_f(x))  # (B, vocab)
-
-    def step_at(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """idx (B, 1), the token at position `pos` (0-dim long tensor on the device) -> logits (B, vocab).
-
-        The one-token decode step with fixed shapes and no host values (a CUDA graph replays it): the same
-        numbers as forward(idx, cache=cache) at cache.length == pos, up to float rounding. cache.length is the
-        caller's to advance.
-        """
-        slots = torch.arange(self.config.block_size, device=idx.device)
-        seen = (slots <= pos).view(1, 1, 1, -1)  # (1, 1, 1, block_size): the slots filled, this one included
-        x = self.tok_emb(idx) + self.pos_emb(pos.view(1))  # (B, 1, C)
-        for i, block in enumerate(self.blocks):
-            x = block.step_at(x, cache, i, pos, seen)
-        return self.head(self.ln_f(x))[:, -1]  # (B, vocab)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

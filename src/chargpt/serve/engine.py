@@ -2,10 +2,11 @@
 
 Each choice of each request is a row with its own batch-of-one KV cache (generate's Decoder), its own
 sampling settings and its own torch.Generator, so its text never depends on what else is in the batch: a
-request with a seed gets exactly what `chargpt.generate` returns. Each step runs one batched forward for
-every row that continues through its cache (rows.decode_rows); a row that must build its cache (its prompt,
-or every step past block_size) runs that forward on its own, as generate() does: it is a matrix-matrix
-product already, so batching it would save nothing. A request joins at the next step and its rows leave as
+request with a seed gets exactly what `chargpt.generate` returns. Each step runs chargpt.decode's one-token
+step once for every row that continues through its cache (batch-invariant: each row's numbers are its own
+batch-of-one step's); a row that must build its cache (its prompt, or every step past block_size) runs that
+forward on its own, as generate() does: it is a matrix-matrix product already, so batching it would save
+nothing. A request joins at the next step and its rows leave as
 soon as they finish or it is cancelled. The model runs in one background thread; results go
 back through a `deliver` callback (the HTTP layer hands them to its event loop). At most `max_batch` rows
 run at once; up to `max_queue` requests wait beyond that, and `submit` refuses the rest (QueueFull).
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from chargpt import precision as prec
+from chargpt import quantize as quant
+from chargpt.decode import DecodeStep, Rows, batch_invariant
 from chargpt.generate import Decoder, StopFilter, _generators, pick_next
 from chargpt.model import GPT, BigramLM, KVCache
-from chargpt.serve.rows import SlotCache, decode_rows, matches_decoder, slot_decoder
 from chargpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("chargpt.serve")
@@ -90,6 +92,7 @@ class _Row:
     generator: torch.Generator
     text: StopFilter
     last: int  # the newest token id
+    slot: int | None  # its cache row in the engine's pool (None: decoded on its own)
     produced: int = 0
 
 
@@ -114,22 +117,28 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 64,
         precision: str = "auto",
+        quantize: str = "auto",
     ):
-        self.model = model.eval()
+        # the model as it runs here: int8 weights where asked or (auto) faster, as chargpt.generate decides
+        model, self.quantize = quant.apply(model.eval(), quantize)
+        self.model = model
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
         # as chargpt.generate resolves the same name: a seeded request returns exactly what generate returns
         self.prefill, self.decode = (prec.resolve(precision, self.device, kind) for kind in ("prefill", "decode"))
-        self.batched = isinstance(model, GPT) and matches_decoder(model, self.prefill, self.decode)
+        self.batched = isinstance(model, GPT) and batch_invariant(model, self.prefill, self.decode)
         if isinstance(model, GPT) and not self.batched:
             log.warning(
                 "batched decoding does not reproduce single-row results on %s; decoding rows one by one", self.device
             )
         self.pool: KVCache | None = None  # every row's keys and values, one slot per row
+        self.one = DecodeStep(model) if isinstance(model, GPT) else None  # each row's own step (weights shared)
+        self.rows: DecodeStep | None = None  # the step of all rows at once
         if self.batched:
             p = next(model.parameters())
             self.pool = KVCache(model.config, max_batch, p.device, p.dtype)
+            self.rows = DecodeStep(model, invariant=True)  # type: ignore[arg-type]
         self._free_slots = list(range(max_batch))  # engine thread only
         self._cond = threading.Condition()
         self._shared = _Shared()
@@ -229,8 +238,8 @@ class Engine:
         gone = {id(r) for r in rows}
         self._rows = [r for r in self._rows if id(r) not in gone]
         for r in rows:
-            if isinstance(r.decoder.cache, SlotCache):
-                self._free_slots.append(r.decoder.cache.slot)
+            if r.slot is not None:
+                self._free_slots.append(r.slot)
             self._give_back(r.job, 1)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
@@ -260,13 +269,17 @@ class Engine:
             seq = torch.empty(1, len(spec.prompt_ids) + spec.max_new_tokens, dtype=torch.long, device=self.device)
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
             (generator,) = _generators(spec.seed, 1)
+            slot, cache = None, None
             if self.pool is not None:
-                slot = SlotCache(self.pool, self._free_slots.pop())
-                decoder = slot_decoder(self.model, slot, self.prefill, self.decode)  # type: ignore[arg-type]
-            else:
-                decoder = Decoder(self.model, 1, prefill=self.prefill, decode=self.decode)
+                slot = self._free_slots.pop()
+                cache = self.pool.row(slot)
+            decoder = Decoder(
+                self.model, 1, prefill=self.prefill, decode=self.decode, static=False if slot is not None else None,
+                step=self.one, cache=cache,
+            )  # fmt: skip
             text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
-            self._rows.append(_Row(job, index, spec, decoder, seq, len(spec.prompt_ids), generator, text, last))
+            n = len(spec.prompt_ids)
+            self._rows.append(_Row(job, index, spec, decoder, seq, n, generator, text, last, slot))
         if done:
             self._give_back(job, len(done))
             _deliver(job, done)
@@ -279,10 +292,11 @@ class Engine:
         out: list[torch.Tensor | None] = [None] * len(rows)
         if fast:
             tokens = torch.tensor([rows[i].last for i in fast], device=self.device)  # (B,)
-            caches = [rows[i].decoder.cache for i in fast]
+            at = Rows([rows[i].slot for i in fast], [rows[i].decoder.cache.length for i in fast])  # type: ignore
             with prec.autocast(self.device, self.decode):
-                logits = decode_rows(self.model, self.pool, caches, tokens)  # type: ignore[arg-type]
+                logits = self.rows(tokens, self.pool, at)  # type: ignore[arg-type,misc]
             for j, i in enumerate(fast):
+                rows[i].decoder.cache.length += 1  # type: ignore[union-attr]
                 rows[i].decoder.seen = rows[i].n
                 out[i] = logits[j : j + 1]
         for i, r in enumerate(rows):

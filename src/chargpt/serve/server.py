@@ -24,7 +24,7 @@ import uvicorn
 from chargpt import memory
 from chargpt import precision as prec
 from chargpt.checkpoint import WEIGHTS, load_model, read_config
-from chargpt.config import PRECISIONS
+from chargpt.config import PRECISIONS, QUANTIZE
 from chargpt.errors import ChargptError
 from chargpt.serve.app import AppState, ModelCard, create_app
 from chargpt.serve.engine import Engine
@@ -43,6 +43,7 @@ class ServeConfig:
     max_prompt_chars: int = 65536
     max_body_bytes: int = 1 << 20
     precision: str = "auto"  # fp32, bf16 or auto: per kind of work (prefill, one-token decode), as in sampling
+    quantize: str = "auto"  # int8 weights, none, or auto (int8 where this CPU decodes faster with it), as sampling
     grace: float = 1.0  # seconds running requests get to finish after Ctrl-C / SIGTERM
 
     def validate(self) -> None:
@@ -62,6 +63,10 @@ class ServeConfig:
             (
                 self.precision in PRECISIONS,
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+            ),
+            (
+                self.quantize in QUANTIZE,
+                f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}",
             ),
         ]
         for ok, message in checks:
@@ -160,9 +165,12 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
         tokens = 8 * cfg.max_batch * (cfg.max_tokens_limit + cfg.max_prompt_chars)  # every row's token buffer, full
         memory.check(tokens, device, f"{cfg.max_batch} rows of up to {cfg.max_tokens_limit:,} tokens",
                      "use a smaller --max-tokens-limit (or --max-batch)")  # fmt: skip
-        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.precision)
+        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.precision, cfg.quantize)
         card.meta["precision"] = {"prefill": engine.prefill.name, "decode": engine.decode.name}
         card.meta["precision_reason"] = prec.describe({"prefill": engine.prefill, "decode": engine.decode})
+        card.meta["quantize"] = engine.quantize.name
+        if engine.quantize.name == "int8":
+            card.meta["precision_reason"] += f", int8 weights ({engine.quantize.reason})"
         limits = Limits(cfg.max_tokens_limit, cfg.max_prompt_chars, cfg.max_batch, cfg.max_body_bytes)
         app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key))
         config = uvicorn.Config(

@@ -1,0 +1,157 @@
+"""The one-token decode step: the inner loop of every sampler.
+
+B rows, each a new token at some position whose predecessors' keys and values sit in a KV cache, go in; each
+row's next-token logits come out and the new keys and values are stored. generate's Decoder (one sequence,
+or a batch at one position), the CUDA graph (fixed shapes, replayed per token) and the server's batching
+engine (rows at different positions) all run this one step. What differs between them is only where a
+row's keys live and how much of the cache its query reads, given by `at`:
+
+- an int t: every row at position t, row b in cache row b; the query reads positions 0..t.
+- a 0-dim tensor (on the device): the same, with fixed shapes and no host values, so a CUDA graph can capture
+  it: the query reads all block_size slots and a mask zeroes those past t (the cache must start zeroed).
+- `Rows`: row b at its own position in its own cache row (a server slot); attention runs per row.
+
+The weights are gathered once per `DecodeStep` and the step calls the functional ops on 2-D rows: at batch 1
+each small operation costs more than its arithmetic, and module calls around them cost more still.
+
+Batch invariance (the server's exactness): with `invariant=True` each Linear runs as a batched matmul of B
+one-row problems with the weight broadcast, so a row's numbers do not depend on the other rows (a plain
+(B, in) x (in, out) product makes BLAS pick another kernel than for one row, which rounds differently).
+`batch_invariant` checks on the actual model and device that each row equals its own batch-of-one step.
+
+A model with int8 weights (chargpt.quantize) runs its Linears through the int8 kernel, which computes each
+row on its own (so it is batch-invariant as it is; `batch_invariant` checks that too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chargpt import precision as prec
+from chargpt.model import GPT, KVCache
+from chargpt.quantize import Int8Linear, int8_linear
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Row b of a step sits in cache row slots[b] at position positions[b] (0 < position < block_size)."""
+
+    slots: list[int]
+    positions: list[int]
+
+
+class DecodeStep:
+    """step(tokens (B,), cache, at) -> logits (B, vocab): see the module docstring. Eval mode only (no dropout);
+    the caller advances cache.length."""
+
+    def __init__(self, model: GPT, invariant: bool = False):
+        cfg = model.config
+        self.C, self.H, self.hs, self.block_size = cfg.n_embd, cfg.n_heads, cfg.head_size, cfg.block_size
+        self.eps = model.ln_f.eps
+        self.tok, self.pos = model.tok_emb.weight, model.pos_emb.weight
+        self.int8 = isinstance(model.head, Int8Linear)
+        w = self._weight
+        self.layers = tuple(
+            (b.ln1.weight, b.ln1.bias, w(b.attn.qkv), b.attn.qkv.bias, w(b.attn.proj), b.attn.proj.bias)
+            + (b.ln2.weight, b.ln2.bias, w(b.ffwd.up), b.ffwd.up.bias, w(b.ffwd.down), b.ffwd.down.bias)
+            for b in model.blocks
+        )
+        self.final = (model.ln_f.weight, model.ln_f.bias, w(model.head), model.head.bias)
+        self.invariant = invariant
+        self._casts: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # weights cast once for autocast
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, at: int | torch.Tensor | Rows) -> torch.Tensor:
+        C, H, hs, eps = self.C, self.H, self.hs, self.eps
+        lin = self._linear_int8 if self.int8 else self._linear_rows if self.invariant else F.linear
+        x = F.embedding(tokens, self.tok)  # (B, C)
+        B = x.size(0)
+        if isinstance(at, Rows):
+            slots = torch.tensor(at.slots, device=x.device)
+            positions = torch.tensor(at.positions, device=x.device)
+            x = x + self.pos[positions]
+        elif isinstance(at, torch.Tensor):
+            seen = (torch.arange(self.block_size, device=x.device) <= at).view(1, 1, 1, -1)  # slots filled so far
+            x = x + self.pos.index_select(0, at.view(1))
+        else:
+            x = x + self.pos[at]
+        for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b), k, v in zip(
+            self.layers, cache.k, cache.v, strict=True
+        ):
+            qkv = lin(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b).view(B, 3, H, hs)  # queries, keys, values
+            q = qkv[:, 0, :, None]  # (B, H, 1, hs)
+            if isinstance(at, Rows):
+                k[slots, :, positions] = qkv[:, 1].to(k.dtype)  # every row's new key: (B, H, hs)
+                v[slots, :, positions] = qkv[:, 2].to(v.dtype)
+                y = torch.cat(
+                    [
+                        F.scaled_dot_product_attention(q[b : b + 1], k[s : s + 1, :, : t + 1], v[s : s + 1, :, : t + 1])
+                        for b, (s, t) in enumerate(zip(at.slots, at.positions, strict=True))
+                    ]
+                )
+            elif isinstance(at, torch.Tensor):
+                k.index_copy_(2, at.view(1), qkv[:, 1, :, None].to(k.dtype))
+                v.index_copy_(2, at.view(1), qkv[:, 2, :, None].to(v.dtype))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+            else:
+                k[:, :, at] = qkv[:, 1]  # (B, H, hs) into the cache's (B, H, block_size, hs)
+                v[:, :, at] = qkv[:, 2]
+                y = F.scaled_dot_product_attention(q, k[:, :, : at + 1], v[:, :, : at + 1])
+            x = x + lin(y.reshape(B, C), proj_w, proj_b)  # concat(heads) (B, H, 1, hs) -> proj; residual
+            x = x + lin(F.relu(lin(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b)), down_w, down_b)
+        ln_w, ln_b, head_w, head_b = self.final
+        return lin(F.layer_norm(x, (C,), ln_w, ln_b, eps), head_w, head_b)  # (B, vocab)
+
+    @staticmethod
+    def _weight(linear: torch.nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return (linear.qweight, linear.scales) if isinstance(linear, Int8Linear) else linear.weight
+
+    @staticmethod
+    def _linear_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
+        return int8_linear(x, weight[0], weight[1], bias)
+
+    def _linear_rows(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (B, in) -> (B, out), each row computed as F.linear computes a batch of one."""
+        if torch.is_autocast_enabled(x.device.type):  # cast the weight itself (once), not its B-fold broadcast
+            dtype = torch.get_autocast_dtype(x.device.type)
+            key = (id(weight), dtype)
+            if key not in self._casts:
+                self._casts[key] = weight.to(dtype)
+            weight = self._casts[key]
+        w = weight.t().expand(x.size(0), -1, -1)  # (B, in, out), no copy
+        if bias is None:
+            return torch.bmm(x[:, None], w)[:, 0]
+        return torch.baddbmm(bias.expand(x.size(0), 1, -1), x[:, None], w)[:, 0]
+
+
+@torch.inference_mode()
+def batch_invariant(model: GPT, prefill: prec.Choice = prec.FP32, decode: prec.Choice = prec.FP32) -> bool:
+    """Does the invariant step give, bit for bit, each row's logits of its own batch-of-one step, here, on this
+    device, in these number formats (the cache prefills in `prefill`, the step in `decode`)?
+
+    Three rows of random tokens at different positions (1, the middle, the last cached one) in cache rows out of
+    order, one of four left empty; one step each.
+    """
+    if model.training or model.config.block_size < 3:
+        return False
+    p = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    block, vocab = model.config.block_size, model.config.vocab_size
+    seqs = [torch.randint(vocab, (1, n + 1), generator=gen).to(p.device) for n in (1, block // 2, block - 1)]
+    pool = KVCache(model.config, len(seqs) + 1, p.device, p.dtype)
+    slots = [2, 0, 1]
+    one, rows = DecodeStep(model), DecodeStep(model, invariant=True)
+    expected = []
+    with prec.weight_cast_region(p.device, prefill, decode):
+        for seq, slot in zip(seqs, slots, strict=True):
+            single = KVCache(model.config, 1, p.device, p.dtype)
+            with prec.autocast(p.device, prefill):
+                model(seq[:, :-1], cache=single)
+                model(seq[:, :-1], cache=pool.row(slot))
+            with prec.autocast(p.device, decode):
+                expected.append(one(seq[:, -1], single, seq.size(1) - 1))
+        with prec.autocast(p.device, decode):
+            got = rows(torch.cat([seq[:, -1] for seq in seqs]), pool, Rows(slots, [s.size(1) - 1 for s in seqs]))
+    return torch.equal(got, torch.cat(expected))

@@ -1,0 +1,189 @@
+"""Weight-only int8: each Linear's weight as int8 with one scale per output channel, for sampling and serving.
+
+Decoding one token streams every weight from memory once, so the fp32 step cannot go below the time of
+reading 4 bytes per weight; int8 reads one. The product runs in torch's `_weight_int8pack_mm` (activations
+in bf16, each output row scaled by its bf16 scale), which x86 vectorises only for bf16 activations: `auto`
+uses int8 only on a CPU with native bf16 where a micro-benchmark of the one-token product (cached per
+machine) finds it faster than fp32, and never on other devices. Embeddings and LayerNorms stay fp32.
+
+`quantized(model)` returns a copy of the GPT whose Linear layers are `Int8Linear`: the forward (prefill,
+evaluation) and the one-token step (chargpt.decode) both run on it. The copy is kept per model and rebuilt
+when the model's weights change.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chargpt import precision as prec
+from chargpt.config import QUANTIZE
+from chargpt.errors import ChargptError
+
+SMALL_ROWS = 16  # up to this many rows the int8 kernel runs; a batch of more is a matmul: dequantize to bf16 once
+CACHE_VERSION = 1
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with its weight stored as int8 rows times a bf16 scale per row (symmetric, absmax / 127)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scales = (w.abs().amax(1) / 127).clamp(min=1e-30).to(torch.bfloat16)  # the kernel multiplies by bf16 scales
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out) in fp32. A few rows run the int8 kernel; a batch of many rows (a prefill, an
+        evaluation) is a matrix product, for which the weight is dequantized to bf16 once per call."""
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.size(0) <= SMALL_ROWS:
+            y = int8_linear(rows, self.qweight, self.scales, self.bias)
+        else:
+            y = F.linear(rows, self.qweight.to(torch.bfloat16) * self.scales[:, None]).float()
+            if self.bias is not None:
+                y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, in) -> (M, out) fp32: the int8 kernel on bf16 activations, then the fp32 bias."""
+    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales).float()
+    return y if bias is None else y + bias
+
+
+_copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def quantized(model: nn.Module) -> nn.Module:
+    """A copy of the GPT with int8 Linear layers (kept, and rebuilt when the model's weights change)."""
+    from chargpt.model import GPT
+
+    if not isinstance(model, GPT):
+        raise ChargptError("int8 weights are for the GPT (the bigram model has no Linear layers)")
+    if next(model.parameters()).device.type != "cpu":
+        raise ChargptError("int8 decoding runs on the CPU; use --quantize none on other devices")
+    versions = tuple(p._version for p in model.parameters()) + tuple(id(p) for p in model.parameters())
+    kept = _copies.get(model)
+    if kept is not None and kept[0] == versions:
+        return kept[1]
+    q = copy.deepcopy(model).eval()
+    for block in q.blocks:
+        block.attn.qkv, block.attn.proj = Int8Linear(block.attn.qkv), Int8Linear(block.attn.proj)
+        block.ffwd.up, block.ffwd.down = Int8Linear(block.ffwd.up), Int8Linear(block.ffwd.down)
+    q.head = Int8Linear(q.head)
+    for p in q.parameters():
+        p.requires_grad_(False)
+    _copies[model] = (versions, q)
+    return q
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "head", None), Int8Linear)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """int8 or none, and why (shown to the user)."""
+
+    name: str
+    reason: str
+
+
+def check(name: str) -> str:
+    if name not in QUANTIZE:
+        raise ChargptError(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZE)}")
+    return name
+
+
+def resolve(
+    name: str, device: torch.device | str, cache: Path | None = None, info: prec.CPUInfo | None = None
+) -> Choice:
+    """int8 as asked, none as asked, or (auto) int8 only where this CPU's int8 one-token product is measured
+    faster than fp32's (info: the CPU, for tests; default this one)."""
+    check(name)
+    device = torch.device(device)
+    if name == "none":
+        return Choice("none", "asked for with --quantize none")
+    if name == "int8":
+        if device.type != "cpu":
+            raise ChargptError(f"int8 decoding runs on the CPU, not {device.type}; use --quantize none")
+        return Choice("int8", "asked for with --quantize int8")
+    if device.type != "cpu":
+        return Choice("none", f"int8 decoding is for the CPU, not {device.type}")
+    info = info or prec.cpu_info()
+    if not info.native_bf16:
+        return Choice("none", "this CPU has no native bf16, which the int8 kernel needs to be fast")
+    return choose(measured_speedup(info, cache))
+
+
+def choose(speedup: float) -> Choice:
+    """Auto's rule on a CPU with native bf16, given int8's measured speed over fp32."""
+    if speedup >= prec.MIN_SPEEDUP:
+        return Choice("int8", f"int8 one-token products measured {speedup:.1f}x as fast as fp32 here")
+    return Choice("none", f"int8 one-token products measured only {speedup:.2f}x the speed of fp32 here")
+
+
+def measured_speedup(info: prec.CPUInfo, directory: Path | None = None) -> float:
+    """fp32 time / int8 time of a one-token product, cached for this machine (CPU, flags, torch, threads)."""
+    base = prec.cache_file(info, directory)
+    key = hashlib.sha256(f"int8|{CACHE_VERSION}".encode()).hexdigest()[:16]
+    path = base.with_name(f"{base.stem}-{key}.json")
+    saved = prec._cached(path, ("int8",), lambda: {"int8": measure_speedup(), "cpu": info.model})
+    return float(saved["int8"])
+
+
+def measure_speedup(n_embd: int = 384, budget_s: float = 0.03) -> float:
+    """A (1, C) x (C, 4C) product, fp32 against int8 weights with bf16 activations; best of each, alternating.
+    The weights are larger than a core's L2 cache, as a model's are."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(n_embd, 4 * n_embd)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4 * n_embd, n_embd, generator=g))
+    q = Int8Linear(lin)
+    x = torch.randn(1, n_embd, generator=g)
+    best = {"fp32": float("inf"), "int8": float("inf")}
+    runs = {
+        "fp32": lambda: F.linear(x, lin.weight, lin.bias),
+        "int8": lambda: int8_linear(x, q.qweight, q.scales, q.bias),
+    }
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()
+        spent = 0.0
+        for _ in range(2000):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                best[name], spent = min(best[name], dt), spent + dt
+            if spent >= budget_s:
+                break
+    return round(best["fp32"] / best["int8"], 3)
+
+
+def apply(model: nn.Module, name: str, device: torch.device | str | None = None) -> tuple[nn.Module, Choice]:
+    """The model to run for quantization `name` (auto, none, int8), and the choice with its reason."""
+    from chargpt.model import GPT
+
+    check(name)
+    if not isinstance(model, GPT):
+        if name == "int8":
+            raise ChargptError("int8 weights are for the GPT (the bigram model has no Linear layers)")
+        return model, Choice("none", "the bigram model has no Linear layers")
+    choice = resolve(name, next(model.parameters()).device if device is None else device)
+    return (quantized(model) if choice.name == "int8" else model), choice
