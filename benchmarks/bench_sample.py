@@ -2,7 +2,8 @@
 
 The seed-config model (vocab 65, block 256, n_embd 384, 6 heads, 6 layers; random weights from a fixed seed,
 eval mode, CPU) continues a 1-character prompt for 300 characters, sampling at temperature 1 like the
-reference, in fp32 and (where the CPU has native bf16) in bf16.
+reference, in fp32 and (where the CPU has native bf16) in bf16 and with int8 weights (`--quantize int8`, fp32
+elsewhere; issue 23's target: >= 2x the characters/s of fp32 inside the window).
 
 Inside the window (the first 256 tokens) each token costs one single-position forward through the cache,
 which must stream every weight matrix from memory once: the benchmark measures that floor itself, as a pass
@@ -12,7 +13,7 @@ what the no-cache model sees, the last 256 tokens at positions 0..255, so every 
 step and each token costs a full 256-token forward (the reference pays that too, and a growing-context
 forward for every token before it).
 
-    python benchmarks/bench_sample.py [--tokens 300] [--threads N] [--precision fp32 bf16]
+    python benchmarks/bench_sample.py [--tokens 300] [--threads N] [--variants fp32 bf16 int8]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from chargpt import precision as prec
+from chargpt import quantize as quant
 from chargpt.config import GPTConfig
 from chargpt.generate import stream
 from chargpt.model import GPT
@@ -48,36 +50,48 @@ def seed_model() -> GPT:
     return GPT(cfg).float().eval()
 
 
-def weight_pass(model: GPT, dtype: torch.dtype) -> Callable[[], float]:
-    """A timed pass of bare matrix-vector products over every weight matrix of the model, in `dtype`: what a
-    one-token forward cannot go below, whatever it does around them. Returns the pass's seconds."""
+VARIANTS = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("fp32", "int8")}  # precision, quantize
+
+
+def weight_pass(model: GPT, variant: str) -> Callable[[], float]:
+    """A timed pass of bare matrix-vector products over every weight matrix of the model, in the variant's format
+    (fp32, bf16, or int8 weights with bf16 activations): what a one-token forward cannot go below, whatever it
+    does around them. Returns the pass's seconds."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    weights = [(m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)) for m in linears]
-    vectors = {w.size(1): torch.randn(1, w.size(1), dtype=dtype) for w, _ in weights}
+    if variant == "int8":
+        products = [(quant.Int8Linear(m), torch.randn(1, m.in_features, dtype=torch.bfloat16)) for m in linears]
+        calls = [lambda q=q, x=x: quant.int8_linear(x, q.qweight, q.scales, q.bias) for q, x in products]
+    else:
+        dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+        weights = [(m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)) for m in linears]
+        inputs = [(w, b, torch.randn(1, w.size(1), dtype=dtype)) for w, b in weights]
+        calls = [lambda w=w, b=b, x=x: F.linear(x, w, b) for w, b, x in inputs]
 
     @torch.inference_mode()
     def one_pass() -> float:
         t0 = time.perf_counter()
-        for w, b in weights:
-            F.linear(vectors[w.size(1)], w, b)
+        for call in calls:
+            call()
         return time.perf_counter() - t0
 
     return one_pass
 
 
-def measure(model: GPT, tokens: int, precision: str, window: int) -> dict[str, float]:
+def measure(model: GPT, tokens: int, variant: str, window: int) -> dict[str, float]:
     """Sample `tokens` characters, timing each, with one weight-streaming pass (timed apart) after each: the floor
     and the steps are measured in alternation, so that both see the same machine. On a shared machine whose
     speed drifts by 10-20% from one second to the next, a floor measured before or after the sampling could be
     taken in another regime than the steps it is compared with."""
-    floor_pass = weight_pass(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    floor_pass = weight_pass(model, variant)
     tokenizer = CharTokenizer(VOCAB)
     for _ in range(3):
         floor_pass()  # warm-up
-    list(stream(model, tokenizer, "\n", max_new_tokens=8, seed=0, precision=precision))  # first-call allocations
+    precision, quantize = VARIANTS[variant]
+    settings = dict(seed=0, precision=precision, quantize=quantize)
+    list(stream(model, tokenizer, "\n", max_new_tokens=8, **settings))  # first-call allocations (the int8 copy)
     steps, floors = [], []
     t0 = time.perf_counter()
-    for _ in stream(model, tokenizer, "\n", max_new_tokens=tokens, seed=0, precision=precision):
+    for _ in stream(model, tokenizer, "\n", max_new_tokens=tokens, **settings):
         steps.append(time.perf_counter() - t0)  # a streamed chunk is one character here
         floors.append(floor_pass())
         t0 = time.perf_counter()
@@ -110,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=300)
     p.add_argument("--threads", type=int, help="torch threads for both chargpt and the reference (default: torch's)")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), help="default: fp32, and bf16 if native")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="default: fp32, and bf16 + int8 if native")
     a = p.parse_args()
     env = dict(os.environ)
     if a.threads:
@@ -118,15 +132,15 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(a.threads)
     window = 255  # characters that all fit the 256-token window after the 1-character prompt
     info = prec.cpu_info()
-    precisions = a.precision or (["fp32", "bf16"] if info.native_bf16 else ["fp32"])
+    variants = a.variants or (["fp32", "bf16", "int8"] if info.native_bf16 else ["fp32"])
     print(f"CPU: {info.model}; flags: {info.shown_flags()}; torch {torch.__version__} capability {info.capability}")
-    if "bf16" not in precisions:
-        print("bf16: not measured (this CPU has no native bf16: avx512_bf16 / amx_bf16)")
+    if not info.native_bf16 and not a.variants:
+        print("bf16, int8: not measured (this CPU has no native bf16: avx512_bf16 / amx_bf16)")
 
     if not REFERENCE.is_file():
         reference_rate(0, env)  # says what is missing, before minutes of measuring
     model = seed_model()
-    results = {name: measure(model, a.tokens, name, window) for name in precisions}
+    results = {name: measure(model, a.tokens, name, window) for name in variants}
     ref = reference_rate(a.tokens, env)
     ref_window = reference_rate(window, env) if a.tokens >= window else float("nan")
 
@@ -150,6 +164,10 @@ def main() -> None:
             "ratio": round(r["chars_per_s"] / ref, 2),
             "ratio_255": round(r["chars_per_s_255"] / ref_window, 2),
         }
+    if "int8" in results and "fp32" in results:
+        speedup = results["int8"]["chars_per_s_255"] / results["fp32"]["chars_per_s_255"]
+        print(f"int8 inside the window: {speedup:.2f}x the characters/s of fp32 (target >= 2x)")
+        summary["int8_over_fp32_255"] = round(speedup, 2)
     print(json.dumps(summary))
 
 

@@ -6,8 +6,10 @@
 (c) the same 32 requests one after another.
 Targets (issue 10): 0 errors; (b) aggregate >= 8x the single-client rate of (a); p99 time to first character
 < 2 s. Every request has a seed, so (b) and (c) must also return the same texts: batching changes nothing.
+Run with the weights as trained (`--quantize none`) and, on a CPU with native bf16, with int8 weights
+(`--quantize int8`), alternating in one run; issue 23's target: (b) with int8 >= 1.7x (b) without.
 
-    python benchmarks/bench_serve.py [--clients 32] [--max-batch 32]
+    python benchmarks/bench_serve.py [--clients 32] [--max-batch 32] [--quantize none int8]
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, max_batch: int, quantize: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "chargpt", "serve", "--model", str(model_dir), "--port", "0", "--device", "cpu"]
-    cmd += ["--max-batch", str(max_batch), "--max-queue", "256"]
+    cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--quantize", quantize, "--precision", "fp32"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -124,50 +126,55 @@ def summary(name: str, results: list[Result], wall: float) -> dict:
     return row
 
 
+def run_variant(model_dir: Path, clients: int, max_batch: int, quantize: str) -> dict:
+    """(a), (b), (c) against one server; its rows, ratio and texts."""
+    print(f"--quantize {quantize}:")
+    proc, url = start_server(model_dir, max_batch, quantize)
+    try:
+        asyncio.run(scenario(url, 2, 20, concurrent=True))  # warm-up: first allocations, connections
+        single, wall = asyncio.run(scenario(url, 1, 300, concurrent=False))
+        rows = [summary("(a) 1 client x 300 chars", single, wall)]
+        together, wall = asyncio.run(scenario(url, clients, 200, concurrent=True))
+        rows.append(summary(f"(b) {clients} concurrent x 200 chars", together, wall))
+        serial, wall = asyncio.run(scenario(url, clients, 200, concurrent=False))
+        rows.append(summary(f"(c) {clients} one after another", serial, wall))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    ratio = rows[1]["chars_per_s"] / rows[0]["chars_per_s"]
+    same = [r.text for r in together] == [r.text for r in serial]
+    errors = sum(r["errors"] for r in rows)
+    print(f"  concurrent / single-client rate: {ratio:.1f}x (target >= 8x: {'met' if ratio >= 8 else 'NOT met'})")
+    p99 = rows[1]["ttfc_p99_s"]
+    print(f"  p99 time to first character with {clients} clients: {p99:.3f} s (target < 2 s: "
+          f"{'met' if p99 < 2 else 'NOT met'})")  # fmt: skip
+    print(f"  errors: {errors} (target 0)   concurrent texts == one-after-another texts: {same}")
+    return {"quantize": quantize, "ratio": round(ratio, 2), "same_texts": same, "rows": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--quantize", nargs="+", choices=("none", "int8"), help="default: none, and int8 if native bf16")
     a = p.parse_args()
     cpu = prec.cpu_info()
+    variants = a.quantize or (["none", "int8"] if cpu.native_bf16 else ["none"])
     print(
         f"CPU: {cpu.model}; flags: {cpu.shown_flags()}   cores: {os.cpu_count()}   "
         f"torch threads: {torch.get_num_threads()}"
     )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(seed_model_dir(Path(tmp) / "seed-random"), a.max_batch)
-        try:
-            asyncio.run(scenario(url, 2, 20, concurrent=True))  # warm-up: first allocations, connections
-            single, wall = asyncio.run(scenario(url, 1, 300, concurrent=False))
-            rows = [summary("(a) 1 client x 300 chars", single, wall)]
-            together, wall = asyncio.run(scenario(url, a.clients, 200, concurrent=True))
-            rows.append(summary(f"(b) {a.clients} concurrent x 200 chars", together, wall))
-            serial, wall = asyncio.run(scenario(url, a.clients, 200, concurrent=False))
-            rows.append(summary(f"(c) {a.clients} one after another", serial, wall))
-        finally:
-            proc.terminate()
-            proc.wait(60)
+        model_dir = seed_model_dir(Path(tmp) / "seed-random")
+        results = [run_variant(model_dir, a.clients, a.max_batch, q) for q in variants]
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    ratio = rows[1]["chars_per_s"] / rows[0]["chars_per_s"]
-    same = [r.text for r in together] == [r.text for r in serial]
-    errors = sum(r["errors"] for r in rows)
-    print(f"concurrent / single-client rate: {ratio:.1f}x (target >= 8x: {'met' if ratio >= 8 else 'NOT met'})")
-    p99 = rows[1]["ttfc_p99_s"]
-    verdict = "met" if p99 < 2 else "NOT met"
-    print(f"p99 time to first character with {a.clients} clients: {p99:.3f} s (target < 2 s: {verdict})")
-    print(f"errors: {errors} (target 0)   concurrent texts == one-after-another texts: {same}")
-    print(
-        json.dumps(
-            {
-                "bench": "serve",
-                "cpu_flags": cpu.shown_flags(),
-                "ratio": round(ratio, 2),
-                "same_texts": same,
-                "rows": rows,
-            }
-        )
-    )
+    out: dict[str, object] = {"bench": "serve", "cpu_flags": cpu.shown_flags(), "variants": results}
+    if len(results) == 2:
+        gain = results[1]["rows"][1]["chars_per_s"] / results[0]["rows"][1]["chars_per_s"]
+        print(f"(b) with int8 weights: {gain:.2f}x the aggregate characters/s of fp32 (target >= 1.7x)")
+        out["int8_over_none_b"] = round(gain, 2)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,20 @@ def test_loss_png_reads_well(tmp_path, text_file):
     assert report.read_metrics(tmp_path / "m", 20)[-1]["step"] == 20
 
 
+def test_loss_png_marks_where_a_run_was_resumed(tmp_path, text_file):
+    """A resume row draws a vertical dotted line at its step (and a legend entry)."""
+    out = tmp_path / "m"
+    train(tiny_config(out, text_file, n_updates=40, eval_interval=10, log_interval=2), progress=False)
+    plain = rows(out)
+    for name, metrics in (("plain", plain), ("resumed", [*plain, {"kind": "resume", "step": 20, "time": 1.0}])):
+        (tmp_path / name).mkdir()
+        report.plot(tmp_path / name, metrics)
+    a = matplotlib.image.imread(tmp_path / "plain" / "loss.png")[..., :3]
+    b = matplotlib.image.imread(tmp_path / "resumed" / "loss.png")[..., :3]
+    changed = abs(a - b).sum(-1) > 0.1  # (height, width)
+    assert changed.sum(0).max() > 200  # one column changed over most of the plot's height: a vertical line
+
+
 def test_smoothing_is_bias_corrected():
     assert report.smooth([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]  # no pull toward 0 at the start
     smoothed = report.smooth([4.0] + [1.0] * 60)

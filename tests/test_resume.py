@@ -51,8 +51,10 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 
 
 def metrics(out: Path) -> list[dict]:
+    """The run's metrics rows without the wall clock and without the marks of where it was resumed: what a run
+    resumed at any step must equal."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "time")} for m in rows]  # not the wall clock
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "time")} for m in rows if m["kind"] != "resume"]
 
 
 def snapshot(d: Path, names=("model.safetensors", "config.json", "train_state.pt")) -> dict[str, bytes]:
@@ -83,6 +85,10 @@ def test_pause_and_resume_is_bit_identical(reference: Path, text_file: Path, tmp
         assert_same_tensors(ref[part], got[part], part)
     assert metrics(out) == metrics(reference)
     assert_same_tensors(ckpt.load_model(out)[0].state_dict(), ckpt.load_model(reference)[0].state_dict())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if m["kind"] == "resume"] == [12]  # the one mark loss.png draws
+    assert [m for m in rows if m["kind"] == "resume"][0]["time"] > 0
+    assert (out / "loss.png").stat().st_size > 0
 
 
 def test_resume_depends_on_the_saved_rng(reference: Path, text_file: Path, tmp_path: Path):

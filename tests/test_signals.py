@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from chargpt import checkpoint as ckpt
@@ -18,7 +19,7 @@ from chargpt.config import GPTConfig, make_train_config
 from chargpt.model import build_model
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import train
-from test_resume import FLAGS, SMALL, assert_same_tensors, final_state, metrics
+from test_resume import FLAGS, SMALL, assert_same_tensors, final_state, metrics, small
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -180,3 +181,29 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing is the point
+def test_a_start_up_ctrl_c_that_python_swallowed_still_stops_training(text_file: Path, tmp_path: Path):
+    """Python drops a KeyboardInterrupt raised while a finalizer runs ("Exception ignored in ..."): a Ctrl-C that
+    lands there during start-up used to be lost, and the run trained on. The CLI's start-up handler remembers it,
+    and training stops at its first step, resumable, as for any Ctrl-C."""
+    from chargpt.errors import RememberedInterrupt
+
+    class SwallowsACtrlC:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here, inside the finalizer
+            sum(range(10_000))  # Python code: the handler runs now, and its KeyboardInterrupt is ignored
+
+    handler = RememberedInterrupt()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        thing = SwallowsACtrlC()
+        del thing  # no KeyboardInterrupt reaches this frame
+        assert handler.caught
+        out = tmp_path / "run"
+        result = train(small(out, text_file, n_updates=50), progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.stopped_by == "SIGINT" and result.step <= 1
+    assert final_state(out)["step"] == result.step  # saved: `--resume` goes on from here

@@ -25,7 +25,7 @@ from typing import Any
 
 from chargpt import __version__
 from chargpt.config import MODEL_TYPES, PRECISIONS, PRESETS, QUANTIZE, TIME_GOVERNED_UPDATES, TRAIN_FIELDS, TrainConfig
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, RememberedInterrupt
 
 # set by the --nproc launcher: each rank writes its last line (an error, "interrupted ...") to DIR/rankN,
 # and the launcher prints one of them once, instead of every rank's copy and torchrun's traceback
@@ -876,6 +876,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if on_main else None
+    try:
+        return _run(argv)
+    finally:  # called in-process (tests, notebooks): the caller's handler back, unless an interrupt set SIG_IGN
+        if on_main and previous is not None and isinstance(signal.getsignal(signal.SIGINT), RememberedInterrupt):
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(argv: list[str]) -> int:
     try:
         parser = build_parser()
         if not argv:  # `chargpt` alone: what it can do, not an error
@@ -886,6 +896,8 @@ def _main(argv: list[str]) -> int:
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
             sub.error(f"unrecognized arguments: {' '.join(extra)}")
         _check_paths(args)
+        if threading.current_thread() is threading.main_thread():  # a Ctrl-C from here on is also remembered
+            signal.signal(signal.SIGINT, RememberedInterrupt())
         _import_holding_ctrl_c(args.command)
         commands = {"train": lambda: _cmd_train(args, argv), "sample": lambda: _cmd_sample(args)}
         commands.update(info=lambda: _cmd_info(args), eval=lambda: _cmd_eval(args))

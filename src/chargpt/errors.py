@@ -19,3 +19,17 @@ def shorten(value: object, limit: int = 60) -> str:
     except ValueError:  # an integer too long for str(): Python refuses past 4300 digits
         text = f"<a {type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RememberedInterrupt:
+    """The CLI's SIGINT handler until training takes over: raise KeyboardInterrupt at once (a prompt stop), and
+    remember it. Python drops a KeyboardInterrupt raised while a finalizer or a callback runs ("Exception ignored
+    in ..."), which lost a Ctrl-C during start-up about once in a few hundred runs; training's own handler
+    finds this one's memory (`caught`) and stops at its first step instead of running on."""
+
+    def __init__(self) -> None:
+        self.caught = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.caught = True
+        raise KeyboardInterrupt

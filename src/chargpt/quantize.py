@@ -29,17 +29,20 @@ from chargpt.config import QUANTIZE
 from chargpt.errors import ChargptError
 
 SMALL_ROWS = 16  # up to this many rows the int8 kernel runs; a batch of more is a matmul: dequantize to bf16 once
+ALIGN = 32  # the kernel reads the inner dimension in blocks: other widths gave wrong sums (zero-padded to this)
 CACHE_VERSION = 1
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with its weight stored as int8 rows times a bf16 scale per row (symmetric, absmax / 127)."""
+    """nn.Linear with its weight stored as int8 rows times a bf16 scale per row (symmetric, absmax / 127); the
+    rows zero-padded to a multiple of ALIGN columns."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()  # (out, in)
         scales = (w.abs().amax(1) / 127).clamp(min=1e-30).to(torch.bfloat16)  # the kernel multiplies by bf16 scales
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        q = F.pad(q, (0, -q.size(1) % ALIGN))  # (out, in rounded up)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -52,7 +55,8 @@ class Int8Linear(nn.Module):
         if rows.size(0) <= SMALL_ROWS:
             y = int8_linear(rows, self.qweight, self.scales, self.bias)
         else:
-            y = F.linear(rows, self.qweight.to(torch.bfloat16) * self.scales[:, None]).float()
+            weight = self.qweight[:, : self.in_features].to(torch.bfloat16) * self.scales[:, None]
+            y = F.linear(rows, weight).float()
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -61,8 +65,12 @@ class Int8Linear(nn.Module):
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x (M, in) -> (M, out) fp32: the int8 kernel on bf16 activations, then the fp32 bias."""
-    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales).float()
+    """x (M, in) -> (M, out) fp32: the int8 kernel on bf16 activations (zero-padded as the weight is), then the
+    fp32 bias."""
+    x = x.to(torch.bfloat16)
+    if x.size(1) != qweight.size(1):
+        x = F.pad(x, (0, qweight.size(1) - x.size(1)))
+    y = torch._weight_int8pack_mm(x, qweight, scales).float()
     return y if bias is None else y + bias
 
 

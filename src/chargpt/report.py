@@ -4,9 +4,10 @@
 Only rank 0 reports. The library never prints: the bar writes to stderr through tqdm (the CLI turns it
 off with --quiet), and the announcement and evaluation lines go through `logging`.
 
-metrics.jsonl holds two kinds of rows: `{"kind": "eval", "step", "train_loss", "val_loss", "lr", ...}` at
-every evaluation (step 0 included) and `{"kind": "train", "step", "loss", "lr", ...}` every log_interval
-steps (the mean training loss since the previous such row). Files from before "kind" hold eval rows only.
+metrics.jsonl holds three kinds of rows: `{"kind": "eval", "step", "train_loss", "val_loss", "lr", ...}` at
+every evaluation (step 0 included), `{"kind": "train", "step", "loss", "lr", ...}` every log_interval
+steps (the mean training loss since the previous such row), and `{"kind": "resume", "step", "time"}` where a
+resumed run went on (loss.png marks it). Files from before "kind" hold eval rows only.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     evals = [m for m in metrics if is_eval(m)]
-    rows = [m for m in metrics if not is_eval(m)]
+    rows = [m for m in metrics if m.get("kind") == "train"]
+    resumes = [m["step"] for m in metrics if m.get("kind") == "resume"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     smoothed: list[float] = []
     if rows:
@@ -92,6 +94,8 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
                     textcoords="offset points", fontsize=8, color="tab:orange",
                     arrowprops={"arrowstyle": "->", "color": "tab:orange"},
                 )  # fmt: skip
+    for i, step in enumerate(resumes):
+        ax.axvline(step, color="gray", linestyle=":", linewidth=1.2, label="resumed" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
     ax.grid(alpha=0.3)

@@ -201,6 +201,8 @@ def _train(
         if resume and already_finished(run, state):
             finish_distributed(d)
             return _result(run, state, "finished")
+        if resume and state.step > 0:  # where the run went on: loss.png marks it
+            state.metrics.append({"kind": "resume", "step": state.step, "time": round(state.elapsed, 3)})
         if d.main:
             report.prepare_plot()  # matplotlib's import, once, so that timing a plot times the drawing only
             how = precision.describe(run.precision) + (f", {run.threads_note}" if run.threads_note else "")
@@ -777,6 +779,8 @@ class _Signals:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
                 pass
+        if getattr(self._old.get(signal.SIGINT), "caught", False):  # a start-up Ctrl-C that something swallowed
+            self.caught = "SIGINT"
         return self
 
     def __exit__(self, *exc: Any) -> None:
