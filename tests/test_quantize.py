@@ -53,6 +53,8 @@ def test_the_copy_is_kept_rebuilt_when_weights_change_and_the_model_untouched(ti
     before = {k: v.clone() for k, v in model.state_dict().items()}
     q = quant.quantized(model)
     assert quant.is_quantized(q) and not quant.is_quantized(model)
+    bf16 = prec.Choice("bf16", "asked for")
+    assert quant.decode_format(q, bf16).name == "fp32" and quant.decode_format(model, bf16) is bf16  # no autocast
     assert quant.quantized(model) is q  # kept
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert q.tok_emb.weight.data_ptr() != model.tok_emb.weight.data_ptr()  # a copy, not a view

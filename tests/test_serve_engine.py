@@ -127,14 +127,15 @@ def test_engine_in_bf16_equals_generate_in_bf16(tiny):
     """--precision bf16: the engine resolves the name as generate does, and a seeded job still returns exactly
     generate's text in that precision (batched where the bf16 batched step is bit-exact here, else row by row)."""
     model, tokenizer = tiny
-    engine = Engine(model, tokenizer, max_batch=3, max_queue=3, precision="bf16")
+    engine = Engine(model, tokenizer, max_batch=3, max_queue=3, precision="bf16", quantize="none")
     assert (engine.prefill.name, engine.decode.name) == ("bf16", "bf16")
     assert engine.batched == batch_invariant(model, engine.prefill, engine.decode)
     engine.start()
     cases = []
     for i, prompt in enumerate(["\n", "ROMEO:"]):
-        kw = dict(max_new_tokens=30, temperature=0.9, seed=7 + i, precision="bf16")
-        job, got = _job([ChoiceSpec(tokenizer.encode(prompt).tolist(), **{k: kw[k] for k in kw if k != "precision"})])
+        kw = dict(max_new_tokens=30, temperature=0.9, seed=7 + i, precision="bf16", quantize="none")
+        spec = {k: kw[k] for k in kw if k not in ("precision", "quantize")}
+        job, got = _job([ChoiceSpec(tokenizer.encode(prompt).tolist(), **spec)])
         engine.submit(job)
         cases.append((prompt, kw, got))
     for prompt, kw, got in cases:

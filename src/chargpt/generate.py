@@ -264,7 +264,7 @@ def token_stream(
     was_training = model.training
     model.eval()
     run = quant.apply(model, quantize, device)[0]
-    decoder = Decoder(run, B, use_cache, prefill, decode)
+    decoder = Decoder(run, B, use_cache, prefill, quant.decode_format(run, decode))
     try:
         with prec.weight_cast_region(device, prefill, decode):  # each weight is cast once, not per token
             for n in range(T0, T0 + max_new_tokens):

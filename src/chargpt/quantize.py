@@ -47,6 +47,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._dequantized: torch.Tensor | None = None  # bf16 (out, in), made at the first batch of many rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in fp32. A few rows run the int8 kernel; a batch of many rows (a prefill, an
@@ -55,10 +56,10 @@ class Int8Linear(nn.Module):
         if rows.size(0) <= SMALL_ROWS:
             y = int8_linear(rows, self.qweight, self.scales, self.bias)
         else:
-            weight = self.qweight[:, : self.in_features].to(torch.bfloat16) * self.scales[:, None]
-            y = F.linear(rows, weight).float()
-            if self.bias is not None:
-                y = y + self.bias
+            if self._dequantized is None:  # kept: a sampler past the window runs a full forward per token
+                self._dequantized = self.qweight[:, : self.in_features].to(torch.bfloat16) * self.scales[:, None]
+            y = F.linear(rows, self._dequantized)
+            y = y.float() if self.bias is None else torch.add(self.bias, y)  # fp32 (type promotion: one pass)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -70,8 +71,8 @@ def int8_linear(
     x = x.to(torch.bfloat16)
     if x.size(1) != qweight.size(1):
         x = F.pad(x, (0, qweight.size(1) - x.size(1)))
-    y = torch._weight_int8pack_mm(x, qweight, scales).float()
-    return y if bias is None else y + bias
+    y = torch._weight_int8pack_mm(x, qweight, scales)  # bf16
+    return y.float() if bias is None else torch.add(bias, y)  # fp32 (type promotion: one pass)
 
 
 _copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
@@ -195,3 +196,11 @@ def apply(model: nn.Module, name: str, device: torch.device | str | None = None)
         return model, Choice("none", "the bigram model has no Linear layers")
     choice = resolve(name, next(model.parameters()).device if device is None else device)
     return (quantized(model) if choice.name == "int8" else model), choice
+
+
+def decode_format(model: nn.Module, decode: prec.Choice) -> prec.Choice:
+    """The number format of the one-token step for this model: with int8 weights fp32 around them (the int8
+    kernel takes bf16 activations itself; autocast would only add casts to the LayerNorms and attention)."""
+    if is_quantized(model) and decode.name != "fp32":
+        return prec.Choice("fp32", "int8 weights: their kernel takes bf16 activations itself")
+    return decode

@@ -127,6 +127,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         # as chargpt.generate resolves the same name: a seeded request returns exactly what generate returns
         self.prefill, self.decode = (prec.resolve(precision, self.device, kind) for kind in ("prefill", "decode"))
+        self.decode = quant.decode_format(model, self.decode)
         self.batched = isinstance(model, GPT) and batch_invariant(model, self.prefill, self.decode)
         if isinstance(model, GPT) and not self.batched:
             log.warning(
