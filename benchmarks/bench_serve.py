@@ -89,9 +89,10 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def start_server(model_dir: Path, max_batch: int, quantize: str) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, max_batch: int, quantize: str, threads: int | None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "chargpt", "serve", "--model", str(model_dir), "--port", "0", "--device", "cpu"]
     cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--quantize", quantize, "--precision", "fp32"]
+    cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -126,10 +127,10 @@ def summary(name: str, results: list[Result], wall: float) -> dict:
     return row
 
 
-def run_variant(model_dir: Path, clients: int, max_batch: int, quantize: str) -> dict:
+def run_variant(model_dir: Path, clients: int, max_batch: int, quantize: str, threads: int | None) -> dict:
     """(a), (b), (c) against one server; its rows, ratio and texts."""
     print(f"--quantize {quantize}:")
-    proc, url = start_server(model_dir, max_batch, quantize)
+    proc, url = start_server(model_dir, max_batch, quantize, threads)
     try:
         asyncio.run(scenario(url, 2, 20, concurrent=True))  # warm-up: first allocations, connections
         single, wall = asyncio.run(scenario(url, 1, 300, concurrent=False))
@@ -157,6 +158,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--quantize", nargs="+", choices=("none", "int8"), help="default: none, and int8 if native bf16")
+    p.add_argument("--threads", type=int, help="the server's --threads (default: its own choice)")
     a = p.parse_args()
     cpu = prec.cpu_info()
     variants = a.quantize or (["none", "int8"] if cpu.native_bf16 else ["none"])
@@ -167,7 +169,7 @@ def main() -> None:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = seed_model_dir(Path(tmp) / "seed-random")
-        results = [run_variant(model_dir, a.clients, a.max_batch, q) for q in variants]
+        results = [run_variant(model_dir, a.clients, a.max_batch, q, a.threads) for q in variants]
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     out: dict[str, object] = {"bench": "serve", "cpu_flags": cpu.shown_flags(), "variants": results}
     if len(results) == 2:

@@ -119,6 +119,9 @@ SERVE_EXAMPLES = """examples:
   chargpt serve --model out/demo                       # http://127.0.0.1:8000, playground at /
   chargpt serve --model out/demo --host 0.0.0.0 --port 9000 --api-key "$KEY" --max-batch 32
 """
+EXPORT_EXAMPLES = """example:
+  chargpt export --model out/demo --format onnx --out demo.onnx   # then run it with onnxruntime (README)
+"""
 INFO_EXAMPLES = """examples:
   chargpt info out/demo
   chargpt info out/demo --json
@@ -330,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="FILE", help="with a folder of runs: draw their val curves in one PNG (default: none)"
     )
 
+    x = sub.add_parser(
+        "export",
+        help="write a model as an ONNX file for other runtimes (onnxruntime in any language)",
+        description="Write a model directory's model as one ONNX graph: the forward with a KV cache, which serves "
+        "as the full forward and as the one-token decode step. Needs pip install 'chargpt[export]'.",
+        epilog=EXPORT_EXAMPLES,
+    )
+    x.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    x.add_argument("--format", default="onnx", choices=("onnx",), help="onnx (default: onnx)")
+    x.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.onnx (required)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+
     v = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP API and a browser playground for a model",
@@ -363,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto", help=DEVICE_HELP)
     v.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     v.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP + " (default: auto)")
-    v.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    v.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up but one, for HTTP)"
+    )
     return p
 
 
@@ -792,6 +809,14 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from chargpt.export import export
+
+    out = export(args.model, args.out, args.format, overwrite=args.overwrite)
+    print(f"wrote {out} ({_size(out.stat().st_size)}): run it with onnxruntime (see the README's export section)")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from chargpt.serve import ServeConfig, describe, serve
@@ -818,10 +843,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"serving {describe(card)} at {url}  (playground {url}/ , OpenAI API {url}/v1 ; Ctrl-C stops)", flush=True
         )
 
-    with _threads(args.threads):
+    with _threads(args.threads, _serve_threads() if args.threads is None else None):
         serve(cfg, resolve_device(args.device), ready)
     gc.freeze()  # the exit need not walk torch's objects: that takes seconds on a busy machine
     return 0
+
+
+def _serve_threads() -> int:
+    """The server's default: the free cores but one, which its HTTP side needs: with every core in torch's
+    matrix products, the event loop that streams the text waits for them (bench_serve, docs/benchmarks.md)."""
+    from chargpt import cores
+
+    return max(1, cores.choose_threads(None) - 1)
 
 
 # torch, and the command's own modules, which import parts of torch (serve's also pydantic's native core)
@@ -831,6 +864,7 @@ HEAVY_MODULES = {
     "eval": ("torch", "chargpt.evaluate", "chargpt.checkpoint"),
     "info": ("torch", "chargpt.checkpoint"),
     "serve": ("torch", "chargpt.serve"),
+    "export": ("torch", "chargpt.checkpoint"),
 }
 
 
@@ -901,7 +935,7 @@ def _run(argv: list[str]) -> int:
         _import_holding_ctrl_c(args.command)
         commands = {"train": lambda: _cmd_train(args, argv), "sample": lambda: _cmd_sample(args)}
         commands.update(info=lambda: _cmd_info(args), eval=lambda: _cmd_eval(args))
-        commands.update(serve=lambda: _cmd_serve(args))
+        commands.update(serve=lambda: _cmd_serve(args), export=lambda: _cmd_export(args))
         code = commands[args.command]()
         sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
         return code

@@ -1,0 +1,154 @@
+"""`chargpt export`: a trained model as an ONNX file that other runtimes (onnxruntime, in any language) can run.
+
+The file holds one graph, the forward with a KV cache, that serves both as the full forward and as the
+one-token decode step:
+
+    inputs   idx (B, T) int64, past_k and past_v (n_layers, B, n_heads, block_size, head_size) float32,
+             start () int64: the position of idx[:, 0]
+    outputs  logits (B, T, vocab), present_k, present_v (the cache with positions start..start+T-1 written)
+
+A prefill feeds the prompt (up to block_size tokens) with start 0 and a zero cache; each next token is
+fed alone (T = 1) with start = the number of tokens before it and the cache the previous call returned.
+Attention reads every cache slot with the slots after each query masked out, so the shapes do not depend
+on the position. Past block_size the model must see the last block_size tokens at positions
+0..block_size-1 (as `chargpt sample` does): prefill them again from start 0.
+
+Metadata (`metadata_props`): `vocab` (the characters, JSON), `block_size`, `n_layers`, `n_heads`,
+`head_size`, `chargpt_version`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chargpt import __version__
+from chargpt.errors import ChargptError
+from chargpt.model import GPT
+from chargpt.tokenizer import CharTokenizer
+
+FORMATS = ("onnx",)
+OPSET = 18
+
+
+class CachedForward(nn.Module):
+    """The exported graph: the GPT's forward over new tokens at positions start.., reading and returning a
+    fixed-size KV cache (see the module docstring). Same weights, same operations as GPT.forward in eval mode,
+    written so that every shape is independent of `start`."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.n_heads, self.head_size, self.block_size = cfg.n_heads, cfg.head_size, cfg.block_size
+
+    def forward(
+        self, idx: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, start: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, H, hs, S = self.model, self.n_heads, self.head_size, self.block_size
+        B, T = idx.shape
+        pos = start + torch.arange(T, device=idx.device)  # (T,)
+        slots = torch.arange(S, device=idx.device)  # (S,)
+        place = (slots[None, :] == pos[:, None]).to(past_k.dtype)  # (T, S): new position t goes to slot pos[t]
+        written = (place.sum(0) > 0)[:, None]  # (S, 1)
+        hidden = slots[None, :] > pos[:, None]  # (T, S): slots a query may not see
+        x = m.tok_emb(idx) + m.pos_emb(pos)  # (B, T, C)
+        C = x.size(-1)
+        keys, values = [], []
+        for i, block in enumerate(m.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(block.ln1(x)).split(C, dim=2)
+            q, k, v = (t.reshape(B, T, H, hs).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
+            k = torch.where(written, torch.einsum("ts,bhtd->bhsd", place, k), past_k[i])  # (B, H, S, hs)
+            v = torch.where(written, torch.einsum("ts,bhtd->bhsd", place, v), past_v[i])
+            keys.append(k)
+            values.append(v)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, T, S)
+            att = att.masked_fill(hidden, float("-inf")).softmax(-1)
+            y = (att @ v).transpose(1, 2).reshape(B, T, C)  # concat(heads)
+            x = x + attn.proj(y)
+            x = x + block.ffwd.down(F.relu(block.ffwd.up(block.ln2(x))))
+        logits = m.head(m.ln_f(x))  # (B, T, vocab)
+        return logits, torch.stack(keys), torch.stack(values)
+
+
+def empty_cache(model: GPT, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = model.config
+    shape = (cfg.n_layers, batch, cfg.n_heads, cfg.block_size, cfg.head_size)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
+    """The ONNX file's bytes: the cached forward with dynamic batch and length, and the metadata."""
+    for name in ("onnx", "onnxscript"):  # the exporter needs both: say which is missing, and how to get it
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise ChargptError(f"export to ONNX needs the {name} package: pip install 'chargpt[export]'") from None
+    import onnx
+    if not isinstance(model, GPT):
+        raise ChargptError("only the GPT exports to ONNX (the bigram model is a lookup table)")
+    model = model.float().eval().cpu()
+    wrapped = CachedForward(model).eval()
+    past_k, past_v = empty_cache(model, 2)
+    example = (torch.zeros(2, 3, dtype=torch.long), past_k, past_v, torch.tensor(0))
+    batch, length = torch.export.Dim("batch", max=4096), torch.export.Dim("length", max=model.config.block_size)
+    dynamic = ({0: batch, 1: length}, {1: batch}, {1: batch}, None)
+    chatty = logging.getLogger("torch.onnx")  # the exporter's notes (e.g. torchvision's ops skipped) are not news
+    level = chatty.level
+    chatty.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapped, example, dynamo=True, dynamic_shapes=dynamic, opset_version=OPSET, verbose=False,
+                input_names=["idx", "past_k", "past_v", "start"], output_names=["logits", "present_k", "present_v"],
+            )  # fmt: skip
+    finally:
+        chatty.setLevel(level)
+    proto = program.model_proto
+    cfg = model.config
+    meta = {
+        "vocab": json.dumps(tokenizer.to_list(), ensure_ascii=False),
+        "block_size": str(cfg.block_size),
+        "n_layers": str(cfg.n_layers),
+        "n_heads": str(cfg.n_heads),
+        "head_size": str(cfg.head_size),
+        "chargpt_version": __version__,
+    }
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    buf = io.BytesIO()
+    onnx.save_model(proto, buf)
+    return buf.getvalue()
+
+
+def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False) -> Path:
+    """Write the model in `model_dir` to `out` in format `fmt`, atomically (no half file on Ctrl-C)."""
+    from chargpt.checkpoint import load_model
+    from chargpt.fileio import atomic_write_bytes
+
+    if fmt not in FORMATS:
+        raise ChargptError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if os.path.lexists(out) and not overwrite:
+        raise ChargptError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if out.is_dir():
+        raise ChargptError(f"{out} is a folder; --out names the .onnx file to write")
+    if not out.parent.is_dir():
+        raise ChargptError(f"the folder {out.parent} does not exist; create it first")
+    model, tokenizer = load_model(model_dir, torch.device("cpu"))
+    data = onnx_bytes(model, tokenizer)  # type: ignore[arg-type]
+    atomic_write_bytes(out, data)
+    return out

@@ -1,0 +1,133 @@
+"""`chargpt export --format onnx`: the file runs in onnxruntime and gives PyTorch's numbers and chargpt's text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    r = run_cli("export", "--model", str(trained_model_dir), "--format", "onnx", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and f"wrote {out}" in r.stdout
+    return out
+
+
+def _session(path: Path) -> tuple[ort.InferenceSession, dict[str, str]]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session, session.get_modelmeta().custom_metadata_map
+
+
+def _run(session, tokens: np.ndarray, start: int, k: np.ndarray, v: np.ndarray):
+    feed = {"idx": tokens.astype(np.int64), "past_k": k, "past_v": v, "start": np.array(start, dtype=np.int64)}
+    return session.run(None, feed)
+
+
+def test_metadata_says_what_a_runtime_needs(exported, tiny):
+    model, tokenizer = tiny
+    _, meta = _session(exported)
+    cfg = model.config
+    assert json.loads(meta["vocab"]) == tokenizer.to_list()
+    assert (int(meta["block_size"]), int(meta["n_layers"]), int(meta["n_heads"]), int(meta["head_size"])) == (
+        cfg.block_size, cfg.n_layers, cfg.n_heads, cfg.head_size,
+    )  # fmt: skip
+    from chargpt import __version__
+
+    assert meta["chargpt_version"] == __version__
+
+
+def test_full_windows_and_a_cached_decode_equal_pytorch(exported, tiny):
+    model, _ = tiny
+    session, _ = _session(exported)
+    cfg = model.config
+    shape = (cfg.n_layers, 3, cfg.n_heads, cfg.block_size, cfg.head_size)
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(idx)[0].numpy()  # (3, block, vocab)
+    zeros = np.zeros(shape, np.float32)
+    logits, _, _ = _run(session, idx.numpy(), 0, zeros, zeros)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)  # full windows, batch of 3
+    short, _, _ = _run(session, idx[:, :5].numpy(), 0, zeros, zeros)  # any length up to block_size
+    with torch.no_grad():
+        np.testing.assert_allclose(short, model(idx[:, :5])[0].numpy(), rtol=1e-4, atol=1e-5)
+    k, v = zeros, zeros
+    for t in range(cfg.block_size):  # one token at a time through the cache: block_size steps
+        step, k, v = _run(session, idx[:, t : t + 1].numpy(), t, k, v)
+        np.testing.assert_allclose(step[:, 0], expected[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_text_from_onnxruntime_equals_chargpt_sample(exported, trained_model_dir):
+    """200 characters, past block_size many times (each such step prefills the last block_size tokens again)."""
+    session, meta = _session(exported)
+    chars, block = json.loads(meta["vocab"]), int(meta["block_size"])
+    shape = (int(meta["n_layers"]), 1, int(meta["n_heads"]), block, int(meta["head_size"]))
+    zeros = np.zeros(shape, np.float32)
+    ids = [chars.index(c) for c in "ROMEO:"]
+    logits, k, v = _run(session, np.array([ids]), 0, zeros, zeros)
+    for _ in range(200):
+        ids.append(int(logits[0, -1].argmax()))
+        if len(ids) <= block:
+            logits, k, v = _run(session, np.array([ids[-1:]]), len(ids) - 1, k, v)
+        else:
+            logits, k, v = _run(session, np.array([ids[-block:]]), 0, zeros, zeros)
+    text = "".join(chars[i] for i in ids)
+    r = run_cli(
+        "sample", "--model", str(trained_model_dir), "--prompt", "ROMEO:", "--temperature", "0",
+        "--max-new-tokens", "200", "--precision", "fp32", "--quantize", "none", "--device", "cpu",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + "\n"
+
+
+def test_bad_input_is_one_line_and_exit_2(exported, trained_model_dir, tmp_path):
+    before = exported.read_bytes()
+    cases = [
+        (["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "a.onnx")], "does not exist"),
+        (["--model", str(trained_model_dir), "--out", str(exported)], "--overwrite"),
+        (["--model", str(trained_model_dir), "--out", str(tmp_path / "no" / "a.onnx")], "does not exist"),
+        (["--model", str(trained_model_dir), "--out", str(tmp_path)], "exists"),
+        (["--model", str(trained_model_dir), "--out", "x.onnx", "--format", "tflite"], "--format"),
+    ]
+    for args, words in cases:
+        r = run_cli("export", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    assert exported.read_bytes() == before  # refused: untouched
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_a_missing_extra_names_the_package(trained_model_dir, tmp_path):
+    """Without onnxscript installed (hidden here by a stand-in that fails to import), export says what to install."""
+    fake = tmp_path / "site"
+    (fake / "onnxscript").mkdir(parents=True)
+    (fake / "onnxscript" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    code = "import sys; from chargpt.cli import main; sys.exit(main())"
+    r = subprocess.run(
+        [sys.executable, "-c", code, "export", "--model", str(trained_model_dir), "--out", str(tmp_path / "m.onnx")],
+        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(fake), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "chargpt: error: export to ONNX needs the onnxscript package: pip install 'chargpt[export]'"
+    ], r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_overwrite_replaces_the_file(exported, trained_model_dir, tmp_path):
+    out = tmp_path / "again.onnx"
+    out.write_text("old")
+    r = run_cli("export", "--model", str(trained_model_dir), "--out", str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    session, _ = _session(out)
+    assert [i.name for i in session.get_inputs()] == ["idx", "past_k", "past_v", "start"]
+    assert out.read_bytes() == exported.read_bytes()  # the same model gives the same file
