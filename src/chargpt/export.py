@@ -96,6 +96,7 @@ def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
         except ImportError:
             raise ChargptError(f"export to ONNX needs the {name} package: pip install 'chargpt[export]'") from None
     import onnx
+
     if not isinstance(model, GPT):
         raise ChargptError("only the GPT exports to ONNX (the bigram model is a lookup table)")
     model = model.float().eval().cpu()
