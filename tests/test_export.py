@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,69 @@ def test_overwrite_replaces_the_file(exported, trained_model_dir, tmp_path):
     session, _ = _session(out)
     assert [i.name for i in session.get_inputs()] == ["idx", "past_k", "past_v", "start"]
     assert out.read_bytes() == exported.read_bytes()  # the same model gives the same file
+
+
+def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny, tmp_path):
+    """The exported page in headless Chromium, opened from disk (no server): the next-token logits for a prompt
+    equal PyTorch's within 1e-4, and Generate streams text in (seen growing before it is stopped)."""
+    from selenium.webdriver.common.by import By
+
+    from test_playground import _browser
+
+    site = tmp_path / "site"
+    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(site))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "model.js"]
+    model, tokenizer = tiny
+    browser = _browser(tmp_path)
+    try:
+        browser.get(site.joinpath("index.html").as_uri())
+        deadline = time.monotonic() + 60
+        while browser.execute_script("return document.body.dataset.ready") != "1":
+            assert time.monotonic() < deadline, browser.find_element(By.ID, "error").text
+            time.sleep(0.05)
+        info = browser.find_element(By.ID, "model-info").text
+        assert "tiny" in info and "parameters" in info and "val loss" in info
+        for prompt in ("ROMEO:", "First Citizen:\nBefore we proceed any further, hear me speak."):  # past the window
+            got = np.array(browser.execute_script("return chargpt.logits(arguments[0])", prompt))
+            with torch.no_grad():
+                ids = tokenizer.encode(prompt)[-model.config.block_size :]
+                expected = model(torch.as_tensor(ids)[None])[0][0, -1].numpy()
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+        length = browser.find_element(By.ID, "max_tokens")
+        length.clear()
+        length.send_keys("100000")
+        browser.find_element(By.ID, "seed").send_keys("3")
+        browser.find_element(By.ID, "generate").click()
+        seen = []
+        deadline = time.monotonic() + 60
+        while len({n for n in seen if n > 0}) < 3:  # the completion grew, three different lengths while running
+            assert time.monotonic() < deadline, seen
+            seen.append(len(browser.find_element(By.CSS_SELECTOR, "#output .completion").text))
+            time.sleep(0.05)
+        browser.find_element(By.ID, "generate").click()  # Stop
+        deadline = time.monotonic() + 30
+        while "stopped" not in browser.find_element(By.ID, "status").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        text = browser.find_element(By.CSS_SELECTOR, "#output .completion").get_attribute("textContent")
+        assert 0 < len(text) < 100000 and set(text) <= set(tokenizer.to_list())
+    finally:
+        browser.quit()
+
+
+def test_web_export_refuses_and_replaces_like_onnx(trained_model_dir, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "mine.txt").write_text("keep")
+    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(site))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert [p.name for p in site.iterdir()] == ["mine.txt"]
+    a_file = tmp_path / "page.html"
+    a_file.write_text("x")
+    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(a_file), "--overwrite")
+    assert r.returncode == 2 and "not a folder" in r.stderr and a_file.read_text() == "x"
+    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(site), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "model.js"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind

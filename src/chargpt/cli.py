@@ -119,8 +119,9 @@ SERVE_EXAMPLES = """examples:
   chargpt serve --model out/demo                       # http://127.0.0.1:8000, playground at /
   chargpt serve --model out/demo --host 0.0.0.0 --port 9000 --api-key "$KEY" --max-batch 32
 """
-EXPORT_EXAMPLES = """example:
+EXPORT_EXAMPLES = """examples:
   chargpt export --model out/demo --format onnx --out demo.onnx   # then run it with onnxruntime (README)
+  chargpt export --model out/demo --format web --out demo-site    # open demo-site/index.html in a browser
 """
 INFO_EXAMPLES = """examples:
   chargpt info out/demo
@@ -335,14 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "export",
-        help="write a model as an ONNX file for other runtimes (onnxruntime in any language)",
-        description="Write a model directory's model as one ONNX graph: the forward with a KV cache, which serves "
-        "as the full forward and as the one-token decode step. Needs pip install 'chargpt[export]'.",
+        help="write a model as an ONNX file (onnxruntime, any language) or a web page that runs it in the browser",
+        description="Write a model directory's model as one ONNX graph (the forward with a KV cache, which serves "
+        "as the full forward and as the one-token decode step; needs pip install 'chargpt[export]'), or as a "
+        "folder with a page that samples from it in the browser, offline, with nothing installed.",
         epilog=EXPORT_EXAMPLES,
     )
     x.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    x.add_argument("--format", default="onnx", choices=("onnx",), help="onnx (default: onnx)")
-    x.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.onnx (required)")
+    x.add_argument(
+        "--format", default="onnx", choices=("onnx", "web"), help="onnx (a file) or web (a folder: a page that "
+        "runs the model in the browser) (default: onnx)",
+    )  # fmt: skip
+    x.add_argument(
+        "--out", required=True, metavar="PATH", help="the .onnx file, or the web page's folder, to write (required)"
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
 
     v = sub.add_parser(
@@ -813,7 +820,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from chargpt.export import export
 
     out = export(args.model, args.out, args.format, overwrite=args.overwrite)
-    print(f"wrote {out} ({_size(out.stat().st_size)}): run it with onnxruntime (see the README's export section)")
+    if args.format == "web":
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"wrote {out}/ ({_size(size)}): open {out / 'index.html'} in a browser, or put the folder on any host")
+    else:
+        print(f"wrote {out} ({_size(out.stat().st_size)}): run it with onnxruntime (see the README's export section)")
     return 0
 
 

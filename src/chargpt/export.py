@@ -1,6 +1,11 @@
-"""`chargpt export`: a trained model as an ONNX file that other runtimes (onnxruntime, in any language) can run.
+"""`chargpt export`: a trained model as an ONNX file that other runtimes (onnxruntime, in any language) can run,
+or as a web page that runs it in the browser.
 
-The file holds one graph, the forward with a KV cache, that serves both as the full forward and as the
+The web format is a folder: index.html (the sampling page, and the model written out in plain JavaScript)
+and model.js (the weights, float32, base64, and the model's description), loaded by a <script> tag so that
+the page works from any static host and from a double-click on the file, offline.
+
+The ONNX file holds one graph, the forward with a KV cache, that serves both as the full forward and as the
 one-token decode step:
 
     inputs   idx (B, T) int64, past_k and past_v (n_layers, B, n_heads, block_size, head_size) float32,
@@ -19,12 +24,15 @@ Metadata (`metadata_props`): `vocab` (the characters, JSON), `block_size`, `n_la
 
 from __future__ import annotations
 
+import base64
 import importlib
 import io
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,7 +45,7 @@ from chargpt.errors import ChargptError
 from chargpt.model import GPT
 from chargpt.tokenizer import CharTokenizer
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "web")
 OPSET = 18
 
 
@@ -135,9 +143,33 @@ def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
     return buf.getvalue()
 
 
+def web_files(model: GPT, tokenizer: CharTokenizer, name: str, info: dict) -> dict[str, bytes]:
+    """index.html and model.js for the web format."""
+    if not isinstance(model, GPT):
+        raise ChargptError("only the GPT exports to the web page (the bigram model is a lookup table)")
+    tensors, parts, offset = {}, [], 0
+    for key, value in model.state_dict().items():
+        flat = value.detach().float().cpu().contiguous().view(-1)
+        tensors[key] = [offset, flat.numel()]
+        parts.append(flat.numpy().astype("<f4").tobytes())
+        offset += flat.numel()
+    cfg = model.config
+    meta = {
+        "name": name, "n_params": model.num_params(), "val_loss": info.get("val_loss"), "step": info.get("step"),
+        "vocab": tokenizer.to_list(), "block_size": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "chargpt_version": __version__,
+    }  # fmt: skip
+    spec = {"meta": meta, "tensors": tensors, "data": base64.b64encode(b"".join(parts)).decode("ascii")}
+    script = "window.CHARGPT_MODEL = " + json.dumps(spec, ensure_ascii=True) + ";\n"
+    page = (Path(__file__).parent / "web" / "index.html").read_bytes()
+    return {"index.html": page, "model.js": script.encode("ascii")}
+
+
 def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False) -> Path:
-    """Write the model in `model_dir` to `out` in format `fmt`, atomically (no half file on Ctrl-C)."""
-    from chargpt.checkpoint import load_model
+    """Write the model in `model_dir` to `out` in format `fmt` (a file for onnx, a folder for web), atomically:
+    a Ctrl-C or an error leaves no half export, and an --overwrite replaces the old one only when the new one
+    is complete."""
+    from chargpt.checkpoint import load_model, read_config
     from chargpt.fileio import atomic_write_bytes
 
     if fmt not in FORMATS:
@@ -145,11 +177,32 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite:
     out = Path(out)
     if os.path.lexists(out) and not overwrite:
         raise ChargptError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    if out.is_dir():
+    if fmt == "onnx" and out.is_dir():
         raise ChargptError(f"{out} is a folder; --out names the .onnx file to write")
-    if not out.parent.is_dir():
-        raise ChargptError(f"the folder {out.parent} does not exist; create it first")
+    if fmt == "web" and os.path.lexists(out) and not (out.is_dir() and not out.is_symlink()):
+        raise ChargptError(f"{out} is not a folder; --out names the folder the page goes to")
+    if not out.absolute().parent.is_dir():
+        raise ChargptError(f"the folder {out.absolute().parent} does not exist; create it first")
     model, tokenizer = load_model(model_dir, torch.device("cpu"))
-    data = onnx_bytes(model, tokenizer)  # type: ignore[arg-type]
-    atomic_write_bytes(out, data)
+    if fmt == "onnx":
+        atomic_write_bytes(out, onnx_bytes(model, tokenizer))  # type: ignore[arg-type]
+        return out
+    info = read_config(model_dir)[2]
+    files = web_files(model, tokenizer, Path(model_dir).resolve().name, info)  # type: ignore[arg-type]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # a folder to publish, not mkdtemp's private 0700
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(staging / name, data)
+        if os.path.lexists(out):  # --overwrite: the old folder goes only once the new one is whole
+            old = staging.with_name(staging.name + ".old")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

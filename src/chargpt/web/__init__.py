@@ -1,0 +1,1 @@
+"""The page `chargpt export --format web` writes: index.html, the model in plain JavaScript."""
