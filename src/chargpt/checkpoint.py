@@ -435,7 +435,7 @@ def _train_state_problem(state: Any) -> str | None:
         return f"elapsed time {_short(state['elapsed'])} is not a finite number >= 0"
     if math.isnan(state["best_val_loss"]) or state["best_val_loss"] < 0:  # +inf: no evaluation yet
         return f"best_val_loss {_short(state['best_val_loss'])} is not a loss"
-    if state.get("unknown") is not None and not isinstance(state["unknown"], str):  # absent before issue 12
+    if state.get("unknown") is not None and not isinstance(state["unknown"], str):  # absent in older states
         return f"unknown has type {type(state['unknown']).__name__}"
     rng = state["rng"]
     for key in ("torch", "batches", "numpy_keys"):

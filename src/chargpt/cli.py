@@ -885,9 +885,9 @@ def _import_holding_ctrl_c(command: str) -> None:
     torch's import runs C++ that calls back into Python; a KeyboardInterrupt raised inside such a callback
     cannot unwind through the C++: the process aborted ("terminate called after throwing an instance of
     'pybind11::error_already_set'", exit -6) or killed itself with SIGINT at exit (-2) instead of printing
-    "interrupted" and exiting 130: 8 of 60 runs with a Ctrl-C 0.2-0.5 s into the import, none of 96 held. Held
-    for the ~1.7 s of torch's import only: later imports (matplotlib, torch._dynamo) are Python that a
-    KeyboardInterrupt unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
+    "interrupted" and exiting 130 (tests/test_cli_edges.py sends Ctrl-C at points through the import). Held
+    for torch's import only: later imports (matplotlib, torch._dynamo) are Python that a KeyboardInterrupt
+    unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
     to the command, which says what to install."""
 
     if threading.current_thread() is not threading.main_thread():  # signals are the main thread's: nothing to hold

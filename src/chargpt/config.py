@@ -6,7 +6,6 @@ Building a config needs no torch, except to look for a GPU when the device is `a
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -206,8 +205,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_iters": 40,
         "checkpoint_interval": 500,
     },
-    # The default on a CUDA GPU: the seed model with nanoGPT shakespeare_char's learning rate (1e-3; issue 13
-    # measured 1.4675 after 60 s on one H100 where 3e-4 gave 1.489 after 5000 steps). Evaluation kept cheap
+    # The default on a CUDA GPU: the seed model with nanoGPT shakespeare_char's learning rate (1e-3: on a GPU it
+    # reaches a given loss sooner than 3e-4; docs/benchmarks.md has the runs). Evaluation kept cheap
     # (each one is wall time the budget does not count) and the 130 MB resumable state written by time, not
     # every 500 steps (at ~50 steps/s that was 1.6 GB per run).
     "gpu": {
@@ -357,10 +356,6 @@ def build_train_config(
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

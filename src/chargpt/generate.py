@@ -29,8 +29,8 @@ def decode_threads(num_samples: int, cores: int | None = None, load: float | Non
     """A fast CPU thread count for decoding `num_samples` streams together.
 
     One stream: 1 thread. Each token is a chain of small matrix-vector products whose halves are too small
-    to pay for the hand-off between threads; on a busy 2-core machine 2 threads were 4-5x slower than 1
-    (300 characters from the 10.8M model: 9.9 s vs 53 s), never faster. A batch: up to one thread per
+    to pay for the hand-off between threads, and with another process on a core every token waits for it
+    (docs/benchmarks.md). A batch: up to one thread per
     stream, but only as many as there are idle cores (cores minus the 1-minute load average), since a
     thread that waits for a busy core stalls the others at every token.
     """
