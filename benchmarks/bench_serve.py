@@ -129,7 +129,7 @@ def summary(name: str, results: list[Result], wall: float) -> dict:
 
 def run_variant(model_dir: Path, clients: int, max_batch: int, quantize: str, threads: int | None) -> dict:
     """(a), (b), (c) against one server; its rows, ratio and texts."""
-    print(f"--quantize {quantize}:")
+    print(f"--quantize {quantize}" + (f" --threads {threads}" if threads else " (default threads)") + ":")
     proc, url = start_server(model_dir, max_batch, quantize, threads)
     try:
         asyncio.run(scenario(url, 2, 20, concurrent=True))  # warm-up: first allocations, connections
@@ -150,7 +150,7 @@ def run_variant(model_dir: Path, clients: int, max_batch: int, quantize: str, th
     print(f"  p99 time to first character with {clients} clients: {p99:.3f} s (target < 2 s: "
           f"{'met' if p99 < 2 else 'NOT met'})")  # fmt: skip
     print(f"  errors: {errors} (target 0)   concurrent texts == one-after-another texts: {same}")
-    return {"quantize": quantize, "ratio": round(ratio, 2), "same_texts": same, "rows": rows}
+    return {"quantize": quantize, "threads": threads, "ratio": round(ratio, 2), "same_texts": same, "rows": rows}
 
 
 def main() -> None:
@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--quantize", nargs="+", choices=("none", "int8"), help="default: none, and int8 if native bf16")
     p.add_argument("--threads", type=int, help="the server's --threads (default: its own choice)")
+    p.add_argument("--old-default", action="store_true", help="first, fp32 on every core: the server's default "
+                   "before round 3, to compare with today's (int8, a core left to HTTP) in one run")  # fmt: skip
     a = p.parse_args()
     cpu = prec.cpu_info()
     variants = a.quantize or (["none", "int8"] if cpu.native_bf16 else ["none"])
@@ -169,13 +171,20 @@ def main() -> None:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = seed_model_dir(Path(tmp) / "seed-random")
-        results = [run_variant(model_dir, a.clients, a.max_batch, q, a.threads) for q in variants]
+        runs = [("none", os.cpu_count())] if a.old_default else []
+        runs += [(q, a.threads) for q in variants]
+        results = [run_variant(model_dir, a.clients, a.max_batch, q, threads) for q, threads in runs]
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     out: dict[str, object] = {"bench": "serve", "cpu_flags": cpu.shown_flags(), "variants": results}
-    if len(results) == 2:
-        gain = results[1]["rows"][1]["chars_per_s"] / results[0]["rows"][1]["chars_per_s"]
-        print(f"(b) with int8 weights: {gain:.2f}x the aggregate characters/s of fp32 (target >= 1.7x)")
+    b = [r["rows"][1]["chars_per_s"] for r in results]
+    if variants == ["none", "int8"]:
+        gain = b[-1] / b[-2]
+        print(f"(b) with int8 weights: {gain:.2f}x the aggregate characters/s of fp32, same threads")
         out["int8_over_none_b"] = round(gain, 2)
+    if a.old_default and variants[-1] == "int8":
+        gain = b[-1] / b[0]
+        print(f"(b) today's default (int8) against the old default (fp32, every core): {gain:.2f}x (target >= 1.7x)")
+        out["int8_over_old_default_b"] = round(gain, 2)
     print(json.dumps(out))
 
 

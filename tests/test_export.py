@@ -124,16 +124,6 @@ def test_a_missing_extra_names_the_package(trained_model_dir, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_overwrite_replaces_the_file(exported, trained_model_dir, tmp_path):
-    out = tmp_path / "again.onnx"
-    out.write_text("old")
-    r = run_cli("export", "--model", str(trained_model_dir), "--out", str(out), "--overwrite")
-    assert r.returncode == 0, r.stderr
-    session, _ = _session(out)
-    assert [i.name for i in session.get_inputs()] == ["idx", "past_k", "past_v", "start"]
-    assert out.read_bytes() == exported.read_bytes()  # the same model gives the same file
-
-
 def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny, tmp_path):
     """The exported page in headless Chromium, opened from disk (no server): the next-token logits for a prompt
     equal PyTorch's within 1e-4, and Generate streams text in (seen growing before it is stopped)."""
