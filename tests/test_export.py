@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from test_cli import call_main
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_greedy_text_from_onnxruntime_equals_chargpt_sample(exported, trained_mo
     assert r.stdout == text + "\n"
 
 
-def test_bad_input_is_one_line_and_exit_2(exported, trained_model_dir, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(exported, trained_model_dir, tmp_path, capsys):
     before = exported.read_bytes()
     cases = [
         (["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "a.onnx")], "does not exist"),
@@ -100,10 +101,10 @@ def test_bad_input_is_one_line_and_exit_2(exported, trained_model_dir, tmp_path)
         (["--model", str(trained_model_dir), "--out", str(tmp_path)], "exists"),
         (["--model", str(trained_model_dir), "--out", "x.onnx", "--format", "tflite"], "--format"),
     ]
-    for args, words in cases:
-        r = run_cli("export", *args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    for args, words in cases:  # in this process: the CLI's own path, without a Python start-up per case
+        rc, _, err = call_main(["export", *args], capsys)
+        assert rc == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and words in err, err
     assert exported.read_bytes() == before  # refused: untouched
     assert not (tmp_path / "a.onnx").exists()
 
@@ -173,18 +174,19 @@ def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny
         browser.quit()
 
 
-def test_web_export_refuses_and_replaces_like_onnx(trained_model_dir, tmp_path):
+def test_web_export_refuses_and_replaces_like_onnx(trained_model_dir, tmp_path, capsys):
     site = tmp_path / "site"
     site.mkdir()
     (site / "mine.txt").write_text("keep")
-    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(site))
-    assert r.returncode == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    web = ["export", "--model", str(trained_model_dir), "--format", "web", "--out"]
+    rc, _, err = call_main([*web, str(site)], capsys)
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in site.iterdir()] == ["mine.txt"]
     a_file = tmp_path / "page.html"
     a_file.write_text("x")
-    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(a_file), "--overwrite")
-    assert r.returncode == 2 and "not a folder" in r.stderr and a_file.read_text() == "x"
-    r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(site), "--overwrite")
-    assert r.returncode == 0, r.stderr
+    rc, _, err = call_main([*web, str(a_file), "--overwrite"], capsys)
+    assert rc == 2 and "not a folder" in err and a_file.read_text() == "x"
+    rc, out, err = call_main([*web, str(site), "--overwrite"], capsys)
+    assert rc == 0 and "open" in out, err
     assert sorted(p.name for p in site.iterdir()) == ["index.html", "model.js"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
