@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -161,8 +162,16 @@ def web_files(model: GPT, tokenizer: CharTokenizer, name: str, info: dict) -> di
     }  # fmt: skip
     spec = {"meta": meta, "tensors": tensors, "data": base64.b64encode(b"".join(parts)).decode("ascii")}
     script = "window.CHARGPT_MODEL = " + json.dumps(spec, ensure_ascii=True) + ";\n"
-    page = (Path(__file__).parent / "web" / "index.html").read_bytes()
-    return {"index.html": page, "model.js": script.encode("ascii")}
+    return {"index.html": page().encode("utf-8"), "model.js": script.encode("ascii")}
+
+
+def page() -> str:
+    """The web page: web/index.html with the server playground's style inlined (one look, kept in one place)."""
+    here = Path(__file__).parent
+    playground = (here / "serve" / "playground.html").read_text(encoding="utf-8")
+    style = playground[playground.index("<style>") : playground.index("</style>") + len("</style>")]
+    template = (here / "web" / "index.html").read_text(encoding="utf-8")
+    return re.sub(r"<style>/\*.*?\*/</style>", lambda _: style, template, count=1)
 
 
 def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False) -> Path:

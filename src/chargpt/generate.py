@@ -334,6 +334,14 @@ def _check_args(model: object, tokenizer: object, prompt: object, config: object
         raise TypeError(f"{where} takes a SampleConfig as config (or its fields as keywords)")
 
 
+def _steps(model: GPT | BigramLM, idx: torch.Tensor, cfg: SampleConfig) -> Iterator[torch.Tensor]:
+    """token_stream with a SampleConfig's settings, one generator per sample (seed, seed + 1, ...)."""
+    gens = _generators(cfg.seed, idx.size(0))
+    return token_stream(
+        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision, cfg.quantize
+    )
+
+
 def stream(
     model: GPT | BigramLM, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
 ) -> Iterator[str]:
@@ -347,19 +355,7 @@ def stream(
     idx = _encode_prompt(tokenizer, prompt, 1, device)
     chars = tokenizer.to_list()
     text = StopFilter(tuple(cfg.stop))
-    gens = _generators(cfg.seed, 1)
-    steps = token_stream(
-        model,
-        idx,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k,
-        cfg.top_p,
-        gens,
-        True,
-        cfg.precision,
-        cfg.quantize,
-    )
+    steps = _steps(model, idx, cfg)
     for nxt in steps:
         chunk = text.push(chars[int(nxt[0])])
         if chunk:
@@ -383,19 +379,7 @@ def generate(
     chars = tokenizer.to_list()
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
-    gens = _generators(cfg.seed, cfg.num_samples)
-    steps = token_stream(
-        model,
-        idx,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k,
-        cfg.top_p,
-        gens,
-        True,
-        cfg.precision,
-        cfg.quantize,
-    )
+    steps = _steps(model, idx, cfg)
     for nxt in steps:
         for i, ch in enumerate(chars[t] for t in nxt.tolist()):
             if done[i]:
