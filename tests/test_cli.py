@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from chargpt.checkpoint import load_model
-from chargpt.cli import main
 from conftest import run_cli
-from test_evaluate import reference_loss
+from helpers import assert_one_line_error, call_main, reference_loss
 
 # Text the training never saw: modern prose in the characters of the training slice.
 UNSEEN = (
@@ -111,23 +110,6 @@ def test_help():
 
 # ---------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit code 2, no traceback, nothing written or overwritten
-
-
-def call_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse usage errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc: int, out: str, err: str, pattern: str) -> None:
-    assert rc == 2, (rc, out, err)
-    assert out == ""
-    assert err.startswith("chargpt") and err.endswith("\n") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert pattern in err, err
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from chargpt.checkpoint import resume_config
 from chargpt.cli import main
 from chargpt.train import train
 from conftest import run_cli
-from test_resume import FLAGS
+from helpers import FLAGS
 
 
 def call(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

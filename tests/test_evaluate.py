@@ -13,23 +13,7 @@ from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate
 from chargpt.model import build_model
 from chargpt.tokenizer import CharTokenizer
-
-
-def reference_loss(model: torch.nn.Module, tokenizer: CharTokenizer, text: str) -> tuple[float, int]:
-    """Window by window, one at a time, in float64: window i feeds text[iT : iT+T] and is scored
-    on text[iT+1 : iT+T+1]; the last window may be shorter. Every character but the first is predicted once."""
-    ids = [tokenizer.chars.index(c) for c in text]
-    T = model.config.block_size
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, T):
-            x = ids[start : start + T]
-            y = ids[start + 1 : start + T + 1]
-            x = x[: len(y)]
-            log_probs = model(torch.tensor([x]))[0][0].double().log_softmax(-1)  # (len(x), vocab)
-            total -= log_probs[torch.arange(len(y)), torch.tensor(y)].sum().item()
-            count += len(y)
-    return total / count, count
+from helpers import reference_loss
 
 
 def tiny_model(vocab: CharTokenizer, kind: str = "gpt", block_size: int = 8) -> torch.nn.Module:

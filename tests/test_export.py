@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from test_cli import call_main
+from helpers import call_main, headless_chromium
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +130,12 @@ def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny
     equal PyTorch's within 1e-4, and Generate streams text in (seen growing before it is stopped)."""
     from selenium.webdriver.common.by import By
 
-    from test_playground import _browser
-
     site = tmp_path / "site"
     r = run_cli("export", "--model", str(trained_model_dir), "--format", "web", "--out", str(site))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in site.iterdir()) == ["index.html", "model.js"]
     model, tokenizer = tiny
-    browser = _browser(tmp_path)
+    browser = headless_chromium(tmp_path)
     try:
         browser.get(site.joinpath("index.html").as_uri())
         deadline = time.monotonic() + 60

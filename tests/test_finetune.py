@@ -16,7 +16,7 @@ from chargpt.config import make_train_config
 from chargpt.evaluate import evaluate
 from chargpt.train import train
 from conftest import tiny_config
-from test_resume import assert_same_tensors, final_state, metrics
+from helpers import assert_same_tensors, final_state, metrics
 
 # a text in another style, with three characters Shakespeare's plays lack
 NEW = "".join(

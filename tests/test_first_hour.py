@@ -23,7 +23,7 @@ from chargpt.cli import build_parser, main
 from chargpt.config import resolve_preset, saved_train_config
 from chargpt.generate import decode_threads
 from conftest import run_cli
-from test_cli import assert_one_line_error, call_main
+from helpers import assert_one_line_error, call_main
 
 TINY = ["--block-size", "16", "--n-embd", "16", "--n-heads", "2", "--n-layers", "1", "--batch-size", "8"]
 TINY += ["--eval-iters", "2", "--device", "cpu", "--seed", "3"]

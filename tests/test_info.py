@@ -6,7 +6,7 @@ import json
 
 from chargpt.checkpoint import load_model
 from conftest import read_metrics
-from test_cli import assert_one_line_error, call_main
+from helpers import assert_one_line_error, call_main
 
 
 def test_info_json(trained_model_dir, capsys):

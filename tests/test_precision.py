@@ -19,7 +19,7 @@ from chargpt.evaluate import evaluate
 from chargpt.generate import generate
 from chargpt.train import RunState, save_due, train
 from conftest import run_cli, tiny_config
-from test_resume import assert_same_tensors, final_state, metrics
+from helpers import assert_same_tensors, final_state, metrics
 
 ZEN5 = prec.CPUInfo("AMD EPYC 9R45", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), "AVX512")
 ZEN3 = prec.CPUInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"}), "AVX2")

@@ -17,44 +17,8 @@ from chargpt import checkpoint as ckpt
 from chargpt.checkpoint import resume_config
 from chargpt.errors import ChargptError
 from chargpt.train import train
-from conftest import run_cli, tiny_config
-
-# small enough for a few seconds per run on 2 busy cores; dropout > 0 so the RNG state matters
-SMALL = dict(block_size=16, n_embd=32, n_heads=4, n_layers=2, batch_size=8, eval_iters=2, dropout=0.1)
-SMALL.update(eval_interval=5, checkpoint_interval=5)
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
-FLAGS += ["--device=cpu", "--seed=7", "--quiet", "--threads=1", "--precision=fp32"]  # as tiny_config pins them
-
-
-def small(out: Path, data: Path, **kw):
-    return tiny_config(out, data, **{**SMALL, **kw})
-
-
-def final_state(out: Path) -> dict:
-    return torch.load(out / ckpt.TRAIN_STATE, weights_only=True)
-
-
-def assert_same_tensors(a, b, where: str = "") -> None:
-    """torch.equal on every tensor of two nested state structures."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def metrics(out: Path) -> list[dict]:
-    """The run's metrics rows without the wall clock and without the marks of where it was resumed: what a run
-    resumed at any step must equal."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "time")} for m in rows if m["kind"] != "resume"]
+from conftest import run_cli
+from helpers import FLAGS, assert_same_tensors, final_state, metrics, small
 
 
 def snapshot(d: Path, names=("model.safetensors", "config.json", "train_state.pt")) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ from chargpt.cli import main
 from chargpt.errors import ChargptError
 from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
 from chargpt.train import train
-from test_resume import FLAGS, small
+from helpers import FLAGS, small
 
 
 def files(d: Path) -> dict[str, bytes]:

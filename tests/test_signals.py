@@ -19,7 +19,7 @@ from chargpt.config import GPTConfig, make_train_config
 from chargpt.model import build_model
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import train
-from test_resume import FLAGS, SMALL, assert_same_tensors, final_state, metrics, small
+from helpers import FLAGS, SMALL, assert_same_tensors, final_state, metrics, small
 
 
 def _start(*args: str) -> subprocess.Popen:
