@@ -261,21 +261,25 @@ def _cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> d
 
 
 def time_probe(probe: Probe) -> float:
-    """fp32 time / bf16 time of one unit of the probe's work: one warm-up each, then the two alternate (so a
-    machine whose speed drifts slows both alike) until the budget is spent; the best time of each counts."""
-    formats = (Choice("fp32", "probe"), Choice("bf16", "probe"))
-    for choice in formats:
-        probe.run(choice)
-    best = {c.name: float("inf") for c in formats}
-    spent, rounds = 0.0, 0
-    while rounds < 1 or (spent < probe.budget_s and rounds < 50):
-        for choice in formats:
+    """fp32 time / bf16 time of one unit of the probe's work (see `alternate`)."""
+    fp32, bf16 = Choice("fp32", "probe"), Choice("bf16", "probe")
+    return alternate(lambda: probe.run(fp32), lambda: probe.run(bf16), probe.budget_s)
+
+
+def alternate(first: Callable[[], object], second: Callable[[], object], budget_s: float, rounds: int = 50) -> float:
+    """first's time / second's: one warm-up each, then the two alternate (so a machine whose speed drifts slows
+    both alike) until the budget is spent or `rounds` are done; the best time of each counts."""
+    first(), second()
+    best = [float("inf"), float("inf")]
+    spent, done = 0.0, 0
+    while done < 1 or (spent < budget_s and done < rounds):
+        for i, fn in enumerate((first, second)):
             t0 = time.perf_counter()
-            probe.run(choice)
+            fn()
             dt = time.perf_counter() - t0
-            best[choice.name], spent = min(best[choice.name], dt), spent + dt
-        rounds += 1
-    return round(best["fp32"] / best["bf16"], 3)
+            best[i], spent = min(best[i], dt), spent + dt
+        done += 1
+    return round(best[0] / best[1], 3)
 
 
 def measure_speedups(n_embd: int = 384, rows: int = 128, budget_s: float = 0.012) -> Speedups:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,24 +164,11 @@ def measure_speedup(n_embd: int = 384, budget_s: float = 0.03) -> float:
         lin.weight.copy_(torch.randn(4 * n_embd, n_embd, generator=g))
     q = Int8Linear(lin)
     x = torch.randn(1, n_embd, generator=g)
-    best = {"fp32": float("inf"), "int8": float("inf")}
-    runs = {
-        "fp32": lambda: F.linear(x, lin.weight, lin.bias),
-        "int8": lambda: int8_linear(x, q.qweight, q.scales, q.bias),
-    }
     with torch.inference_mode():
-        for fn in runs.values():
-            fn()
-        spent = 0.0
-        for _ in range(2000):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
-                best[name], spent = min(best[name], dt), spent + dt
-            if spent >= budget_s:
-                break
-    return round(best["fp32"] / best["int8"], 3)
+        return prec.alternate(
+            lambda: F.linear(x, lin.weight, lin.bias), lambda: int8_linear(x, q.qweight, q.scales, q.bias),
+            budget_s, rounds=2000,
+        )  # fmt: skip
 
 
 def apply(model: nn.Module, name: str, device: torch.device | str | None = None) -> tuple[nn.Module, Choice]:
