@@ -233,6 +233,18 @@ class StaticStep:
         self.graph = graph
 
 
+def sampling_setup(
+    model: GPT | BigramLM, precision: str, quantize: str
+) -> tuple[GPT | BigramLM, quant.Choice, prec.Choice, prec.Choice]:
+    """What a sampler runs: the model (int8 weights where `quantize` resolves to them), that choice, and the number
+    formats of the prefills and the one-token steps. token_stream and the server both take it from here, which is
+    what makes a seeded request return exactly generate()'s text."""
+    device = next(model.parameters()).device
+    run, choice = quant.apply(model, quantize, device)
+    prefill, decode = (prec.resolve(precision, device, kind) for kind in ("prefill", "decode"))
+    return run, choice, prefill, quant.decode_format(run, decode)  # type: ignore[return-value]
+
+
 @torch.inference_mode()
 def token_stream(
     model: GPT | BigramLM,
@@ -260,11 +272,10 @@ def token_stream(
     seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # no torch.cat per step
     seq[:, :T0] = idx
     device = next(model.parameters()).device
-    prefill, decode = (prec.resolve(precision, device, kind) for kind in ("prefill", "decode"))
     was_training = model.training
     model.eval()
-    run = quant.apply(model, quantize, device)[0]
-    decoder = Decoder(run, B, use_cache, prefill, quant.decode_format(run, decode))
+    run, _, prefill, decode = sampling_setup(model, precision, quantize)
+    decoder = Decoder(run, B, use_cache, prefill, decode)
     try:
         with prec.weight_cast_region(device, prefill, decode):  # each weight is cast once, not per token
             for n in range(T0, T0 + max_new_tokens):

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from chargpt import precision as prec
-from chargpt import quantize as quant
 from chargpt.decode import DecodeStep, Rows, batch_invariant
-from chargpt.generate import Decoder, StopFilter, _generators, pick_next
+from chargpt.generate import Decoder, StopFilter, _generators, pick_next, sampling_setup
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.tokenizer import CharTokenizer
 
@@ -119,15 +118,12 @@ class Engine:
         precision: str = "auto",
         quantize: str = "auto",
     ):
-        # the model as it runs here: int8 weights where asked or (auto) faster, as chargpt.generate decides
-        model, self.quantize = quant.apply(model.eval(), quantize)
+        # the model and formats as chargpt.generate resolves them: a seeded request returns exactly its text
+        model, self.quantize, self.prefill, self.decode = sampling_setup(model.eval(), precision, quantize)
         self.model = model
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
-        # as chargpt.generate resolves the same name: a seeded request returns exactly what generate returns
-        self.prefill, self.decode = (prec.resolve(precision, self.device, kind) for kind in ("prefill", "decode"))
-        self.decode = quant.decode_format(model, self.decode)
         self.batched = isinstance(model, GPT) and batch_invariant(model, self.prefill, self.decode)
         if isinstance(model, GPT) and not self.batched:
             log.warning(
