@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from chargpt import __version__
-from chargpt.config import MODEL_TYPES, PRECISIONS, PRESETS, QUANTIZE, TIME_GOVERNED_UPDATES, TRAIN_FIELDS, TrainConfig
+from chargpt.config import (
+    MODEL_TYPES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    QUANTIZE,
+    SCHEDULES,
+    TIME_GOVERNED_UPDATES,
+    TRAIN_FIELDS,
+    TrainConfig,
+)
 from chargpt.errors import ChargptError, RememberedInterrupt
 
 # set by the --nproc launcher: each rank writes its last line (an error, "interrupted ...") to DIR/rankN,
@@ -53,8 +63,11 @@ FLAG_HELP = {
     "ends with it",
     "batch_size": "sequences per step (global, across all processes)",
     "gradient_accumulation_steps": "micro-batches per step; same global batch, less memory",
-    "learning_rate": "peak AdamW learning rate",
-    "min_lr_ratio": "cosine decay ends at learning_rate x this",
+    "optimizer": "adamw, or muon (Muon for the blocks' matrices, AdamW for embeddings, head, biases, gains)",
+    "learning_rate": "peak learning rate (Muon's updates are scaled to AdamW's size: one rate serves both)",
+    "schedule": "after warm-up: cosine decay, or wsd (flat, then linear decay over the last --decay-fraction)",
+    "decay_fraction": "wsd: the part of the budget (steps or --max-time) the final decay takes",
+    "min_lr_ratio": "the decay ends at learning_rate x this",
     "warmup_updates": "linear warm-up steps",
     "weight_decay": "AdamW weight decay on weight matrices only",
     "grad_clip": "max gradient norm; 0 = off",
@@ -84,7 +97,10 @@ GROUPS = {
         "max_time",
         "batch_size",
         "gradient_accumulation_steps",
+        "optimizer",
         "learning_rate",
+        "schedule",
+        "decay_fraction",
         "min_lr_ratio",
         "warmup_updates",
         "weight_decay",
@@ -236,7 +252,7 @@ def _add_train_flags(p: _Parser) -> None:
             kind = {"int": int, "float": float}.get(f.type, str)
             metavar = {"int": "N", "float": "X"}.get(f.type, "PATH" if f.name in ("data", "out") else "NAME")
             metavar = "DIR" if f.name == "init_from" else metavar
-            choices = MODEL_TYPES if f.name == "arch" else None
+            choices = {"arch": MODEL_TYPES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
             group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
     groups["model"].add_argument(
         "--model",

@@ -24,9 +24,11 @@ MAX_THREADS = 4096  # more is a typo (and torch would try to start them); the co
 MAX_VOCAB = 0x110000  # every Unicode code point
 TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
 # on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
-RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction", "init_from")
+RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction", "init_from", "optimizer")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: per device and kind of work, what is faster here (precision.py)
-QUANTIZE = ("auto", "none", "int8")  # int8 weights for sampling/serving/eval (chargpt.quantize)
+QUANTIZE = ("auto", "none", "int8")
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest (chargpt.optim)
+SCHEDULES = ("cosine", "wsd")  # int8 weights for sampling/serving/eval (chargpt.quantize)
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
 
@@ -87,8 +89,11 @@ class TrainConfig:
     n_updates: int = 5000
     batch_size: int = 64
     gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
     learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1  # the cosine decay ends at learning_rate * min_lr_ratio
+    schedule: str = "cosine"  # after warm-up: cosine decay, or wsd: flat, then linear over the last decay_fraction
+    decay_fraction: float = 0.2  # wsd: the part of the budget (steps or time) the decay takes
+    min_lr_ratio: float = 0.1  # the decay ends at learning_rate * min_lr_ratio
     warmup_updates: int = 100
     weight_decay: float = 0.1  # applied to weight matrices only
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
@@ -133,6 +138,10 @@ class TrainConfig:
         _positive_float("learning_rate", self.learning_rate)
         _fraction("val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         _fraction("min_lr_ratio", self.min_lr_ratio, allow_zero=True, allow_one=True)
+        _fraction("decay_fraction", self.decay_fraction, allow_zero=True, allow_one=True)
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ChargptError(f"unknown {name} {shorten(getattr(self, name))}; use one of {', '.join(allowed)}")
         _fraction("beta2", self.beta2, allow_zero=False, allow_one=False)
         for name in ("weight_decay", "grad_clip", "max_time", "checkpoint_seconds"):
             value = getattr(self, name)
@@ -301,10 +310,11 @@ def saved_train_config(
         raise ChargptError(f"{where} holds an unknown config; start a new run with --overwrite")
     given = {k: v for k, v in overrides.items() if v is not None}
     for key in RESUME_FIXED:
-        if key in given and not _same_setting(key, given[key], saved.get(key)):
+        was = saved.get(key, TRAIN_FIELDS[key].default)  # a run saved before the field existed had its default
+        if key in given and not _same_setting(key, given[key], was):
             source = (sources or {}).get(key, "--" + key.replace("_", "-"))
             raise ChargptError(
-                f"{source} sets {key} = {shorten(given[key])} but the run in {out} has {shorten(saved.get(key))}; "
+                f"{source} sets {key} = {shorten(given[key])} but the run in {out} has {shorten(was)}; "
                 f"{key} cannot change on resume (fixed: {', '.join(RESUME_FIXED)}; n_updates, max_time, the "
                 f"learning-rate schedule, eval and checkpoint intervals can); drop it, or start a new run with "
                 f"--overwrite or another --out"

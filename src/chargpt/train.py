@@ -34,7 +34,15 @@ from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, ini
 from chargpt.errors import ChargptError, first_line
 from chargpt.fileio import DiskFullError
 from chargpt.model import build_model
-from chargpt.optim import SCHEDULE_KEYS, Anchor, extended_anchor, learning_rate, make_optimizer, set_learning_rate
+from chargpt.optim import (
+    SCHEDULE_KEYS,
+    Anchor,
+    Optimizer,
+    extended_anchor,
+    learning_rate,
+    make_optimizer,
+    set_learning_rate,
+)
 from chargpt.rundir import OutDir
 from chargpt.tokenizer import CharTokenizer
 
@@ -63,7 +71,7 @@ class Run:
     val_ids: np.ndarray | torch.Tensor
     model: torch.nn.Module  # the plain model: evaluation, saving
     fwd: torch.nn.Module  # the model as trained: compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     batches: torch.Generator  # draws every training batch; part of the resumable state
     outdir: OutDir | None = None  # the locked output folder, told when the run first saves
     signals: _Signals | None = None  # a signal pending during evaluation cuts it short
@@ -399,7 +407,7 @@ def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_si
 
 
 def restore(
-    saved: dict[str, Any], out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: torch.Generator
+    saved: dict[str, Any], out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
 ) -> RunState:
     """Load a saved run's weights, optimizer and RNG into the fresh ones; return its RunState."""
     ckpt.load_state(model, saved["model"], str(out / ckpt.TRAIN_STATE))
