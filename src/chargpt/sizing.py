@@ -1,0 +1,168 @@
+"""The model for the minutes you have: with a time budget on a CPU and no shape given, `chargpt train` picks the
+largest shape of a ladder that still sees enough tokens per parameter in that budget on this machine.
+
+The rule (`choose`) is a pure function of the budget, each rung's training throughput on this machine and the
+corpus size; the ladder and its thresholds come from this project's sweeps (docs/benchmarks.md, "Sizing").
+`measure` times a rung's real training step (forward, backward, optimizer) in fp32 and, where the CPU has
+native bf16, in bf16, and keeps the faster: about a second per rung, and only rungs up to the first that fails
+the rule are timed (a rung is timed only when the budget is hundreds of times its step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Settings every sized run shares: Muon with a warmup-stable-decay schedule that ends with the budget, no
+# dropout (short runs on CPU; dropout costs ~20% of a step), evaluation cheap beside the budget.
+COMMON: dict[str, Any] = {
+    "optimizer": "muon",
+    "schedule": "wsd",
+    "decay_fraction": 0.3,
+    "min_lr_ratio": 0.0,
+    "warmup_updates": 50,
+    "dropout": 0.0,
+    "eval_interval": 500,
+    "eval_iters": 40,
+    "checkpoint_interval": 500,
+}
+TOKENS_PER_PARAM = 4.0  # a larger rung is chosen only if it sees at least this many tokens per parameter
+MAX_PARAMS_PER_CHAR = 10.0  # and only if it has at most this many parameters per character of corpus
+PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step)
+MEASURE_VOCAB = 96  # the head's width while timing (the corpus's vocabulary is not known yet; it costs little)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One shape of the ladder, with the batch size and learning rate that suit it."""
+
+    n_embd: int
+    n_heads: int
+    n_layers: int
+    block_size: int
+    batch_size: int
+    learning_rate: float
+
+    @property
+    def params(self) -> int:
+        """Parameters in the transformer blocks (embeddings and head excluded, as in scaling-law counts)."""
+        return self.n_layers * (12 * self.n_embd * self.n_embd + 13 * self.n_embd)
+
+    def settings(self) -> dict[str, Any]:
+        shape = {k: getattr(self, k) for k in ("n_embd", "n_heads", "n_layers", "block_size", "batch_size")}
+        return {**COMMON, **shape, "learning_rate": self.learning_rate}
+
+    def describe(self) -> str:
+        return f"n_embd {self.n_embd}, {self.n_layers} layers, {self.n_heads} heads, block {self.block_size}"
+
+
+LADDER = (
+    Rung(128, 4, 4, 128, 16, 3e-3),
+    Rung(192, 6, 4, 128, 16, 3e-3),
+    Rung(256, 8, 4, 128, 16, 3e-3),
+    Rung(256, 8, 6, 256, 16, 2e-3),
+    Rung(384, 6, 6, 256, 16, 1.5e-3),
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    rung: Rung
+    tokens_per_s: float
+    reason: str
+
+
+def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars: int) -> Choice:
+    """The largest rung that sees >= TOKENS_PER_PARAM tokens per parameter in the budget and is not large for the
+    corpus; the first rung always qualifies. `tokens_per_s` is called on rungs in order, up to the first refused."""
+    chosen, speed = LADDER[0], tokens_per_s(LADDER[0])
+    why = "the smallest shape"
+    for rung in LADDER[1:]:
+        if rung.params > MAX_PARAMS_PER_CHAR * corpus_chars:
+            why = f"a larger one would be large for a corpus of {corpus_chars:,} characters"
+            break
+        rate = tokens_per_s(rung)
+        if budget_s * rate < TOKENS_PER_PARAM * rung.params:
+            why = (
+                f"the next ({rung.params / 1e6:.1f}M parameters at {rate:,.0f} tokens/s) would see "
+                f"{budget_s * rate / rung.params:.1f} tokens per parameter, under {TOKENS_PER_PARAM:g}"
+            )
+            break
+        chosen, speed = rung, rate
+    else:
+        why = "the largest shape of the ladder"
+    seen = budget_s * speed / chosen.params
+    return Choice(
+        chosen,
+        speed,
+        f"sized for {budget_s:g} s: {chosen.describe()} ({chosen.params / 1e6:.1f}M parameters) sees "
+        f"~{seen:.0f} tokens per parameter at this machine's {speed:,.0f} tokens/s; {why}",
+    )
+
+
+def corpus_chars(data: str | None) -> int:
+    """The corpus's size in bytes (characters, for ASCII text): the file, a folder's or a glob's files, or the
+    embedded Shakespeare. Raises the same one-line errors the run would."""
+    from chargpt import data as corpus
+
+    if data is None:
+        return corpus.shakespeare_bytes()
+    return sum(f.stat().st_size for f in corpus.corpus_files(data))
+
+
+def for_budget(budget_s: float, data: str | None, threads: int) -> Choice:
+    """What `chargpt train --max-time budget_s` trains on this machine: the rule, on rungs timed now."""
+    return choose(budget_s, lambda rung: measure(rung, threads), corpus_chars(data))
+
+
+def measure(rung: Rung, threads: int) -> float:
+    """Training tokens/s of the rung's real step on this CPU at `threads` threads, timed now (not cached: how fast
+    a CPU trains depends on what else runs on it, unlike which of two formats is faster)."""
+    import torch
+
+    from chargpt import precision
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time(rung, precision.cpu_info())
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time(rung: Rung, info: Any) -> float:
+    import torch
+
+    from chargpt import precision
+    from chargpt.config import TrainConfig
+    from chargpt.model import build_model
+    from chargpt.optim import make_optimizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = TrainConfig(**rung.settings())
+        model = build_model(cfg.model_config(MEASURE_VOCAB))
+        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+        x = torch.randint(MEASURE_VOCAB, (rung.batch_size, rung.block_size))
+        formats = [precision.Choice("fp32", "sizing")]
+        if info.native_bf16:
+            formats.append(precision.Choice("bf16", "sizing"))
+
+        def step(choice: precision.Choice) -> None:
+            with precision.autocast("cpu", choice):
+                _, loss = model(x, x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        best = []
+        for choice in formats:
+            step(choice)  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while n < 2 or time.perf_counter() - t0 < PROBE_S:
+                step(choice)
+                n += 1
+            best.append((time.perf_counter() - t0) / n)
+    return rung.batch_size * rung.block_size / min(best)

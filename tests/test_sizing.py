@@ -1,0 +1,116 @@
+"""chargpt.sizing: the model sized to the time budget (a pure rule over measured throughput), and when it applies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chargpt import sizing
+from chargpt.config import make_train_config, sizing_request
+from chargpt.sizing import LADDER, TOKENS_PER_PARAM, choose
+from helpers import call_main
+
+
+def flat(rate: float):
+    """A machine that trains every rung at `rate` tokens/s, and the rungs the rule asked about."""
+    asked: list[sizing.Rung] = []
+
+    def tokens_per_s(rung: sizing.Rung) -> float:
+        asked.append(rung)
+        return rate
+
+    return tokens_per_s, asked
+
+
+def test_the_budget_buys_the_largest_rung_that_sees_enough_tokens_per_parameter():
+    rate, corpus = 10_000.0, 10**9
+    for i, rung in enumerate(LADDER):
+        just_enough = TOKENS_PER_PARAM * rung.params / rate
+        speed, asked = flat(rate)
+        assert choose(just_enough, speed, corpus).rung == rung
+        assert asked == list(LADDER[: i + 2])  # the rungs up to the first refused, no more
+        if i:
+            assert choose(just_enough * 0.99, flat(rate)[0], corpus).rung == LADDER[i - 1]
+    assert choose(1.0, flat(rate)[0], corpus).rung == LADDER[0]  # any budget trains the smallest
+    assert choose(1e9, flat(rate)[0], corpus).rung == LADDER[-1]
+
+
+def test_a_faster_machine_or_a_longer_budget_never_buys_a_smaller_model():
+    sizes = [choose(t, flat(r)[0], 10**9).rung.params for r in (2e3, 2e4) for t in (60, 210, 900, 1800, 3600, 36000)]
+    slow, fast = sizes[:6], sizes[6:]
+    assert slow == sorted(slow) and fast == sorted(fast)
+    assert all(f >= s for s, f in zip(slow, fast, strict=True))
+    # throughput differs by rung as on a real CPU: larger rungs are slower, so they need more time
+    rates = {rung: 20_000 * LADDER[0].params / rung.params for rung in LADDER}
+    picked = [choose(t, rates.__getitem__, 10**9).rung for t in (210, 900, 1800, 7200, 10**6)]
+    assert [LADDER.index(r) for r in picked] == sorted(LADDER.index(r) for r in picked)
+
+
+def test_a_small_corpus_caps_the_model():
+    chosen = choose(1e9, flat(1e5)[0], corpus_chars=LADDER[1].params // 10 + 1)
+    assert chosen.rung == LADDER[1] and "large for a corpus" in chosen.reason
+    assert choose(1e9, flat(1e5)[0], corpus_chars=100).rung == LADDER[0]
+
+
+def test_the_rungs_are_valid_settings_and_the_reason_names_the_numbers():
+    for rung in LADDER:
+        cfg = make_train_config(None, None, sized=rung.settings(), device="cpu", max_time=60.0)
+        assert (cfg.n_embd, cfg.n_layers, cfg.optimizer, cfg.schedule) == (rung.n_embd, rung.n_layers, "muon", "wsd")
+    assert [r.params for r in LADDER] == sorted(r.params for r in LADDER)
+    reason = choose(900, flat(8_000)[0], 10**9).reason
+    assert "900 s" in reason and "8,000 tokens/s" in reason and "tokens per parameter" in reason
+
+
+def test_explicit_settings_win_over_the_sized_ones():
+    cfg = make_train_config(None, None, sized=LADDER[1].settings(), device="cpu", max_time=60.0, learning_rate=1e-3)
+    assert cfg.learning_rate == 1e-3 and cfg.n_embd == LADDER[1].n_embd
+
+
+def test_sizing_applies_to_a_time_budget_alone_on_a_cpu(tmp_path: Path):
+    assert sizing_request(None, None, max_time=60.0, device="cpu", data="x.txt", learning_rate=1e-3) is not None
+    assert sizing_request(None, None, max_time=60.0, device="auto") is not None  # this machine has no GPU
+    for refused in (
+        dict(max_time=60.0, device="cpu", n_embd=64),  # a shape given
+        dict(max_time=60.0, device="cpu", n_layers=2),
+        dict(max_time=60.0, device="cpu", n_updates=100),  # a step count given
+        dict(max_time=60.0, device="cpu", init_from="out/base"),  # a fine-tune keeps its model's shape
+        dict(max_time=60.0, device="cuda"),  # a GPU has its own preset
+        dict(device="cpu"),  # no budget
+        dict(max_time=0.0, device="cpu"),
+    ):
+        assert sizing_request(None, None, **refused) is None, refused
+    assert sizing_request("cpu", None, max_time=60.0, device="cpu") is None  # a preset named
+    toml = tmp_path / "run.toml"
+    toml.write_text("max_time = 30\n")
+    assert sizing_request(None, str(toml), device="cpu") is not None
+    toml.write_text("max_time = 30\nn_embd = 64\n")
+    assert sizing_request(None, str(toml), device="cpu") is None
+
+
+def test_measure_times_the_real_step():
+    assert 100 < sizing.measure(LADDER[0], threads=1) < 10**7
+    assert sizing.corpus_chars(None) > 1_000_000  # the plays
+
+
+def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = call_main(
+        ["train", "--data", str(text_file), "--max-time", "4", "--out", str(out), "--threads", "1"], capsys
+    )
+    assert rc == 0, err
+    saved = json.loads((out / "config.json").read_text())["info"]["train_config"]
+    assert "sized for 4 s" in stdout + err
+    assert (saved["optimizer"], saved["schedule"], saved["n_embd"]) == ("muon", "wsd", LADDER[0].n_embd)
+    rc, stdout, err = call_main(
+        ["train", "--data", str(text_file), "--max-time", "4", "--out", str(tmp_path / "p"), "--preset", "cpu",
+         "--threads", "1"], capsys,
+    )  # fmt: skip
+    assert rc == 0 and "sized" not in stdout + err and "preset cpu (as asked)" in stdout + err
+
+
+@pytest.mark.parametrize("flag", ["--optimizer=sgd", "--schedule=linear", "--decay-fraction=1.5"])
+def test_bad_optimizer_settings_are_one_line_errors(flag: str, text_file: Path, tmp_path: Path, capsys):
+    rc, _, err = call_main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), flag], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
