@@ -1,14 +1,15 @@
-"""Time-to-quality: `chargpt train` with the CPU preset on tinyshakespeare for a fixed wall-clock budget,
-then `chargpt eval` of the best checkpoint on the validation text (the last 10%).
+"""Time-to-quality: `chargpt train` on tinyshakespeare for a fixed wall-clock budget, then `chargpt eval` of the
+best checkpoint on the validation text (the last 10%).
 
-    python benchmarks/bench_quality.py [--max-time 210] [--out out/bench-quality] [--precision fp32 auto]
-                                       [extra train flags...]
+    python benchmarks/bench_quality.py [--max-time 210 900 1800] [--variants default cpu] [--precision auto]
+                                       [--out out/bench-quality] [extra train flags...]
 
-Target (issue 4): val loss <= 1.70 nats/char after 210 s on a 2-core CPU; nanoGPT's CPU recipe reaches
-about 1.89 in about 216 s on the same machine. Issue 13: on a CPU with native bf16, the run with
-`--precision auto` (bf16) is reported beside an fp32 run of the same benchmark; target: >= 0.06 nats lower.
-Issue 23: the best checkpoint is also scored with int8 weights (`chargpt eval --quantize int8`); target: the
-val loss changes by <= 0.01 nats (`--preset seed` after the options trains the seed shape, not the cpu preset).
+Each budget runs each variant one after the other in the same benchmark: `default` is the default command
+(`chargpt train --data ... --max-time T`: on a CPU the model is sized to the budget, chargpt.sizing) and `cpu`
+is `--preset cpu` (the fixed 0.8M-parameter preset of rounds 1-2, AdamW with a cosine schedule).
+Issue 18's targets: default beats cpu by >= 0.02 at 210 s, >= 0.05 at 900 s, >= 0.08 at 1800 s; auto precision
+never worse than fp32 by more than 0.01. Issue 4: val loss <= 1.70 after 210 s. Issue 23: the best checkpoint
+is also scored with int8 weights (`chargpt eval --quantize int8`); target: the loss changes by <= 0.01 nats.
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # besid
 CORPUS = SHARED / "data" / "tinyshakespeare.txt"
 
 
-def run(data: Path, val_text: str, max_time: float, out: str, precision: str, extra: list[str]) -> dict:
-    """One `chargpt train --preset cpu --max-time ...` run, then `chargpt eval` of its best checkpoint."""
+def run(data: Path, val_text: str, max_time: float, out: str, variant: str, precision: str, extra: list[str]) -> dict:
+    """One `chargpt train ... --max-time` run (the default command, or a preset), then `chargpt eval` of its best
+    checkpoint, with and without int8 weights."""
     chargpt = [sys.executable, "-m", "chargpt"]
+    preset = [] if variant == "default" else ["--preset", variant]
     t0 = time.perf_counter()
-    subprocess.run(
-        [*chargpt, "train", "--data", str(data), "--preset", "cpu", "--max-time", str(max_time), "--out", out]
-        + ["--overwrite", "--quiet", "--precision", precision, *extra],
+    trained = subprocess.run(
+        [*chargpt, "train", "--data", str(data), *preset, "--max-time", str(max_time), "--out", out]
+        + ["--overwrite", "--precision", precision, *extra],
         check=True,
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - t0
+    lines = (trained.stdout + trained.stderr).splitlines()
+    announced = next((line for line in lines if line.startswith("training a")), "")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
         f.write(val_text)
     scored = subprocess.run(
@@ -51,7 +58,9 @@ def run(data: Path, val_text: str, max_time: float, out: str, precision: str, ex
     result = json.loads(scored.stdout)
     metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((Path(out) / "config.json").read_text())
+    train_cfg = config["info"]["train_config"]
     return {
+        "variant": variant,
         "precision": precision,
         "max_time_s": max_time,
         "train_wall_s": round(wall, 1),
@@ -62,47 +71,51 @@ def run(data: Path, val_text: str, max_time: float, out: str, precision: str, ex
         "int8_change": round(result["loss"] - result["loss_unquantized"], 4),
         "tokens_per_s": round(metrics[-1]["tokens_per_s"]),
         "model": config["model"],
+        "settings": {k: train_cfg[k] for k in ("batch_size", "optimizer", "schedule", "learning_rate", "dropout")},
+        "announced": announced,
         "plot": str(Path(out) / "loss.png"),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-time", type=float, default=210)
+    p.add_argument("--max-time", type=float, nargs="+", default=[210.0])
+    p.add_argument("--variants", nargs="+", default=["default", "cpu"], help="default (the default command) or "
+                   "a preset name")  # fmt: skip
     p.add_argument("--out", default="out/bench-quality")
     p.add_argument("--data", default=str(CORPUS))
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"), help="default: fp32, and auto where "
-                   "auto picks bf16 (issue 13's target: auto >= 0.06 nats below fp32)")  # fmt: skip
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"), default=["auto"])
     a, extra = p.parse_known_args()
     data = Path(a.data)
     if not data.is_file():
         sys.exit(f"bench_quality: {data} not found; it ships in ../shared/data beside the repo")
     info = prec.cpu_info()
-    auto = prec.resolve("auto", "cpu", "train")
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; auto trains in {auto.name} ({auto.reason})")
-    precisions = a.precision or (["fp32", "auto"] if auto.name == "bf16" else ["fp32"])
+    print(f"CPU: {info.model}; flags: {info.shown_flags()}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.2f}")
     text = data.read_text(encoding="utf-8")
     val_text = text[len(text) - int(len(text) * 0.1) :]
-    results = []
-    for name in precisions:
-        out = a.out if len(precisions) == 1 else f"{a.out}-{name}"
-        r = run(data, val_text, a.max_time, out, name, extra)
-        results.append(r)
-        print(
-            f"{name}: val loss {r['val_loss']:.4f} nats/char after {a.max_time:.0f}s of training "
-            f"({r['steps']} steps, {r['tokens_per_s']:,} tokens/s); curve: {r['plot']}"
-        )
-        print(
-            f"  with int8 weights: {r['val_loss_int8']:.4f} ({r['int8_change']:+.4f} nats/char; "
-            "target |change| <= 0.01)"
-        )
-    if len(results) == 2:
-        print(f"{results[1]['precision']} - {results[0]['precision']}: "
-              f"{results[1]['val_loss'] - results[0]['val_loss']:+.4f} nats/char")  # fmt: skip
-    elif auto.name == "fp32":
-        print("auto = fp32 on this CPU (no regression by construction); bf16 runs only where it is native")
-    for r in results:
-        print(json.dumps(r))
+    for budget in a.max_time:
+        results = {}
+        for variant in a.variants:
+            for name in a.precision:
+                out = f"{a.out}-{budget:g}s-{variant}-{name}"
+                r = run(data, val_text, budget, out, variant, name, extra)
+                results[(variant, name)] = r
+                load = os.getloadavg()[0]
+                print(f"{budget:g}s {variant} ({name}): val loss {r['val_loss']:.4f} nats/char, {r['steps']} steps, "
+                      f"{r['tokens_per_s']:,} tokens/s, int8 {r['int8_change']:+.4f}; load {load:.2f}")  # fmt: skip
+                print(f"  {r['announced']}")
+                print(json.dumps(r), flush=True)
+        if len(a.variants) >= 2:
+            first, second = a.variants[:2]
+            for name in a.precision:
+                gain = results[(second, name)]["val_loss"] - results[(first, name)]["val_loss"]
+                print(f"{budget:g}s ({name}): {first} is {gain:+.4f} nats/char below {second}")
+        if "fp32" in a.precision and len(a.precision) > 1:
+            for variant in a.variants:
+                for name in a.precision:
+                    if name != "fp32":
+                        diff = results[(variant, name)]["val_loss"] - results[(variant, "fp32")]["val_loss"]
+                        print(f"{budget:g}s {variant}: {name} - fp32 = {diff:+.4f} (target <= +0.01)")
 
 
 if __name__ == "__main__":

@@ -204,3 +204,17 @@ def test_a_time_budget_alone_governs_the_run(tmp_path):
     toml.write_text("max_time = 30\n")
     assert make_train_config("cpu", str(toml), device="cpu").n_updates == TIME_GOVERNED_UPDATES
     assert make_train_config("cpu", device="cpu").n_updates == PRESETS["cpu"]["n_updates"]
+
+
+def test_every_setting_is_described_once_beside_its_field_and_shown_by_help():
+    from dataclasses import fields
+
+    from chargpt.cli import build_parser
+    from chargpt.config import TrainConfig
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
+    for f in fields(TrainConfig):
+        described = f.metadata.get("help", "")
+        assert described and "\n" not in described, f.name
+        assert "--" + f.name.replace("_", "-") in text
+        assert " ".join(described.split()[:3]) in " ".join(text.split()), f.name

@@ -7,7 +7,7 @@ Building a config needs no torch, except to look for a GPU when the device is `a
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,51 +66,81 @@ class GPTConfig:
         return self.n_embd // self.n_heads
 
 
+def setting(default: Any, help: str) -> Any:
+    """A TrainConfig field with its one-line description: `chargpt train --help` shows it for the flag."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything `chargpt train` takes. Flag `--n-embd` sets field `n_embd`, and so on."""
 
     # data and output
-    data: str | None = None  # UTF-8 text file or folder of .txt files; None = embedded Shakespeare
-    out: str = "out/model"
-    val_fraction: float = 0.1
-    token_cache: str | None = None  # folder of token caches; None = <cache dir>/tokens; "off" = tokenize into memory
-    vocab: str = "auto"  # auto = the corpus's characters; or a UTF-8 file whose characters are the vocabulary
-    min_char_count: int = 1  # with vocab auto: characters seen fewer times map to one unknown symbol
-    init_from: str | None = None  # fine-tune: start from this trained model's weights (its shape; new characters added)
+    # None = the embedded Shakespeare plays
+    data: str | None = setting(
+        None, "UTF-8 text file, folder of .txt files, or quoted glob ('books/**/*.txt') to train on"
+    )
+    out: str = setting("out/model", "model directory to write")
+    val_fraction: float = setting(0.1, "the last part of the text held out for validation")
+    # None = <cache dir>/tokens
+    token_cache: str | None = setting(
+        None, "folder for the tokenized corpus (memory-mapped); off = tokenize into memory"
+    )
+    vocab: str = setting("auto", "auto (the corpus's characters) or a UTF-8 file whose characters are the vocabulary")
+    min_char_count: int = setting(1, "with --vocab auto: rarer characters map to one unknown symbol (U+FFFD)")
+    init_from: str | None = setting(
+        None,
+        "fine-tune: start from this trained model's weights (its shape; the new text's characters are added); "
+        "the learning rate defaults to a third of the preset's, warm-up to 20 steps",
+    )
     # model shape (the classic seed model by default)
-    arch: str = "gpt"  # gpt, or bigram (saved configs and TOML files may still call it `model`)
-    block_size: int = 256
-    n_embd: int = 384
-    n_heads: int = 6
-    n_layers: int = 6
-    dropout: float = 0.2
+    # gpt, or bigram (saved configs and TOML files may still call it `model`)
+    arch: str = setting("gpt", "the model: gpt, or bigram (the lecture's baseline)")
+    block_size: int = setting(256, "context length in characters")
+    n_embd: int = setting(384, "embedding width")
+    n_heads: int = setting(6, "attention heads per layer (must divide n_embd)")
+    n_layers: int = setting(6, "transformer blocks")
+    dropout: float = setting(0.2, "dropout probability while training")
     # optimisation
-    n_updates: int = 5000
-    batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
-    learning_rate: float = 3e-4
-    schedule: str = "cosine"  # after warm-up: cosine decay, or wsd: flat, then linear over the last decay_fraction
-    decay_fraction: float = 0.2  # wsd: the part of the budget (steps or time) the decay takes
-    min_lr_ratio: float = 0.1  # the decay ends at learning_rate * min_lr_ratio
-    warmup_updates: int = 100
-    weight_decay: float = 0.1  # applied to weight matrices only
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    beta2: float = 0.99
+    n_updates: int = setting(5000, "optimizer steps (with only --max-time given, the clock alone ends the run)")
+    batch_size: int = setting(64, "sequences per step (global, across all processes)")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per step; same global batch, less memory")
+    optimizer: str = setting(
+        "adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for embeddings, head, biases, gains)"
+    )
+    learning_rate: float = setting(
+        3e-4, "peak learning rate (Muon's updates are scaled to AdamW's size: one rate serves both)"
+    )
+    schedule: str = setting(
+        "cosine", "after warm-up: cosine decay, or wsd (flat, then linear decay over the last --decay-fraction)"
+    )
+    decay_fraction: float = setting(0.2, "wsd: the part of the budget (steps or --max-time) the final decay takes")
+    min_lr_ratio: float = setting(0.1, "the decay ends at learning_rate x this")
+    warmup_updates: int = setting(100, "linear warm-up steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay on weight matrices only")
+    grad_clip: float = setting(1.0, "max gradient norm; 0 = off")
+    beta2: float = setting(0.99, "AdamW second-moment decay (0.99 suits small batches)")
     # evaluation, checkpoints, budget
-    eval_interval: int = 500
-    eval_iters: int = 200
-    log_interval: int = 10  # steps between training-loss rows in metrics.jsonl
-    checkpoint_interval: int = 500  # steps between resumable-state saves; 0 = by time only
-    checkpoint_seconds: float = 0.0  # also save the resumable state after this many seconds of training; 0 = off
-    max_time: float = 0.0  # seconds of training; 0 = no limit. The LR schedule ends when time does.
-    patience: int = 0  # stop after this many evaluations in a row without a better val loss; 0 = never
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda > mps > cpu
-    compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU; falls back cleanly)
-    threads: int = 0  # CPU threads; 0 = auto: the cores free at the start, re-checked as the run goes
-    precision: str = "auto"  # fp32, bf16 (autocast; weights stay fp32), auto: whichever is faster here
+    eval_interval: int = setting(500, "steps between evaluations (metrics row, best-val checkpoint, plot)")
+    eval_iters: int = setting(200, "batches per loss estimate")
+    log_interval: int = setting(10, "steps between training-loss rows in metrics.jsonl")
+    checkpoint_interval: int = setting(500, "steps between saves of the resumable state; 0 = by time only")
+    checkpoint_seconds: float = setting(
+        0.0, "also save the resumable state every this many seconds of training; 0 = off"
+    )
+    max_time: float = setting(
+        0.0, "wall-clock budget in seconds for the training loop, evaluations included; the LR schedule ends with it"
+    )
+    patience: int = setting(
+        0, "stop after N evaluations in a row without a better val loss (the best model is kept); 0 = never"
+    )
+    seed: int = setting(1337, "seeds weights, batches and dropout: same seed, same run")
+    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    # falls back cleanly (with a warning) where it cannot compile
+    compile: bool = setting(False, "torch.compile the model (needs a C++ compiler on CPU)")
+    threads: int = setting(0, "CPU threads; 0 = auto: the cores free at the start, re-checked when steps slow down")
+    # bf16 is autocast only: weights, gradients and optimizer state stay fp32
+    precision: str = setting("auto", "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16")
 
     def validate(self) -> None:
         self.model_config(vocab_size=1)  # checks the shape fields

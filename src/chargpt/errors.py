@@ -33,3 +33,13 @@ class RememberedInterrupt:
     def __call__(self, signum: int, frame: object) -> None:
         self.caught = True
         raise KeyboardInterrupt
+
+
+EXIT_USAGE = 2  # the exit status of a usage error or any other one-line error
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # a run stopped by a signal (128 + its number)
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line of sane length, whatever a file or flag put into it."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

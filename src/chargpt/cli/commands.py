@@ -1,0 +1,406 @@
+"""What each `chargpt` command does with its parsed flags: call the library, print the result."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from chargpt.cli.launch import last_line, launch_torchrun, self_command
+from chargpt.config import MODEL_TYPES, TIME_GOVERNED_UPDATES, TrainConfig
+from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line
+
+
+def setup_logging(quiet: bool) -> None:
+    from tqdm import tqdm
+
+    class TqdmHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    logger = logging.getLogger("chargpt")
+    logger.handlers[:] = [TqdmHandler()]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _legacy_model_flag(args: argparse.Namespace) -> None:
+    """`train --model gpt|bigram` still works (with a warning); a directory there gets pointed elsewhere."""
+    value = args.legacy_model
+    if value is None:
+        return
+    if value in MODEL_TYPES:
+        sys.stderr.write(f"chargpt: warning: train --model is deprecated; use --arch {value}\n")
+        args.arch = args.arch or value
+        return
+    if os.sep in value or "/" in value or Path(value).exists():
+        raise ChargptError(
+            f"train --model takes an architecture (deprecated: use --arch gpt|bigram), not a model directory; "
+            f"to continue training {value} use `chargpt train --resume {value}`, to sample from it "
+            f"`chargpt sample --model {value}`"
+        )
+    raise ChargptError(f"unknown architecture {value!r} for train --model (deprecated); use --arch gpt or bigram")
+
+
+def _preset_note(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    note = _preset_choice(args, cfg)
+    return f"{note}; fine-tuning {cfg.init_from}" if cfg.init_from and not args.resume else note
+
+
+def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    if args.resume:
+        return "the saved run's settings"
+    if args.preset:
+        return f"preset {args.preset} (as asked)"
+    from chargpt.config import resolve_preset
+
+    preset = resolve_preset(None, cfg.device)
+    why = "no GPU found" if preset == "cpu" else "a GPU was found"
+    other = "--preset seed for the 10.8M model" if preset == "cpu" else "--preset cpu for a small model"
+    return f"preset {preset} ({why}; {other})"
+
+
+def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The rung chargpt.sizing picks for a --max-time run on a CPU with no shape given (one process only), or None."""
+    from chargpt.config import sizing_request
+
+    given = sizing_request(args.preset, args.config, **overrides)
+    if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    from chargpt import cores, sizing
+
+    if not args.quiet:
+        print(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...", flush=True)
+    return sizing.for_budget(given["max_time"], given.get("data"), cores.choose_threads(given.get("threads") or None))
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from chargpt.checkpoint import resume_config
+    from chargpt.config import make_train_config, resume_settings
+    from chargpt.train import train
+
+    _legacy_model_flag(args)
+    overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if args.resume:
+        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise ChargptError("--resume DIR continues in DIR; drop --out or make it the same directory")
+        # the launch command plus --resume DIR: settings equal to the saved ones are fine, changes are checked
+        given, sources = resume_settings(args.preset, args.config, **{k: v for k, v in overrides.items() if k != "out"})
+        cfg = resume_config(args.resume, sources, **given)
+        sized = None
+    else:
+        sized = _sized(args, overrides)
+        cfg = make_train_config(args.preset, args.config, sized=sized and sized.rung.settings(), **overrides)
+    if args.nproc is not None:
+        return launch_torchrun(args.nproc, cfg, argv)
+    setup_logging(args.quiet)
+    note = sized.reason if sized else _preset_note(args, cfg)
+    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet, preset_note=note)
+    if result.rank == 0:
+        return _report_train(result, cfg)
+    return 0
+
+
+def _report_train(result: Any, cfg: TrainConfig) -> int:
+    """The last lines of a run: how it ended, where the model is, and the exact next command."""
+    me = self_command()
+    if result.stopped_by in EXIT_SIGNAL:
+        last_line(
+            f"interrupted by {result.stopped_by} at step {result.step}; state saved in {result.out}. "
+            f"Resume with: {me} train --resume {result.out}"
+        )
+        return EXIT_SIGNAL[result.stopped_by]
+    if result.stopped_by == "finished":
+        if cfg.max_time and cfg.n_updates >= TIME_GOVERNED_UPDATES:
+            longer = f"--max-time {2 * cfg.max_time:g}"
+        else:
+            longer = f"--n-updates {2 * result.step}"
+            longer += f" (or --max-time {2 * cfg.max_time:g})" if cfg.max_time else ""
+        print(
+            f"{result.out} is already finished ({result.step} steps, best val loss {result.best_val_loss:.4f}); "
+            f"to train it further, give it a larger budget: {me} train --resume {result.out} {longer}"
+        )
+        return 0
+    why = {"max_time": "the time budget", "n_updates": "--n-updates", "pause": "pause_after"}.get(result.stopped_by)
+    if result.stopped_by == "patience":
+        why = f"--patience: {cfg.patience} evaluations in a row without a better val loss"
+    steps = f"{result.step} step" + ("" if result.step == 1 else "s")
+    print(f"done: {steps} in {result.elapsed:.0f}s (stopped by {why or result.stopped_by})")
+    if result.best_step >= 0:
+        print(f"best val loss {result.best_val_loss:.4f} (step {result.best_step}); the model is in {result.out}")
+    print(f"next: {me} sample --model {result.out}    (and: {me} info {result.out})")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from chargpt.generate import SampleConfig, decode_threads
+
+    cfg = SampleConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        stop=tuple(args.stop),
+        precision=args.precision,
+        quantize=args.quantize,
+    )
+    cfg.validate()
+    with _threads(args.threads, decode_threads(args.num_samples) if args.threads is None else None):
+        return _sample(args, cfg)
+
+
+@contextlib.contextmanager
+def _threads(requested: int | None, default: int | None = None) -> Iterator[None]:
+    """Run a command with `requested` CPU threads (at most the cores), else `default`, else the free cores; the
+    process's count is put back after: `main` may be called in-process (tests, notebooks)."""
+    import torch
+
+    from chargpt import cores
+
+    if requested is not None and requested < 1:
+        raise ChargptError(f"--threads must be >= 1, got {requested}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(default if default is not None else cores.choose_threads(requested))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sample(args: argparse.Namespace, cfg: Any) -> int:
+    from chargpt import memory
+    from chargpt.checkpoint import load_model
+    from chargpt.distributed import resolve_device
+    from chargpt.generate import generate, stream
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device)
+    memory.check(
+        memory.inference_bytes(model.config, args.num_samples),
+        device,
+        f"sampling {args.num_samples} sequence(s) at once",
+        "use a smaller --num-samples",
+    )
+    tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before anything is printed
+    if sys.stderr.isatty():  # on a terminal, say how it decodes (pipes and logs get the text only)
+        from chargpt import quantize as quant
+
+        choice = quant.apply(model, cfg.quantize, device)[1]  # the int8 copy is kept for the generation
+        weights = "int8 weights" if choice.name == "int8" else "weights as trained"
+        sys.stderr.write(f"decoding with {weights} ({choice.reason})\n")
+    out = sys.stdout
+    if args.num_samples == 1 and not args.no_stream:
+        out.write(args.prompt)
+        out.flush()
+        for chunk in stream(model, tokenizer, args.prompt, cfg):
+            out.write(chunk)
+            out.flush()
+        out.write("\n")
+        return 0
+    texts = generate(model, tokenizer, args.prompt, cfg)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        out.write(args.prompt + text + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    with _threads(args.threads):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import math
+
+    from chargpt.checkpoint import load_model
+    from chargpt.distributed import resolve_device
+    from chargpt.evaluate import evaluate_file
+
+    model, tokenizer = load_model(args.model, resolve_device(args.device))
+    path = Path(args.data)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ChargptError(f"data file {path} {what}; pass a UTF-8 text file")
+    if path.stat().st_size == 0:
+        raise ChargptError(f"{path} is empty; give it some text to score")
+    # streamed through the token cache; bars (tokenizing, scoring) on a terminal only, not in pipes and logs
+    result = evaluate_file(
+        model, tokenizer, path, token_cache=args.token_cache, progress=not args.quiet, precision=args.precision,
+        quantize=args.quantize,
+    )  # fmt: skip
+    if not all(math.isfinite(result[k]) for k in ("loss", "bits_per_char")):
+        raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
+    print(json.dumps(result, allow_nan=False))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from chargpt.checkpoint import describe, is_run_folder, list_runs
+
+    folder = Path(args.dir)
+    if folder.is_dir() and not is_run_folder(folder):
+        runs = list_runs(folder)
+        if runs:
+            _print_runs(folder, runs, args.json)
+            if args.plot:
+                _plot_runs(folder, runs, Path(args.plot))
+            return 0
+    if args.plot:
+        raise ChargptError(f"--plot draws a folder of runs; {folder} is not one (use its loss.png)")
+    info = describe(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=1, ensure_ascii=False))
+        return 0
+    for line in _info_lines(info):
+        print(line)
+    return 0
+
+
+def _plot_runs(folder: Path, runs: list[dict[str, Any]], path: Path) -> None:
+    from chargpt.report import METRICS, compare_plot, read_metrics
+
+    # a run folder is read without following links (it may not be the user's own)
+    curves = {r["name"]: read_metrics(folder / r["name"], 10**18) for r in runs
+              if not (folder / r["name"] / METRICS).is_symlink()}  # fmt: skip
+    compare_plot(path, curves)
+    print(f"wrote {path}")
+
+
+def _print_runs(folder: Path, runs: list[dict[str, Any]], as_json: bool) -> None:
+    """`chargpt info FOLDER` on a folder of runs: one line each, to compare them."""
+    if as_json:
+        print(json.dumps({"dir": str(folder), "runs": runs}, indent=1, ensure_ascii=False))
+        return
+    width = max(3, *(len(r["name"]) for r in runs))
+    print(f"{'run':<{width}}  {'shape (LxHxC, context)':<22}  {'steps':>8}  {'time':>7}  {'best val':>8}  at step")
+    for r in runs:
+        elapsed = f"{r['elapsed']:.0f}s" if r.get("elapsed") is not None else "-"
+        steps = r.get("steps", "-")
+        line = f"{r['name']:<{width}}  {r.get('shape', '-'):<22}  {steps:>8}  {elapsed:>7}  "
+        best = _num(r.get("best_val_loss")) if r.get("best_step") is not None else "-"
+        line += f"{best:>8}  {r.get('best_step', '-')}"
+        print(line + (f"  ({one_line(r['problem'], 100)})" if "problem" in r and "shape" not in r else ""))
+
+
+def _info_lines(info: dict[str, Any]) -> list[str]:
+    m, t = info["model"], info["training"]
+    shape = f"{m['n_layers']} layers x {m['n_heads']} heads, n_embd {m['n_embd']}, context {m['block_size']}"
+    vocab = "".join(info["vocab"]).replace("\n", "\\n")
+    lines = [
+        f"{info['dir']}: a {m['arch']} model, {info['parameters']:,} parameters"
+        + (f" ({shape}, dropout {m['dropout']})" if m["arch"] == "gpt" else ""),
+        f"vocabulary: {len(info['vocab'])} characters: {vocab[:80]}{' ...' if len(vocab) > 80 else ''}",
+    ]
+    if t.get("best_step") is not None:
+        lines.append(
+            f"saved (best val) model: step {t['best_step']}, val loss {_num(t.get('best_val_loss'))}, "
+            f"train loss {_num(t.get('best_train_loss'))}"
+        )
+    if t.get("steps") is not None:
+        lines.append(f"training: {t['steps']} steps in {t['elapsed']:.0f}s, resumable (train_state.pt)")
+    origin = t.get("init_from")
+    if isinstance(origin, dict):
+        where = f"its step {origin.get('step')}, val loss {_num(origin.get('val_loss'))}"
+        lines.append(f"fine-tuned from {origin.get('path')} ({where})")
+    cfg = t.get("config") or {}
+    if cfg:
+        settings = ", ".join(f"{k}={v}" for k, v in _user_settings(cfg).items())
+        lines.append(f"trained on {cfg.get('data') or 'the built-in Shakespeare plays'} with {settings}")
+    lines.append("files: " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
+    return lines
+
+
+def _user_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings as the user would give them: not the shape (said above), not the paths, not the
+    step count that stands for 'the clock decides', not defaults that mean 'none'."""
+    skip = {"data", "out", "arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"}
+    shown = {k: v for k, v in cfg.items() if k not in skip and v is not None}
+    if shown.get("n_updates") == TIME_GOVERNED_UPDATES:
+        del shown["n_updates"]
+    return shown
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "?"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from chargpt.export import export
+
+    out = export(args.model, args.out, args.format, overwrite=args.overwrite)
+    if args.format == "web":
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"wrote {out}/ ({_size(size)}): open {out / 'index.html'} in a browser, or put the folder on any host")
+    else:
+        print(f"wrote {out} ({_size(out.stat().st_size)}): run it with onnxruntime (see the README's export section)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from chargpt.serve import ServeConfig, describe, serve
+    except ImportError as e:
+        raise ChargptError(f"chargpt serve needs FastAPI and uvicorn ({e}); pip install 'chargpt[serve]'") from None
+    from chargpt.distributed import resolve_device
+
+    cfg = ServeConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_chars=args.max_prompt_chars,
+        precision=args.precision,
+        quantize=args.quantize,
+    )
+    cfg.validate()
+
+    def ready(url: str, card: Any) -> None:
+        print(
+            f"serving {describe(card)} at {url}  (playground {url}/ , OpenAI API {url}/v1 ; Ctrl-C stops)", flush=True
+        )
+
+    with _threads(args.threads, _serve_threads() if args.threads is None else None):
+        serve(cfg, resolve_device(args.device), ready)
+    gc.freeze()  # the exit need not walk torch's objects: that takes seconds on a busy machine
+    return 0
+
+
+def _serve_threads() -> int:
+    """The server's default: the free cores but one, which its HTTP side needs: with every core in torch's
+    matrix products, the event loop that streams the text waits for them (bench_serve, docs/benchmarks.md)."""
+    from chargpt import cores
+
+    return max(1, cores.choose_threads(None) - 1)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
+    "train": cmd_train,
+    "sample": lambda args, argv: cmd_sample(args),
+    "eval": lambda args, argv: cmd_eval(args),
+    "info": lambda args, argv: cmd_info(args),
+    "serve": lambda args, argv: cmd_serve(args),
+    "export": lambda args, argv: cmd_export(args),
+}

@@ -1,0 +1,386 @@
+"""The `chargpt` command's flags and help: one parser per command, and the checks of what was parsed."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import fields
+from typing import Any
+
+from chargpt import __version__
+from chargpt.config import MODEL_TYPES, OPTIMIZERS, PRECISIONS, PRESETS, QUANTIZE, SCHEDULES, TRAIN_FIELDS, TrainConfig
+from chargpt.errors import EXIT_USAGE, ChargptError
+
+# A one-line description of every TrainConfig field, and the --help group it is listed under.
+# each setting's description lives beside its field in config.TrainConfig
+FLAG_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+DEVICE_HELP = f"{FLAG_HELP['device']} (default: auto)"
+
+
+THREADS_HELP = "CPU threads (default: the cores free at start-up)"
+
+
+PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
+
+
+QUANTIZE_HELP = "int8 weights (faster decoding, slightly different numbers), none, or auto: int8 where measured faster"
+
+
+GROUPS = {
+    "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count", "init_from"),
+    "model": ("arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"),
+    "optimisation": (
+        "n_updates",
+        "max_time",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "optimizer",
+        "learning_rate",
+        "schedule",
+        "decay_fraction",
+        "min_lr_ratio",
+        "warmup_updates",
+        "weight_decay",
+        "grad_clip",
+        "beta2",
+        "seed",
+    ),
+    "evaluation and checkpoints": (
+        "out",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "checkpoint_interval",
+        "checkpoint_seconds",
+        "patience",
+    ),
+    "hardware": ("device", "precision", "threads", "compile"),
+}
+
+
+TRAIN_EXAMPLES = """examples:
+  chargpt train --out out/demo --max-time 150          # 2.5 minutes on the built-in Shakespeare
+  chargpt train --data my.txt --out out/mine --preset seed --n-updates 2000
+  chargpt train --resume out/demo --max-time 300       # continue a run with a larger budget
+"""
+
+
+SAMPLE_EXAMPLES = """examples:
+  chargpt sample --model out/demo --prompt "ROMEO:" --temperature 0.8 --seed 1
+  chargpt sample --model out/demo --top-p 0.9 --num-samples 4 --no-stream
+"""
+
+
+EVAL_EXAMPLES = """example:
+  chargpt eval --model out/demo --data held-out.txt    # one JSON line: loss, bits_per_char, chars, precision
+"""
+
+
+SERVE_EXAMPLES = """examples:
+  chargpt serve --model out/demo                       # http://127.0.0.1:8000, playground at /
+  chargpt serve --model out/demo --host 0.0.0.0 --port 9000 --api-key "$KEY" --max-batch 32
+"""
+
+
+EXPORT_EXAMPLES = """examples:
+  chargpt export --model out/demo --format onnx --out demo.onnx   # then run it with onnxruntime (README)
+  chargpt export --model out/demo --format web --out demo-site    # open demo-site/index.html in a browser
+"""
+
+
+INFO_EXAMPLES = """examples:
+  chargpt info out/demo
+  chargpt info out/demo --json
+"""
+
+
+MAIN_EXAMPLES = """start here:
+  chargpt train --out out/demo --max-time 150    # train a small GPT on Shakespeare (CPU: ~2.5 minutes)
+  chargpt sample --model out/demo --prompt "ROMEO:"
+  chargpt info out/demo
+each command has its own --help.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations, and a usage error is one line (with a suggestion) and exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+    def suggestion(self, message: str) -> str:
+        if message.startswith("argument COMMAND: invalid choice: "):  # a mistyped subcommand
+            word = message.split("invalid choice: ", 1)[1].split(" (choose", 1)[0].strip("'")
+            commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            close = difflib.get_close_matches(word, commands, n=1, cutoff=0.5)
+            return f"; did you mean {close[0]}?" if close else ""
+        if "unrecognized arguments: " not in message:
+            return ""
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for word in message.split("unrecognized arguments: ", 1)[1].split():
+            word = word.split("=")[0]
+            if word[:2] != "--":
+                continue
+            starts = [k for k in known if k.startswith(word)]  # an abbreviation: what it abbreviates
+            close = starts if len(starts) == 1 else difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
+
+    footer: Any = None  # a function adding a last paragraph to --help, computed only when help is shown
+
+    def format_help(self) -> str:
+        return super().format_help() + (f"\n{self.footer()}\n" if self.footer else "")
+
+
+def _preset_here() -> str:
+    from chargpt.config import resolve_preset
+
+    try:
+        preset = resolve_preset(None, "auto")
+    except ChargptError:
+        preset = "cpu"
+    why = "no GPU found" if preset == "cpu" else "a GPU was found"
+    return (
+        f"on this machine: --preset {preset} applies unless you name one ({why}); cpu = a 0.8M-parameter model "
+        f"tuned for a laptop CPU, gpu = the classic 10.8M-parameter model tuned for a GPU, seed = the same model "
+        f"as in the lecture"
+    )
+
+
+def _default_text(name: str) -> str:
+    """`default X`, or the two presets' values for the fields a preset sets."""
+    f = TRAIN_FIELDS[name]
+    if name == "data":
+        return "default: the complete Shakespeare plays, built in"
+    if f.type == "bool":
+        return f"default: {'on' if f.default else 'off'}"
+    if name == "max_time":
+        return "default: 0, no limit"
+    if name == "token_cache":
+        return "default: the tokens folder in chargpt's cache folder"
+    if name == "init_from":
+        return "default: a fresh model"
+    values = {p: PRESETS[p].get(name, f.default) for p in ("cpu", "gpu", "seed")}
+    if len(set(values.values())) == 1:
+        return f"default: {f.default}"
+    shown = [f"{value} with --preset {p}" for p, value in values.items()]
+    return f"default: {', '.join(shown)}"
+
+
+def _add_train_flags(p: _Parser) -> None:
+    """One flag per TrainConfig field (`--n-embd` <-> n_embd), in --help groups; default None = not given."""
+    groups = {title: p.add_argument_group(title) for title in ("settings", *GROUPS)}
+    group_of = {name: title for title, names in GROUPS.items() for name in names}
+    general = groups["settings"]
+    general.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="cpu (a small model tuned for a CPU), gpu (the 10.8M model tuned for a GPU) or seed (the 10.8M model "
+        "as in the lecture) (default: cpu on a CPU, gpu on a CUDA GPU)",
+    )
+    general.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of settings (keys: flag names with underscores); flags override it (default: none)",
+    )
+    general.add_argument(
+        "--quiet", action="store_true", help="no announcement, progress bar or eval lines (default: off)"
+    )
+    for f in fields(TrainConfig):
+        group = groups.get(group_of.get(f.name, ""), general)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{FLAG_HELP.get(f.name, '')} ({_default_text(f.name)})".lstrip()
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            metavar = {"int": "N", "float": "X"}.get(f.type, "PATH" if f.name in ("data", "out") else "NAME")
+            metavar = "DIR" if f.name == "init_from" else metavar
+            choices = {"arch": MODEL_TYPES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
+            group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
+    groups["model"].add_argument(
+        "--model",
+        dest="legacy_model",
+        metavar="ARCH",
+        help=argparse.SUPPRESS,  # the old spelling of --arch
+    )
+    checkpoints = groups["evaluation and checkpoints"]
+    checkpoints.add_argument(
+        "--resume", metavar="DIR", help="continue the run saved in this model directory (default: a new run)"
+    )
+    checkpoints.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: off)")
+    groups["hardware"].add_argument(
+        "--nproc", type=int, help="launch N processes with torchrun (DDP) on this machine (default: 1, no torchrun)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="chargpt",
+        description="Character-level GPT: train, sample, evaluate, inspect.",
+        epilog=MAIN_EXAMPLES,
+    )
+    p.add_argument("--version", action="version", version=version_line())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (default data: the complete Shakespeare plays)",
+        description="Train a model; write weights, metrics.jsonl and loss.png to --out. Defaults < --preset < "
+        "--config < flags.",
+        epilog=TRAIN_EXAMPLES,
+    )
+    t.footer = _preset_here
+    _add_train_flags(t)
+
+    s = sub.add_parser(
+        "sample", help="generate text from a trained model", description="Generate text.", epilog=SAMPLE_EXAMPLES
+    )
+    s.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    s.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
+    s.add_argument(
+        "--temperature", type=float, default=1.0, help="<1 = safer, >1 = wilder, 0 = greedy (it loops) (default: 1.0)"
+    )
+    s.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest characters (default: off)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
+    s.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    s.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch (default: 1)")
+    s.add_argument(
+        "--stop", action="append", default=[], help="end a sample at this string; repeatable (default: none)"
+    )
+    s.add_argument("--no-stream", action="store_true", help="print when done instead of as generated (default: off)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for decoding (default: 1 for one sample; more for a batch, as cores are free)",
+    )
+    s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    s.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP + " (default: auto)")
+
+    e = sub.add_parser(
+        "eval",
+        help="score a model on a text file (JSON: loss, bits_per_char, chars)",
+        description="Mean per-character loss of a model on a text file, printed as one JSON line.",
+        epilog=EVAL_EXAMPLES,
+    )
+    e.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, any size: streamed (required)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar on a terminal)")
+    e.add_argument(
+        "--token-cache", metavar="DIR", help="folder for the tokenized file (default: chargpt's cache folder)"
+    )
+    e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    e.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE,
+        help=QUANTIZE_HELP + "; scores the text with and without it (default: none, the model as trained)",
+    )
+    e.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+    i = sub.add_parser(
+        "info",
+        help="what a model directory holds: shape, parameters, vocabulary, training, files",
+        description="Describe a model directory.",
+        epilog=INFO_EXAMPLES,
+    )
+    i.add_argument("dir", metavar="DIR", help="model directory")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
+    i.add_argument(
+        "--plot", metavar="FILE", help="with a folder of runs: draw their val curves in one PNG (default: none)"
+    )
+
+    x = sub.add_parser(
+        "export",
+        help="write a model as an ONNX file (onnxruntime, any language) or a web page that runs it in the browser",
+        description="Write a model directory's model as one ONNX graph (the forward with a KV cache, which serves "
+        "as the full forward and as the one-token decode step; needs pip install 'chargpt[export]'), or as a "
+        "folder with a page that samples from it in the browser, offline, with nothing installed.",
+        epilog=EXPORT_EXAMPLES,
+    )
+    x.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    x.add_argument(
+        "--format", default="onnx", choices=("onnx", "web"), help="onnx (a file) or web (a folder: a page that "
+        "runs the model in the browser) (default: onnx)",
+    )  # fmt: skip
+    x.add_argument(
+        "--out", required=True, metavar="PATH", help="the .onnx file, or the web page's folder, to write (required)"
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+
+    v = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP API and a browser playground for a model",
+        description="Serve a model over HTTP: OpenAI-style /v1/completions (streaming, batching) and a playground.",
+        epilog=SERVE_EXAMPLES,
+    )
+    v.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
+    v.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="127.0.0.1 = this machine only; 0.0.0.0 = every interface (default: 127.0.0.1)",
+    )
+    v.add_argument("--port", type=int, default=8000, help="0 = any free port (default: 8000)")
+    v.add_argument(
+        "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request (default: none)"
+    )
+    v.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together (default: 32)")
+    v.add_argument(
+        "--max-queue", type=int, default=64, metavar="N", help="requests that may wait; beyond: 503 (default: 64)"
+    )
+    v.add_argument(
+        "--max-tokens-limit", type=int, default=4096, metavar="N", help="cap on max_tokens per request (default: 4096)"
+    )
+    v.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="cap on a prompt's length in characters (default: 65536)",
+    )
+    v.add_argument("--device", default="auto", help=DEVICE_HELP)
+    v.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    v.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP + " (default: auto)")
+    v.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up but one, for HTTP)"
+    )
+    return p
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"chargpt {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
+PATH_FLAGS = ("resume", "config", "model", "data", "out", "vocab", "token_cache", "dir", "init_from")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """A path flag given as '' or with a NUL byte is a mistake (a shell variable that was empty, a bad paste):
+    said at once, rather than read as 'not given' (an empty --resume started a fresh run) or failing deep inside."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        flag = "DIR" if name == "dir" else "--" + name.replace("_", "-")
+        if value == "":
+            raise ChargptError(f"{flag} got an empty path; give a file or folder (is a shell variable empty?)")
+        if isinstance(value, str) and "\0" in value:
+            raise ChargptError(f"{flag} contains a NUL byte, which no path can hold; check the value")
