@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from chargpt import cores
-from chargpt import precision as prec
+from chargpt.machine import cores
+from chargpt.machine import precision as prec
 
 
 def run(steps: int, threads: int | None, out: Path) -> float:

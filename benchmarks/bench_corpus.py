@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chargpt import precision as prec
+from chargpt.machine import precision as prec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
@@ -52,7 +52,7 @@ def machine() -> dict:
 def generate(path: Path, size: int, seed: int = 0, n_blocks: int = 16) -> int:
     """SIZE bytes (a little more: whole blocks) of the embedded plays' lines: 16 blocks of the lines in a
     random order each (4.8 MB a block), written in a random order (reshuffling per block is too slow)."""
-    from chargpt.data import shakespeare_text
+    from chargpt.data.corpus import shakespeare_text
 
     lines = shakespeare_text().splitlines(keepends=True)
     rng = random.Random(seed)
@@ -86,7 +86,7 @@ def peak_rss_mb() -> float:
 
 
 def stage_tokenize(path: str, cache: str) -> dict:
-    from chargpt.data import tokenize_corpus, vocab_policy
+    from chargpt.data.corpus import tokenize_corpus, vocab_policy
 
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     tokens = tokenize_corpus(path, vocab_policy("auto", 1), Path(cache))
@@ -103,10 +103,10 @@ def stage_train(path: str, cache: str, steps: int, in_memory: bool, threads: int
     if threads:
         torch.set_num_threads(threads)
     from chargpt.config import TrainConfig
-    from chargpt.data import Corpus, load_corpus, split
-    from chargpt.tokenizer import CharTokenizer
+    from chargpt.data.corpus import Corpus, load_corpus, split
+    from chargpt.data.tokenizer import CharTokenizer
 
-    train_module = importlib.import_module("chargpt.train")
+    train_module = importlib.import_module("chargpt.training.loop")
     if in_memory:  # the data path before the token cache
 
         def prepare(cfg, tokenizer=None, dist_info=None, progress=False):
@@ -133,10 +133,10 @@ def stage_interleaved(path: str, tiny: str, cache: str, rounds: int, threads: in
     import torch
 
     from chargpt.config import TrainConfig
-    from chargpt.data import get_batch, load_corpus, tokenize_corpus, vocab_policy
+    from chargpt.data.corpus import get_batch, load_corpus, tokenize_corpus, vocab_policy
+    from chargpt.data.tokenizer import CharTokenizer
     from chargpt.model import build_model
-    from chargpt.tokenizer import CharTokenizer
-    from chargpt.train import make_optimizer
+    from chargpt.training.loop import make_optimizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -239,7 +239,7 @@ def run(size: int, steps: int, base: Path, tiny: Path, threads: int) -> dict:
 
 def _tiny_stand_in(work: Path) -> Path:
     """1.1 MB of the embedded plays, where ../shared/data/tinyshakespeare.txt is not beside the repo."""
-    from chargpt.data import shakespeare_text
+    from chargpt.data.corpus import shakespeare_text
 
     path = work / "tiny.txt"
     path.write_text(shakespeare_text()[:1_115_394], encoding="utf-8")

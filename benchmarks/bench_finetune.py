@@ -22,10 +22,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from chargpt import cores
-from chargpt import precision as prec
-from chargpt.checkpoint import read_config
-from chargpt.data import shakespeare_text
+from chargpt.data.corpus import shakespeare_text
+from chargpt.machine import cores
+from chargpt.machine import precision as prec
+from chargpt.storage.checkpoint import read_config
 
 NEW_TEXT_BYTES = 200_000
 

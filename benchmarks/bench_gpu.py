@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from chargpt import report
+from chargpt.training import report
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
@@ -55,8 +55,8 @@ def train(data: Path, out: str, max_time: float, extra: list[str]) -> dict:
 
 
 def sampling(out: str) -> dict:
-    from chargpt.checkpoint import load_model
-    from chargpt.generate import generate, stream
+    from chargpt.inference.generate import generate, stream
+    from chargpt.storage.checkpoint import load_model
 
     model, tokenizer = load_model(out, torch.device("cuda"))
     window = model.config.block_size - 1

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chargpt import precision as prec
+from chargpt.machine import precision as prec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chargpt import precision as prec
-from chargpt import quantize as quant
 from chargpt.config import GPTConfig
-from chargpt.generate import stream
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.inference import quantize as quant
+from chargpt.inference.generate import stream
+from chargpt.machine import precision as prec
 from chargpt.model import GPT
-from chargpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where

@@ -30,9 +30,9 @@ import httpx
 import torch
 
 from bench_sample import VOCAB, seed_model  # the seed-config model with random weights, as bench_sample times it
-from chargpt import precision as prec
-from chargpt.checkpoint import save_model
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.machine import precision as prec
+from chargpt.storage.checkpoint import save_model
 
 
 def seed_model_dir(directory: Path) -> Path:

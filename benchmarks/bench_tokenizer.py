@@ -9,8 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from chargpt.data import shakespeare_text
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.corpus import shakespeare_text
+from chargpt.data.tokenizer import CharTokenizer
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 

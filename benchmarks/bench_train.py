@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from chargpt import precision as prec
 from chargpt.config import TrainConfig
+from chargpt.machine import precision as prec
 from chargpt.model import build_model
-from chargpt.optim import make_optimizer
+from chargpt.training.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where

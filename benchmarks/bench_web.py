@@ -24,12 +24,12 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from bench_sample import VOCAB
-from chargpt import precision as prec
-from chargpt.checkpoint import save_model
 from chargpt.config import GPTConfig
-from chargpt.export import export
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.inference.export import export
+from chargpt.machine import precision as prec
 from chargpt.model import GPT
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage.checkpoint import save_model
 
 SHAPES = {
     "demo (cpu preset)": dict(block_size=128, n_embd=128, n_heads=4, n_layers=4),

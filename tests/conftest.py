@@ -72,7 +72,7 @@ def _session_helper(pid: int) -> bool:
 @pytest.fixture(scope="session")
 def corpus_text(_isolated_cache: None) -> str:
     """80k characters of the default corpus: real dialogue text, small enough to train on quickly."""
-    from chargpt.data import shakespeare_text
+    from chargpt.data.corpus import shakespeare_text
 
     return shakespeare_text()[:80_000]
 
@@ -115,7 +115,7 @@ def tiny_config(out: Path | str, data: Path | str, **overrides: object) -> Train
 @pytest.fixture(scope="session")
 def trained_model_dir(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny GPT trained for 300 real steps on Shakespeare; shared read-only by sampling/eval tests."""
-    from chargpt.train import train
+    from chargpt.training.loop import train
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     train(tiny_config(out, text_file, n_updates=300, eval_interval=100), progress=False)
@@ -126,8 +126,8 @@ def trained_model_dir(text_file: Path, tmp_path_factory: pytest.TempPathFactory)
 def tiny(trained_model_dir: Path):
     """That trained tiny GPT (block_size 32) and its tokenizer, loaded on the CPU in eval mode; one per test
     module, so that a module's use of it cannot leak into another's."""
-    from chargpt.checkpoint import load_model
     from chargpt.model import GPT
+    from chargpt.storage.checkpoint import load_model
 
     model, tokenizer = load_model(trained_model_dir, torch.device("cpu"))
     assert isinstance(model, GPT) and model.config.block_size == 32

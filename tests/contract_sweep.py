@@ -26,11 +26,11 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from chargpt import checkpoint as ckpt  # noqa: E402
 from chargpt.cli import main  # noqa: E402
 from chargpt.config import GPTConfig  # noqa: E402
+from chargpt.data.tokenizer import CharTokenizer  # noqa: E402
 from chargpt.model import build_model  # noqa: E402
-from chargpt.tokenizer import CharTokenizer  # noqa: E402
+from chargpt.storage import checkpoint as ckpt  # noqa: E402
 
 WORK = Path(sys.argv[1])
 EXAMPLES = int(sys.argv[2])

@@ -12,9 +12,9 @@ import torch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from chargpt import checkpoint as ckpt
 from chargpt.cli import main
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.storage import checkpoint as ckpt
 from conftest import tiny_config
 
 # small enough for a few seconds per run on 2 busy cores; dropout > 0 so the RNG state matters

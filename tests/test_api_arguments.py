@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import chargpt
-from chargpt.checkpoint import load_model
 from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate
-from chargpt.generate import generate, stream
+from chargpt.inference.evaluate import evaluate
+from chargpt.inference.generate import generate, stream
+from chargpt.storage.checkpoint import load_model
 
 
 def test_wrong_arguments_say_what_to_pass(tiny, trained_model_dir):
@@ -42,11 +42,10 @@ def test_wrong_arguments_say_what_to_pass(tiny, trained_model_dir):
 
 
 def test_chargpt_train_and_evaluate_stay_callable_after_their_modules_are_imported(tiny, corpus_text):
-    """`chargpt.train` and `chargpt.evaluate` name both a function and a module: once the module was imported
-    (by anything), the package attribute was the module and `chargpt.evaluate(...)` raised 'module object is
-    not callable'."""
-    import chargpt.evaluate
-    import chargpt.train  # noqa: F401
+    """`chargpt.train` and `chargpt.evaluate` are the functions, whatever was imported before: their modules live
+    in chargpt.training and chargpt.inference, so importing them cannot replace the package's attribute."""
+    import chargpt.inference.evaluate
+    import chargpt.training.loop  # noqa: F401
 
     model, tok = tiny
     assert chargpt.evaluate(model, tok, corpus_text[:500], precision="fp32")["chars"] == 499

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from chargpt import checkpoint as ckpt
 from chargpt.config import GPTConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.model import build_model
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage import checkpoint as ckpt
 from conftest import run_cli
 
 VOCAB = list("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -109,10 +109,10 @@ def test_disk_full_mid_save_keeps_the_old_files(model_dir: Path):
         f"""
         import resource, signal, sys
         import torch
-        from chargpt import checkpoint as ckpt
+        from chargpt.storage import checkpoint as ckpt
         from chargpt.config import GPTConfig
         from chargpt.model import build_model
-        from chargpt.tokenizer import CharTokenizer
+        from chargpt.data.tokenizer import CharTokenizer
         from chargpt.errors import ChargptError
         vocab = {VOCAB!r}
         torch.manual_seed(5)

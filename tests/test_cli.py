@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chargpt.checkpoint import load_model
+from chargpt.storage.checkpoint import load_model
 from conftest import run_cli
 from helpers import assert_one_line_error, call_main, reference_loss
 

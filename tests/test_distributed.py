@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
 from chargpt.errors import ChargptError
-from chargpt.train import train
+from chargpt.storage import checkpoint as ckpt
+from chargpt.training.loop import train
 from conftest import LAUNCH_TIMEOUT, read_metrics, run_cli, spawn_gloo_ranks, tiny_config
 
 RTOL = 1e-5

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from chargpt.checkpoint import load_model
 from chargpt.config import GPTConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate
+from chargpt.inference.evaluate import evaluate
 from chargpt.model import build_model
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage.checkpoint import load_model
 from helpers import reference_loss
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt import finetune
-from chargpt.checkpoint import resume_config
 from chargpt.cli import main
 from chargpt.config import make_train_config
-from chargpt.evaluate import evaluate
-from chargpt.train import train
+from chargpt.inference.evaluate import evaluate
+from chargpt.storage import checkpoint as ckpt
+from chargpt.storage.checkpoint import resume_config
+from chargpt.training import finetune
+from chargpt.training.loop import train
 from conftest import tiny_config
 from helpers import assert_same_tensors, final_state, metrics
 

@@ -21,7 +21,7 @@ import torch
 from chargpt import __version__
 from chargpt.cli import build_parser, main
 from chargpt.config import resolve_preset, saved_train_config
-from chargpt.generate import decode_threads
+from chargpt.inference.generate import decode_threads
 from conftest import run_cli
 from helpers import assert_one_line_error, call_main
 
@@ -120,8 +120,8 @@ def test_train_model_with_a_directory_points_to_resume_and_sample(trained_model_
 
 
 def test_train_arch_and_the_deprecated_model_alias(text_file, tmp_path, monkeypatch, capsys):
-    from chargpt.checkpoint import load_model
     from chargpt.model import BigramLM
+    from chargpt.storage.checkpoint import load_model
 
     monkeypatch.chdir(tmp_path)
     rc, out, err = call_main(
@@ -229,8 +229,8 @@ def test_eval_progress_bar_on_a_terminal_only(trained_model_dir, corpus_text, tm
 
 
 def test_eval_progress_callback_counts_every_character(trained_model_dir, corpus_text):
-    from chargpt.checkpoint import load_model
-    from chargpt.evaluate import evaluate
+    from chargpt.inference.evaluate import evaluate
+    from chargpt.storage.checkpoint import load_model
 
     model, tokenizer = load_model(trained_model_dir)
     counts: list[int] = []

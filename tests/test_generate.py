@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chargpt.errors import ChargptError
-from chargpt.generate import Decoder, generate, pick_next, stream, token_stream
+from chargpt.inference.generate import Decoder, generate, pick_next, stream, token_stream
 from chargpt.model import GPT, KVCache
 from conftest import run_cli
 
@@ -254,7 +254,7 @@ def test_one_token_step_continues_the_prefill():
     rounding), in all three of its modes: same position, fixed shapes, rows at their own positions."""
     torch.manual_seed(0)
     from chargpt.config import GPTConfig
-    from chargpt.decode import DecodeStep, Rows
+    from chargpt.inference.decode import DecodeStep, Rows
 
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0)).eval()
     seq = torch.randint(0, 65, (2, 6))

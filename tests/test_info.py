@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from chargpt.checkpoint import load_model
+from chargpt.storage.checkpoint import load_model
 from conftest import read_metrics
 from helpers import assert_one_line_error, call_main
 
@@ -43,7 +43,7 @@ def test_info_on_something_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_info_shows_settings_as_given_not_internal_values(tmp_path, text_file, capsys):
-    from chargpt.train import train
+    from chargpt.training.loop import train
     from conftest import tiny_config
 
     out = tmp_path / "timed"

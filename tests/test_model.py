@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chargpt.checkpoint import load_model, save_model
 from chargpt.config import GPTConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import GPT, BigramLM, build_model
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage.checkpoint import load_model, save_model
 
 # ---------------------------------------------------------------------------------------------
 # The lecture's per-head implementation ("Let's build GPT"), written out independently.

@@ -1,4 +1,5 @@
-"""chargpt.optim: Muon for the blocks' matrices beside AdamW, the WSD and cosine schedules, exact resume with both."""
+"""chargpt.training.optim: Muon for the blocks' matrices beside AdamW, the WSD and cosine schedules, exact resume
+with both."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.checkpoint import resume_config
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
+from chargpt.machine.precision import cpu_info
 from chargpt.model import build_model
-from chargpt.optim import Muon, Pair, learning_rate, make_optimizer, ns_dtype, orthogonalize
-from chargpt.precision import cpu_info
-from chargpt.train import train
+from chargpt.storage.checkpoint import resume_config
+from chargpt.training.loop import train
+from chargpt.training.optim import Muon, Pair, learning_rate, make_optimizer, ns_dtype, orthogonalize
 from helpers import assert_same_tensors, final_state, metrics, small
 
 CPU = torch.device("cpu")

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt import precision as prec
-from chargpt.distributed import sum_dtype
 from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate
-from chargpt.generate import generate
-from chargpt.train import RunState, save_due, train
+from chargpt.inference.evaluate import evaluate
+from chargpt.inference.generate import generate
+from chargpt.machine import precision as prec
+from chargpt.storage import checkpoint as ckpt
+from chargpt.training.distributed import sum_dtype
+from chargpt.training.loop import RunState, save_due, train
 from conftest import run_cli, tiny_config
 from helpers import assert_same_tensors, final_state, metrics
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 (chargpt.quantize): the weights, the choice, and exactness restated for the int8 model."""
+"""Weight-only int8 (chargpt.inference.quantize): the weights, the choice, and exactness restated for the int8 model."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import threading
 import pytest
 import torch
 
-from chargpt import precision as prec
-from chargpt import quantize as quant
 from chargpt.config import GPTConfig
-from chargpt.decode import DecodeStep, batch_invariant
 from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate
-from chargpt.generate import SampleConfig, generate, token_stream
+from chargpt.inference import quantize as quant
+from chargpt.inference.decode import DecodeStep, batch_invariant
+from chargpt.inference.evaluate import evaluate
+from chargpt.inference.generate import SampleConfig, generate, token_stream
+from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job
 from conftest import run_cli

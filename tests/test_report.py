@@ -9,8 +9,8 @@ from pathlib import Path
 
 import matplotlib.image
 
-from chargpt import report
-from chargpt.train import train
+from chargpt.training import report
+from chargpt.training.loop import train
 from conftest import tiny_config
 
 

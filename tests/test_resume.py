@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt.checkpoint import resume_config
 from chargpt.errors import ChargptError
-from chargpt.train import train
+from chargpt.storage import checkpoint as ckpt
+from chargpt.storage.checkpoint import resume_config
+from chargpt.training.loop import train
 from conftest import run_cli
 from helpers import FLAGS, assert_same_tensors, final_state, metrics, small
 

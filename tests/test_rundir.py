@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt.checkpoint import resume_config
 from chargpt.cli import main
 from chargpt.errors import ChargptError
-from chargpt.rundir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
-from chargpt.train import train
+from chargpt.storage import checkpoint as ckpt
+from chargpt.storage.checkpoint import resume_config
+from chargpt.training.loop import train
+from chargpt.training.outdir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
 from helpers import FLAGS, small
 
 
@@ -192,7 +192,7 @@ def test_readers_of_a_folder_left_mid_overwrite_read_the_old_run_and_change_noth
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from chargpt.rundir import OutDir
+    from chargpt.training.outdir import OutDir
     with OutDir(sys.argv[1], resume=False, overwrite=False):
         print("locked", flush=True)
         time.sleep(600)

@@ -20,8 +20,8 @@ import httpx
 import openai
 import pytest
 
-from chargpt import precision as prec
-from chargpt.generate import SampleConfig, generate
+from chargpt.inference.generate import SampleConfig, generate
+from chargpt.machine import precision as prec
 from serving import ServerProcess, start_server
 
 MODEL = "tiny"  # the model directory's name is the model id

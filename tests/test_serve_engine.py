@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from chargpt import precision as prec
 from chargpt.config import GPTConfig
-from chargpt.decode import DecodeStep, Rows, batch_invariant
-from chargpt.generate import SampleConfig, generate
+from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
+from chargpt.inference.generate import SampleConfig, generate
+from chargpt.machine import precision as prec
 from chargpt.model import GPT, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
 

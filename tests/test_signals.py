@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
 from chargpt.config import GPTConfig, make_train_config
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import build_model
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import train
+from chargpt.storage import checkpoint as ckpt
+from chargpt.training.loop import train
 from helpers import FLAGS, SMALL, assert_same_tensors, final_state, metrics, small
 
 
@@ -84,10 +84,10 @@ ZYGOTE = textwrap.dedent(
     """
     # Builds three different models once, then for each request forks a child that saves them in turn, forever.
     import os, sys, torch
-    from chargpt import checkpoint as ckpt
+    from chargpt.storage import checkpoint as ckpt
     from chargpt.config import GPTConfig
     from chargpt.model import build_model
-    from chargpt.tokenizer import CharTokenizer
+    from chargpt.data.tokenizer import CharTokenizer
     chars = [chr(c) for c in range(32, 127)]
     versions = []
     for seed, n_embd, n_vocab in ((0, 64, 95), (1, 64, 95), (2, 96, 60)):

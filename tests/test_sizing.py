@@ -1,4 +1,5 @@
-"""chargpt.sizing: the model sized to the time budget (a pure rule over measured throughput), and when it applies."""
+"""chargpt.training.sizing: the model sized to the time budget (a pure rule over measured throughput), and when
+it applies."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from chargpt import sizing
 from chargpt.config import make_train_config, sizing_request
-from chargpt.sizing import LADDER, TOKENS_PER_PARAM, choose
+from chargpt.training import sizing
+from chargpt.training.sizing import LADDER, TOKENS_PER_PARAM, choose
 from helpers import call_main
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from chargpt import checkpoint as ckpt
-from chargpt import chunks, tokencache
 from chargpt.cli import main
 from chargpt.config import TrainConfig
-from chargpt.data import (
+from chargpt.data import streaming as chunks
+from chargpt.data import tokencache
+from chargpt.data.corpus import (
     Corpus,
     get_batch,
     load_corpus,
@@ -34,14 +34,15 @@ from chargpt.data import (
     tokenize_corpus,
     vocab_policy,
 )
+from chargpt.data.tokenizer import UNKNOWN, CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate, evaluate_file
-from chargpt.generate import generate
-from chargpt.tokenizer import UNKNOWN, CharTokenizer
-from chargpt.train import train
+from chargpt.inference.evaluate import evaluate, evaluate_file
+from chargpt.inference.generate import generate
+from chargpt.storage import checkpoint as ckpt
+from chargpt.training.loop import train
 from conftest import read_metrics, spawn_gloo_ranks, tiny_config
 
-train_module = importlib.import_module("chargpt.train")  # `chargpt.train` is also the name of the function
+train_module = importlib.import_module("chargpt.training.loop")  # `chargpt.train` is also the name of the function
 AUTO = vocab_policy("auto", 1)
 
 

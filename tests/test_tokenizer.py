@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chargpt.data.tokenizer import UNKNOWN, CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.tokenizer import UNKNOWN, CharTokenizer
 
 # Any Unicode text except lone surrogates (which are not valid in a str read from a UTF-8 file).
 unicode_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=200)

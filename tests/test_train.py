@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.checkpoint import load_model
 from chargpt.errors import ChargptError
-from chargpt.evaluate import evaluate
+from chargpt.inference.evaluate import evaluate
 from chargpt.model import GPT, BigramLM
-from chargpt.train import train
+from chargpt.storage.checkpoint import load_model
+from chargpt.training.loop import train
 from conftest import read_metrics, run_cli, tiny_config
 
 

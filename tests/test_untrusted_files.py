@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from chargpt import checkpoint as ckpt
 from chargpt.cli import main
 from chargpt.config import GPTConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import build_model
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage import checkpoint as ckpt
 
 VOCAB = list("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -108,8 +108,9 @@ AS_USER = textwrap.dedent(
     import json, os, sys
     # everything the commands import lazily, while still root: the checkout may be unreadable to user 65534
     # (a clone in a `mktemp -d` folder is mode 700)
-    import chargpt.checkpoint, chargpt.cli, chargpt.data, chargpt.evaluate, chargpt.generate, chargpt.rundir
-    import chargpt.train
+    import chargpt.cli, chargpt.data.corpus, chargpt.inference.evaluate, chargpt.inference.generate
+    import chargpt.storage.checkpoint, chargpt.training.outdir
+    import chargpt.training.loop
     if os.geteuid() == 0:
         os.setgid(65534)
         os.setuid(65534)
@@ -259,7 +260,7 @@ def test_huge_integers_in_toml_and_config_json(work: Path, model_dir: Path, caps
 
 
 def test_huge_integers_in_the_train_state_config(work: Path, capsys, text_file: Path):
-    from chargpt.train import train
+    from chargpt.training.loop import train
     from conftest import tiny_config
 
     out = work / "run"

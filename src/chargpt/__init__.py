@@ -6,28 +6,28 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from chargpt.checkpoint import load_model, resume_config, save_model
     from chargpt.config import GPTConfig, TrainConfig, make_train_config
-    from chargpt.data import load_corpus, shakespeare_text
+    from chargpt.data.corpus import load_corpus, shakespeare_text
+    from chargpt.data.tokenizer import CharTokenizer
     from chargpt.errors import ChargptError
-    from chargpt.evaluate import evaluate
-    from chargpt.generate import SampleConfig, generate, stream
+    from chargpt.inference.evaluate import evaluate
+    from chargpt.inference.generate import SampleConfig, generate, stream
     from chargpt.model import GPT, BigramLM, build_model
-    from chargpt.tokenizer import CharTokenizer
-    from chargpt.train import TrainResult, train
+    from chargpt.storage.checkpoint import load_model, resume_config, save_model
+    from chargpt.training.loop import TrainResult, train
 
 # Imported on first use: `chargpt --help` and the CLI's start-up do not wait for torch (and a Ctrl-C in
 # that first half second reaches the CLI's handler instead of an import's traceback).
 _HOMES = {
-    "chargpt.checkpoint": ("load_model", "resume_config", "save_model"),
+    "chargpt.storage.checkpoint": ("load_model", "resume_config", "save_model"),
     "chargpt.config": ("GPTConfig", "TrainConfig", "make_train_config"),
-    "chargpt.data": ("load_corpus", "shakespeare_text"),
+    "chargpt.data.corpus": ("load_corpus", "shakespeare_text"),
     "chargpt.errors": ("ChargptError",),
-    "chargpt.evaluate": ("evaluate",),
-    "chargpt.generate": ("SampleConfig", "generate", "stream"),
+    "chargpt.inference.evaluate": ("evaluate",),
+    "chargpt.inference.generate": ("SampleConfig", "generate", "stream"),
     "chargpt.model": ("GPT", "BigramLM", "build_model"),
-    "chargpt.tokenizer": ("CharTokenizer",),
-    "chargpt.train": ("TrainResult", "train"),
+    "chargpt.data.tokenizer": ("CharTokenizer",),
+    "chargpt.training.loop": ("TrainResult", "train"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 

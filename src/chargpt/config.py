@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.errors import ChargptError, shorten
-from chargpt.fileio import read_regular
+from chargpt.machine.devices import check_device, known_device
+from chargpt.storage.fileio import read_regular
 
 MODEL_TYPES = ("gpt", "bigram")
 # upper bounds: far past any real run, well inside what torch's int64 arithmetic and the memory check handle
@@ -26,9 +27,9 @@ TOML_LIMIT = 16 << 20  # bytes: a settings file, not a corpus
 # on resume these are the run's identity: its weights' shape and its data (and so its vocabulary)
 RESUME_FIXED = ("arch", "block_size", "n_embd", "n_heads", "n_layers", "data", "val_fraction", "init_from", "optimizer")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: per device and kind of work, what is faster here (precision.py)
-QUANTIZE = ("auto", "none", "int8")
-OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest (chargpt.optim)
-SCHEDULES = ("cosine", "wsd")  # int8 weights for sampling/serving/eval (chargpt.quantize)
+QUANTIZE = ("auto", "none", "int8")  # int8 weights for sampling/serving/eval (chargpt.inference.quantize)
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest (chargpt.training.optim)
+SCHEDULES = ("cosine", "wsd")
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
 
@@ -196,8 +197,7 @@ class TrainConfig:
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ChargptError("--data must name a file or folder, got an empty path")
         device = self.device
-        if not isinstance(device, str) or not _known_device(device):
-            raise ChargptError(f"unknown device {shorten(device)}; use auto, cpu, cuda, cuda:N or mps")
+        check_device(device)
         if self.precision not in PRECISIONS:
             raise ChargptError(f"unknown precision {shorten(self.precision)}; use one of {', '.join(PRECISIONS)}")
 
@@ -300,7 +300,7 @@ def resolve_preset(preset: str | None, device: str) -> str:
     """The preset to use: the one named, else `cpu` on a CPU, `gpu` on CUDA, `seed` elsewhere (`auto` looks)."""
     if preset is None:
         if device == "auto":
-            from chargpt.distributed import resolve_device  # torch: only when the device must be looked up
+            from chargpt.machine.devices import resolve_device  # torch: only when the device must be looked up
 
             device = resolve_device(device).type
         return {"cpu": "cpu", "cuda": "gpu"}.get(device.split(":")[0], "seed")
@@ -313,8 +313,9 @@ SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
 
 
 def sizing_request(preset: str | None, config_path: str | None, **overrides: Any) -> dict[str, Any] | None:
-    """The settings given (TOML < flags) when the model should be sized for the time budget (chargpt.sizing), else
-    None: sizing applies to --max-time on a CPU where no preset, shape setting, step count or --init-from is given."""
+    """The settings given (TOML < flags) when the model should be sized for the time budget
+    (chargpt.training.sizing), else None: sizing applies to --max-time on a CPU where no preset, shape setting,
+    step count or --init-from is given."""
     toml = load_toml(config_path) if config_path else {}
     given = {**toml, **{k: v for k, v in _renamed(overrides).items() if v is not None}}
     budget = given.get("max_time")
@@ -323,7 +324,7 @@ def sizing_request(preset: str | None, config_path: str | None, **overrides: Any
     if any(k in given for k in (*SHAPE_KEYS, "n_updates", "init_from")):
         return None
     device = given.get("device") or "auto"
-    if not isinstance(device, str) or not _known_device(device) or resolve_preset(None, device) != "cpu":
+    if not known_device(device) or resolve_preset(None, device) != "cpu":
         return None
     return given
 
@@ -332,15 +333,14 @@ def make_train_config(
     preset: str | None = None, config_path: str | None = None, sized: dict[str, Any] | None = None, **overrides: Any
 ) -> TrainConfig:
     """What the CLI does: defaults < preset (auto: 'cpu' on CPU, 'seed' elsewhere) < sized < TOML < overrides.
-    sized: the settings chargpt.sizing chose for the budget (on top of the preset)."""
+    sized: the settings chargpt.training.sizing chose for the budget (on top of the preset)."""
     toml = load_toml(config_path) if config_path else {}
     overrides = _renamed(overrides)
     unknown = sorted(set(overrides) - set(TRAIN_FIELDS))
     if unknown:
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
     device = overrides.get("device") or toml.get("device") or "auto"
-    if not isinstance(device, str) or not _known_device(device):
-        raise ChargptError(f"unknown device {shorten(device)}; use auto, cpu, cuda, cuda:N or mps")
+    check_device(device)
     preset = resolve_preset(preset, device)
     given = {**toml, **{k: v for k, v in overrides.items() if v is not None}}
     if given.get("max_time") and "n_updates" not in given:
@@ -411,7 +411,7 @@ def build_train_config(
     given = {**(toml or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values.update(given)
     if values.get("init_from") is not None:  # a fine-tune: the shape is the model's, the defaults gentler
-        from chargpt.finetune import fill_config  # reads the model's config.json
+        from chargpt.training.finetune import fill_config  # reads the model's config.json
 
         values.setdefault("learning_rate", TRAIN_FIELDS["learning_rate"].default)
         fill_config(values, given)
@@ -453,10 +453,3 @@ def _fraction(name: str, value: Any, *, allow_zero: bool, allow_one: bool) -> No
     if not ok:
         lo, hi = "[0" if allow_zero else "(0", "1]" if allow_one else "1)"
         raise ChargptError(f"{name} must be in {lo}, {hi}, got {shorten(value)}")
-
-
-def _known_device(name: str) -> bool:
-    if name in ("auto", "cpu", "cuda", "mps"):
-        return True
-    index = name.removeprefix("cuda:")
-    return name.startswith("cuda:") and index.isdigit() and index.isascii() and len(index) <= 4

@@ -24,7 +24,7 @@ class KVCache:
     """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size).
 
     Allocated once per generation; `reset()` makes it reusable for a rebuild without new allocations.
-    A prefill (`GPT.forward(idx, cache=...)`) fills positions 0..T-1; the one-token step (chargpt.decode)
+    A prefill (`GPT.forward(idx, cache=...)`) fills positions 0..T-1; the one-token step (chargpt.inference.decode)
     writes one position per row. zeroed: start from zeros rather than whatever memory held, as the fixed-shape
     step needs: it attends over every slot and masks the unfilled ones, and a masked NaN would still poison
     the sum.
@@ -185,7 +185,7 @@ class GPT(nn.Module):
 
         With a cache (sampling's prefill): idx fills the cache from position 0 and only the last position's
         logits (B, 1, vocab) are computed; the final layer then runs its query, feed-forward and head on one
-        position. The tokens after it go through the one-token step, chargpt.decode.
+        position. The tokens after it go through the one-token step, chargpt.inference.decode.
         """
         B, T = idx.shape
         assert T <= self.config.block_size, "sequence longer than block_size"
@@ -235,7 +235,7 @@ def build_model(cfg: GPTConfig) -> GPT | BigramLM:
 def check_usable(model: object, tokenizer: object = None, where: str = "this function") -> None:
     """What public functions that run a model check first, so that a wrong argument is a clear error rather
     than an exception from deep inside torch: a chargpt model with real float32 weights (and a CharTokenizer)."""
-    from chargpt.tokenizer import CharTokenizer
+    from chargpt.data.tokenizer import CharTokenizer
 
     if not isinstance(model, (GPT, BigramLM)):
         raise TypeError(

@@ -69,13 +69,15 @@ def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
 
 
 def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    """The rung chargpt.sizing picks for a --max-time run on a CPU with no shape given (one process only), or None."""
+    """The rung chargpt.training.sizing picks for a --max-time run on a CPU with no shape given (one process only),
+    or None."""
     from chargpt.config import sizing_request
 
     given = sizing_request(args.preset, args.config, **overrides)
     if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
-    from chargpt import cores, sizing
+    from chargpt.machine import cores
+    from chargpt.training import sizing
 
     if not args.quiet:
         print(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...", flush=True)
@@ -83,9 +85,9 @@ def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from chargpt.checkpoint import resume_config
     from chargpt.config import make_train_config, resume_settings
-    from chargpt.train import train
+    from chargpt.storage.checkpoint import resume_config
+    from chargpt.training.loop import train
 
     _legacy_model_flag(args)
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -141,7 +143,7 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from chargpt.generate import SampleConfig, decode_threads
+    from chargpt.inference.generate import SampleConfig, decode_threads
 
     cfg = SampleConfig(
         max_new_tokens=args.max_new_tokens,
@@ -165,7 +167,7 @@ def _threads(requested: int | None, default: int | None = None) -> Iterator[None
     process's count is put back after: `main` may be called in-process (tests, notebooks)."""
     import torch
 
-    from chargpt import cores
+    from chargpt.machine import cores
 
     if requested is not None and requested < 1:
         raise ChargptError(f"--threads must be >= 1, got {requested}")
@@ -178,10 +180,10 @@ def _threads(requested: int | None, default: int | None = None) -> Iterator[None
 
 
 def _sample(args: argparse.Namespace, cfg: Any) -> int:
-    from chargpt import memory
-    from chargpt.checkpoint import load_model
-    from chargpt.distributed import resolve_device
-    from chargpt.generate import generate, stream
+    from chargpt.inference.generate import generate, stream
+    from chargpt.machine import memory
+    from chargpt.machine.devices import resolve_device
+    from chargpt.storage.checkpoint import load_model
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device)
@@ -193,7 +195,7 @@ def _sample(args: argparse.Namespace, cfg: Any) -> int:
     )
     tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before anything is printed
     if sys.stderr.isatty():  # on a terminal, say how it decodes (pipes and logs get the text only)
-        from chargpt import quantize as quant
+        from chargpt.inference import quantize as quant
 
         choice = quant.apply(model, cfg.quantize, device)[1]  # the int8 copy is kept for the generation
         weights = "int8 weights" if choice.name == "int8" else "weights as trained"
@@ -224,9 +226,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import math
 
-    from chargpt.checkpoint import load_model
-    from chargpt.distributed import resolve_device
-    from chargpt.evaluate import evaluate_file
+    from chargpt.inference.evaluate import evaluate_file
+    from chargpt.machine.devices import resolve_device
+    from chargpt.storage.checkpoint import load_model
 
     model, tokenizer = load_model(args.model, resolve_device(args.device))
     path = Path(args.data)
@@ -247,7 +249,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from chargpt.checkpoint import describe, is_run_folder, list_runs
+    from chargpt.storage.checkpoint import describe, is_run_folder, list_runs
 
     folder = Path(args.dir)
     if folder.is_dir() and not is_run_folder(folder):
@@ -269,7 +271,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _plot_runs(folder: Path, runs: list[dict[str, Any]], path: Path) -> None:
-    from chargpt.report import METRICS, compare_plot, read_metrics
+    from chargpt.training.report import METRICS, compare_plot, read_metrics
 
     # a run folder is read without following links (it may not be the user's own)
     curves = {r["name"]: read_metrics(folder / r["name"], 10**18) for r in runs
@@ -345,7 +347,7 @@ def _size(n: int) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from chargpt.export import export
+    from chargpt.inference.export import export
 
     out = export(args.model, args.out, args.format, overwrite=args.overwrite)
     if args.format == "web":
@@ -361,7 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from chargpt.serve import ServeConfig, describe, serve
     except ImportError as e:
         raise ChargptError(f"chargpt serve needs FastAPI and uvicorn ({e}); pip install 'chargpt[serve]'") from None
-    from chargpt.distributed import resolve_device
+    from chargpt.machine.devices import resolve_device
 
     cfg = ServeConfig(
         model=args.model,
@@ -391,7 +393,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_threads() -> int:
     """The server's default: the free cores but one, which its HTTP side needs: with every core in torch's
     matrix products, the event loop that streams the text waits for them (bench_serve, docs/benchmarks.md)."""
-    from chargpt import cores
+    from chargpt.machine import cores
 
     return max(1, cores.choose_threads(None) - 1)
 

@@ -14,12 +14,12 @@ from typing import Any
 
 # torch, and the command's own modules, which import parts of torch (serve's also pydantic's native core)
 HEAVY_MODULES = {
-    "train": ("torch", "chargpt.train"),
-    "sample": ("torch", "chargpt.generate", "chargpt.checkpoint"),
-    "eval": ("torch", "chargpt.evaluate", "chargpt.checkpoint"),
-    "info": ("torch", "chargpt.checkpoint"),
+    "train": ("torch", "chargpt.training.loop"),
+    "sample": ("torch", "chargpt.inference.generate", "chargpt.storage.checkpoint"),
+    "eval": ("torch", "chargpt.inference.evaluate", "chargpt.storage.checkpoint"),
+    "info": ("torch", "chargpt.storage.checkpoint"),
     "serve": ("torch", "chargpt.serve"),
-    "export": ("torch", "chargpt.checkpoint"),
+    "export": ("torch", "chargpt.storage.checkpoint"),
 }
 
 

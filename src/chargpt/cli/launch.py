@@ -45,7 +45,8 @@ def launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
 
     import torch
 
-    from chargpt.distributed import check_batch, resolve_device
+    from chargpt.machine.devices import resolve_device
+    from chargpt.training.distributed import check_batch
 
     if nproc < 1:
         raise ChargptError(f"--nproc must be >= 1, got {nproc}")

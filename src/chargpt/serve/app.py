@@ -20,10 +20,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.serve import protocol as wire
 from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
 from chargpt.serve.protocol import ApiError, Limits
-from chargpt.tokenizer import CharTokenizer
 
 RETRY_AFTER_S = 1
 OPENAPI_URL = "/openapi.json"  # the API's schema, for clients and schema-driven tools (behind the API key if any)

@@ -2,7 +2,7 @@
 
 Each choice of each request is a row with its own batch-of-one KV cache (generate's Decoder), its own
 sampling settings and its own torch.Generator, so its text never depends on what else is in the batch: a
-request with a seed gets exactly what `chargpt.generate` returns. Each step runs chargpt.decode's one-token
+request with a seed gets exactly what `chargpt.generate` returns. Each step runs chargpt.inference.decode's one-token
 step once for every row that continues through its cache (batch-invariant: each row's numbers are its own
 batch-of-one step's); a row that must build its cache (its prompt, or every step past block_size) runs that
 forward on its own, as generate() does: it is a matrix-matrix product already, so batching it would save
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chargpt import precision as prec
-from chargpt.decode import DecodeStep, Rows, batch_invariant
-from chargpt.generate import Decoder, StopFilter, _generators, pick_next, sampling_setup
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
+from chargpt.inference.generate import Decoder, StopFilter, _generators, pick_next, sampling_setup
+from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, KVCache
-from chargpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("chargpt.serve")
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.serve.engine import ChoiceSpec, Piece
-from chargpt.tokenizer import CharTokenizer
 
 MAX_STOP = 4  # stop strings per request, as in OpenAI's API
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions

@@ -21,14 +21,14 @@ from types import FrameType
 import torch
 import uvicorn
 
-from chargpt import memory
-from chargpt import precision as prec
-from chargpt.checkpoint import WEIGHTS, load_model, read_config
 from chargpt.config import PRECISIONS, QUANTIZE
 from chargpt.errors import ChargptError
+from chargpt.machine import memory
+from chargpt.machine import precision as prec
 from chargpt.serve.app import AppState, ModelCard, create_app
 from chargpt.serve.engine import Engine
 from chargpt.serve.protocol import Limits
+from chargpt.storage.checkpoint import WEIGHTS, load_model, read_config
 
 
 @dataclass

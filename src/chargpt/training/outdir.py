@@ -30,12 +30,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from chargpt.checkpoint import BACKUP, CONFIG, DISCARD, FORMAT_NAME, MOVING, TRAIN_STATE, WEIGHTS
 from chargpt.errors import ChargptError
-from chargpt.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular
-from chargpt.report import METRICS, PLOT
+from chargpt.storage.checkpoint import BACKUP, CONFIG, DISCARD, FORMAT_NAME, MOVING, TRAIN_STATE, WEIGHTS
+from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular
+from chargpt.training.report import METRICS, PLOT
 
-log = logging.getLogger("chargpt.rundir")
+log = logging.getLogger("chargpt.training.outdir")
 LOCK, MARKER = ".chargpt.lock", ".chargpt-run"
 # BACKUP: complete, the old run, while the new one has saved nothing yet; MOVING: being filled (or emptied), its
 # files and the top level are the old run; DISCARD: the new run has saved, the old one is being deleted

@@ -24,12 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from chargpt import memory
 from chargpt.config import MAX_COUNT, GPTConfig, TrainConfig, saved_train_config
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError, first_line
-from chargpt.fileio import atomic_write_bytes, check_regular, is_regular_file, read_regular
+from chargpt.machine import memory
 from chargpt.model import GPT, BigramLM, build_model
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage.fileio import atomic_write_bytes, check_regular, is_regular_file, read_regular
 
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.
 BACKUP = ".chargpt-previous"
 MOVING = ".chargpt-previous.partial"
 DISCARD = ".chargpt-previous.discard"
-log = logging.getLogger("chargpt.checkpoint")
+log = logging.getLogger("chargpt.storage.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
 # "unknown" (the vocabulary's unknown symbol) is written only by models that have one, so the files of
 # models without it are byte for byte what older chargpt wrote, and older config.json files still load

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig
-from chargpt.fileio import atomic_write_bytes
+from chargpt.storage.fileio import atomic_write_bytes
 
-log = logging.getLogger("chargpt.train")
+log = logging.getLogger("chargpt.training.loop")
 METRICS, PLOT = "metrics.jsonl", "loss.png"
 
 

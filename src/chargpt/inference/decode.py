@@ -19,7 +19,7 @@ one-row problems with the weight broadcast, so a row's numbers do not depend on 
 (B, in) x (in, out) product makes BLAS pick another kernel than for one row, which rounds differently).
 `batch_invariant` checks on the actual model and device that each row equals its own batch-of-one step.
 
-A model with int8 weights (chargpt.quantize) runs its Linears through the int8 kernel, which computes each
+A model with int8 weights (chargpt.inference.quantize) runs its Linears through the int8 kernel, which computes each
 row on its own (so it is batch-invariant as it is; `batch_invariant` checks that too).
 """
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from chargpt import precision as prec
+from chargpt.inference.quantize import Int8Linear, int8_linear
+from chargpt.machine import precision as prec
 from chargpt.model import GPT, KVCache
-from chargpt.quantize import Int8Linear, int8_linear
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chargpt import memory
-from chargpt import precision as prec
-from chargpt import quantize as quant
-from chargpt.cores import cores as usable_cores
-from chargpt.decode import DecodeStep
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
+from chargpt.inference import quantize as quant
+from chargpt.inference.decode import DecodeStep
+from chargpt.machine import memory
+from chargpt.machine import precision as prec
+from chargpt.machine.cores import cores as usable_cores
 from chargpt.model import GPT, BigramLM, KVCache, check_usable
-from chargpt.tokenizer import CharTokenizer
 
 
 def decode_threads(num_samples: int, cores: int | None = None, load: float | None = None) -> int:
@@ -115,7 +115,7 @@ class Decoder:
     """Next-token logits of a growing sequence, exactly as the no-cache model computes them.
 
     Call it with the whole sequence so far (B, n), each call one token longer than the last. Inside the window
-    the cache feeds only the new token (chargpt.decode's one-token step). The model has learned absolute
+    the cache feeds only the new token (chargpt.inference.decode's one-token step). The model has learned absolute
     positions, so past block_size the no-cache model sees the last block_size tokens at positions
     0..block_size-1, every position shifting at every step: then the cache is rebuilt from those tokens (one
     full forward per token, the final layer run for the last position only). Any other call (a first call, a
@@ -262,7 +262,8 @@ def token_stream(
 
     use_cache=False re-runs the whole window every step (the reference behaviour the tests compare to).
     precision: fp32, bf16 or auto, resolved for the batched rebuilds ("prefill") and one-token steps ("decode").
-    quantize: none, int8 or auto: the model's Linear weights as int8 (chargpt.quantize) for the whole generation.
+    quantize: none, int8 or auto: the model's Linear weights as int8 (chargpt.inference.quantize) for the whole
+    generation.
     """
     B, T0 = idx.shape
     memory.check(

@@ -7,7 +7,7 @@ uses int8 only on a CPU with native bf16 where a micro-benchmark of the one-toke
 machine) finds it faster than fp32, and never on other devices. Embeddings and LayerNorms stay fp32.
 
 `quantized(model)` returns a copy of the GPT whose Linear layers are `Int8Linear`: the forward (prefill,
-evaluation) and the one-token step (chargpt.decode) both run on it. The copy is kept per model and rebuilt
+evaluation) and the one-token step (chargpt.inference.decode) both run on it. The copy is kept per model and rebuilt
 when the model's weights change.
 """
 
@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chargpt import precision as prec
 from chargpt.config import QUANTIZE
 from chargpt.errors import ChargptError
+from chargpt.machine import precision as prec
 
 SMALL_ROWS = 16  # up to this many rows the int8 kernel runs; a batch of more is a matmul: dequantize to bf16 once
 ALIGN = 32  # the kernel reads the inner dimension in blocks: other widths gave wrong sums (zero-padded to this)

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from chargpt import checkpoint as ckpt
 from chargpt.config import TrainConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.tokenizer import CharTokenizer
+from chargpt.storage import checkpoint as ckpt
 
-log = logging.getLogger("chargpt.finetune")
+log = logging.getLogger("chargpt.training.finetune")
 SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
 LR_FACTOR = 1 / 3  # a fine-tune's default peak learning rate, as a fraction of the preset's
 WARMUP = 20  # and its default warm-up steps

@@ -14,9 +14,7 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
-import types
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,15 +24,25 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from chargpt import checkpoint as ckpt
-from chargpt import cores, finetune, memory, precision, report
 from chargpt.config import TrainConfig
-from chargpt.data import get_batch, prepare_data
-from chargpt.distributed import Dist, all_max, all_mean, finish_distributed, init_distributed, rank_rows, sum_dtype
+from chargpt.data.corpus import get_batch, prepare_data
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError, first_line
-from chargpt.fileio import DiskFullError
+from chargpt.machine import cores, memory, precision
 from chargpt.model import build_model
-from chargpt.optim import (
+from chargpt.storage import checkpoint as ckpt
+from chargpt.storage.fileio import DiskFullError
+from chargpt.training import finetune, report
+from chargpt.training.distributed import (
+    Dist,
+    all_max,
+    all_mean,
+    finish_distributed,
+    init_distributed,
+    rank_rows,
+    sum_dtype,
+)
+from chargpt.training.optim import (
     SCHEDULE_KEYS,
     Anchor,
     Optimizer,
@@ -43,8 +51,7 @@ from chargpt.optim import (
     make_optimizer,
     set_learning_rate,
 )
-from chargpt.rundir import OutDir
-from chargpt.tokenizer import CharTokenizer
+from chargpt.training.outdir import OutDir
 
 
 @dataclass
@@ -794,14 +801,3 @@ class _Signals:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class _CallableModule(types.ModuleType):
-    """`chargpt.train` is both this module and the public function: once the module is imported, Python sets the
-    package's attribute to the module, so calling the module calls the function (`chargpt.train(...)` always works)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

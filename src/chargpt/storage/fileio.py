@@ -163,3 +163,10 @@ def read_regular(path: str | Path, what: str, limit: int | None = None, follow: 
         raise ChargptError(f"cannot read {what} {path} ({e.strerror}); check the path and permissions") from None
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """chargpt's folder in the user's cache ($XDG_CACHE_HOME/chargpt, else ~/.cache/chargpt): the converted plays,
+    token caches, the machine's measurements."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "chargpt"

@@ -55,7 +55,7 @@ def ns_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     if device.type == "cpu":
-        from chargpt.precision import cpu_info
+        from chargpt.machine.precision import cpu_info
 
         return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
     return torch.float32

@@ -215,7 +215,7 @@ def describe(choices: dict[str, Choice]) -> str:
 def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
     """Where this machine's measurement lives: keyed by CPU model, flags, torch version and thread count."""
     if directory is None:
-        from chargpt.data import cache_dir
+        from chargpt.storage.fileio import cache_dir
 
         directory = cache_dir()
     key = "|".join(
@@ -251,7 +251,7 @@ def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> di
         pass
     fresh = measure()
     try:
-        from chargpt.fileio import atomic_write_bytes
+        from chargpt.storage.fileio import atomic_write_bytes
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(fresh).encode())

@@ -14,30 +14,8 @@ import torch
 import torch.distributed as dist
 
 from chargpt.config import TrainConfig
-from chargpt.errors import ChargptError, shorten
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps` -> a device that exists here, else a one-line error."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank}")
-        return torch.device("mps") if mps else torch.device("cpu")
-    index = name.removeprefix("cuda:")
-    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and index.isascii() and index.isdigit()):
-        raise ChargptError(f"unknown device {shorten(name)}; use auto, cpu, cuda, cuda:N or mps")
-    if name == "mps" and not mps:
-        raise ChargptError("--device mps was asked for but this machine has no MPS (Apple GPU); use --device cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ChargptError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    if name.startswith("cuda:") and int(index) >= torch.cuda.device_count():
-        raise ChargptError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0; pick one of them"
-        )
-    return torch.device(name)
+from chargpt.errors import ChargptError
+from chargpt.machine.devices import resolve_device
 
 
 @dataclass

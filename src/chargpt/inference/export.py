@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chargpt import __version__
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.model import GPT
-from chargpt.tokenizer import CharTokenizer
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -178,8 +178,8 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite:
     """Write the model in `model_dir` to `out` in format `fmt` (a file for onnx, a folder for web), atomically:
     a Ctrl-C or an error leaves no half export, and an --overwrite replaces the old one only when the new one
     is complete."""
-    from chargpt.checkpoint import load_model, read_config
-    from chargpt.fileio import atomic_write_bytes
+    from chargpt.storage.checkpoint import load_model, read_config
+    from chargpt.storage.fileio import atomic_write_bytes
 
     if fmt not in FORMATS:
         raise ChargptError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

@@ -105,7 +105,7 @@ def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars:
 def corpus_chars(data: str | None) -> int:
     """The corpus's size in bytes (characters, for ASCII text): the file, a folder's or a glob's files, or the
     embedded Shakespeare. Raises the same one-line errors the run would."""
-    from chargpt import data as corpus
+    from chargpt.data import corpus
 
     if data is None:
         return corpus.shakespeare_bytes()
@@ -122,7 +122,7 @@ def measure(rung: Rung, threads: int) -> float:
     a CPU trains depends on what else runs on it, unlike which of two formats is faster)."""
     import torch
 
-    from chargpt import precision
+    from chargpt.machine import precision
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -135,10 +135,10 @@ def measure(rung: Rung, threads: int) -> float:
 def _time(rung: Rung, info: Any) -> float:
     import torch
 
-    from chargpt import precision
     from chargpt.config import TrainConfig
+    from chargpt.machine import precision
     from chargpt.model import build_model
-    from chargpt.optim import make_optimizer
+    from chargpt.training.optim import make_optimizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chargpt import precision as prec
-from chargpt import quantize as quant
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
+from chargpt.inference import quantize as quant
+from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, check_usable
-from chargpt.tokenizer import CharTokenizer
 
 
 @torch.no_grad()
@@ -58,8 +56,8 @@ def evaluate_file(
 ) -> dict[str, Any]:
     """evaluate() on a file of any size: its ids stream through the token cache (the model's vocabulary) and
     are read from the memory map a batch at a time. progress: bars on a terminal (tokenizing, scoring)."""
-    from chargpt.chunks import progress_bar
-    from chargpt.data import fixed_policy, token_cache_dir, tokenize_corpus
+    from chargpt.data.corpus import fixed_policy, token_cache_dir, tokenize_corpus
+    from chargpt.data.streaming import progress_bar
 
     tokens = tokenize_corpus(str(path), fixed_policy(tokenizer), token_cache_dir(token_cache), progress=progress)
     passes = 2 if quant.apply(model, quantize)[1].name == "int8" else 1
@@ -94,7 +92,7 @@ def _score(
     precision: str,
     progress: Callable[[int], object] | None,
 ) -> dict[str, Any]:
-    from chargpt.tokencache import release_pages
+    from chargpt.data.tokencache import release_pages
 
     T = model.config.block_size
     n_pred = len(ids) - 1
@@ -135,15 +133,3 @@ def _int64(part: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(part, torch.Tensor):
         return part.long()
     return torch.from_numpy(part.astype(np.int64))
-
-
-class _CallableModule(types.ModuleType):
-    """`chargpt.evaluate` is both this module and the public function: once the module is imported, Python sets
-    the package's attribute to the module, so calling the module calls the function (`chargpt.evaluate(...)`
-    always works)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

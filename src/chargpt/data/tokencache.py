@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from chargpt.chunks import JOINER, BackgroundWriter, Scan, SourceFile, changed_error, encode, file_chunks, scan
+from chargpt.data.streaming import JOINER, BackgroundWriter, Scan, SourceFile, changed_error, encode, file_chunks, scan
+from chargpt.data.tokenizer import UNKNOWN, CharTokenizer, unknown_chars_error
 from chargpt.errors import ChargptError
-from chargpt.fileio import DiskFullError, atomic_write_bytes, atomic_writer
-from chargpt.tokenizer import UNKNOWN, CharTokenizer, unknown_chars_error
+from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, atomic_writer
 
 __all__ = ["Policy", "SourceFile", "Tokens", "map_tokens", "release_pages", "tokenize"]
-log = logging.getLogger("chargpt.tokencache")
+log = logging.getLogger("chargpt.data.corpus.tokencache")
 FORMAT, VERSION = "chargpt-token-cache", 1
 DTYPES = {"uint8": "<u1", "uint16": "<u2", "uint32": "<u4"}
 # A file modified within this long before it was checked may be modified again without its mtime moving

@@ -1,0 +1,1 @@
+"""Files: model checkpoints and the resumable state, atomic writes and safe reads."""
