@@ -167,7 +167,7 @@ def web_files(model: GPT, tokenizer: CharTokenizer, name: str, info: dict) -> di
 
 def page() -> str:
     """The web page: web/index.html with the server playground's style inlined (one look, kept in one place)."""
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]  # the package: web/ and serve/ are its folders
     playground = (here / "serve" / "playground.html").read_text(encoding="utf-8")
     style = playground[playground.index("<style>") : playground.index("</style>") + len("</style>")]
     template = (here / "web" / "index.html").read_text(encoding="utf-8")
