@@ -115,7 +115,7 @@ def test_error_messages_are_one_line():
 
 def test_presets():
     assert resolve_preset(None, "cpu") == "cpu" and resolve_preset(None, "mps") == "seed"
-    assert resolve_preset(None, "cuda") == resolve_preset(None, "cuda:1") == "gpu"  # the GPU default (issue 13)
+    assert resolve_preset(None, "cuda") == resolve_preset(None, "cuda:1") == "gpu"  # the GPU default
     assert resolve_preset("seed", "cpu") == "seed"
     with pytest.raises(ChargptError, match="unknown preset 'huge'"):
         resolve_preset("huge", "cpu")

@@ -1,4 +1,4 @@
-"""`chargpt info DIR [--json]`: what a model directory holds (issue 11)."""
+"""`chargpt info DIR [--json]`: what a model directory holds."""
 
 from __future__ import annotations
 

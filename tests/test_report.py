@@ -1,4 +1,4 @@
-"""What a run keeps: metrics.jsonl's training-loss and evaluation rows, and loss.png (issue 11, item 4)."""
+"""What a run keeps: metrics.jsonl's training-loss and evaluation rows, and loss.png."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def import_holding_ctrl_c(command: str) -> None:
     torch's import runs C++ that calls back into Python; a KeyboardInterrupt raised inside such a callback
     cannot unwind through the C++: the process aborted ("terminate called after throwing an instance of
     'pybind11::error_already_set'", exit -6) or killed itself with SIGINT at exit (-2) instead of printing
-    "interrupted" and exiting 130 (tests/test_cli_edges.py sends Ctrl-C at points through the import). Held
+    "interrupted" and exiting 130 (tests/test_cli_failures.py sends Ctrl-C at points through the import). Held
     for torch's import only: later imports (matplotlib, torch._dynamo) are Python that a KeyboardInterrupt
     unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
     to the command, which says what to install."""

@@ -1,4 +1,4 @@
-"""What a new user meets first (issue 11): --help, --version, no abbreviations, one meaning per flag, the
+"""What a new user meets first: --help, --version, no abbreviations, one meaning per flag, the
 announcement and the last lines of a run, a finished run resumed, eval's progress bar, sampling threads."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 
 # ---------------------------------------------------------------------------------------------
-# item 7: --help shows every default and a description, in groups, with examples; --version
+# --help shows every default and a description, in groups, with examples; --version
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "eval", "info"])
@@ -56,7 +56,7 @@ def test_train_help_groups_examples_and_the_preset_of_this_machine(capsys):
         assert f"\n{group}\n" in out, group
     assert out.count("\n  chargpt train ") >= 3  # the examples
     assert f"on this machine: --preset {resolve_preset(None, 'auto')} applies" in out
-    # defaults where the issue found none: the presets' values, --device, --beta2, --seed, --compile
+    # defaults that were once missing: the presets' values, --device, --beta2, --seed, --compile
     assert "128 with --preset cpu, 384 with --preset gpu, 384 with --preset seed" in " ".join(out.split())
     for flag, text in [("--device", "default: auto"), ("--beta2", "default: 0.99"), ("--seed", "default: 1337")]:
         assert text in " ".join(out.split(f"\n  {flag} ", 1)[1].split()[:25]), flag  # its entry, not the usage
@@ -77,7 +77,7 @@ def test_version(capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 5: no abbreviations; unknown flags are one line, exit 2, with the close match
+# no abbreviations; unknown flags are one line, exit 2, with the close match
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_abbreviated_nproc_in_a_real_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 6: one meaning per flag name: train --arch; train --model is a deprecated alias
+# one meaning per flag name: train --arch; train --model is a deprecated alias
 
 
 def test_train_model_with_a_directory_points_to_resume_and_sample(trained_model_dir, capsys):
@@ -190,7 +190,7 @@ def test_self_command(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 8: chargpt eval shows progress on a terminal, not in a pipe or with --quiet
+# chargpt eval shows progress on a terminal, not in a pipe or with --quiet
 
 
 def _eval_with_stderr_on_a_terminal(*args: str) -> tuple[int, str, str]:
@@ -240,7 +240,7 @@ def test_eval_progress_callback_counts_every_character(trained_model_dir, corpus
 
 
 # ---------------------------------------------------------------------------------------------
-# item 10: sampling picks a fast thread count, and --threads sets it
+# sampling picks a fast thread count, and --threads sets it
 
 
 def test_decode_threads_rule():
