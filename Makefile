@@ -21,7 +21,7 @@ demo: install
 	@if [ -e out/demo/model.safetensors ]; then \
 	    echo "== out/demo already holds a model: sampling from it (rm -r out/demo first to train a new one)"; \
 	else \
-	    echo "== make demo: train a small GPT (the 'cpu' preset, 0.8M parameters) on the complete Shakespeare plays"; \
+	    echo "== make demo: train a GPT sized for 150 s of this machine on the complete Shakespeare plays"; \
 	    echo "== for 150 seconds on this machine, then let it write 600 characters. Everything lands in out/demo/."; \
 	    $(VENV)/bin/chargpt train --out out/demo --max-time 150; \
 	fi

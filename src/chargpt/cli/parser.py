@@ -154,6 +154,12 @@ def _preset_here() -> str:
         f"on this machine: --preset {preset} applies unless you name one ({why}); cpu = a 0.8M-parameter model "
         f"tuned for a laptop CPU, gpu = the classic 10.8M-parameter model tuned for a GPU, seed = the same model "
         f"as in the lecture"
+        + (
+            "; with --max-time alone (no preset, shape or --n-updates) the model is instead sized to the budget: "
+            "the largest shape this machine can feed enough tokens in that time (Muon, WSD schedule)"
+            if preset == "cpu"
+            else ""
+        )
     )
 
 

@@ -78,7 +78,7 @@ def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars:
     """The largest rung that sees >= TOKENS_PER_PARAM tokens per parameter in the budget and is not large for the
     corpus; the first rung always qualifies. `tokens_per_s` is called on rungs in order, up to the first refused."""
     chosen, speed = LADDER[0], tokens_per_s(LADDER[0])
-    why = "the smallest shape"
+    why = "the largest shape of the ladder"
     for rung in LADDER[1:]:
         if rung.params > MAX_PARAMS_PER_CHAR * corpus_chars:
             why = f"a larger one would be large for a corpus of {corpus_chars:,} characters"
@@ -86,20 +86,17 @@ def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars:
         rate = tokens_per_s(rung)
         if budget_s * rate < TOKENS_PER_PARAM * rung.params:
             why = (
-                f"the next ({rung.params / 1e6:.1f}M parameters at {rate:,.0f} tokens/s) would see "
-                f"{budget_s * rate / rung.params:.1f} tokens per parameter, under {TOKENS_PER_PARAM:g}"
+                f"the next, {rung.params / 1e6:.1f}M parameters at {rate:,.0f} tokens/s, would see "
+                f"{budget_s * rate / rung.params:.1f}"
             )
             break
         chosen, speed = rung, rate
-    else:
-        why = "the largest shape of the ladder"
     seen = budget_s * speed / chosen.params
-    return Choice(
-        chosen,
-        speed,
-        f"sized for {budget_s:g} s: {chosen.describe()} ({chosen.params / 1e6:.1f}M parameters) sees "
-        f"~{seen:.0f} tokens per parameter at this machine's {speed:,.0f} tokens/s; {why}",
-    )
+    if seen < TOKENS_PER_PARAM:
+        rule = f"the smallest shape (none sees {TOKENS_PER_PARAM:g} tokens per parameter in so short a budget)"
+    else:
+        rule = f"the largest shape that sees >= {TOKENS_PER_PARAM:g} tokens per parameter ({seen:.0f}); {why}"
+    return Choice(chosen, speed, f"sized for {budget_s:g} s at this machine's {speed:,.0f} tokens/s: {rule}")
 
 
 def corpus_chars(data: str | None) -> int:
