@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from chargpt.machine import precision as prec
@@ -85,6 +86,8 @@ def main() -> None:
     p.add_argument("--out", default="out/bench-quality")
     p.add_argument("--data", default=str(CORPUS))
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"), default=["auto"])
+    p.add_argument("--side-by-side", action="store_true", help="run the variants at the same time, --threads 1 "
+                   "each (one core each on 2 cores: half the wall time; each run has a busy neighbour)")  # fmt: skip
     a, extra = p.parse_known_args()
     data = Path(a.data)
     if not data.is_file():
@@ -95,21 +98,34 @@ def main() -> None:
     val_text = text[len(text) - int(len(text) * 0.1) :]
     for budget in a.max_time:
         results = {}
-        for variant in a.variants:
-            for name in a.precision:
-                out = f"{a.out}-{budget:g}s-{variant}-{name}"
-                r = run(data, val_text, budget, out, variant, name, extra)
-                results[(variant, name)] = r
-                load = os.getloadavg()[0]
-                print(f"{budget:g}s {variant} ({name}): val loss {r['val_loss']:.4f} nats/char, {r['steps']} steps, "
-                      f"{r['tokens_per_s']:,} tokens/s, int8 {r['int8_change']:+.4f}; load {load:.2f}")  # fmt: skip
-                print(f"  {r['announced']}")
-                print(json.dumps(r), flush=True)
+        jobs = [(variant, name) for variant in a.variants for name in a.precision]
+
+        def one(job: tuple[str, str], budget: float = budget) -> dict:
+            variant, name = job
+            out = f"{a.out}-{budget:g}s-{variant}-{name}"
+            return run(
+                data, val_text, budget, out, variant, name, extra + (["--threads", "1"] if a.side_by_side else [])
+            )
+
+        if a.side_by_side:  # every run at once, one thread each: each is the other's busy machine
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                done = dict(zip(jobs, pool.map(one, jobs), strict=True))
+        else:
+            done = {}
+            for job in jobs:
+                done[job] = one(job)
+        for (variant, name), r in done.items():
+            results[(variant, name)] = r
+            load = os.getloadavg()[0]
+            print(f"{budget:g}s {variant} ({name}): val loss {r['val_loss']:.4f} nats/char, {r['steps']} steps, "
+                  f"{r['tokens_per_s']:,} tokens/s, int8 {r['int8_change']:+.4f}; load {load:.2f}")  # fmt: skip
+            print(f"  {r['announced']}")
+            print(json.dumps(r), flush=True)
         if len(a.variants) >= 2:
             first, second = a.variants[:2]
             for name in a.precision:
-                gain = results[(second, name)]["val_loss"] - results[(first, name)]["val_loss"]
-                print(f"{budget:g}s ({name}): {first} is {gain:+.4f} nats/char below {second}")
+                diff = results[(first, name)]["val_loss"] - results[(second, name)]["val_loss"]
+                print(f"{budget:g}s ({name}): {first} - {second} = {diff:+.4f} nats/char (negative: {first} is better)")
         if "fp32" in a.precision and len(a.precision) > 1:
             for variant in a.variants:
                 for name in a.precision:
