@@ -157,6 +157,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The transformer. What sampling, serving and export ask of a model (the two architectures answer alike):
+    `context(seq)`, the tokens the next prediction depends on, and `decodes_with_cache`, whether the KV cache and
+    the one-token step (chargpt.inference.decode) apply."""
+
+    decodes_with_cache = True
+
+    def context(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq[:, -self.config.block_size :]
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -210,6 +219,11 @@ class GPT(nn.Module):
 
 class BigramLM(nn.Module):
     """The lecture's baseline: the next character's logits read off a vocab x vocab table."""
+
+    decodes_with_cache = False  # no attention: nothing to cache
+
+    def context(self, seq: torch.Tensor) -> torch.Tensor:
+        return seq[:, -1:]  # the next character depends on the last one only
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()

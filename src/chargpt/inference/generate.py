@@ -148,7 +148,7 @@ class Decoder:
         self.prefill, self.decode = prefill, decode
         self.step: DecodeStep | None = None
         self.graph: StaticStep | None = None
-        if use_cache and isinstance(model, GPT):
+        if use_cache and model.decodes_with_cache:
             self.step = step or DecodeStep(model)
             static = self.device.type == "cuda" if static is None else static
             self.cache = cache or KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
@@ -159,9 +159,7 @@ class Decoder:
     def __call__(self, seq: torch.Tensor) -> torch.Tensor:
         """seq (B, n) -> logits (B, vocab) for token n."""
         n = seq.size(1)
-        if isinstance(self.model, BigramLM):
-            return self.model(seq[:, -1:])[0][:, -1]
-        window = seq[:, max(0, n - self.block_size) :]  # what the no-cache model sees: (B, <= block_size)
+        window = self.model.context(seq)  # what the no-cache model sees: (B, <= block_size)
         cache = self.cache
         if cache is None:
             with prec.autocast(self.device, self.prefill):

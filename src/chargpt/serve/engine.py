@@ -124,13 +124,13 @@ class Engine:
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.batched = isinstance(model, GPT) and batch_invariant(model, self.prefill, self.decode)
-        if isinstance(model, GPT) and not self.batched:
+        self.batched = model.decodes_with_cache and batch_invariant(model, self.prefill, self.decode)
+        if model.decodes_with_cache and not self.batched:
             log.warning(
                 "batched decoding does not reproduce single-row results on %s; decoding rows one by one", self.device
             )
         self.pool: KVCache | None = None  # every row's keys and values, one slot per row
-        self.one = DecodeStep(model) if isinstance(model, GPT) else None  # each row's own step (weights shared)
+        self.one = DecodeStep(model) if model.decodes_with_cache else None  # each row's own step (weights shared)
         self.rows: DecodeStep | None = None  # the step of all rows at once
         if self.batched:
             p = next(model.parameters())
