@@ -27,9 +27,13 @@ from serving import ServerProcess, start_server
 MODEL = "tiny"  # the model directory's name is the model id
 
 
+SERVED: dict[str, str] = {}  # the weights' format the server chose (auto measures in its own process)
+
+
 @pytest.fixture(scope="module")
 def server(trained_model_dir: Path) -> Iterator[ServerProcess]:
     srv = start_server(trained_model_dir)
+    SERVED["quantize"] = httpx.get(srv.url + "/v1/models").json()["data"][0]["meta"]["quantize"]
     yield srv
     srv.kill()
 
@@ -42,7 +46,7 @@ def client(server: ServerProcess) -> openai.OpenAI:
 def reference(tiny, prompt: str, **settings) -> list[str]:
     """What chargpt.generate returns for the same prompt and settings."""
     model, tokenizer = tiny
-    return generate(model, tokenizer, prompt, SampleConfig(**settings))
+    return generate(model, tokenizer, prompt, SampleConfig(**{**SERVED, **settings}))
 
 
 def streamed(client: openai.OpenAI, **request) -> tuple[str, list]:

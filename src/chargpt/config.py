@@ -170,9 +170,8 @@ class TrainConfig:
         _fraction("val_fraction", self.val_fraction, allow_zero=False, allow_one=False)
         _fraction("min_lr_ratio", self.min_lr_ratio, allow_zero=True, allow_one=True)
         _fraction("decay_fraction", self.decay_fraction, allow_zero=True, allow_one=True)
-        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                raise ChargptError(f"unknown {name} {shorten(getattr(self, name))}; use one of {', '.join(allowed)}")
+        check_name("optimizer", self.optimizer, OPTIMIZERS)
+        check_name("schedule", self.schedule, SCHEDULES)
         _fraction("beta2", self.beta2, allow_zero=False, allow_one=False)
         for name in ("weight_decay", "grad_clip", "max_time", "checkpoint_seconds"):
             value = getattr(self, name)
@@ -198,8 +197,7 @@ class TrainConfig:
             raise ChargptError("--data must name a file or folder, got an empty path")
         device = self.device
         check_device(device)
-        if self.precision not in PRECISIONS:
-            raise ChargptError(f"unknown precision {shorten(self.precision)}; use one of {', '.join(PRECISIONS)}")
+        check_name("precision", self.precision, PRECISIONS)
 
     def _validate_data_options(self) -> None:
         if not isinstance(self.vocab, str) or not self.vocab:
@@ -433,6 +431,13 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if not ok:
         raise ChargptError(f"{key} in {where} must be of type {kind}, got {shorten(value)}")
     return float(value) if kind == "float" else value
+
+
+def check_name(what: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """One of a setting's named choices (precision, quantization, optimizer, ...), else a one-line error."""
+    if value not in allowed:
+        raise ChargptError(f"unknown {what} {shorten(value)}; use one of {', '.join(allowed)}")
+    return value
 
 
 def _positive_int(name: str, value: Any, limit: int) -> None:

@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,20 +60,29 @@ class SampleConfig:
     def validate(self) -> None:
         prec.check(self.precision)
         quant.check(self.quantize)
-        if not isinstance(self.temperature, (int, float)) or not (0 <= self.temperature < math.inf):
-            raise ChargptError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ChargptError(f"top_k must be an integer >= 1, got {self.top_k}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ChargptError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.stop)
+        if problem:
+            raise ChargptError(problem[1])
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise ChargptError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ChargptError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ChargptError(f"num_samples must be an integer >= 1, got {self.num_samples}")
-        if any(not s for s in self.stop):
-            raise ChargptError("stop strings must not be empty")
+
+
+def sampling_problem(temperature: Any, top_k: Any, top_p: Any, stop: Sequence[str] = ()) -> tuple[str, str] | None:
+    """The first bad sampling setting as (its name, a one-line message), or None: the one check of these values,
+    for the Python API and the CLI (SampleConfig) and for the server's requests (which name the field)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        return "temperature", f"temperature must be a number >= 0 (0 = greedy), got {temperature}"
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        return "top_k", f"top_k must be an integer >= 1, got {top_k}"
+    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        return "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}"
+    if any(not s for s in stop):
+        return "stop", "stop strings must not be empty"
+    return None
 
 
 def pick_next(

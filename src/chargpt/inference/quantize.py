@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chargpt.config import QUANTIZE
+from chargpt.config import QUANTIZE, check_name
 from chargpt.errors import ChargptError
 from chargpt.machine import precision as prec
 
@@ -113,9 +113,7 @@ class Choice:
 
 
 def check(name: str) -> str:
-    if name not in QUANTIZE:
-        raise ChargptError(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZE)}")
-    return name
+    return check_name("quantization", name, QUANTIZE)
 
 
 def resolve(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from chargpt.config import PRECISIONS
+from chargpt.config import PRECISIONS, check_name
 from chargpt.errors import ChargptError
 
 KINDS = ("train", "eval", "prefill", "decode")  # the first three are batched matmuls; decode is one token
@@ -106,9 +106,7 @@ def _torch_capability() -> str:
 
 
 def check(name: str) -> str:
-    if name not in PRECISIONS:
-        raise ChargptError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
-    return name
+    return check_name("precision", name, PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
+from chargpt.inference.generate import sampling_problem
 from chargpt.serve.engine import ChoiceSpec, Piece
 
 MAX_STOP = 4  # stop strings per request, as in OpenAI's API
@@ -172,12 +172,11 @@ def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limi
     """Check every value; the ApiError names the field. `seed` is used when the request has none."""
     _check_unsupported(req)
     temperature = 1.0 if req.temperature is None else _float(req.temperature, "temperature")
-    _check(
-        0 <= temperature < math.inf, "temperature", f"temperature must be a number >= 0 (0 = greedy), got {temperature}"
-    )
     top_p = None if req.top_p is None else _float(req.top_p, "top_p")
-    _check(top_p is None or 0 < top_p <= 1, "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    _check(req.top_k is None or req.top_k >= 1, "top_k", f"top_k must be an integer >= 1, got {req.top_k}")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    problem = sampling_problem(temperature, req.top_k, top_p, stop)  # the checks chargpt.generate makes
+    if problem:
+        raise ApiError(400, problem[1], problem[0], "invalid_value")
     n = 1 if req.n is None else req.n
     _check(n >= 1, "n", f"n must be an integer >= 1, got {n}")
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
@@ -189,9 +188,7 @@ def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limi
     )
     if req.seed is not None:
         _check(0 <= req.seed < 2**63 - n, "seed", f"seed must be an integer in [0, 2**63 - n), got {req.seed}")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     _check(len(stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
-    _check(all(stop), "stop", "stop strings must not be empty")
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     _check(len(prompts) >= 1, "prompt", "prompt is an empty list; give at least one prompt")
     _check(

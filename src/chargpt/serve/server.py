@@ -21,7 +21,7 @@ from types import FrameType
 import torch
 import uvicorn
 
-from chargpt.config import PRECISIONS, QUANTIZE
+from chargpt.config import PRECISIONS, QUANTIZE, check_name
 from chargpt.errors import ChargptError
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
@@ -60,15 +60,9 @@ class ServeConfig:
                 "--api-key must be printable ASCII without spaces (a client could never send it in a header); "
                 "check for a stray space or newline",
             ),
-            (
-                self.precision in PRECISIONS,
-                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-            ),
-            (
-                self.quantize in QUANTIZE,
-                f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}",
-            ),
         ]
+        check_name("precision", self.precision, PRECISIONS)
+        check_name("quantization", self.quantize, QUANTIZE)
         for ok, message in checks:
             if not ok:
                 raise ChargptError(message)
