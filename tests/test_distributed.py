@@ -50,11 +50,11 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     state = ckpt.load_train_state(out)
     moments = {
         f"adam.{i}.{key}": value
-        for i, s in state["optimizer"]["state"].items()
+        for i, s in state.optimizer["state"].items()
         for key, value in s.items()
         if key in ("exp_avg", "exp_avg_sq")
     }
-    return {**state["model"], **moments}
+    return {**state.model, **moments}
 
 
 def _rel(a: float | torch.Tensor, b: float | torch.Tensor) -> float:

@@ -163,7 +163,7 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
             if ckpt.WEIGHTS in now:
                 assert ckpt.load_model(out)[0].config.n_embd == 16
             if ckpt.TRAIN_STATE in now:
-                assert ckpt.load_train_state(out)["config"]["n_embd"] == 16
+                assert ckpt.load_train_state(out).config["n_embd"] == 16
         assert not [p for p in out.iterdir() if p.name.startswith(".chargpt-previous")]
     assert seen == {"old", "new"}, seen
 

@@ -395,9 +395,9 @@ def test_training_on_the_memory_map_equals_training_in_memory(corpus_text, tmp_p
     for other in ("in-memory", "resumed"):
         other_curve, other_state = run(other)
         assert other_curve == curve, other
-        assert state["vocab"] == other_state["vocab"]
-        for name, tensor in state["model"].items():
-            assert torch.equal(tensor, other_state["model"][name]), (other, name)
+        assert state.vocab == other_state.vocab
+        for name, tensor in state.model.items():
+            assert torch.equal(tensor, other_state.model[name]), (other, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def test_rare_characters_map_to_the_unknown_symbol_everywhere(tmp_path, corpus_t
     assert "\U0001f600" not in tokenizer.chars and "\u00e9" not in tokenizer.chars
     assert set(tokenizer.chars) == (set(corpus_text[:20_000]) - {"\u00e9"}) | {UNKNOWN}
     assert json.loads((out / "config.json").read_text())["unknown"] == UNKNOWN
-    assert ckpt.load_train_state(out)["unknown"] == UNKNOWN
+    assert ckpt.load_train_state(out).unknown == UNKNOWN
     # a prompt with characters the model never saw maps them to the unknown symbol instead of failing
     assert tokenizer.encode("\u00e9\u4e2d")[0] == tokenizer.chars.index(UNKNOWN)
     assert len(generate(model, tokenizer, "caf\u00e9 \u4e2d", max_new_tokens=5, seed=0)[0]) == 5

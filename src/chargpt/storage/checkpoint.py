@@ -15,6 +15,7 @@ import math
 import os
 import random
 import warnings
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -348,13 +349,84 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return inner.state_dict()
 
 
-def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
+def _kind(kind: type | tuple[type, ...], default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"kind": kind})
+
+
+NUMBER = (int, float)
+
+
+@dataclass
+class TrainState:
+    """train_state.pt, its one description: `save_train_state` writes these fields, `load_train_state` checks
+    every one (type, range) and returns them. Fields with a default may be absent from a state older than them."""
+
+    step: int = _kind(int)
+    elapsed: float = _kind(NUMBER)  # seconds of training so far
+    best_val_loss: float = _kind(NUMBER)  # +inf before the first evaluation
+    model: dict = _kind(dict)  # the weights
+    optimizer: dict = _kind(dict)
+    rng: dict = _kind(dict)  # capture_rng's streams
+    vocab: list = _kind(list)
+    config: dict = _kind(dict)  # the TrainConfig's fields
+    unknown: str | None = _kind(str, None)  # the tokenizer's unknown symbol, if it has one
+    log_loss_sum: float = _kind(NUMBER, 0.0)  # the training-loss row being summed
+    log_loss_count: int = _kind(int, 0)
+    eval_seconds: float = _kind(NUMBER, 0.0)  # what the budget reserves for the next evaluation, plot and save
+    plot_seconds: float = _kind(NUMBER, 0.0)
+    save_seconds: float = _kind(NUMBER, 0.0)
+    evals_since_best: int = _kind(int, 0)  # --patience's count
+    threads: int | None = _kind(int, None)  # an auto run's thread count, kept on resume (same count, same bits)
+    data_chars: int | None = _kind(int, None)  # the corpus's size: a resume on other data is refused
+    origin: dict | None = _kind(dict, None)  # a fine-tune's source model
+    lr_anchor: list | None = _kind(list, None)  # where an extended budget restarted the schedule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TrainState:
+        """The state in `raw` (what torch.load read), or ValueError naming the first problem."""
+        if not isinstance(raw, dict):
+            raise ValueError("not a dictionary")
+        values = {}
+        for f in fields(cls):
+            if f.name not in raw or (raw[f.name] is None and f.default is None):
+                if f.default is MISSING:
+                    raise ValueError(f"{f.name} is missing")
+                continue
+            value = raw[f.name]
+            if not isinstance(value, f.metadata["kind"]) or isinstance(value, bool):
+                raise ValueError(f"{f.name} has type {type(value).__name__}")
+            values[f.name] = value
+        state = cls(**values)
+        problem = state._problem()
+        if problem:
+            raise ValueError(problem)
+        return state
+
+    def _problem(self) -> str | None:
+        if not 0 <= self.step <= MAX_COUNT:
+            return f"step {_short(self.step)} is out of range"
+        if not math.isfinite(self.elapsed) or self.elapsed < 0:
+            return f"elapsed time {_short(self.elapsed)} is not a finite number >= 0"
+        if math.isnan(self.best_val_loss) or self.best_val_loss < 0:  # +inf: no evaluation yet
+            return f"best_val_loss {_short(self.best_val_loss)} is not a loss"
+        for key in ("torch", "batches", "numpy_keys"):
+            if not isinstance(self.rng.get(key), torch.Tensor):
+                return f"rng.{key} is not a tensor"
+        if not isinstance(self.rng.get("numpy_pos"), int) or not isinstance(self.rng.get("python"), list):
+            return "rng state is malformed"
+        return None
+
+
+def save_train_state(directory: str | Path, state: TrainState) -> None:
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(state.to_dict(), buf)
     atomic_write_bytes(Path(directory) / TRAIN_STATE, buf.getvalue())
 
 
-def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_train_state(directory: str | Path, mmap: bool = False) -> TrainState:
     """Read train_state.pt without unpickling code (weights_only) and check its layout.
 
     mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
@@ -374,17 +446,19 @@ def load_train_state(directory: str | Path, mmap: bool = False) -> dict[str, Any
     except Exception as e:  # torch raises many types for corrupt or hostile pickles
         first = first_line(e)
         raise ChargptError(f"{path} is corrupt or not a chargpt train state ({first})") from None
-    problem = _train_state_problem(state)
-    if problem:
-        raise ChargptError(f"{path} is not a usable chargpt train state ({problem}); start a new run with --overwrite")
-    return state
+    try:
+        return TrainState.from_dict(state)
+    except ValueError as e:
+        raise ChargptError(
+            f"{path} is not a usable chargpt train state ({e}); start a new run with --overwrite"
+        ) from None
 
 
 def resume_config(out: str | Path, sources: dict[str, str] | None = None, **overrides: Any) -> TrainConfig:
     """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates).
 
     The model's shape and data cannot change (config.RESUME_FIXED); `sources` names where settings came from."""
-    saved = load_train_state(out, mmap=True)["config"]  # train() reads the tensors; here only the config
+    saved = load_train_state(out, mmap=True).config  # train() reads the tensors; here only the config
     return saved_train_config(saved, str(out), f"the train state in {out}", sources, **overrides)
 
 
@@ -409,41 +483,6 @@ def restore_rng(state: dict[str, Any], batches: torch.Generator) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
     batches.set_state(state["batches"])
-
-
-def _train_state_problem(state: Any) -> str | None:
-    if not isinstance(state, dict):
-        return "not a dictionary"
-    kinds: dict[str, type | tuple[type, ...]] = {
-        "step": int,
-        "elapsed": (int, float),
-        "best_val_loss": (int, float),
-        "model": dict,
-        "optimizer": dict,
-        "rng": dict,
-        "vocab": list,
-        "config": dict,
-    }
-    for key, kind in kinds.items():
-        if key not in state:
-            return f"{key} is missing"
-        if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            return f"{key} has type {type(state[key]).__name__}"
-    if not 0 <= state["step"] <= MAX_COUNT:
-        return f"step {_short(state['step'])} is out of range"
-    if not math.isfinite(state["elapsed"]) or state["elapsed"] < 0:
-        return f"elapsed time {_short(state['elapsed'])} is not a finite number >= 0"
-    if math.isnan(state["best_val_loss"]) or state["best_val_loss"] < 0:  # +inf: no evaluation yet
-        return f"best_val_loss {_short(state['best_val_loss'])} is not a loss"
-    if state.get("unknown") is not None and not isinstance(state["unknown"], str):  # absent in older states
-        return f"unknown has type {type(state['unknown']).__name__}"
-    rng = state["rng"]
-    for key in ("torch", "batches", "numpy_keys"):
-        if not isinstance(rng.get(key), torch.Tensor):
-            return f"rng.{key} is not a tensor"
-    if not isinstance(rng.get("numpy_pos"), int) or not isinstance(rng.get("python"), list):
-        return "rng state is malformed"
-    return None
 
 
 def _open_nofollow(path: str, flags: int) -> int:
@@ -487,7 +526,7 @@ def list_runs(directory: str | Path) -> list[dict[str, Any]]:
         try:
             if os.path.lexists(run_file(sub, TRAIN_STATE)):
                 state = load_train_state(sub, mmap=True)
-                row.update(steps=state["step"], elapsed=float(state["elapsed"]))
+                row.update(steps=state.step, elapsed=float(state.elapsed))
         except ChargptError as e:
             row.setdefault("problem", str(e))
         runs.append(row)
@@ -511,7 +550,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     if os.path.lexists(run_file(directory, TRAIN_STATE)):
         try:
             state = load_train_state(directory, mmap=True)
-            training.update(steps=state["step"], elapsed=float(state["elapsed"]))
+            training.update(steps=state.step, elapsed=float(state.elapsed))
         except ChargptError as e:
             training["train_state_problem"] = str(e)
     shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}

@@ -299,12 +299,12 @@ def already_finished(run: Run, state: RunState) -> bool:
 def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress: bool = False) -> tuple[Run, RunState]:
     """Data, model, optimizer and (when resuming) the saved state, in that order."""
     out = Path(cfg.out)  # locked and checked by OutDir: a user's files are never replaced
-    saved: dict[str, Any] | None = None
+    saved: ckpt.TrainState | None = None
     if resume:
         saved = ckpt.load_train_state(out)
     tuner, threads_note = set_threads(cfg, d, saved)
     # data, through the token cache (a failure leaves no empty folder behind: OutDir removes what it created)
-    tokenizer = CharTokenizer(list(saved["vocab"]), unknown=saved.get("unknown")) if saved else None
+    tokenizer = CharTokenizer(list(saved.vocab), unknown=saved.unknown) if saved else None
     begin = None
     if saved is None and cfg.init_from is not None:  # a fine-tune: the source's vocabulary, extended
         begin = finetune.start(cfg)
@@ -314,9 +314,9 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     data = prepare_data(cfg, tokenizer, d, progress=progress and d.main)
     tokenizer, train_ids, val_ids = data.tokenizer, data.train, data.val
     chars = len(train_ids) + len(val_ids)
-    if saved is not None and saved.get("data_chars") not in (None, chars):
+    if saved is not None and saved.data_chars not in (None, chars):
         raise ChargptError(
-            f"the data changed since this run started ({saved['data_chars']:,} characters then, {chars:,} now); a "
+            f"the data changed since this run started ({saved.data_chars:,} characters then, {chars:,} now); a "
             f"resumed run trains on the same data: restore it, or start a new run (--init-from {out} keeps the "
             f"weights)"
         )
@@ -337,7 +337,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     state = RunState()
     if saved is not None:
         state = restore(saved, out, model, optimizer, batches)
-        old = dataclasses.replace(cfg, **{k: saved["config"][k] for k in SCHEDULE_KEYS if k in saved["config"]})
+        old = dataclasses.replace(cfg, **{k: saved.config[k] for k in SCHEDULE_KEYS if k in saved.config})
         state.lr_anchor = extended_anchor(old, cfg, state.step, state.elapsed, state.lr_anchor)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -350,11 +350,11 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     choices = choose_precision(cfg, d, model, tokenizer.vocab_size)
     run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
     run.tuner, run.threads_note = tuner, threads_note
-    run.origin = begin.origin if begin is not None else saved.get("origin") if saved else None
+    run.origin = begin.origin if begin is not None else saved.origin if saved else None
     return run, state
 
 
-def set_threads(cfg: TrainConfig, d: Dist, saved: dict[str, Any] | None) -> tuple[cores.ThreadTuner | None, str]:
+def set_threads(cfg: TrainConfig, d: Dist, saved: ckpt.TrainState | None) -> tuple[cores.ThreadTuner | None, str]:
     """The CPU thread count of the run: --threads as given, or (auto) the free cores shared among this machine's
     ranks. A resumed auto run keeps the count it saved (the same count gives the same bits), and an auto run
     gets a ThreadTuner. On an accelerator torch's default stays."""
@@ -362,7 +362,7 @@ def set_threads(cfg: TrainConfig, d: Dist, saved: dict[str, Any] | None) -> tupl
         return None, ""
     total = cores.cores()
     requested = cfg.threads or None
-    saved_threads = saved.get("threads") if saved else None
+    saved_threads = saved.threads if saved else None
     if requested is None and isinstance(saved_threads, int) and not isinstance(saved_threads, bool):
         threads = max(1, min(saved_threads, total))
         note = f"{threads} thread{'s' if threads > 1 else ''} (as the run saved)"
@@ -414,32 +414,32 @@ def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_si
 
 
 def restore(
-    saved: dict[str, Any], out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
+    saved: ckpt.TrainState, out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
 ) -> RunState:
     """Load a saved run's weights, optimizer and RNG into the fresh ones; return its RunState."""
-    ckpt.load_state(model, saved["model"], str(out / ckpt.TRAIN_STATE))
+    ckpt.load_state(model, saved.model, str(out / ckpt.TRAIN_STATE))
     try:
-        optimizer.load_state_dict(saved["optimizer"])
-        ckpt.restore_rng(saved["rng"], batches)
+        optimizer.load_state_dict(saved.optimizer)
+        ckpt.restore_rng(saved.rng, batches)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ChargptError(
             f"{out / ckpt.TRAIN_STATE} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
             f"start a new run with --overwrite"
         ) from None
-    step = int(saved["step"])
+    step = int(saved.step)
     return RunState(
         step=step,
-        elapsed=float(saved["elapsed"]),
-        best_val=float(saved["best_val_loss"]),
+        elapsed=float(saved.elapsed),
+        best_val=float(saved.best_val_loss),
         metrics=report.read_metrics(out, step),
-        saved_at=float(saved["elapsed"]),
-        log_loss_sum=float(saved.get("log_loss_sum", 0.0)),
-        log_loss_count=int(saved.get("log_loss_count", 0)),
-        eval_seconds=float(saved.get("eval_seconds", 0.0)),
-        plot_seconds=float(saved.get("plot_seconds", 0.0)),
-        save_seconds=float(saved.get("save_seconds", 0.0)),
-        lr_anchor=_anchor(saved.get("lr_anchor")),
-        evals_since_best=int(saved.get("evals_since_best", 0)),
+        saved_at=float(saved.elapsed),
+        log_loss_sum=float(saved.log_loss_sum),
+        log_loss_count=int(saved.log_loss_count),
+        eval_seconds=float(saved.eval_seconds),
+        plot_seconds=float(saved.plot_seconds),
+        save_seconds=float(saved.save_seconds),
+        lr_anchor=_anchor(saved.lr_anchor),
+        evals_since_best=int(saved.evals_since_best),
     )
 
 
@@ -704,27 +704,27 @@ def save_state(run: Run, state: RunState) -> None:
     weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}
     ckpt.save_train_state(
         run.out,
-        {
-            "step": state.step,
-            "elapsed": state.elapsed,
-            "best_val_loss": state.best_val,
-            "log_loss_sum": state.log_loss_sum,
-            "log_loss_count": state.log_loss_count,
-            "eval_seconds": state.eval_seconds,
-            "plot_seconds": state.plot_seconds,
-            "save_seconds": state.save_seconds,
-            "threads": torch.get_num_threads(),
-            "data_chars": len(run.train_ids) + len(run.val_ids),
-            **({"origin": run.origin} if run.origin is not None else {}),
-            "evals_since_best": state.evals_since_best,
-            **({"lr_anchor": list(state.lr_anchor)} if state.lr_anchor is not None else {}),
-            "model": weights,
-            "optimizer": run.optimizer.state_dict(),
-            "rng": ckpt.capture_rng(run.batches),
-            "vocab": run.tokenizer.to_list(),
-            "unknown": run.tokenizer.unknown,
-            "config": asdict(run.cfg),
-        },
+        ckpt.TrainState(
+            step=state.step,
+            elapsed=state.elapsed,
+            best_val_loss=state.best_val,
+            model=weights,
+            optimizer=run.optimizer.state_dict(),
+            rng=ckpt.capture_rng(run.batches),
+            vocab=run.tokenizer.to_list(),
+            config=asdict(run.cfg),
+            unknown=run.tokenizer.unknown,
+            log_loss_sum=state.log_loss_sum,
+            log_loss_count=state.log_loss_count,
+            eval_seconds=state.eval_seconds,
+            plot_seconds=state.plot_seconds,
+            save_seconds=state.save_seconds,
+            evals_since_best=state.evals_since_best,
+            threads=torch.get_num_threads(),
+            data_chars=len(run.train_ids) + len(run.val_ids),
+            origin=run.origin,
+            lr_anchor=list(state.lr_anchor) if state.lr_anchor is not None else None,
+        ),
     )
     _saved(run)
     state.save_seconds = time.perf_counter() - t0
