@@ -24,6 +24,7 @@ from pathlib import Path
 
 from chargpt.machine import cores
 from chargpt.machine import precision as prec
+from cpuflags import shown_flags
 
 
 def run(steps: int, threads: int | None, out: Path) -> float:
@@ -54,7 +55,7 @@ def main() -> None:
     args = p.parse_args()
     info = prec.cpu_info()
     total = cores.cores()
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; cores {total}; load {os.getloadavg()}")
+    print(f"CPU: {info.model}; flags: {shown_flags(info)}; cores {total}; load {os.getloadavg()}")
     if total < 2:
         sys.exit("bench_contention needs at least 2 cores (one to keep busy)")
     with tempfile.TemporaryDirectory() as tmp:

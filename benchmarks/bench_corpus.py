@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from chargpt.machine import precision as prec
+from cpuflags import shown_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
@@ -43,7 +44,7 @@ def machine() -> dict:
     cpu = prec.cpu_info()
     return {
         "cpu": cpu.model,
-        "flags": cpu.shown_flags(),
+        "flags": shown_flags(cpu),
         "cores": os.cpu_count(),
         "load_1min": round(os.getloadavg()[0], 2),
     }

@@ -26,6 +26,7 @@ from chargpt.data.corpus import shakespeare_text
 from chargpt.machine import cores
 from chargpt.machine import precision as prec
 from chargpt.storage.checkpoint import read_config
+from cpuflags import shown_flags
 
 NEW_TEXT_BYTES = 200_000
 
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument("--tune-seconds", type=float, default=60)
     args = p.parse_args()
     info = prec.cpu_info()
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; cores {cores.cores()}; load {os.getloadavg()}")
+    print(f"CPU: {info.model}; flags: {shown_flags(info)}; cores {cores.cores()}; load {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         text = new_text()

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from chargpt.machine import precision as prec
+from cpuflags import shown_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
@@ -93,7 +94,7 @@ def main() -> None:
     if not data.is_file():
         sys.exit(f"bench_quality: {data} not found; it ships in ../shared/data beside the repo")
     info = prec.cpu_info()
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {info.model}; flags: {shown_flags(info)}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.2f}")
     text = data.read_text(encoding="utf-8")
     val_text = text[len(text) - int(len(text) * 0.1) :]
     for budget in a.max_time:

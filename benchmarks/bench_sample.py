@@ -38,6 +38,7 @@ from chargpt.inference import quantize as quant
 from chargpt.inference.generate import stream
 from chargpt.machine import precision as prec
 from chargpt.model import GPT
+from cpuflags import shown_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
@@ -135,7 +136,7 @@ def main() -> None:
     window = 255  # characters that all fit the 256-token window after the 1-character prompt
     info = prec.cpu_info()
     variants = a.variants or (["fp32", "bf16", "int8"] if info.native_bf16 else ["fp32"])
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; torch {torch.__version__} capability {info.capability}")
+    print(f"CPU: {info.model}; flags: {shown_flags(info)}; torch {torch.__version__} capability {info.capability}")
     if not info.native_bf16 and not a.variants:
         print("bf16, int8: not measured (this CPU has no native bf16: avx512_bf16 / amx_bf16)")
 
@@ -154,7 +155,7 @@ def main() -> None:
           f"best of {a.rounds} alternated rounds per variant; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"reference     {a.tokens} chars: {ref:8.1f} chars/s   ({window} chars: {ref_window:.1f} chars/s)")
     summary: dict[str, object] = {"bench": "sample", "tokens": a.tokens, "threads": torch.get_num_threads()}
-    summary.update(cpu=info.model, flags=info.shown_flags(), reference_chars_per_s=round(ref, 2))
+    summary.update(cpu=info.model, flags=shown_flags(info), reference_chars_per_s=round(ref, 2))
     summary.update(reference_chars_per_s_255=round(ref_window, 2))
     for name, r in results.items():
         print(

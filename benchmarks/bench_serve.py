@@ -33,6 +33,7 @@ from bench_sample import VOCAB, seed_model  # the seed-config model with random 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.machine import precision as prec
 from chargpt.storage.checkpoint import save_model
+from cpuflags import shown_flags
 
 
 def seed_model_dir(directory: Path) -> Path:
@@ -165,7 +166,7 @@ def main() -> None:
     cpu = prec.cpu_info()
     variants = a.quantize or (["none", "int8"] if cpu.native_bf16 else ["none"])
     print(
-        f"CPU: {cpu.model}; flags: {cpu.shown_flags()}   cores: {os.cpu_count()}   "
+        f"CPU: {cpu.model}; flags: {shown_flags(cpu)}   cores: {os.cpu_count()}   "
         f"torch threads: {torch.get_num_threads()}"
     )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -175,7 +176,7 @@ def main() -> None:
         runs += [(q, a.threads) for q in variants]
         results = [run_variant(model_dir, a.clients, a.max_batch, q, threads) for q, threads in runs]
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    out: dict[str, object] = {"bench": "serve", "cpu_flags": cpu.shown_flags(), "variants": results}
+    out: dict[str, object] = {"bench": "serve", "cpu_flags": shown_flags(cpu), "variants": results}
     b = [r["rows"][1]["chars_per_s"] for r in results]
     if variants == ["none", "int8"]:
         gain = b[-1] / b[-2]

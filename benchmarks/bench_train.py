@@ -26,6 +26,7 @@ from chargpt.config import TrainConfig
 from chargpt.machine import precision as prec
 from chargpt.model import build_model
 from chargpt.training.optim import make_optimizer
+from cpuflags import shown_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARGPT_SHARED", REPO.parent / "shared"))  # beside the repo, or say where
@@ -122,7 +123,7 @@ def main() -> None:
     a = p.parse_args()
     info = prec.cpu_info()
     bf16 = a.bf16 or bool(info.native_bf16)
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; torch {torch.__version__} capability {info.capability}")
+    print(f"CPU: {info.model}; flags: {shown_flags(info)}; torch {torch.__version__} capability {info.capability}")
     peak = matmul_peak()
     cfg = TrainConfig(**MID, device="cpu")
     model, ours_step = _chargpt_step(cfg, compile_model=False)

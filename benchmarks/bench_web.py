@@ -30,6 +30,7 @@ from chargpt.inference.export import export
 from chargpt.machine import precision as prec
 from chargpt.model import GPT
 from chargpt.storage.checkpoint import save_model
+from cpuflags import shown_flags
 
 SHAPES = {
     "demo (cpu preset)": dict(block_size=128, n_embd=128, n_heads=4, n_layers=4),
@@ -65,7 +66,7 @@ def main() -> None:
     p.add_argument("--chars", type=int, default=200)
     a = p.parse_args()
     info = prec.cpu_info()
-    print(f"CPU: {info.model}; flags: {info.shown_flags()}; load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {info.model}; flags: {shown_flags(info)}; load average {os.getloadavg()[0]:.2f}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         driver = browser(Path(tmp) / "profile")
@@ -83,7 +84,7 @@ def main() -> None:
                       f"(best of 2; {chars} characters, all inside the window)")  # fmt: skip
         finally:
             driver.quit()
-    print(json.dumps({"bench": "web", "flags": info.shown_flags(), "chars_per_s": results}))
+    print(json.dumps({"bench": "web", "flags": shown_flags(info), "chars_per_s": results}))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from chargpt.errors import ChargptError
 KINDS = ("train", "eval", "prefill", "decode")  # the first three are batched matmuls; decode is one token
 BATCHED = ("train", "eval", "prefill")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16)
-SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
 MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much to be chosen: below it, rounding is not worth it
 CACHE_VERSION = 1
 
@@ -66,11 +65,6 @@ class CPUInfo:
     @property
     def native_bf16(self) -> list[str]:
         return [f for f in NATIVE_BF16_FLAGS if f in self.flags]
-
-    def shown_flags(self) -> str:
-        """The flags that matter for speed, for benchmark output and the run's announcement."""
-        have = [f for f in SHOWN_FLAGS if f in self.flags]
-        return " ".join(have) if have else "(none of " + " ".join(SHOWN_FLAGS) + ")"
 
 
 @dataclass(frozen=True)
