@@ -10,7 +10,7 @@ import pytest
 
 from chargpt.config import make_train_config, sizing_request
 from chargpt.training import sizing
-from chargpt.training.sizing import LADDER, TOKENS_PER_PARAM, choose
+from chargpt.training.sizing import LADDER, MAX_PARAMS_PER_CHAR, TOKENS_PER_PARAM, choose
 from helpers import call_main
 
 
@@ -50,8 +50,10 @@ def test_a_faster_machine_or_a_longer_budget_never_buys_a_smaller_model():
 
 
 def test_a_small_corpus_caps_the_model():
-    chosen = choose(1e9, flat(1e5)[0], corpus_chars=LADDER[1].params // 10 + 1)
+    chosen = choose(1e9, flat(1e5)[0], corpus_chars=int(LADDER[1].params / MAX_PARAMS_PER_CHAR) + 1)
     assert chosen.rung == LADDER[1] and "large for a corpus" in chosen.reason
+    # tinyshakespeare (1.1M characters) keeps the smallest shape, however long the budget
+    assert choose(1e9, flat(1e5)[0], corpus_chars=1_115_394).rung == LADDER[0]
     assert choose(1e9, flat(1e5)[0], corpus_chars=100).rung == LADDER[0]
 
 
