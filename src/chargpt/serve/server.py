@@ -21,8 +21,8 @@ from types import FrameType
 import torch
 import uvicorn
 
-from chargpt.config import PRECISIONS, QUANTIZE, check_name
 from chargpt.errors import ChargptError
+from chargpt.inference import quantize as quant
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
 from chargpt.serve.app import AppState, ModelCard, create_app
@@ -61,8 +61,8 @@ class ServeConfig:
                 "check for a stray space or newline",
             ),
         ]
-        check_name("precision", self.precision, PRECISIONS)
-        check_name("quantization", self.quantize, QUANTIZE)
+        prec.check(self.precision)
+        quant.check(self.quantize)
         for ok, message in checks:
             if not ok:
                 raise ChargptError(message)

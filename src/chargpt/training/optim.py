@@ -29,7 +29,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     muon, Muon for the transformer blocks' matrices and that AdamW for the embeddings, head, biases and gains."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [(n, p) for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
-    rest = [p for n, p in named if all(p is not q for _, q in hidden)]
+    in_muon = {id(p) for _, p in hidden}
+    rest = [p for _, p in named if id(p) not in in_muon]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},

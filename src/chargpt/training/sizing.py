@@ -57,9 +57,6 @@ class Rung:
         shape = {k: getattr(self, k) for k in ("n_embd", "n_heads", "n_layers", "block_size", "batch_size")}
         return {**COMMON, **shape, "learning_rate": self.learning_rate}
 
-    def describe(self) -> str:
-        return f"n_embd {self.n_embd}, {self.n_layers} layers, {self.n_heads} heads, block {self.block_size}"
-
 
 LADDER = (
     Rung(128, 4, 4, 128, 16, 3e-3),
