@@ -19,22 +19,31 @@ import torch.nn.functional as F
 from chargpt.config import GPTConfig
 from chargpt.errors import ChargptError
 
+SPAN = 16  # the one-token step attends over positions in multiples of this many (see span)
+
+
+def span(t: int) -> int:
+    """How many cache positions the one-token step at position t attends over, the ones past t masked: t + 1
+    rounded up to a multiple of SPAN. CPU attention kernels round a row differently at different key counts
+    (measured: t + 1 keys and the same keys masked in a 256-slot window differ in the last bits), but give the
+    same bits for any masked multiple of 16; so a row's numbers depend on its own position only, whether it is
+    decoded alone, in a batch over a longer span (the server), or over the whole window (the CUDA graph)."""
+    return -(-(t + 1) // SPAN) * SPAN
+
 
 class KVCache:
-    """Keys and values of the tokens already seen, per layer: (B, n_heads, block_size, head_size).
+    """Keys and values of the tokens already seen, per layer: (B, n_heads, span(block_size - 1), head_size), the
+    positions past block_size only ever masked.
 
-    Allocated once per generation; `reset()` makes it reusable for a rebuild without new allocations.
-    A prefill (`GPT.forward(idx, cache=...)`) fills positions 0..T-1; the one-token step (chargpt.inference.decode)
-    writes one position per row. zeroed: start from zeros rather than whatever memory held, as the fixed-shape
-    step needs: it attends over every slot and masks the unfilled ones, and a masked NaN would still poison
-    the sum.
+    Allocated once per generation, zeroed (the one-token step multiplies masked slots by 0, and 0 x NaN is NaN);
+    `reset()` makes it reusable for a rebuild without new allocations. A prefill (`GPT.forward(idx,
+    cache=...)`) fills positions 0..T-1; the one-token step (chargpt.inference.decode) writes one position per row.
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype, zeroed: bool = False):
-        shape = (batch_size, cfg.n_heads, cfg.block_size, cfg.head_size)
-        new = torch.zeros if zeroed else torch.empty
-        self.k = [new(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [new(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, cfg.n_heads, span(cfg.block_size - 1), cfg.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.block_size = cfg.block_size
         self.length = 0  # number of positions filled
 

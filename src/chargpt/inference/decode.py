@@ -6,10 +6,15 @@ or a batch at one position), the CUDA graph (fixed shapes, replayed per token) a
 engine (rows at different positions) all run this one step. What differs between them is only where a
 row's keys live and how much of the cache its query reads, given by `at`:
 
-- an int t: every row at position t, row b in cache row b; the query reads positions 0..t.
+- an int t: every row at position t, row b in cache row b.
 - a 0-dim tensor (on the device): the same, with fixed shapes and no host values, so a CUDA graph can capture
-  it: the query reads all block_size slots and a mask zeroes those past t (the cache must start zeroed).
-- `Rows`: row b at its own position in its own cache row (a server slot); attention runs per row.
+  it: the query reads every slot of the cache.
+- `Rows`: row b at its own position in its own cache row (a server slot), all rows' attention in one call over
+  the cache rows from the lowest slot to the highest.
+
+A query at position t always reads keys 0..t through a mask over more slots (chargpt.model.span: t + 1 rounded
+up to 16 alone, the longest row's span in a batch, the whole cache in a graph): CPU attention gives the same bits
+for any masked multiple of 16 keys, so a row's numbers are its own, alone or in any batch.
 
 The weights are gathered once per `DecodeStep` and the step calls the functional ops on 2-D rows: at batch 1
 each small operation costs more than its arithmetic, and module calls around them cost more still.
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 from chargpt.inference.quantize import Int8Linear, int8_linear
 from chargpt.machine import precision as prec
-from chargpt.model import GPT, KVCache
+from chargpt.model import GPT, KVCache, span
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class DecodeStep:
     the caller advances cache.length."""
 
     def __init__(self, model: GPT, invariant: bool = False):
-        cfg = model.config
+        cfg = self.config = model.config
         self.C, self.H, self.hs, self.block_size = cfg.n_embd, cfg.n_heads, cfg.head_size, cfg.block_size
         self.eps = model.ln_f.eps
         self.tok, self.pos = model.tok_emb.weight, model.pos_emb.weight
@@ -62,6 +67,7 @@ class DecodeStep:
         self.final = (model.ln_f.weight, model.ln_f.bias, w(model.head), model.head.bias)
         self.invariant = invariant
         self._casts: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # weights cast once for autocast
+        self._masks: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, at: int | torch.Tensor | Rows) -> torch.Tensor:
         C, H, hs, eps = self.C, self.H, self.hs, self.eps
@@ -72,37 +78,59 @@ class DecodeStep:
             slots = torch.tensor(at.slots, device=x.device)
             positions = torch.tensor(at.positions, device=x.device)
             x = x + self.pos[positions]
+            lo, hi = min(at.slots), max(at.slots) + 1  # attention over the cache rows lo..hi-1, unused ones idle
+            spanned = span(max(at.positions))
+            inside = slots - lo  # each row's place among them
+            at_slot = torch.zeros(hi - lo, dtype=torch.long, device=x.device)  # an idle row reads position 0
+            at_slot[inside] = positions
+            seen = self._visible(cache, x.device)[at_slot, :spanned].view(hi - lo, 1, 1, spanned)
         elif isinstance(at, torch.Tensor):
-            seen = (torch.arange(self.block_size, device=x.device) <= at).view(1, 1, 1, -1)  # slots filled so far
+            seen = self._visible(cache, x.device).index_select(0, at.view(1)).view(1, 1, 1, -1)  # slots filled
             x = x + self.pos.index_select(0, at.view(1))
         else:
+            spanned = span(at)
+            seen = self._visible(cache, x.device)[at, :spanned].view(1, 1, 1, spanned)
             x = x + self.pos[at]
         for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b), k, v in zip(
             self.layers, cache.k, cache.v, strict=True
         ):
             qkv = lin(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b).view(B, 3, H, hs)  # queries, keys, values
-            q = qkv[:, 0, :, None]  # (B, H, 1, hs)
+            q = qkv[:, 0, :, None].to(k.dtype)  # (B, H, 1, hs)
             if isinstance(at, Rows):
                 k[slots, :, positions] = qkv[:, 1].to(k.dtype)  # every row's new key: (B, H, hs)
                 v[slots, :, positions] = qkv[:, 2].to(v.dtype)
-                y = torch.cat(
-                    [
-                        F.scaled_dot_product_attention(q[b : b + 1], k[s : s + 1, :, : t + 1], v[s : s + 1, :, : t + 1])
-                        for b, (s, t) in enumerate(zip(at.slots, at.positions, strict=True))
-                    ]
-                )
+                queries = q.new_zeros(hi - lo, H, 1, hs)  # in the cache's format
+                queries[inside] = q
+                y = F.scaled_dot_product_attention(
+                    queries, k[lo:hi, :, :spanned], v[lo:hi, :, :spanned], attn_mask=seen
+                )[inside]
             elif isinstance(at, torch.Tensor):
                 k.index_copy_(2, at.view(1), qkv[:, 1, :, None].to(k.dtype))
                 v.index_copy_(2, at.view(1), qkv[:, 2, :, None].to(v.dtype))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
             else:
-                k[:, :, at] = qkv[:, 1]  # (B, H, hs) into the cache's (B, H, block_size, hs)
+                k[:, :, at] = qkv[:, 1]  # (B, H, hs) into the cache's (B, H, span(block_size - 1), hs)
                 v[:, :, at] = qkv[:, 2]
-                y = F.scaled_dot_product_attention(q, k[:, :, : at + 1], v[:, :, : at + 1])
+                y = F.scaled_dot_product_attention(q, k[:, :, :spanned], v[:, :, :spanned], attn_mask=seen)
             x = x + lin(y.reshape(B, C), proj_w, proj_b)  # concat(heads) (B, H, 1, hs) -> proj; residual
             x = x + lin(F.relu(lin(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b)), down_w, down_b)
         ln_w, ln_b, head_w, head_b = self.final
         return lin(F.layer_norm(x, (C,), ln_w, ln_b, eps), head_w, head_b)  # (B, vocab)
+
+    def cache(self, batch_size: int) -> KVCache:
+        """A zeroed cache for this step's model: bf16 with int8 weights, whose keys and values are bf16 numbers
+        already (the kernel's output), so the cache holds them exactly in half the bytes that every step reads
+        back; else in the weights' format."""
+        p = self.tok
+        return KVCache(self.config, batch_size, p.device, torch.bfloat16 if self.int8 else p.dtype)
+
+    def _visible(self, cache: KVCache, device: torch.device) -> torch.Tensor:
+        """(slots, slots) bool: row t is True at positions 0..t (made once per device)."""
+        n = cache.k[0].size(2)
+        mask = self._masks.get(device)
+        if mask is None or mask.size(0) != n:
+            mask = self._masks[device] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        return mask
 
     @staticmethod
     def _weight(linear: torch.nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -140,13 +168,13 @@ def batch_invariant(model: GPT, prefill: prec.Choice = prec.FP32, decode: prec.C
     gen = torch.Generator().manual_seed(0)
     block, vocab = model.config.block_size, model.config.vocab_size
     seqs = [torch.randint(vocab, (1, n + 1), generator=gen).to(p.device) for n in (1, block // 2, block - 1)]
-    pool = KVCache(model.config, len(seqs) + 1, p.device, p.dtype)
     slots = [2, 0, 1]
     one, rows = DecodeStep(model), DecodeStep(model, invariant=True)
+    pool = rows.cache(len(seqs) + 1)
     expected = []
     with prec.weight_cast_region(p.device, prefill, decode):
         for seq, slot in zip(seqs, slots, strict=True):
-            single = KVCache(model.config, 1, p.device, p.dtype)
+            single = one.cache(1)
             with prec.autocast(p.device, prefill):
                 model(seq[:, :-1], cache=single)
                 model(seq[:, :-1], cache=pool.row(slot))

@@ -161,7 +161,7 @@ class Decoder:
         if use_cache and model.decodes_with_cache:
             self.step = step or DecodeStep(model)
             static = self.device.type == "cuda" if static is None else static
-            self.cache = cache or KVCache(model.config, batch_size, p.device, p.dtype, zeroed=static)
+            self.cache = cache or self.step.cache(batch_size)
             if static:
                 self.graph = StaticStep(self.step, self.cache, batch_size, decode)
         self.seen = 0  # length of the sequence the cache holds

@@ -14,6 +14,7 @@ run at once; up to `max_queue` requests wait beyond that, and `submit` refuses t
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -133,10 +134,10 @@ class Engine:
         self.one = DecodeStep(model) if model.decodes_with_cache else None  # each row's own step (weights shared)
         self.rows: DecodeStep | None = None  # the step of all rows at once
         if self.batched:
-            p = next(model.parameters())
-            self.pool = KVCache(model.config, max_batch, p.device, p.dtype)
             self.rows = DecodeStep(model, invariant=True)  # type: ignore[arg-type]
-        self._free_slots = list(range(max_batch))  # engine thread only
+            self.pool = self.rows.cache(max_batch)
+        self._free_slots = list(range(max_batch))  # a heap (engine thread only): the lowest first, so the rows'
+        # slots stay together and the batched attention spans few idle ones
         self._cond = threading.Condition()
         self._shared = _Shared()
         self._rows: list[_Row] = []  # engine thread only
@@ -236,7 +237,7 @@ class Engine:
         self._rows = [r for r in self._rows if id(r) not in gone]
         for r in rows:
             if r.slot is not None:
-                self._free_slots.append(r.slot)
+                heapq.heappush(self._free_slots, r.slot)
             self._give_back(r.job, 1)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
@@ -268,7 +269,7 @@ class Engine:
             (generator,) = _generators(spec.seed, 1)
             slot, cache = None, None
             if self.pool is not None:
-                slot = self._free_slots.pop()
+                slot = heapq.heappop(self._free_slots)
                 cache = self.pool.row(slot)
             decoder = Decoder(
                 self.model, 1, prefill=self.prefill, decode=self.decode, static=False if slot is not None else None,
