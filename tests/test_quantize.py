@@ -68,21 +68,27 @@ def test_the_copy_is_kept_rebuilt_when_weights_change_and_the_model_untouched(ti
     assert torch.allclose(second.head.scales.float(), 2 * first.head.scales.float())  # twice the scale
 
 
-def test_auto_takes_int8_only_where_measured_faster(tmp_path):
+def test_auto_takes_int8_only_where_measured_faster(tmp_path, tiny):
+    model, _ = tiny
     plain = prec.CPUInfo("Old CPU", frozenset({"avx2"}), "AVX2")
-    assert quant.resolve("auto", "cpu", tmp_path, info=plain).name == "none"
-    assert "no native bf16" in quant.resolve("auto", "cpu", tmp_path, info=plain).reason
+    assert quant.resolve("auto", "cpu", model, tmp_path, info=plain).name == "none"
+    assert "no native bf16" in quant.resolve("auto", "cpu", model, tmp_path, info=plain).reason
     assert quant.choose(1.7).name == "int8" and "1.7x" in quant.choose(1.7).reason
     assert quant.choose(1.05).name == "none"
-    assert quant.resolve("auto", "meta", tmp_path).name == "none"
-    assert quant.resolve("int8", "cpu").name == "int8" and quant.resolve("none", "cpu").name == "none"
+    assert quant.resolve("auto", "meta", model, tmp_path).name == "none"
+    assert quant.resolve("int8", "cpu", model).name == "int8" and quant.resolve("none", "cpu", model).name == "none"
     bf16 = prec.CPUInfo("New CPU", frozenset({"avx512_bf16"}), "AVX512")
-    measured = quant.resolve("auto", "cpu", tmp_path, info=bf16)  # measured here, then cached
-    assert measured == quant.choose(quant.measured_speedup(bf16, tmp_path))
+    measured = quant.resolve("auto", "cpu", model, tmp_path, info=bf16)  # measured here, then cached
+    assert measured == quant.choose(quant.measured_speedup(bf16, model, tmp_path))
+    assert len(list(tmp_path.iterdir())) == 1
+    # the step of this model's shape is what is timed (and cached): another shape is measured on its own
+    other = GPT(GPTConfig(vocab_size=7, block_size=8, n_embd=32, n_heads=2, n_layers=1, dropout=0.0)).eval()
+    assert quant.measured_speedup(bf16, other, tmp_path) > 0
+    assert len(list(tmp_path.iterdir())) == 2
     with pytest.raises(ChargptError, match="runs on the CPU"):
-        quant.resolve("int8", "meta")
+        quant.resolve("int8", "meta", model)
     with pytest.raises(ChargptError, match="unknown quantization 'int4'"):
-        quant.resolve("int4", "cpu")
+        quant.resolve("int4", "cpu", model)
     bigram = BigramLM(GPTConfig(vocab_size=5, block_size=4, model="bigram"))
     assert quant.apply(bigram, "auto")[0] is bigram
     with pytest.raises(ChargptError, match="bigram"):

@@ -3,8 +3,8 @@
 Decoding one token streams every weight from memory once, so the fp32 step cannot go below the time of
 reading 4 bytes per weight; int8 reads one. The product runs in torch's `_weight_int8pack_mm` (activations
 in bf16, each output row scaled by its bf16 scale), which x86 vectorises only for bf16 activations: `auto`
-uses int8 only on a CPU with native bf16 where a micro-benchmark of the one-token product (cached per
-machine) finds it faster than fp32, and never on other devices. Embeddings and LayerNorms stay fp32.
+uses int8 only on a CPU with native bf16 where this model's one-token step, timed with both (cached per
+machine and shape), is faster with int8, and never on other devices. Embeddings and LayerNorms stay fp32.
 
 `quantized(model)` returns a copy of the GPT whose Linear layers are `Int8Linear`: the forward (prefill,
 evaluation) and the one-token step (chargpt.inference.decode) both run on it. The copy is kept per model and rebuilt
@@ -29,7 +29,7 @@ from chargpt.machine import precision as prec
 
 SMALL_ROWS = 16  # up to this many rows the int8 kernel runs; a batch of more is a matmul: dequantize to bf16 once
 ALIGN = 32  # the kernel reads the inner dimension in blocks: other widths gave wrong sums (zero-padded to this)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the model's step, per shape (1: one product)
 
 
 class Int8Linear(nn.Module):
@@ -117,10 +117,10 @@ def check(name: str) -> str:
 
 
 def resolve(
-    name: str, device: torch.device | str, cache: Path | None = None, info: prec.CPUInfo | None = None
+    name: str, device: torch.device | str, model: nn.Module, cache: Path | None = None, info: prec.CPUInfo | None = None
 ) -> Choice:
-    """int8 as asked, none as asked, or (auto) int8 only where this CPU's int8 one-token product is measured
-    faster than fp32's (info: the CPU, for tests; default this one)."""
+    """int8 as asked, none as asked, or (auto) int8 only where this model's one-token step is measured faster
+    with int8 weights than with fp32 on this CPU (info: the CPU, for tests; default this one)."""
     check(name)
     device = torch.device(device)
     if name == "none":
@@ -134,39 +134,42 @@ def resolve(
     info = info or prec.cpu_info()
     if not info.native_bf16:
         return Choice("none", "this CPU has no native bf16, which the int8 kernel needs to be fast")
-    return choose(measured_speedup(info, cache))
+    return choose(measured_speedup(info, model, cache))
 
 
 def choose(speedup: float) -> Choice:
     """Auto's rule on a CPU with native bf16, given int8's measured speed over fp32."""
     if speedup >= prec.MIN_SPEEDUP:
-        return Choice("int8", f"int8 one-token products measured {speedup:.1f}x as fast as fp32 here")
-    return Choice("none", f"int8 one-token products measured only {speedup:.2f}x the speed of fp32 here")
+        return Choice("int8", f"this model's one-token step measured {speedup:.1f}x as fast with int8 weights")
+    return Choice("none", f"this model's one-token step measured only {speedup:.2f}x as fast with int8 weights")
 
 
-def measured_speedup(info: prec.CPUInfo, directory: Path | None = None) -> float:
-    """fp32 time / int8 time of a one-token product, cached for this machine (CPU, flags, torch, threads)."""
+def measured_speedup(info: prec.CPUInfo, model: nn.Module, directory: Path | None = None) -> float:
+    """fp32 time / int8 time of the model's one-token step, cached for this machine (CPU, flags, torch,
+    threads) and the model's shape."""
+    cfg = model.config
+    shape = (cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_heads, cfg.n_layers)
     base = prec.cache_file(info, directory)
-    key = hashlib.sha256(f"int8|{CACHE_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"int8|{CACHE_VERSION}|{shape}".encode()).hexdigest()[:16]
     path = base.with_name(f"{base.stem}-{key}.json")
-    saved = prec.cached(path, ("int8",), lambda: {"int8": measure_speedup(), "cpu": info.model})
+    saved = prec.cached(path, ("int8",), lambda: {"int8": measure_speedup(model), "cpu": info.model})
     return float(saved["int8"])
 
 
-def measure_speedup(n_embd: int = 384, budget_s: float = 0.03) -> float:
-    """A (1, C) x (C, 4C) product, fp32 against int8 weights with bf16 activations; best of each, alternating.
-    The weights are larger than a core's L2 cache, as a model's are."""
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(n_embd, 4 * n_embd)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(4 * n_embd, n_embd, generator=g))
-    q = Int8Linear(lin)
-    x = torch.randn(1, n_embd, generator=g)
+def measure_speedup(model: nn.Module, budget_s: float = 0.3) -> float:
+    """The model's one-token step (chargpt.inference.decode) at mid-window, fp32 weights against int8; best of
+    each, alternating. The real step, not one product: whether int8 pays depends on whether the fp32 weights
+    fit in this CPU's caches and on what the step does besides its products (measured on an Intel Xeon with
+    AMX: a single 384 x 1536 product 1.0x, the 10.8M seed model's step 1.8x)."""
+    from chargpt.inference.decode import DecodeStep
+
+    runs = []
+    for m in (model, quantized(model)):
+        step = DecodeStep(m)  # type: ignore[arg-type]
+        runs.append((step, step.cache(1)))
+    token, at = torch.zeros(1, dtype=torch.long, device=model.head.weight.device), model.config.block_size // 2
     with torch.inference_mode():
-        return prec.alternate(
-            lambda: F.linear(x, lin.weight, lin.bias), lambda: int8_linear(x, q.qweight, q.scales, q.bias),
-            budget_s, rounds=2000,
-        )  # fmt: skip
+        return prec.alternate(*(lambda s=s, c=c: s(token, c, at) for s, c in runs), budget_s)
 
 
 def apply(model: nn.Module, name: str, device: torch.device | str | None = None) -> tuple[nn.Module, Choice]:
@@ -178,7 +181,7 @@ def apply(model: nn.Module, name: str, device: torch.device | str | None = None)
         if name == "int8":
             raise ChargptError("int8 weights are for the GPT (the bigram model has no Linear layers)")
         return model, Choice("none", "the bigram model has no Linear layers")
-    choice = resolve(name, next(model.parameters()).device if device is None else device)
+    choice = resolve(name, next(model.parameters()).device if device is None else device, model)
     return (quantized(model) if choice.name == "int8" else model), choice
 
 
