@@ -54,7 +54,7 @@ class DecodeStep:
 
     def __init__(self, model: GPT, invariant: bool = False):
         cfg = self.config = model.config
-        self.C, self.H, self.hs, self.block_size = cfg.n_embd, cfg.n_heads, cfg.head_size, cfg.block_size
+        self.C, self.H, self.hs = cfg.n_embd, cfg.n_heads, cfg.head_size
         self.eps = model.ln_f.eps
         self.tok, self.pos = model.tok_emb.weight, model.pos_emb.weight
         self.int8 = isinstance(model.head, Int8Linear)
