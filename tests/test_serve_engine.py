@@ -51,6 +51,20 @@ def test_batched_step_reproduces_single_rows():
         assert batch_invariant(GPT(cfg).eval())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_step_reproduces_single_rows_on_more_threads(threads):
+    """The seed model's widths (384 in, a 65-character head): with 2 threads an Intel Xeon's one-row product
+    into 65 outputs splits its sum between the threads, which a batched product does not."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_embd=384, n_heads=6, n_layers=1, dropout=0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert batch_invariant(GPT(cfg).eval())
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_engine_jobs_equal_generate(tiny, quantize):
     """More rows than the batch holds (so jobs queue), prompts shorter and longer than the window, n > 1; with the

@@ -115,7 +115,10 @@ class DecodeStep:
             x = x + lin(y.reshape(B, C), proj_w, proj_b)  # concat(heads) (B, H, 1, hs) -> proj; residual
             x = x + lin(F.relu(lin(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b)), down_w, down_b)
         ln_w, ln_b, head_w, head_b = self.final
-        return lin(F.layer_norm(x, (C,), ln_w, ln_b, eps), head_w, head_b)  # (B, vocab)
+        x = F.layer_norm(x, (C,), ln_w, ln_b, eps)
+        if self.invariant and not self.int8:  # the head row by row: see _linear_rows
+            return torch.cat([F.linear(row, head_w, head_b) for row in x.split(1)])
+        return lin(x, head_w, head_b)  # (B, vocab)
 
     def cache(self, batch_size: int) -> KVCache:
         """A zeroed cache for this step's model: bf16 with int8 weights, whose keys and values are bf16 numbers
@@ -141,7 +144,9 @@ class DecodeStep:
         return int8_linear(x, weight[0], weight[1], bias)
 
     def _linear_rows(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (B, in) -> (B, out), each row computed as F.linear computes a batch of one."""
+        """x (B, in) -> (B, out), each row computed as F.linear computes a batch of one. Not for the head: with
+        2 threads on an Intel Xeon, a one-row product with few outputs (384 -> 65) splits its sum between the
+        threads, and the batched product rounds differently; the step runs the head as one-row products."""
         if torch.is_autocast_enabled(x.device.type):  # cast the weight itself (once), not its B-fold broadcast
             dtype = torch.get_autocast_dtype(x.device.type)
             key = (id(weight), dtype)
