@@ -14,7 +14,6 @@ when the model's weights change.
 from __future__ import annotations
 
 import copy
-import hashlib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +148,7 @@ def measured_speedup(info: prec.CPUInfo, model: nn.Module, directory: Path | Non
     threads) and the model's shape."""
     cfg = model.config
     shape = (cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_heads, cfg.n_layers)
-    base = prec.cache_file(info, directory)
-    key = hashlib.sha256(f"int8|{CACHE_VERSION}|{shape}".encode()).hexdigest()[:16]
-    path = base.with_name(f"{base.stem}-{key}.json")
+    path = prec.keyed_cache_file(info, f"int8|{CACHE_VERSION}|{shape}", directory)
     saved = prec.cached(path, ("int8",), lambda: {"int8": measure_speedup(model), "cpu": info.model})
     return float(saved["int8"])
 

@@ -224,10 +224,15 @@ def measured_speedups(info: CPUInfo, directory: Path | None = None) -> Speedups:
     return Speedups(matmul=float(saved["matmul"]), matvec=float(saved["matvec"]))
 
 
+def keyed_cache_file(info: CPUInfo, key: str, directory: Path | None = None) -> Path:
+    """Where a measurement of one kind of work (`key`: what was timed, its shape) lives, beside this machine's."""
+    base = cache_file(info, directory)
+    return base.with_name(f"{base.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+
+
 def measured_probe(info: CPUInfo, probe: Probe, directory: Path | None = None) -> float:
     """bf16's speed over fp32 on the probe's work: cached for this machine and shape, else timed (then cached)."""
-    base = cache_file(info, directory)
-    path = base.with_name(f"{base.stem}-{hashlib.sha256(probe.key.encode()).hexdigest()[:16]}.json")
+    path = keyed_cache_file(info, probe.key, directory)
     saved = cached(path, ("ratio",), lambda: {"ratio": time_probe(probe), "key": probe.key, "cpu": info.model})
     return float(saved["ratio"])
 
