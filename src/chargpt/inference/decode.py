@@ -67,11 +67,12 @@ class DecodeStep:
         self.final = (model.ln_f.weight, model.ln_f.bias, w(model.head), model.head.bias)
         self.invariant = invariant
         self._casts: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # weights cast once for autocast
-        self._masks: dict[torch.device, torch.Tensor] = {}
+        self._masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, at: int | torch.Tensor | Rows) -> torch.Tensor:
         C, H, hs, eps = self.C, self.H, self.hs, self.eps
         lin = self._linear_int8 if self.int8 else self._linear_rows if self.invariant else F.linear
+        qkv_lin = self._qkv_int8 if self.int8 else lin  # int8: the kernel's bf16 keys, the cache's format
         x = F.embedding(tokens, self.tok)  # (B, C)
         B = x.size(0)
         if isinstance(at, Rows):
@@ -94,7 +95,7 @@ class DecodeStep:
         for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b), k, v in zip(
             self.layers, cache.k, cache.v, strict=True
         ):
-            qkv = lin(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b).view(B, 3, H, hs)  # queries, keys, values
+            qkv = qkv_lin(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b).view(B, 3, H, hs)  # q, k, v
             q = qkv[:, 0, :, None].to(k.dtype)  # (B, H, 1, hs)
             if isinstance(at, Rows):
                 k[slots, :, positions] = qkv[:, 1].to(k.dtype)  # every row's new key: (B, H, hs)
@@ -109,11 +110,11 @@ class DecodeStep:
                 v.index_copy_(2, at.view(1), qkv[:, 2, :, None].to(v.dtype))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
             else:
-                k[:, :, at] = qkv[:, 1]  # (B, H, hs) into the cache's (B, H, span(block_size - 1), hs)
-                v[:, :, at] = qkv[:, 2]
+                k.select(2, at).copy_(qkv.select(1, 1))  # (B, H, hs) into the cache's (B, H, span(block - 1), hs)
+                v.select(2, at).copy_(qkv.select(1, 2))  # (select + copy_: half the time of k[:, :, at] = ...)
                 y = F.scaled_dot_product_attention(q, k[:, :, :spanned], v[:, :, :spanned], attn_mask=seen)
-            x = x + lin(y.reshape(B, C), proj_w, proj_b)  # concat(heads) (B, H, 1, hs) -> proj; residual
-            x = x + lin(F.relu(lin(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b)), down_w, down_b)
+            x += lin(y.reshape(B, C), proj_w, proj_b)  # concat(heads) (B, H, 1, hs) -> proj; residual
+            x += lin(lin(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b).relu_(), down_w, down_b)
         ln_w, ln_b, head_w, head_b = self.final
         x = F.layer_norm(x, (C,), ln_w, ln_b, eps)
         if self.invariant and not self.int8:  # the head row by row: see _linear_rows
@@ -128,16 +129,27 @@ class DecodeStep:
         return KVCache(self.config, batch_size, p.device, torch.bfloat16 if self.int8 else p.dtype)
 
     def _visible(self, cache: KVCache, device: torch.device) -> torch.Tensor:
-        """(slots, slots) bool: row t is True at positions 0..t (made once per device)."""
-        n = cache.k[0].size(2)
-        mask = self._masks.get(device)
+        """(slots, slots) in the cache's format: row t is 0 at positions 0..t and -inf after (made once per device
+        and format). SDPA turns a bool mask into this itself, in every layer of every step; given it, the same
+        numbers come out."""
+        n, dtype = cache.k[0].size(2), cache.k[0].dtype
+        mask = self._masks.get((device, dtype))
         if mask is None or mask.size(0) != n:
-            mask = self._masks[device] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            ones = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(~ones, float("-inf"))
+            self._masks[(device, dtype)] = mask
         return mask
 
     @staticmethod
     def _weight(linear: torch.nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return (linear.qweight, linear.scales) if isinstance(linear, Int8Linear) else linear.weight
+
+    @staticmethod
+    def _qkv_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
+        """The bias-free queries, keys and values in bf16, as the kernel gives them: the bf16 cache takes the keys
+        and values unchanged, and attention the queries (an fp32 round trip would give the same numbers, later)."""
+        assert bias is None  # the GPT's key, query and value projections have none
+        return int8_linear(x, weight[0], weight[1], None, out=torch.bfloat16)
 
     @staticmethod
     def _linear_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):

@@ -62,14 +62,20 @@ class Int8Linear(nn.Module):
 
 
 def int8_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """x (M, in) -> (M, out) fp32: the int8 kernel on bf16 activations (zero-padded as the weight is), then the
-    fp32 bias."""
+    fp32 bias. out=torch.bfloat16 (no bias): the kernel's bf16 output as it is."""
     x = x.to(torch.bfloat16)
     if x.size(1) != qweight.size(1):
         x = F.pad(x, (0, qweight.size(1) - x.size(1)))
     y = torch._weight_int8pack_mm(x, qweight, scales)  # bf16
+    if out == torch.bfloat16 and bias is None:
+        return y
     return y.float() if bias is None else torch.add(bias, y)  # fp32 (type promotion: one pass)
 
 
