@@ -66,6 +66,8 @@ def test_the_copy_is_kept_rebuilt_when_weights_change_and_the_model_untouched(ti
     second = quant.quantized(other)
     assert second is not first and torch.equal(second.head.qweight, first.head.qweight)  # same ints,
     assert torch.allclose(second.head.scales.float(), 2 * first.head.scales.float())  # twice the scale
+    assert quant.apply(other, "int8")[0] is second  # the kept copy runs
+    assert quant.apply(other, "none")[0] is other and quant.quantized(other) is not second  # not kept for nothing
 
 
 def test_auto_takes_int8_only_where_measured_faster(tmp_path, tiny):

@@ -185,6 +185,8 @@ def apply(model: nn.Module, name: str, device: torch.device | str | None = None)
             raise ChargptError("int8 weights are for the GPT (the bigram model has no Linear layers)")
         return model, Choice("none", "the bigram model has no Linear layers")
     choice = resolve(name, next(model.parameters()).device if device is None else device, model)
+    if choice.name != "int8":
+        _copies.pop(model, None)  # the copy auto timed (11 MB for the seed model) is not kept for nothing
     return (quantized(model) if choice.name == "int8" else model), choice
 
 
