@@ -157,7 +157,8 @@ def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tm
     assert r.returncode == 0, r.stderr
     first, second = r.stderr.splitlines()[:2]
     assert first.startswith("training a GPT of ") and "parameters (1 layers x 2 heads, n_embd 16, context 16)" in first
-    assert "preset cpu (no GPU found" in first
+    assert "preset cpu (no GPU found) with your --block-size, --n-embd, --n-heads, --n-layers" in first
+    assert "10.8M" not in first  # no hint at the seed preset's model when the shape is the user's own
     assert re.search(r"on cpu in (fp32|bf16) \(.+\)", first), first  # what auto chose here, and why
     assert f"data {text_file}, 80,000 characters, vocabulary" in second and "split 72,000 train / 8,000 val" in second
     assert "budget 6 steps" in second and "writing m" in second
