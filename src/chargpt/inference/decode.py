@@ -146,10 +146,10 @@ class DecodeStep:
 
     @staticmethod
     def _qkv_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
-        """The bias-free queries, keys and values in bf16, as the kernel gives them: the bf16 cache takes the keys
-        and values unchanged, and attention the queries (an fp32 round trip would give the same numbers, later)."""
-        assert bias is None  # the GPT's key, query and value projections have none
-        return int8_linear(x, weight[0], weight[1], None, out=torch.bfloat16)
+        """The queries, keys and values (bias-free in the GPT) in bf16, as the kernel gives them: the bf16 cache
+        takes the keys and values unchanged, and attention the queries (an fp32 round trip would give the same
+        numbers, later)."""
+        return int8_linear(x, weight[0], weight[1], bias, out=torch.bfloat16)
 
     @staticmethod
     def _linear_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):

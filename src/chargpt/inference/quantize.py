@@ -69,7 +69,7 @@ def int8_linear(
     out: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """x (M, in) -> (M, out) fp32: the int8 kernel on bf16 activations (zero-padded as the weight is), then the
-    fp32 bias. out=torch.bfloat16 (no bias): the kernel's bf16 output as it is."""
+    fp32 bias. out=torch.bfloat16: without a bias, the kernel's bf16 output as it is (with one, still fp32)."""
     x = x.to(torch.bfloat16)
     if x.size(1) != qweight.size(1):
         x = F.pad(x, (0, qweight.size(1) - x.size(1)))
