@@ -64,7 +64,7 @@ def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
 
     preset = resolve_preset(None, cfg.device)
     why = "no GPU found" if preset == "cpu" else "a GPU was found"
-    shape = [f"--{k.replace('_', '-')}" for k in SHAPE_KEYS[1:] if getattr(args, k, None) is not None]
+    shape = [f"--{k.replace('_', '-')}" for k in SHAPE_KEYS if k != "arch" and getattr(args, k, None) is not None]
     if shape:  # the preset's other settings, the user's shape: no hint at another preset's model
         return f"preset {preset} ({why}) with your {', '.join(shape)}"
     other = "--preset seed for the 10.8M model" if preset == "cpu" else "--preset cpu for a small model"
