@@ -66,6 +66,22 @@ def test_the_rungs_are_valid_settings_and_the_reason_names_the_numbers():
     assert "900 s" in reason and "8,000 tokens/s" in reason and "tokens per parameter" in reason
 
 
+def test_a_run_that_reads_its_corpus_many_times_decays_its_weights_more():
+    (_, base), (many, strong) = sizing.WEIGHT_DECAY_BY_PASSES[0], sizing.WEIGHT_DECAY_BY_PASSES[-1]
+    assert strong > base and sizing.weight_decay(0.5) == base and sizing.weight_decay(many) == strong
+    decays = [sizing.weight_decay(p) for p in (0, 1, many / 2, many * 0.99, many, many * 10)]
+    assert decays == sorted(decays)
+    corpus = 1_000_000  # at 8,000 tokens/s: 210 s reads it 1.7 times, 1800 s 14 times
+    short, long = (choose(t, flat(8_000)[0], corpus) for t in (210, 1800))
+    assert (short.rung, long.rung) == (LADDER[0], LADDER[0])  # the corpus caps the shape; the decay differs
+    assert short.weight_decay == sizing.weight_decay(1.68) and "weight decay" not in short.reason
+    assert long.weight_decay == sizing.weight_decay(14.4) and f"weight decay {long.weight_decay:g}" in long.reason
+    cfg = make_train_config(None, None, sized=long.settings(), device="cpu", max_time=1800.0)
+    assert (cfg.weight_decay, cfg.n_embd, cfg.optimizer) == (long.weight_decay, LADDER[0].n_embd, "muon")
+    cfg = make_train_config(None, None, sized=long.settings(), device="cpu", max_time=1800.0, weight_decay=0.05)
+    assert cfg.weight_decay == 0.05  # a flag still wins
+
+
 def test_explicit_settings_win_over_the_sized_ones():
     cfg = make_train_config(None, None, sized=LADDER[1].settings(), device="cpu", max_time=60.0, learning_rate=1e-3)
     assert cfg.learning_rate == 1e-3 and cfg.n_embd == LADDER[1].n_embd
@@ -106,6 +122,9 @@ def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_pat
     saved = json.loads((out / "config.json").read_text())["info"]["train_config"]
     assert "sized for 4 s" in stdout + err
     assert (saved["optimizer"], saved["schedule"], saved["n_embd"]) == ("muon", "wsd", LADDER[0].n_embd)
+    decays = dict(sizing.WEIGHT_DECAY_BY_PASSES).values()
+    assert saved["weight_decay"] in decays  # and the announcement says so when it is not the usual one
+    assert (f"weight decay {saved['weight_decay']:g}" in stdout + err) == (saved["weight_decay"] != min(decays))
     rc, stdout, err = call_main(
         ["train", "--data", str(text_file), "--max-time", "4", "--out", str(tmp_path / "p"), "--preset", "cpu",
          "--threads", "1"], capsys,

@@ -118,7 +118,7 @@ class TrainConfig:
     decay_fraction: float = setting(0.2, "wsd: the part of the budget (steps or --max-time) the final decay takes")
     min_lr_ratio: float = setting(0.1, "the decay ends at learning_rate x this")
     warmup_updates: int = setting(100, "linear warm-up steps")
-    weight_decay: float = setting(0.1, "AdamW weight decay on weight matrices only")
+    weight_decay: float = setting(0.1, "weight decay (AdamW's and Muon's) on weight matrices only")
     grad_clip: float = setting(1.0, "max gradient norm; 0 = off")
     beta2: float = setting(0.99, "AdamW second-moment decay (0.99 suits small batches)")
     # evaluation, checkpoints, budget

@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         sized = None
     else:
         sized = _sized(args, overrides)
-        cfg = make_train_config(args.preset, args.config, sized=sized and sized.rung.settings(), **overrides)
+        cfg = make_train_config(args.preset, args.config, sized=sized and sized.settings(), **overrides)
     if args.nproc is not None:
         return launch_torchrun(args.nproc, cfg, argv)
     setup_logging(args.quiet)

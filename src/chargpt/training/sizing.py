@@ -33,6 +33,11 @@ TOKENS_PER_PARAM = 4.0  # a larger rung is chosen only if it sees at least this 
 # its corpus learns it by heart (bench_quality, 1800 s: n_embd 192, 1.8M parameters on 1.1M characters, train
 # loss 1.08 against val 1.48, worse than n_embd 128 after 900 s)
 MAX_PARAMS_PER_CHAR = 1.0
+# Weight decay (Muon's and AdamW's) by how many times the run will read its corpus: a model that reads a small
+# corpus many times memorises it, and a stronger decay trades a slower start for a better end; in a shorter run
+# it only slows learning. From the step-budget sweeps on tinyshakespeare (docs/benchmarks.md, "Round 3, stop 7":
+# ~13 passes, 0.6 and 0.3 beat 0.1; ~6.6 and ~1.5 passes, 0.3 lost): (passes at least, weight decay).
+WEIGHT_DECAY_BY_PASSES = ((0.0, 0.1), (10.0, 0.6))
 PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step)
 MEASURE_VOCAB = 96  # the head's width while timing (the corpus's vocabulary is not known yet; it costs little)
 
@@ -72,6 +77,16 @@ class Choice:
     rung: Rung
     tokens_per_s: float
     reason: str
+    weight_decay: float
+
+    def settings(self) -> dict[str, Any]:
+        """The sized run's settings: the rung's, and the weight decay for the corpus passes it will make."""
+        return {**self.rung.settings(), "weight_decay": self.weight_decay}
+
+
+def weight_decay(passes: float) -> float:
+    """The weight decay for a run that reads its corpus `passes` times (WEIGHT_DECAY_BY_PASSES)."""
+    return [decay for least, decay in WEIGHT_DECAY_BY_PASSES if passes >= least][-1]
 
 
 def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars: int) -> Choice:
@@ -96,7 +111,11 @@ def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars:
         rule = f"the smallest shape (none sees {TOKENS_PER_PARAM:g} tokens per parameter in so short a budget)"
     else:
         rule = f"the largest shape that sees >= {TOKENS_PER_PARAM:g} tokens per parameter ({seen:.0f}); {why}"
-    return Choice(chosen, speed, f"sized for {budget_s:g} s at this machine's {speed:,.0f} tokens/s: {rule}")
+    passes = budget_s * speed / max(corpus_chars, 1)
+    decay = weight_decay(passes)
+    if decay != WEIGHT_DECAY_BY_PASSES[0][1]:
+        rule += f"; weight decay {decay:g}, as it reads the corpus ~{passes:.0f} times"
+    return Choice(chosen, speed, f"sized for {budget_s:g} s at this machine's {speed:,.0f} tokens/s: {rule}", decay)
 
 
 def corpus_chars(data: str | None) -> int:
