@@ -73,7 +73,9 @@ def run(data: Path, val_text: str, max_time: float, out: str, variant: str, prec
         "int8_change": round(result["loss"] - result["loss_unquantized"], 4),
         "tokens_per_s": round(metrics[-1]["tokens_per_s"]),
         "model": config["model"],
-        "settings": {k: train_cfg[k] for k in ("batch_size", "optimizer", "schedule", "learning_rate", "dropout")},
+        "settings": {
+            k: train_cfg[k] for k in ("batch_size", "optimizer", "schedule", "learning_rate", "dropout", "weight_decay")
+        },
         "announced": announced,
         "plot": str(Path(out) / "loss.png"),
     }

@@ -36,7 +36,7 @@ MAX_PARAMS_PER_CHAR = 1.0
 # Weight decay (Muon's and AdamW's) by how many times the run will read its corpus: a model that reads a small
 # corpus many times memorises it, and a stronger decay trades a slower start for a better end; in a shorter run
 # it only slows learning. From the step-budget sweeps on tinyshakespeare (docs/benchmarks.md, "Round 3, stop 7":
-# ~13 passes, 0.6 and 0.3 beat 0.1; ~6.6 and ~1.5 passes, 0.3 lost): (passes at least, weight decay).
+# ~12 passes, 0.6 and 0.3 beat 0.1; ~6 and ~1.4 passes, they lost): (passes at least, weight decay).
 WEIGHT_DECAY_BY_PASSES = ((0.0, 0.1), (10.0, 0.6))
 PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step)
 MEASURE_VOCAB = 96  # the head's width while timing (the corpus's vocabulary is not known yet; it costs little)
