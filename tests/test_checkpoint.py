@@ -94,11 +94,22 @@ def test_crash_between_the_two_renames_still_loads_the_new_model(model_dir: Path
     assert tok == new_tok and _same_weights(loaded, new_model)
 
 
+def _exited_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def test_stale_temp_files_are_cleaned_on_the_next_save(model_dir: Path):
-    for name in (".model.safetensors.abc123.tmp", ".config.json.x.tmp"):
+    """chargpt's own temp files of a writer that is gone are removed; a user's look-alikes stay, byte for byte."""
+    dead = _exited_pid()
+    ours = [f".model.safetensors.chargpt-{dead}-abc123.tmp", f".config.json.chargpt-{dead}-x_1.tmp"]
+    users = [".model.safetensors.abc123.tmp", ".config.json.x.tmp", f".config.json.chargpt-{os.getpid()}-a.tmp"]
+    for name in ours + users:
         (model_dir / name).write_bytes(b"half a file")
     ckpt.save_model(model_dir, *_model(2))
-    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.endswith(".tmp")) == sorted(users)
+    assert all((model_dir / name).read_bytes() == b"half a file" for name in users)
     assert _same_weights(ckpt.load_model(model_dir)[0], _model(2)[0])
 
 

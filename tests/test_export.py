@@ -179,12 +179,60 @@ def test_web_export_refuses_and_replaces_like_onnx(trained_model_dir, tmp_path, 
     web = ["export", "--model", str(trained_model_dir), "--format", "web", "--out"]
     rc, _, err = call_main([*web, str(site)], capsys)
     assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
-    assert [p.name for p in site.iterdir()] == ["mine.txt"]
+    rc, _, err = call_main([*web, str(site), "--overwrite"], capsys)  # the user's folder: never replaced
+    assert rc == 2 and "mine.txt" in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in site.iterdir()] == ["mine.txt"] and (site / "mine.txt").read_text() == "keep"
     a_file = tmp_path / "page.html"
     a_file.write_text("x")
     rc, _, err = call_main([*web, str(a_file), "--overwrite"], capsys)
     assert rc == 2 and "not a folder" in err and a_file.read_text() == "x"
-    rc, out, err = call_main([*web, str(site), "--overwrite"], capsys)
+    page = tmp_path / "page"
+    rc, out, err = call_main([*web, str(page)], capsys)
     assert rc == 0 and "open" in out, err
-    assert sorted(p.name for p in site.iterdir()) == ["index.html", "model.js"]
+    first = (page / "model.js").read_bytes()
+    (page / "model.js").write_text("stale")
+    rc, out, err = call_main([*web, str(page), "--overwrite"], capsys)  # an earlier export is replaced
+    assert rc == 0 and "open" in out, err
+    assert sorted(p.name for p in page.iterdir()) == ["index.html", "model.js"] and (page / "model.js").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_export_never_deletes_what_it_did_not_write(trained_model_dir, exported, tmp_path, capsys):
+    """--out equal to, inside or above the model, or a file or folder of the user's: refused with --overwrite too,
+    and every file stays as it was. An earlier ONNX export is what --overwrite replaces."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    model = parent / "m"
+    shutil.copytree(trained_model_dir, model)
+    (parent / "thesis.txt").write_text("my thesis")
+    before = _tree(parent)
+    cases = [
+        (["--format", "web", "--out", str(model)], "is the model folder"),
+        (["--format", "web", "--out", str(parent)], "holds the model folder"),
+        (["--format", "onnx", "--out", str(model / "model.safetensors")], "is inside the model folder"),
+        (["--format", "onnx", "--out", str(parent / "thesis.txt")], "not an ONNX file that chargpt exported"),
+        (["--format", "web", "--out", str(model / "page")], "is inside the model folder"),
+    ]
+    for args, words in cases:
+        rc, out, err = call_main(["export", "--model", str(model), *args, "--overwrite"], capsys)
+        assert rc == 2 and out == "" and words in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert _tree(parent) == before, args
+    again = tmp_path / "again.onnx"
+    again.write_bytes(exported.read_bytes())
+    rc, _, err = call_main(["export", "--model", str(model), "--out", str(again), "--overwrite"], capsys)
+    assert rc == 0, err
+    assert again.read_bytes() == exported.read_bytes()  # the same model gives the same graph
+    assert _tree(parent) == before
+
+
+def test_writing_a_file_keeps_the_users_look_alike_temp_files(trained_model_dir, tmp_path, capsys):
+    mine = tmp_path / ".x.onnx.abc.tmp"
+    mine.write_text("mine")
+    rc, _, err = call_main(["export", "--model", str(trained_model_dir), "--out", str(tmp_path / "x.onnx")], capsys)
+    assert rc == 0, err
+    assert mine.read_text() == "mine"

@@ -165,6 +165,50 @@ def web_files(model: GPT, tokenizer: CharTokenizer, name: str, info: dict) -> di
     return {"index.html": page().encode("utf-8"), "model.js": script.encode("ascii")}
 
 
+WEB_FILES = ("index.html", "model.js")
+
+
+def check_apart(model_dir: Path, out: Path) -> None:
+    """An export never writes into, over or around the model it exports: --out equal to, inside or above
+    --model is refused (replacing it would delete the model)."""
+    src, dst = Path(os.path.realpath(model_dir)), Path(os.path.realpath(out))
+    if dst == src or src in dst.parents or dst in src.parents:
+        where = "is" if dst == src else "is inside" if src in dst.parents else "holds"
+        raise ChargptError(
+            f"--out {out} {where} the model folder {model_dir}; an export goes beside the model: choose another --out"
+        )
+
+
+def check_replaceable(out: Path, fmt: str) -> None:
+    """--overwrite replaces only an earlier export: an ONNX file that chargpt wrote, or a web folder holding
+    nothing but the page's two files. Anything else is the user's, and is refused."""
+    if fmt == "web":
+        others = sorted(p.name for p in out.iterdir() if p.name not in WEB_FILES)
+        if others:
+            raise ChargptError(
+                f"{out} holds files that are not a chargpt web export ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); --overwrite replaces only an earlier export: choose another --out"
+            )
+        return
+    if not _is_chargpt_onnx(out):
+        raise ChargptError(
+            f"{out} is not an ONNX file that chargpt exported; --overwrite replaces only an earlier export: "
+            f"choose another --out"
+        )
+
+
+def _is_chargpt_onnx(path: Path) -> bool:
+    """Whether `path` is a regular file holding an ONNX model with chargpt's metadata (read without its data)."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        onnx = importlib.import_module("onnx")
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # not protobuf, not ONNX, no onnx package: not provably an earlier export
+        return False
+    return any(p.key == "chargpt_version" for p in proto.metadata_props)
+
+
 def page() -> str:
     """The web page: web/index.html with the server playground's style inlined (one look, kept in one place)."""
     here = Path(__file__).parents[1]  # the package: web/ and serve/ are its folders
@@ -192,6 +236,9 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite:
         raise ChargptError(f"{out} is not a folder; --out names the folder the page goes to")
     if not out.absolute().parent.is_dir():
         raise ChargptError(f"the folder {out.absolute().parent} does not exist; create it first")
+    check_apart(Path(model_dir), out)
+    if os.path.lexists(out):
+        check_replaceable(out, fmt)
     model, tokenizer = load_model(model_dir, torch.device("cpu"))
     if fmt == "onnx":
         atomic_write_bytes(out, onnx_bytes(model, tokenizer))  # type: ignore[arg-type]

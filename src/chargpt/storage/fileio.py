@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -37,8 +38,8 @@ def atomic_writer(path: str | Path, reserve: int = 0) -> Iterator[BinaryIO]:
     where the filesystem supports it, so a full disk is reported before the work, not after it.
     """
     path = Path(path)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path) + f"{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -86,19 +87,38 @@ def _reserve(fd: int, size: int) -> None:
         # EOPNOTSUPP, EINVAL...: this filesystem cannot reserve; the writes will report a full disk
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files of `path` left by a process killed mid-write; one writer per directory, so none is in use."""
-    prefix = f".{path.name}."
+def _temp_prefix(path: Path) -> str:
+    """Where chargpt writes `path` first: `.NAME.chargpt-PID-RANDOM.tmp`, a name that says whose it is."""
+    return f".{path.name}.chargpt-"
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temp files of `path` that chargpt left when killed mid-write: only names of the form `_temp_prefix` gives,
+    regular files, whose writing process is gone. Any other file (the user's `.NAME.x.tmp`) is left alone."""
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"(\d+)-[A-Za-z0-9_]+\.tmp")
     try:
         names = os.listdir(path.parent)
     except OSError:
         return  # mkstemp below reports the real problem
     for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
+        match = pattern.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            if stat.S_ISREG(os.lstat(path.parent / name).st_mode):
                 os.unlink(path.parent / name)
-            except OSError:
-                pass
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's process, or not a pid at all: leave its file alone
+    return True
 
 
 def _kind(mode: int) -> str:

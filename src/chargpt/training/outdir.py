@@ -32,7 +32,7 @@ from typing import Any
 
 from chargpt.errors import ChargptError
 from chargpt.storage.checkpoint import BACKUP, CONFIG, DISCARD, FORMAT_NAME, MOVING, TRAIN_STATE, WEIGHTS
-from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular
+from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
 from chargpt.training.report import METRICS, PLOT
 
 log = logging.getLogger("chargpt.training.outdir")
@@ -280,8 +280,8 @@ def _restore_backup(out: Path) -> None:
     """The new run's files go, then the old run's come back (each step safe to repeat after a kill)."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    for temp in out.glob(".*.tmp"):  # the new run's half-written files
-        temp.unlink(missing_ok=True)
+    for name in RUN_FILES:  # the new run's half-written files (chargpt's own temp names only)
+        remove_stale_temps(out / name)
     os.replace(out / BACKUP, out / MOVING)
     _fsync_dir(out)
     _move_back(out)
