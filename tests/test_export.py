@@ -193,7 +193,10 @@ def test_web_export_refuses_and_replaces_like_onnx(trained_model_dir, tmp_path, 
     (page / "model.js").write_text("stale")
     rc, out, err = call_main([*web, str(page), "--overwrite"], capsys)  # an earlier export is replaced
     assert rc == 0 and "open" in out, err
-    assert sorted(p.name for p in page.iterdir()) == ["index.html", "model.js"] and (page / "model.js").read_bytes() == first
+    assert (
+        sorted(p.name for p in page.iterdir()) == ["index.html", "model.js"]
+        and (page / "model.js").read_bytes() == first
+    )
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
 
 

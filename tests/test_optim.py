@@ -15,7 +15,16 @@ from chargpt.machine.precision import cpu_info
 from chargpt.model import build_model
 from chargpt.storage.checkpoint import resume_config
 from chargpt.training.loop import train
-from chargpt.training.optim import Muon, Pair, learning_rate, make_optimizer, ns_dtype, orthogonalize
+from chargpt.training.optim import (
+    Muon,
+    Pair,
+    budget_grew,
+    in_final_decay,
+    learning_rate,
+    make_optimizer,
+    ns_dtype,
+    orthogonalize,
+)
 from helpers import assert_same_tensors, final_state, metrics, small
 
 CPU = torch.device("cpu")
@@ -104,9 +113,25 @@ def test_wsd_is_flat_then_decays_linearly_to_the_floor():
     assert learning_rate(timed, 50, 100.0) == 1.0
     assert learning_rate(timed, 50, 170.0) == pytest.approx(0.1 + 0.9 * 0.5)
     assert learning_rate(timed, 50, 250.0) == pytest.approx(0.1)
-    # a resumed run whose budget grew restarts the schedule at the anchor's rate, flat again, then decays
-    assert learning_rate(cfg, 50, 0.0, anchor=(40, 0.0, 0.6)) == pytest.approx(0.6)
-    assert learning_rate(cfg, 100, 0.0, anchor=(40, 0.0, 0.6)) == 0.0
+    # a resumed run whose budget grew after its rate decayed: back up to the peak over warmup_updates steps from
+    # the anchor's rate, flat again, then the decay over the new end
+    ramp = [learning_rate(cfg, s, 0.0, anchor=(40, 0.0, 0.6)) for s in range(40, 101)]
+    assert ramp[0] == pytest.approx(0.64) and ramp[9] == pytest.approx(1.0) and ramp[:10] == sorted(ramp[:10])
+    assert ramp[10:40] == [1.0] * 30 and ramp[-1] == 0.0
+
+
+def test_a_larger_budget_branches_only_where_it_asks_for_more():
+    base = TrainConfig(n_updates=100, warmup_updates=10, schedule="wsd", decay_fraction=0.3)
+    assert budget_grew(base, dataclasses.replace(base, n_updates=200))
+    assert not budget_grew(base, base) and not budget_grew(base, dataclasses.replace(base, n_updates=50))
+    timed = dataclasses.replace(base, n_updates=10**9, max_time=100.0)
+    assert budget_grew(timed, dataclasses.replace(timed, max_time=300.0))
+    assert budget_grew(timed, dataclasses.replace(timed, max_time=0.0))  # no time limit: more
+    assert not budget_grew(base, dataclasses.replace(base, n_updates=200, max_time=60.0))  # a new limit: less
+    # WSD's final decay starts at 70% of the budget; a cosine schedule has no flat stretch to go back to
+    assert not in_final_decay(base, 70, 0.0) and in_final_decay(base, 71, 0.0)
+    assert not in_final_decay(dataclasses.replace(base, schedule="cosine"), 90, 0.0)
+    assert in_final_decay(timed, 5_000, 71.0) and not in_final_decay(timed, 5_000, 69.0)
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("adamw", "wsd"), ("muon", "cosine")])

@@ -31,9 +31,9 @@ def files(d: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def old_run(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run (n_embd 32, 10 steps) with all five run files: the run an overwrite must not lose."""
+    """A finished WSD run (n_embd 32, 10 steps) with all its run files: the run an overwrite must not lose."""
     out = tmp_path_factory.mktemp("old") / "run"
-    train(small(out, text_file, n_updates=10), progress=False)
+    train(small(out, text_file, n_updates=10, schedule="wsd"), progress=False)
     assert set(RUN_FILES) <= set(files(out))
     return out
 

@@ -185,9 +185,10 @@ def check_replaceable(out: Path, fmt: str) -> None:
     if fmt == "web":
         others = sorted(p.name for p in out.iterdir() if p.name not in WEB_FILES)
         if others:
+            named = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise ChargptError(
-                f"{out} holds files that are not a chargpt web export ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); --overwrite replaces only an earlier export: choose another --out"
+                f"{out} holds files that are not a chargpt web export ({named}); --overwrite replaces only an "
+                f"earlier export: choose another --out"
             )
         return
     if not _is_chargpt_onnx(out):

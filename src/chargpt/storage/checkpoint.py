@@ -35,6 +35,7 @@ from chargpt.storage.fileio import atomic_write_bytes, check_regular, is_regular
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+STABLE_STATE = "stable_state.pt"  # a WSD run's resumable state from where its final decay began
 # what an overwriting run leaves while it has saved nothing of its own yet (rundir.py): the folder's run is then
 # the previous one, kept whole in BACKUP, or (during the moves) split between MOVING and the top level
 BACKUP = ".chargpt-previous"
@@ -420,17 +421,18 @@ class TrainState:
         return None
 
 
-def save_train_state(directory: str | Path, state: TrainState) -> None:
+def save_train_state(directory: str | Path, state: TrainState, name: str = TRAIN_STATE) -> None:
     buf = io.BytesIO()
     torch.save(state.to_dict(), buf)
-    atomic_write_bytes(Path(directory) / TRAIN_STATE, buf.getvalue())
+    atomic_write_bytes(Path(directory) / name, buf.getvalue())
 
 
-def load_train_state(directory: str | Path, mmap: bool = False) -> TrainState:
-    """Read train_state.pt without unpickling code (weights_only) and check its layout.
+def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAIN_STATE) -> TrainState:
+    """Read train_state.pt (or another file of its schema, `name`) without unpickling code (weights_only) and
+    check its layout.
 
     mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
-    path = run_file(directory, TRAIN_STATE)
+    path = run_file(directory, name)
     if not os.path.lexists(path):
         if os.path.lexists(Path(directory) / ".chargpt-run"):
             raise ChargptError(

@@ -46,7 +46,9 @@ from chargpt.training.optim import (
     SCHEDULE_KEYS,
     Anchor,
     Optimizer,
+    budget_grew,
     extended_anchor,
+    in_final_decay,
     learning_rate,
     make_optimizer,
     set_learning_rate,
@@ -118,6 +120,8 @@ class RunState:
     plotted_rows: int = 0  # metrics rows it showed
     evals_since_best: int = 0  # evaluations in a row without a better val loss (for --patience)
     lr_anchor: Anchor | None = None  # where a resume extended the budget: the schedule continues from there
+    decaying: bool = False  # WSD past its flat stretch: the state from just before is saved (STABLE_STATE)
+    resume_note: str = ""  # how a resume continues the schedule, for the announcement
 
     def tick(self) -> float:
         """Bring `elapsed` up to now; --max-time counts everything the loop does, evaluations included."""
@@ -224,6 +228,8 @@ def _train(
             report.announce(
                 run.cfg, run.model, run.tokenizer, run.train_ids, run.val_ids, d.device, how, state, preset_note
             )
+            if state.resume_note:
+                report.log.info("resuming: %s", state.resume_note)
         losses = LossLog(every=loss_read_every or loss_read_interval(d.device), history=loss_history)
         return _loop(run, state, losses, progress=progress, pause_after=pause_after)
 
@@ -245,6 +251,9 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
             if stop:
                 state.stopped_by = stop
                 break
+            if not state.decaying and in_final_decay(cfg, state.step, state.elapsed, state.lr_anchor):
+                save_state(run, state, ckpt.STABLE_STATE)  # what a longer budget continues from
+                state.decaying, t_prev = True, bar.restart()
             losses.add(state.step + 1, train_step(run, state))
             state.step += 1
             now = time.perf_counter()
@@ -300,8 +309,9 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     """Data, model, optimizer and (when resuming) the saved state, in that order."""
     out = Path(cfg.out)  # locked and checked by OutDir: a user's files are never replaced
     saved: ckpt.TrainState | None = None
+    note = ""
     if resume:
-        saved = ckpt.load_train_state(out)
+        saved, note = resume_point(cfg, out, ckpt.load_train_state(out))
     tuner, threads_note = set_threads(cfg, d, saved)
     # data, through the token cache (a failure leaves no empty folder behind: OutDir removes what it created)
     tokenizer = CharTokenizer(list(saved.vocab), unknown=saved.unknown) if saved else None
@@ -337,8 +347,16 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     state = RunState()
     if saved is not None:
         state = restore(saved, out, model, optimizer, batches)
-        old = dataclasses.replace(cfg, **{k: saved.config[k] for k in SCHEDULE_KEYS if k in saved.config})
-        state.lr_anchor = extended_anchor(old, cfg, state.step, state.elapsed, state.lr_anchor)
+        anchor = state.lr_anchor  # a branch (a note from resume_point) continues its own flat stretch
+        if not note:
+            anchor = extended_anchor(saved_schedule(cfg, saved), cfg, state.step, state.elapsed, state.lr_anchor)
+        if anchor != state.lr_anchor and anchor is not None:
+            note = (
+                f"its learning rate had decayed to {anchor[2]:.3g}: it climbs back to {cfg.learning_rate:g} over "
+                f"{max(cfg.warmup_updates, 1)} steps and decays again by the new budget's end"
+            )
+        state.lr_anchor, state.resume_note = anchor, note
+        state.decaying = in_final_decay(cfg, state.step, state.elapsed, state.lr_anchor)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -352,6 +370,36 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     run.tuner, run.threads_note = tuner, threads_note
     run.origin = begin.origin if begin is not None else saved.origin if saved else None
     return run, state
+
+
+def saved_schedule(cfg: TrainConfig, saved: ckpt.TrainState) -> TrainConfig:
+    """`cfg` with the budget and schedule the saved run had (what its learning rates were computed from)."""
+    return dataclasses.replace(cfg, **{k: saved.config[k] for k in SCHEDULE_KEYS if k in saved.config})
+
+
+def resume_point(cfg: TrainConfig, out: Path, end: ckpt.TrainState) -> tuple[ckpt.TrainState, str]:
+    """Where a resumed run continues from, and how (for the announcement). Usually the end of the saved run. A
+    WSD run given a larger budget after its final decay began goes back to the state saved just before that
+    decay (STABLE_STATE), so the flat stretch goes on and the decay comes at the new end: the best val loss so
+    far stays the bar a new model must beat, so the model on disk is only ever replaced by a better one."""
+    old = saved_schedule(cfg, end)
+    same_shape = all(getattr(old, k) == getattr(cfg, k) for k in SCHEDULE_KEYS[2:])
+    if not (
+        same_shape and budget_grew(old, cfg) and in_final_decay(old, end.step, end.elapsed, _anchor(end.lr_anchor))
+    ):
+        return end, ""
+    if not os.path.lexists(out / ckpt.STABLE_STATE):
+        return end, ""  # an older folder: extended_anchor re-warms the rate
+    stable = ckpt.load_train_state(out, name=ckpt.STABLE_STATE)
+    if stable.step >= end.step or in_final_decay(cfg, stable.step, stable.elapsed, _anchor(stable.lr_anchor)):
+        return end, ""
+    stable.best_val_loss, stable.evals_since_best = end.best_val_loss, 0
+    note = (
+        f"going back to step {stable.step:,}, where the final learning-rate decay began: the flat stretch goes on "
+        f"and the decay comes at the new budget's end (steps {stable.step + 1:,}-{end.step:,} are dropped; the "
+        f"best model so far, val {end.best_val_loss:.4f}, stays until a better one)"
+    )
+    return stable, note
 
 
 def set_threads(cfg: TrainConfig, d: Dist, saved: ckpt.TrainState | None) -> tuple[cores.ThreadTuner | None, str]:
@@ -694,8 +742,9 @@ def draw_plot(run: Run, state: RunState) -> None:
     state.plotted_at, state.plotted_rows = state.tick(), len(state.metrics)
 
 
-def save_state(run: Run, state: RunState) -> None:
-    """The resumable state (rank 0 writes it): weights, optimizer, RNG, step, clock, best val, config."""
+def save_state(run: Run, state: RunState, name: str = ckpt.TRAIN_STATE) -> None:
+    """The resumable state (rank 0 writes it): weights, optimizer, RNG, step, clock, best val, config. As
+    STABLE_STATE: the same, kept from where WSD's final decay begins."""
     t0 = time.perf_counter()
     state.saved_at = state.tick()
     if not run.dist.main:
@@ -725,6 +774,7 @@ def save_state(run: Run, state: RunState) -> None:
             origin=run.origin,
             lr_anchor=list(state.lr_anchor) if state.lr_anchor is not None else None,
         ),
+        name,
     )
     _saved(run)
     state.save_seconds = time.perf_counter() - t0

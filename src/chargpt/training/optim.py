@@ -142,36 +142,65 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed: float, anchor: Anchor | 
     whichever comes first: cosine over the whole budget, or (wsd) flat until the last decay_fraction of the
     budget and linear down from there.
 
-    anchor: where a resumed run's budget was extended (step, elapsed, the learning rate there): from that point
-    the schedule starts again at that learning rate and runs over what is left of the new budget, so extending
-    a run continues smoothly instead of jumping back up the stretched curve."""
+    anchor: where a resumed run's budget was extended after its learning rate had decayed (step, elapsed, the
+    learning rate there): from that point the rate climbs back to its peak over a short ramp (warmup_updates
+    steps) and the schedule runs again over what is left of the new budget."""
     if step < cfg.warmup_updates:
         return cfg.learning_rate * (step + 1) / cfg.warmup_updates
-    start_step, start_time, peak = (0, 0.0, cfg.learning_rate) if anchor is None else anchor
-    progress = (step - start_step) / max(cfg.n_updates - start_step, 1)
-    if cfg.max_time > 0:
-        progress = max(progress, (elapsed - start_time) / max(cfg.max_time - start_time, 1e-9))
-    progress = min(1.0, max(progress, 0.0))
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    peak = max(peak, floor)
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if anchor is not None:
+        start_step, _, reached = anchor
+        ramp = max(cfg.warmup_updates, 1)
+        if step < start_step + ramp and reached < peak:
+            return reached + (peak - reached) * (step - start_step + 1) / ramp
+    progress = schedule_progress(cfg, step, elapsed, anchor)
     if cfg.schedule == "wsd":
         left = 1.0 - progress
         return floor + (peak - floor) * min(1.0, left / cfg.decay_fraction) if cfg.decay_fraction else peak
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_progress(cfg: TrainConfig, step: int, elapsed: float, anchor: Anchor | None = None) -> float:
+    """How far the schedule is, 0..1: by steps or by time, whichever is further; from the anchor, if any."""
+    start_step, start_time = (0, 0.0) if anchor is None else anchor[:2]
+    progress = (step - start_step) / max(cfg.n_updates - start_step, 1)
+    if cfg.max_time > 0:
+        progress = max(progress, (elapsed - start_time) / max(cfg.max_time - start_time, 1e-9))
+    return min(1.0, max(progress, 0.0))
+
+
+def in_final_decay(cfg: TrainConfig, step: int, elapsed: float, anchor: Anchor | None = None) -> bool:
+    """Whether a WSD schedule has left its flat stretch (its weights from before this point are the ones a
+    longer budget continues from)."""
+    if cfg.schedule != "wsd" or step < cfg.warmup_updates:
+        return False
+    return schedule_progress(cfg, step, elapsed, anchor) > 1.0 - cfg.decay_fraction
+
+
+def budget_grew(old: TrainConfig, new: TrainConfig) -> bool:
+    """A resume that asks for more: more steps or more time, and no less of either."""
+    unlimited = math.inf  # max_time 0: no time budget
+    old_time, new_time = old.max_time or unlimited, new.max_time or unlimited
+    more = new.n_updates > old.n_updates or new_time > old_time
+    return more and new.n_updates >= old.n_updates and new_time >= old_time
+
+
 def extended_anchor(
     old: TrainConfig, new: TrainConfig, step: int, elapsed: float, anchor: Anchor | None
 ) -> Anchor | None:
-    """The anchor of a resumed run: a new one where only its budget (n_updates, max_time) changed after warm-up,
-    at the learning rate the old schedule had reached; else the saved one (None for a fresh schedule)."""
+    """The anchor of a resumed run. Its budget unchanged: the saved one. A new schedule shape asked for, a run
+    still warming up, or one still at its peak rate (WSD's flat stretch): none, the schedule simply follows the
+    new budget. A run whose rate had decayed: a new anchor there, from which the rate climbs back to its peak."""
     same_shape = all(getattr(old, k) == getattr(new, k) for k in SCHEDULE_KEYS[2:])
     budget_changed = (old.n_updates, old.max_time) != (new.n_updates, new.max_time)
     if not budget_changed:
         return anchor
     if not same_shape or step < old.warmup_updates:
-        return None  # a new schedule asked for, or still warming up: the schedule simply follows the new budget
-    return (step, elapsed, learning_rate(old, step, elapsed, anchor))
+        return None
+    reached = learning_rate(old, step, elapsed, anchor)
+    if reached >= old.learning_rate:
+        return anchor
+    return (step, elapsed, reached)
 
 
 def set_learning_rate(optimizer: Optimizer, lr: float) -> None:

@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.errors import ChargptError
-from chargpt.storage.checkpoint import BACKUP, CONFIG, DISCARD, FORMAT_NAME, MOVING, TRAIN_STATE, WEIGHTS
+from chargpt.storage.checkpoint import (
+    BACKUP,
+    CONFIG,
+    DISCARD,
+    FORMAT_NAME,
+    MOVING,
+    STABLE_STATE,
+    TRAIN_STATE,
+    WEIGHTS,
+)
 from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
 from chargpt.training.report import METRICS, PLOT
 
@@ -39,7 +48,7 @@ log = logging.getLogger("chargpt.training.outdir")
 LOCK, MARKER = ".chargpt.lock", ".chargpt-run"
 # BACKUP: complete, the old run, while the new one has saved nothing yet; MOVING: being filled (or emptied), its
 # files and the top level are the old run; DISCARD: the new run has saved, the old one is being deleted
-RUN_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, METRICS, PLOT)
+RUN_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, STABLE_STATE, METRICS, PLOT)
 MARKER_TEXT = json.dumps({"format": "chargpt-run", "files": list(RUN_FILES)}) + "\n"
 
 
