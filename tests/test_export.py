@@ -150,6 +150,19 @@ def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny
                 ids = tokenizer.encode(prompt)[-model.config.block_size :]
                 expected = model(torch.as_tensor(ids)[None])[0][0, -1].numpy()
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+        # the page's sampler: a temperature that overflows the scaled logits, or top-p 0, is greedy, not the last
+        # candidate; a temperature that is not a number is refused with a message
+        logits = [0.5, 3.0, -1.0, 2.0]
+        for temperature, top_p in ((1e-300, None), (5e-324, None), (0.8, 1e-300)):
+            picked = browser.execute_script("return pick(arguments[0], arguments[1], null, arguments[2], () => 0.99)",
+                                            logits, temperature, top_p)  # fmt: skip
+            assert picked == 1, (temperature, top_p)
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("1e-")  # not a number: the field's value reads ""
+        browser.find_element(By.ID, "generate").click()
+        assert "temperature must be a number" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("0.8")
         length = browser.find_element(By.ID, "max_tokens")
         length.clear()
         length.send_keys("100000")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chargpt.errors import ChargptError
-from chargpt.inference.generate import Decoder, generate, pick_next, stream, token_stream
+from chargpt.inference.generate import Decoder, SampleConfig, generate, pick_next, stream, token_stream
 from chargpt.model import GPT, KVCache
 from conftest import run_cli
 
@@ -71,6 +71,25 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(pick_next(logits, 0, None, None, None), logits.argmax(-1))
     # the other controls do not matter at temperature 0
     assert torch.equal(pick_next(logits, 0, 5, 0.5, torch.Generator()), logits.argmax(-1))
+
+
+def test_underflowing_temperature_and_top_p_are_greedy(tiny, trained_model_dir, capsys):
+    """A temperature or top_p that is 0 in float32 (or whose scaled logits overflow) is its limit, greedy: in
+    pick_next, the Python API and the CLI (which printed a traceback)."""
+    from helpers import call_main
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, -2.0, 4.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((1e-300, None), (1e-40, None), (0.8, 1e-300), (1e-300, 1e-300)):
+        assert pick_next(logits, temperature, None, top_p, g).tolist() == [1, 2], (temperature, top_p)
+    model, tokenizer = tiny
+    greedy = generate(model, tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, temperature=0))
+    assert generate(model, tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, temperature=1e-300)) == greedy
+    assert generate(model, tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, top_p=1e-300, seed=3)) == greedy
+    args = ["sample", "--model", str(trained_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "1"]
+    rc, out, err = call_main([*args, "--temperature", "1e-300"], capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert out.rstrip("\n") == "ROMEO:" + greedy[0], (out, greedy)
 
 
 def test_top_k_1_equals_greedy(tiny):

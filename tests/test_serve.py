@@ -315,6 +315,31 @@ def test_sixteen_concurrent_streams_equal_their_solo_results(client: openai.Open
     assert overlap >= 8, together
 
 
+def test_underflowing_sampling_numbers_are_greedy_and_never_fail_another_request(client: openai.OpenAI, tiny):
+    """A temperature or top_p that is 0 in float32 (1e-300) is its limit, greedy decoding; sent while another
+    client streams, both requests succeed and the stream is unchanged."""
+    long = dict(prompt="ROMEO:", max_tokens=400, temperature=0.8, seed=5)
+    solo = streamed(client, **long)[0]
+    greedy = streamed(client, prompt="KING", max_tokens=30, temperature=0.0)[0]
+    started = threading.Event()
+
+    def stream() -> str:
+        text = ""
+        for chunk in client.completions.create(model=MODEL, stream=True, **long):
+            started.set()
+            text += chunk.choices[0].text
+        return text
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream)
+        assert started.wait(60)
+        tiny_t = client.completions.create(model=MODEL, prompt="KING", max_tokens=30, temperature=1e-300)
+        tiny_p = client.completions.create(model=MODEL, prompt="KING", max_tokens=30, top_p=1e-300, seed=1)
+        assert running.result(120) == solo
+    assert tiny_t.choices[0].text == greedy and tiny_p.choices[0].text == greedy
+    assert generate(*tiny, "KING", SampleConfig(max_new_tokens=30, temperature=1e-300, **SERVED)) == [greedy]
+
+
 def test_api_key(trained_model_dir: Path):
     srv = start_server(trained_model_dir, "--api-key", "s3cret-key")
     try:

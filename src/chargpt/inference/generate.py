@@ -94,11 +94,11 @@ def pick_next(
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). With one generator per row, row i draws only from generator[i],
     so a sample's randomness does not depend on the other samples in its batch."""
-    if temperature == 0:
+    scaled = logits.float() / temperature if temperature > 0 else logits
+    if temperature == 0 or (torch.isfinite(logits) & ~torch.isfinite(scaled)).any():
+        # greedy, or a temperature so small that it is 0 in float32 or a scaled logit overflows: its limit, the
+        # likeliest token (ties: the lowest id, as argmax picks)
         return logits.argmax(-1)
-    scaled = logits.float() / temperature
-    if not torch.isfinite(scaled).all():  # a temperature so small that logits overflow: its limit, the likeliest
-        scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature  # 0 for them, -inf else
     logits = scaled
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -107,6 +107,7 @@ def pick_next(
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop[:, 0] = False  # the likeliest token always stays (a top_p that is 0 in float32 keeps it alone)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()  # (B, V)

@@ -306,9 +306,17 @@ class Engine:
         """One token for every row; pieces to their jobs; finished rows free their slots."""
         pieces: dict[int, tuple[Job, list[Piece]]] = {}
         done = []
+        failed: dict[int, tuple[Job, Exception]] = {}
         for r, logits in zip(self._rows, self._logits(), strict=True):
             s = r.spec
-            nxt = int(pick_next(logits, s.temperature, s.top_k, s.top_p, [r.generator])[0])
+            if id(r.job) in failed:
+                continue
+            try:
+                nxt = int(pick_next(logits, s.temperature, s.top_k, s.top_p, [r.generator])[0])
+            except Exception as e:  # this row's own sampling: it ends its request only, never the others
+                log.exception("sampling failed for one request; ending that request")
+                failed[id(r.job)] = (r.job, e)
+                continue
             r.seq[0, r.n] = nxt
             r.n += 1
             r.last = nxt
@@ -323,8 +331,10 @@ class Engine:
                 done.append(r)
         self._remove(done)
         for job, job_pieces in pieces.values():
-            if not job.cancelled:
+            if not job.cancelled and id(job) not in failed:
                 _deliver(job, job_pieces)
+        for job, error in failed.values():
+            self._fail([job], error)
 
 
 def _deliver(job: Job, item: Delivery) -> None:
