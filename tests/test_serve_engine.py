@@ -3,6 +3,10 @@ exactly what chargpt.generate returns, the queue is bounded, cancelling frees sl
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -14,7 +18,7 @@ from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
 from chargpt.inference.generate import SampleConfig, generate
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, KVCache
-from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
+from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed, batching_mode
 
 
 class Collector:
@@ -48,21 +52,72 @@ def test_batched_step_reproduces_single_rows():
         GPTConfig(vocab_size=65, block_size=16, n_embd=64, n_heads=4, n_layers=4, dropout=0.0),
         GPTConfig(vocab_size=30, block_size=40, n_embd=96, n_heads=6, n_layers=2, dropout=0.1),
     ):
-        assert batch_invariant(GPT(cfg).eval())
+        assert _batches_exactly(GPT(cfg).eval())
+
+
+def _batches_exactly(model: GPT) -> bool:
+    """The per-row batched step is exact (by construction, on every CPU), and the engine's choice batches."""
+    mode = batching_mode(lambda per_row: batch_invariant(model, per_row=per_row))[0]
+    return batch_invariant(model, per_row=True) and mode is not None
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_step_reproduces_single_rows_on_more_threads(threads):
     """The seed model's widths (384 in, a 65-character head): with 2 threads an Intel Xeon's one-row product
-    into 65 outputs splits its sum between the threads, which a batched product does not."""
+    into 65 outputs splits its sum between the threads, which a batched product does not (the head is one-row
+    products in every form), and MKL on AMD CPUs does so for every product (the per-row form)."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=65, block_size=32, n_embd=384, n_heads=6, n_layers=1, dropout=0.0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert batch_invariant(GPT(cfg).eval())
+        assert _batches_exactly(GPT(cfg).eval())
     finally:
         torch.set_num_threads(before)
+
+
+def test_batching_takes_the_fused_step_where_exact_else_one_product_per_row():
+    """The start-up policy, with checks that answer as a CPU would: fused products exact (Intel here), only the
+    per-row form exact (MKL on AMD at 2 threads), neither (no batching)."""
+    assert batching_mode(lambda per_row: True)[0] is False
+    per_row, note = batching_mode(lambda per_row: per_row)
+    assert per_row is True and "one product per row" in note
+    per_row, note = batching_mode(lambda per_row: False)
+    assert per_row is None and "one by one" in note
+
+
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.parametrize("env", [{}, AVX2_ONLY], ids=["native", "avx2-kernels"])
+def test_the_batched_step_is_exact_at_one_and_two_threads_on_this_cpu(env):
+    """In a fresh process (kernel choices are made at start-up), with this CPU's own kernels and with PyTorch, MKL
+    and oneDNN told to use their AVX2 ones (as on an AVX2-only CPU): at the seed widths the per-row batched step
+    equals each row's own step at 1 and at 2 threads (the fused one is reported: on AMD CPUs MKL rounds it
+    differently at 2 threads, and the engine then takes the per-row form)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from chargpt.config import GPTConfig
+        from chargpt.inference.decode import batch_invariant
+        from chargpt.model import GPT
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=65, block_size=32, n_embd=384, n_heads=6, n_layers=2, dropout=0.0)
+        model = GPT(cfg).eval()
+        print(torch.backends.cpu.get_cpu_capability(), end=" ")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            print(batch_invariant(model, per_row=True), batch_invariant(model), end=" ")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    capability, *exact = r.stdout.split()
+    assert exact[0::2] == ["True", "True"], f"{capability}: {r.stdout}"  # the per-row form: exact by construction
+    print(f"{capability}: fused batched step exact at 1 and 2 threads: {exact[1::2]}")
+    if env:
+        assert capability == "AVX2"
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])

@@ -22,7 +22,10 @@ each small operation costs more than its arithmetic, and module calls around the
 Batch invariance (the server's exactness): with `invariant=True` each Linear runs as a batched matmul of B
 one-row problems with the weight broadcast, so a row's numbers do not depend on the other rows (a plain
 (B, in) x (in, out) product makes BLAS pick another kernel than for one row, which rounds differently).
-`batch_invariant` checks on the actual model and device that each row equals its own batch-of-one step.
+`batch_invariant` checks on the actual model and device that each row equals its own batch-of-one step. Where a
+BLAS rounds a one-row product unlike a batched one even so (MKL on AMD CPUs at two or more threads), `per_row=True`
+makes every product B one-row calls: the single-row step's very calls, so the same bits by construction, at about
+the cost of the batched form (one weight pass per row either way).
 
 A model with int8 weights (chargpt.inference.quantize) runs its Linears through the int8 kernel, which computes each
 row on its own (so it is batch-invariant as it is; `batch_invariant` checks that too).
@@ -52,7 +55,7 @@ class DecodeStep:
     """step(tokens (B,), cache, at) -> logits (B, vocab): see the module docstring. Eval mode only (no dropout);
     the caller advances cache.length."""
 
-    def __init__(self, model: GPT, invariant: bool = False):
+    def __init__(self, model: GPT, invariant: bool = False, per_row: bool = False):
         cfg = self.config = model.config
         self.C, self.H, self.hs = cfg.n_embd, cfg.n_heads, cfg.head_size
         self.eps = model.ln_f.eps
@@ -65,13 +68,15 @@ class DecodeStep:
             for b in model.blocks
         )
         self.final = (model.ln_f.weight, model.ln_f.bias, w(model.head), model.head.bias)
-        self.invariant = invariant
+        self.invariant = invariant or per_row
+        self.per_row = per_row  # every product one row at a time: the single-row step's very calls
         self._casts: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # weights cast once for autocast
         self._masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, at: int | torch.Tensor | Rows) -> torch.Tensor:
         C, H, hs, eps = self.C, self.H, self.hs, self.eps
-        lin = self._linear_int8 if self.int8 else self._linear_rows if self.invariant else F.linear
+        lin = self._linear_int8 if self.int8 else self._linear_each if self.per_row else F.linear
+        lin = self._linear_rows if self.invariant and lin is F.linear else lin
         qkv_lin = self._qkv_int8 if self.int8 else lin  # int8: the kernel's bf16 keys, the cache's format
         x = F.embedding(tokens, self.tok)  # (B, C)
         B = x.size(0)
@@ -155,6 +160,13 @@ class DecodeStep:
     def _linear_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
         return int8_linear(x, weight[0], weight[1], bias)
 
+    @staticmethod
+    def _linear_each(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (B, in) -> (B, out) as B calls of F.linear on one row: the same calls as B single-row steps make, so
+        the same bits on any BLAS at any thread count (one that splits a one-row sum between threads but not a
+        batched product's, as MKL does on AMD CPUs, included)."""
+        return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])
+
     def _linear_rows(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (B, in) -> (B, out), each row computed as F.linear computes a batch of one. Not for the head: with
         2 threads on an Intel Xeon, a one-row product with few outputs (384 -> 65) splits its sum between the
@@ -172,9 +184,12 @@ class DecodeStep:
 
 
 @torch.inference_mode()
-def batch_invariant(model: GPT, prefill: prec.Choice = prec.FP32, decode: prec.Choice = prec.FP32) -> bool:
-    """Does the invariant step give, bit for bit, each row's logits of its own batch-of-one step, here, on this
-    device, in these number formats (the cache prefills in `prefill`, the step in `decode`)?
+def batch_invariant(
+    model: GPT, prefill: prec.Choice = prec.FP32, decode: prec.Choice = prec.FP32, per_row: bool = False
+) -> bool:
+    """Does the invariant step (with per_row: its one-product-per-row form) give, bit for bit, each row's logits of
+    its own batch-of-one step, here, on this device, at this thread count, in these number formats (the cache
+    prefills in `prefill`, the step in `decode`)?
 
     Three rows of random tokens at different positions (1, the middle, the last cached one) in cache rows out of
     order, one of four left empty; one step each.
@@ -186,7 +201,7 @@ def batch_invariant(model: GPT, prefill: prec.Choice = prec.FP32, decode: prec.C
     block, vocab = model.config.block_size, model.config.vocab_size
     seqs = [torch.randint(vocab, (1, n + 1), generator=gen).to(p.device) for n in (1, block // 2, block - 1)]
     slots = [2, 0, 1]
-    one, rows = DecodeStep(model), DecodeStep(model, invariant=True)
+    one, rows = DecodeStep(model), DecodeStep(model, invariant=True, per_row=per_row)
     pool = rows.cache(len(seqs) + 1)
     expected = []
     with prec.weight_cast_region(p.device, prefill, decode):

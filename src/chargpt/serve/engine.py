@@ -33,6 +33,23 @@ from chargpt.model import GPT, BigramLM, KVCache
 log = logging.getLogger("chargpt.serve")
 
 
+def batching_mode(exact: Callable[[bool], bool]) -> tuple[bool | None, str]:
+    """How rows are decoded together, and why (for the start-up line): `exact(per_row)` checks on the real model,
+    at this thread count, that the batched step gives each row's own bits. The fused form (one batched product
+    per weight) first; else each product one row at a time, the single-row step's own calls (a BLAS that
+    splits a one-row sum between threads but not a batch's rows, as MKL does on AMD CPUs); else rows one by one.
+    Returns per_row (False, True) or None for no batching."""
+    threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    if exact(False):
+        return False, f"batched decoding (exact here at {threads})"
+    if exact(True):
+        return True, (
+            f"batched decoding with one product per row (exact here at {threads}; this CPU's batched products "
+            f"round unlike one-row ones)"
+        )
+    return None, "batched decoding does not reproduce single-row results here; decoding rows one by one"
+
+
 class QueueFull(Exception):
     """Every batch slot is busy and the wait queue is full: try again shortly."""
 
@@ -125,16 +142,17 @@ class Engine:
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.batched = model.decodes_with_cache and batch_invariant(model, self.prefill, self.decode)
-        if model.decodes_with_cache and not self.batched:
-            log.warning(
-                "batched decoding does not reproduce single-row results on %s; decoding rows one by one", self.device
-            )
+        per_row, self.batching = None, "rows decoded one by one (this model has no KV cache)"
+        if model.decodes_with_cache:
+            per_row, self.batching = batching_mode(lambda each: batch_invariant(model, self.prefill, self.decode, each))
+            if per_row is None:
+                log.warning("%s on %s", self.batching, self.device)
+        self.batched = per_row is not None
         self.pool: KVCache | None = None  # every row's keys and values, one slot per row
         self.one = DecodeStep(model) if model.decodes_with_cache else None  # each row's own step (weights shared)
         self.rows: DecodeStep | None = None  # the step of all rows at once
         if self.batched:
-            self.rows = DecodeStep(model, invariant=True)  # type: ignore[arg-type]
+            self.rows = DecodeStep(model, invariant=True, per_row=bool(per_row))  # type: ignore[arg-type]
             self.pool = self.rows.cache(max_batch)
         self._free_slots = list(range(max_batch))  # a heap (engine thread only): the lowest first, so the rows'
         # slots stay together and the batched attention spans few idle ones

@@ -163,6 +163,7 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
         card.meta["precision"] = {"prefill": engine.prefill.name, "decode": engine.decode.name}
         card.meta["precision_reason"] = prec.describe({"prefill": engine.prefill, "decode": engine.decode})
         card.meta["quantize"] = engine.quantize.name
+        card.meta["batching"] = engine.batching
         if engine.quantize.name == "int8":
             card.meta["precision_reason"] += f", int8 weights ({engine.quantize.reason})"
         limits = Limits(cfg.max_tokens_limit, cfg.max_prompt_chars, cfg.max_batch, cfg.max_body_bytes)
@@ -187,8 +188,8 @@ def describe(card: ModelCard) -> str:
     size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
     val = card.meta.get("val_loss")
     described = f"{card.id} ({size} parameters" + (f", val loss {val:.3f})" if isinstance(val, float) else ")")
-    reason = card.meta.get("precision_reason")
-    return described + (f" in {reason}" if reason else "")
+    reason, batching = card.meta.get("precision_reason"), card.meta.get("batching")
+    return described + (f" in {reason}" if reason else "") + (f"; {batching}" if batching else "")
 
 
 def _sendable(key: str) -> bool:
