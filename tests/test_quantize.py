@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -72,9 +73,11 @@ def test_the_copy_is_kept_rebuilt_when_weights_change_and_the_model_untouched(ti
 
 def test_auto_takes_int8_only_where_measured_faster(tmp_path, tiny):
     model, _ = tiny
-    plain = prec.CPUInfo("Old CPU", frozenset({"avx2"}), "AVX2")
-    assert quant.resolve("auto", "cpu", model, tmp_path, info=plain).name == "none"
-    assert "no native bf16" in quant.resolve("auto", "cpu", model, tmp_path, info=plain).reason
+    plain = prec.CPUInfo("Old CPU", frozenset({"avx2"}), "AVX2")  # no native bf16: timed all the same
+    timed = quant.resolve("auto", "cpu", model, tmp_path, info=plain)
+    assert "measured" in timed.reason and timed == quant.choose(quant.measured_speedup(plain, model, tmp_path))
+    for f in tmp_path.iterdir():
+        f.unlink()
     assert quant.choose(1.7).name == "int8" and "1.7x" in quant.choose(1.7).reason
     assert quant.choose(1.05).name == "none"
     assert quant.resolve("auto", "meta", model, tmp_path).name == "none"
@@ -95,6 +98,21 @@ def test_auto_takes_int8_only_where_measured_faster(tmp_path, tiny):
     assert quant.apply(bigram, "auto")[0] is bigram
     with pytest.raises(ChargptError, match="bigram"):
         quant.apply(bigram, "int8")
+
+
+@pytest.mark.parametrize("saved", ["NaN", "Infinity", "-1.5", "0", "true", '"2.0"', "1e400"])
+def test_a_tampered_measurement_cache_is_measured_again(tmp_path, tiny, saved):
+    """The int8 cache file with a value that is not a finite positive ratio (NaN, Infinity, negative, zero, a
+    boolean, a string) is measured again and rewritten; a real ratio is used as saved."""
+    model, _ = tiny
+    info = prec.CPUInfo("Some CPU", frozenset({"avx2"}), "AVX2")
+    fresh = quant.measured_speedup(info, model, tmp_path)
+    (path,) = tmp_path.iterdir()
+    path.write_text(path.read_text().replace(json.dumps(fresh), saved))
+    again = quant.measured_speedup(info, model, tmp_path)
+    assert 0 < again < math.inf and json.loads(path.read_text())["int8"] == again
+    path.write_text(path.read_text().replace(json.dumps(again), "7.5"))
+    assert quant.measured_speedup(info, model, tmp_path) == 7.5  # a usable ratio is trusted
 
 
 def test_int8_step_continues_the_int8_prefill(tiny):

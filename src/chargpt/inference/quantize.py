@@ -2,9 +2,9 @@
 
 Decoding one token streams every weight from memory once, so the fp32 step cannot go below the time of
 reading 4 bytes per weight; int8 reads one. The product runs in torch's `_weight_int8pack_mm` (activations
-in bf16, each output row scaled by its bf16 scale), which x86 vectorises only for bf16 activations: `auto`
-uses int8 only on a CPU with native bf16 where this model's one-token step, timed with both (cached per
-machine and shape), is faster with int8, and never on other devices. Embeddings and LayerNorms stay fp32.
+in bf16, each output row scaled by its bf16 scale). `auto` uses int8 on any CPU where this model's one-token
+step, timed with both (cached per machine and shape), is faster with int8, with native bf16 or without, and
+never on other devices. Embeddings and LayerNorms stay fp32.
 
 `quantized(model)` returns a copy of the GPT whose Linear layers are `Int8Linear`: the forward (prefill,
 evaluation) and the one-token step (chargpt.inference.decode) both run on it. The copy is kept per model and rebuilt
@@ -136,14 +136,11 @@ def resolve(
         return Choice("int8", "asked for with --quantize int8")
     if device.type != "cpu":
         return Choice("none", f"int8 decoding is for the CPU, not {device.type}")
-    info = info or prec.cpu_info()
-    if not info.native_bf16:
-        return Choice("none", "this CPU has no native bf16, which the int8 kernel needs to be fast")
-    return choose(measured_speedup(info, model, cache))
+    return choose(measured_speedup(info or prec.cpu_info(), model, cache))
 
 
 def choose(speedup: float) -> Choice:
-    """Auto's rule on a CPU with native bf16, given int8's measured speed over fp32."""
+    """Auto's rule, given int8's measured speed over fp32 on this CPU."""
     if speedup >= prec.MIN_SPEEDUP:
         return Choice("int8", f"this model's one-token step measured {speedup:.1f}x as fast with int8 weights")
     return Choice("none", f"this model's one-token step measured only {speedup:.2f}x as fast with int8 weights")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -238,11 +239,12 @@ def measured_probe(info: CPUInfo, probe: Probe, directory: Path | None = None) -
 
 
 def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> dict:
-    """The measurement saved at `path` if it holds a number for each of `keys`, else a fresh one, saved there
-    (an unwritable or damaged cache only costs a measurement next time)."""
+    """The measurement saved at `path` if it holds a finite positive number for each of `keys` (a ratio of two
+    times: never NaN, infinite, zero, negative or a boolean), else a fresh one, saved there (an unwritable,
+    damaged or tampered cache only costs a measurement)."""
     try:
         saved = json.loads(path.read_text())
-        if isinstance(saved, dict) and all(isinstance(saved.get(k), (int, float)) for k in keys):
+        if isinstance(saved, dict) and all(_ratio(saved.get(k)) for k in keys):
             return saved
     except (OSError, ValueError, RecursionError):
         pass
@@ -255,6 +257,10 @@ def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> di
     except (OSError, ChargptError):
         pass  # measured again next time
     return fresh
+
+
+def _ratio(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def time_probe(probe: Probe) -> float:
