@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,7 +277,14 @@ def test_empty_and_nul_paths_and_over_long_names_are_one_line(work: Path, capsys
     one_line_error(["train", "--config", "", "--out", "o"], capsys, "--config got an empty path")  # was: ignored
     one_line_error(["sample", "--model", "a\0b"], capsys, "NUL byte")
     (work / "nul.toml").write_text('token_cache = "a\\u0000b"\n')  # was: silently ignored
-    one_line_error(["train", "--config", "nul.toml", "--out", "o"], capsys, "token_cache contains a NUL byte")
+    one_line_error(
+        ["train", "--config", "nul.toml", "--out", "o"], capsys, "token_cache in nul.toml contains a NUL byte"
+    )
+    (work / "nul-data.toml").write_text('data = "x\\u0000y"\n')  # was: a ValueError traceback on resume
+    assert main(["train", "--data", "ok.txt", "--out", "run", *FLAGS, "--n-updates=2"]) == 0
+    capsys.readouterr()
+    one_line_error(["train", "--resume", "run", "--config", "nul-data.toml"], capsys, "data in nul-data.toml contains")
+    shutil.rmtree(work / "run")
     one_line_error(["train", "--data", "ok.txt", "--out", "x" * 300, *FLAGS], capsys, "File name too long")
     one_line_error(["sample", "--model", "y" * 300], capsys, "")
     assert not (work / "out").exists() and not (work / "o").exists()

@@ -180,10 +180,9 @@ class TrainConfig:
                 raise ChargptError(f"{name} must be a number >= 0, got {shorten(value)}")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise ChargptError(f"init_from must name a trained model folder, got {shorten(self.init_from)}")
-        for name in ("data", "out", "vocab", "token_cache", "init_from"):
+        for name in PATH_KEYS:
             value = str(getattr(self, name) or "")
-            if "\0" in value:
-                raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
+            check_path(name, value or None)
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:  # a file name that is not UTF-8 (Python holds its bytes as surrogates)
@@ -291,7 +290,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         )
     for key, value in raw.items():
         raw[key] = _coerce(key, value, str(path))
+        if key in PATH_KEYS:
+            check_path(f"{key} in {path}", raw[key])
     return raw
+
+
+PATH_KEYS = ("data", "out", "vocab", "token_cache", "init_from")  # the settings that name files or folders
+
+
+def check_path(name: str, value: Any) -> None:
+    """A path that is empty or holds a NUL byte is a mistake (an empty shell variable, a bad paste), said at once
+    wherever it was given (a flag, a TOML file, a saved run) instead of failing deep inside."""
+    if value == "":
+        raise ChargptError(f"{name} got an empty path; give a file or folder (is a shell variable empty?)")
+    if isinstance(value, str) and "\0" in value:
+        raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
 
 
 def resolve_preset(preset: str | None, device: str) -> str:

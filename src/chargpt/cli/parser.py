@@ -9,7 +9,17 @@ from dataclasses import fields
 from typing import Any
 
 from chargpt import __version__
-from chargpt.config import MODEL_TYPES, OPTIMIZERS, PRECISIONS, PRESETS, QUANTIZE, SCHEDULES, TRAIN_FIELDS, TrainConfig
+from chargpt.config import (
+    MODEL_TYPES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    QUANTIZE,
+    SCHEDULES,
+    TRAIN_FIELDS,
+    TrainConfig,
+    check_path,
+)
 from chargpt.errors import EXIT_USAGE, ChargptError
 
 # A one-line description of every TrainConfig field, and the --help group it is listed under.
@@ -386,7 +396,4 @@ def check_paths(args: argparse.Namespace) -> None:
     for name in PATH_FLAGS:
         value = getattr(args, name, None)
         flag = "DIR" if name == "dir" else "--" + name.replace("_", "-")
-        if value == "":
-            raise ChargptError(f"{flag} got an empty path; give a file or folder (is a shell variable empty?)")
-        if isinstance(value, str) and "\0" in value:
-            raise ChargptError(f"{flag} contains a NUL byte, which no path can hold; check the value")
+        check_path(flag, value)
