@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chargpt.data.corpus import (
+    corpus_files,
     get_batch,
     load_corpus,
     markdown_play_to_dialogue,
@@ -207,6 +208,25 @@ def test_load_corpus_folder_of_txt_files(tmp_path):
     (tmp_path / "notes.md").write_text("not text data", encoding="utf-8")
     (tmp_path / "latin1.dat").write_bytes(b"\xe9")  # ignored: not .txt
     assert load_corpus(str(tmp_path)) == "first\nsecond\nthird"
+
+
+def test_links_to_files_already_read_are_skipped(tmp_path, caplog):
+    """A glob or folder that lists a file and links to it (as /usr/share/common-licenses does) reads each real
+    file once, and says how many links it followed and skipped."""
+    import logging
+
+    (tmp_path / "a.txt").write_text("alpha", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("beta", encoding="utf-8")
+    (tmp_path / "c.txt").symlink_to(tmp_path / "a.txt")  # the same file again
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-other.txt"
+    elsewhere.write_text("gamma", encoding="utf-8")
+    (tmp_path / "d.txt").symlink_to(elsewhere)  # a link to a file not otherwise listed: read
+    for data in (str(tmp_path), str(tmp_path / "*.txt")):
+        assert load_corpus(data) == "alpha\nbeta\ngamma"
+        with caplog.at_level(logging.INFO, logger="chargpt"):
+            corpus_files(data, say=True)
+        assert "3 files read; 1 symbolic link followed, 1 skipped" in caplog.text
+        caplog.clear()
 
 
 def test_load_corpus_errors(tmp_path):

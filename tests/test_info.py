@@ -77,3 +77,29 @@ def test_info_on_a_folder_of_runs_lists_them(trained_model_dir, tmp_path, capsys
     assert rc == 2 and "not one" in err and not (tmp_path / "no.png").exists()
     saved = json.loads((trained_model_dir / "config.json").read_text())["info"]
     assert (listed[0]["best_step"], listed[0]["best_val_loss"]) == (saved["step"], saved["val_loss"])
+
+
+def test_info_describes_a_run_stopped_before_its_first_evaluation(tmp_path, text_file, capsys):
+    """No model saved yet (stopped before its first evaluation after step 0): info says what the saved state
+    holds and how to go on, instead of refusing the folder."""
+    from chargpt.training.loop import train
+    from conftest import tiny_config
+
+    out = tmp_path / "early"
+    train(tiny_config(out, text_file, eval_interval=1000, n_updates=2000), progress=False, pause_after=3)
+    assert not (out / "model.safetensors").exists()
+    rc, text, err = call_main(["info", str(out)], capsys)
+    assert rc == 0, err
+    assert "training: 3 steps" in text and f"chargpt train --resume {out}" in text and "2 layers x 4 heads" in text
+    assert "its sample at step 0" in text  # the untrained model's noise, from the step-0 evaluation
+    rc, text, err = call_main(["info", str(out), "--json"], capsys)
+    assert rc == 0 and json.loads(text)["training"]["saved"] is False
+
+
+def test_info_shows_the_last_sample(trained_model_dir, capsys):
+    rows = read_metrics(trained_model_dir)
+    rc, text, err = call_main(["info", str(trained_model_dir)], capsys)
+    assert rc == 0, err
+    assert f"its sample at step {rows[-1]['step']:,}" in text
+    assert all("  | " + line in text for line in (rows[-1]["prompt"] + rows[-1]["sample"]).rstrip("\n").split("\n"))
+    assert (trained_model_dir / "samples.txt").read_text().count("=== step") == len(rows)

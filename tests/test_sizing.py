@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chargpt.config import make_train_config, sizing_request
-from chargpt.training import sizing
+from chargpt.training import samples, sizing
 from chargpt.training.sizing import LADDER, MAX_PARAMS_PER_CHAR, TOKENS_PER_PARAM, choose
 from helpers import call_main
 
@@ -116,20 +116,91 @@ def test_measure_times_the_real_step():
 def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
     rc, stdout, err = call_main(
-        ["train", "--data", str(text_file), "--max-time", "4", "--out", str(out), "--threads", "1"], capsys
+        ["train", "--data", str(text_file), "--max-time", "15", "--out", str(out), "--threads", "1"], capsys
     )
     assert rc == 0, err
     saved = json.loads((out / "config.json").read_text())["info"]["train_config"]
-    assert "sized for 4 s" in stdout + err
+    assert "sized for 15 s" in stdout + err
     assert (saved["optimizer"], saved["schedule"], saved["n_embd"]) == ("muon", "wsd", LADDER[0].n_embd)
     decays = dict(sizing.WEIGHT_DECAY_BY_PASSES).values()
     assert saved["weight_decay"] in decays  # and the announcement says so when it is not the usual one
     assert (f"weight decay {saved['weight_decay']:g}" in stdout + err) == (saved["weight_decay"] != min(decays))
+    # a short run draws a learning curve: evaluations spaced from the budget, each with the sample it wrote
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in evals if m["kind"] == "eval"]
+    assert len(evals) >= 3 and saved["eval_interval"] < 500, (len(evals), saved["eval_interval"])
+    first_line = text_file.read_text().split("\n")[0] + "\n"  # the data's first line is the prompt
+    assert all(len(m["sample"]) == samples.SAMPLE_CHARS and m["prompt"] == first_line for m in evals)
+    shown = (out / "samples.txt").read_text()
+    assert shown.count("=== step") == len(evals) and evals[-1]["sample"] in shown
+    assert "  | " + evals[-1]["prompt"].rstrip("\n") in err  # shown under the evaluation's line
+    rc, stdout, _ = call_main(["info", str(out)], capsys)
+    assert rc == 0 and f"its sample at step {evals[-1]['step']:,}" in stdout
+    assert "  | " + evals[-1]["sample"].split("\n")[0] in stdout or not evals[-1]["sample"].split("\n")[0]
     rc, stdout, err = call_main(
         ["train", "--data", str(text_file), "--max-time", "4", "--out", str(tmp_path / "p"), "--preset", "cpu",
          "--threads", "1"], capsys,
     )  # fmt: skip
     assert rc == 0 and "sized" not in stdout + err and "preset cpu (as asked)" in stdout + err
+
+
+def test_inputs_are_checked_before_any_timing(text_file: Path, tmp_path: Path, capsys):
+    """A missing --data, a folder without .txt files, an --out that holds a model, a corpus too short for any
+    context: refused in one line before "sizing the model ..." (which times shapes for seconds)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tiny.txt").write_text("To be, or not to be: that is the question. Whether")
+    taken = tmp_path / "taken"
+    assert (
+        call_main(
+            [
+                "train",
+                "--data",
+                str(text_file),
+                "--out",
+                str(taken),
+                "--n-updates=2",
+                "--quiet",
+                "--n-embd=16",
+                "--n-heads=2",
+                "--n-layers=1",
+                "--block-size=8",
+                "--eval-iters=1",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    fresh = str(tmp_path / "o")
+    cases = [
+        ([str(tmp_path / "nothing.txt"), fresh], "does not exist"),
+        ([str(tmp_path / "empty"), fresh], "holds no .txt files"),
+        ([str(text_file), str(taken)], "already holds a model"),
+        ([str(tmp_path / "tiny.txt"), fresh], "too few for a context"),
+    ]
+    for (data, out), words in cases:
+        rc, stdout, err = call_main(["train", "--max-time", "30", "--data", data, "--out", out], capsys)
+        assert rc == 2 and words in err and "sizing" not in stdout + err, (data, out, stdout, err)
+
+
+def test_a_short_corpus_caps_the_sized_context(tmp_path: Path):
+    assert sizing.context_for(1_000_000) is None
+    assert sizing.context_for(600) == 59  # the last 10% (60 characters) holds a window of 59 and its next one
+    choice = choose(60.0, lambda rung: 50_000.0, 600)
+    assert choice.settings()["block_size"] == 59 and "context 59" in choice.reason
+
+
+def test_evaluations_are_spaced_for_a_learning_curve_within_their_share():
+    assert sizing.evaluation(1_000) == {"eval_interval": 83, "eval_iters": 12}  # ~12 points, ~10% of the steps
+    assert sizing.evaluation(60) == {"eval_interval": 27, "eval_iters": 4}  # the fewest batches, still in share
+    assert sizing.evaluation(100_000) == {"eval_interval": 500, "eval_iters": 40}  # long runs: as before
+    for steps in (30, 300, 3_000, 30_000):
+        got = sizing.evaluation(steps)
+        assert steps / got["eval_interval"] >= min(10, steps / sizing.MIN_EVAL_INTERVAL)
+        assert 2 * got["eval_iters"] / 3 <= 0.1 * got["eval_interval"]  # an evaluation costs <= ~10% of a stretch
+    # a 60 s run of the smallest rung, at the one-thread speed this machine's slowest CI core gives (~6,000
+    # tokens/s), records at least 5 val points besides step 0
+    steps = 60 * 6_000 / (LADDER[0].batch_size * LADDER[0].block_size)
+    assert steps // sizing.evaluation(steps)["eval_interval"] >= 5
 
 
 @pytest.mark.parametrize("flag", ["--optimizer=sgd", "--schedule=linear", "--decay-fraction=1.5"])

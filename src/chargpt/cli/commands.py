@@ -79,12 +79,23 @@ def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     given = sizing_request(args.preset, args.config, **overrides)
     if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
+    from chargpt.data.corpus import corpus_files
     from chargpt.machine import cores
     from chargpt.training import sizing
+    from chargpt.training.outdir import check_new_run
+
+    # every input is checked before the seconds of timing: the data (and its length), an --out holding a run
+    if given.get("data") is not None:
+        corpus_files(given["data"])
+    out = Path(given.get("out") or TrainConfig.out)
+    if out.is_dir():
+        check_new_run(out, args.overwrite)
+    sizing.context_for(sizing.corpus_chars(given.get("data")), given.get("val_fraction") or 0.1)
 
     if not args.quiet:
         print(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...", flush=True)
-    return sizing.for_budget(given["max_time"], given.get("data"), cores.choose_threads(given.get("threads") or None))
+    threads = cores.choose_threads(given.get("threads") or None)
+    return sizing.for_budget(given["max_time"], given.get("data"), threads, given.get("val_fraction") or 0.1)
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -265,12 +276,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plot:
         raise ChargptError(f"--plot draws a folder of runs; {folder} is not one (use its loss.png)")
     info = describe(args.dir)
+    info["last_sample"] = _last_sample(folder)
     if args.json:
         print(json.dumps(info, indent=1, ensure_ascii=False))
         return 0
     for line in _info_lines(info):
         print(line)
     return 0
+
+
+def _last_sample(folder: Path) -> dict[str, Any] | None:
+    """The sample the run wrote at its latest evaluation (metrics.jsonl; never through a link)."""
+    from chargpt.training import report, samples
+
+    if (folder / report.METRICS).is_symlink():
+        return None
+    row = samples.last(report.read_metrics(folder, 10**18))
+    return None if row is None else {"step": row["step"], "text": row.get("prompt", "") + row["sample"]}
 
 
 def _plot_runs(folder: Path, runs: list[dict[str, Any]], path: Path) -> None:
@@ -315,6 +337,11 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
         )
     if t.get("steps") is not None:
         lines.append(f"training: {t['steps']} steps in {t['elapsed']:.0f}s, resumable (train_state.pt)")
+    if t.get("saved") is False:
+        lines.append(
+            f"no model saved yet: the run stopped before its first evaluation; continue it with "
+            f"`chargpt train --resume {info['dir']}`"
+        )
     origin = t.get("init_from")
     if isinstance(origin, dict):
         where = f"its step {origin.get('step')}, val loss {_num(origin.get('val_loss'))}"
@@ -324,6 +351,10 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
         settings = ", ".join(f"{k}={v}" for k, v in _user_settings(cfg).items())
         lines.append(f"trained on {cfg.get('data') or 'the built-in Shakespeare plays'} with {settings}")
     lines.append("files: " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
+    sample = info.get("last_sample")
+    if sample:
+        lines.append(f"its sample at step {sample['step']:,} (samples.txt has one per evaluation):")
+        lines += ["  | " + line for line in sample["text"].rstrip("\n").split("\n")]
     return lines
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from chargpt.errors import ChargptError
 from chargpt.storage.fileio import atomic_write_bytes, cache_dir, check_regular, read_regular
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
+log = logging.getLogger("chargpt.data.corpus")
 CONVERTER_VERSION = 2
 
 _HEADING = re.compile(r"^#")
@@ -155,12 +157,26 @@ def read_text_file(path: Path) -> str:
         raise decode_error(str(path), raw, 0) from None
 
 
-def corpus_files(data: str) -> list[Path]:
+def corpus_files(data: str, say: bool = False) -> list[Path]:
     """The files of `--data`: one file, a folder's .txt files (recursively), or a glob's matches; sorted.
-    Regular files only: a FIFO or a link to /dev/zero is refused before anything is opened."""
-    files = _corpus_paths(data)
-    for f in files:
+    Regular files only: a FIFO or a link to /dev/zero is refused before anything is opened. Each real file is
+    read once: a link to a file already listed (or two links to one file) is skipped; with `say`, how many links
+    were followed and skipped is logged."""
+    files, seen, skipped, followed = [], set(), 0, 0
+    for f in _corpus_paths(data):
         check_regular(f, "data file")
+        st = f.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            skipped += 1
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        followed += f.is_symlink()
+        files.append(f)
+    if say and (skipped or followed):
+        log.info(
+            "%s: %d file%s read; %d symbolic link%s followed, %d skipped (a file already read)", data, len(files),
+            "" if len(files) == 1 else "s", followed, "" if followed == 1 else "s", skipped,
+        )  # fmt: skip
     return files
 
 
@@ -223,7 +239,7 @@ def tokenize_corpus(data: str | None, policy: Policy, cache: Path | None, *, pro
             return tokenize([source], policy, None, "", progress=progress)
         files, identity = [path], str(path)
     else:
-        files = corpus_files(data)
+        files = corpus_files(data, say=True)
         identity = os.path.abspath(data)
     sources = []
     for f in files:

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chargpt.data.tokenizer import CharTokenizer
@@ -28,6 +29,12 @@ from chargpt.serve.protocol import ApiError, Limits
 RETRY_AFTER_S = 1
 OPENAPI_URL = "/openapi.json"  # the API's schema, for clients and schema-driven tools (behind the API key if any)
 _ERROR = {"description": "an error in OpenAI's shape: {'error': {'message', 'type', 'param', 'code'}}"}
+# what a 404 says: a client that tried chat (the OpenAI client's first example) learns where to go
+ROUTES_HINT = (
+    "this server has POST /v1/completions (client.completions.create with a prompt), GET /v1/models and GET "
+    "/health; a character model has no chat template, so /v1/chat/completions is not served: send the "
+    "conversation as the prompt text"
+)
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (400, 401, 404, 413, 422, 503)}
 
 
@@ -93,6 +100,8 @@ def create_app(state: AppState) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += f"; {ROUTES_HINT}"
         error = ApiError(exc.status_code, message, code=code)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -177,11 +186,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's own doing: nothing to answer, nothing to log
+        raise ApiError(
+            400, "the client disconnected before sending the whole body", code="client_disconnected"
+        ) from None
     return b"".join(chunks)
 
 

@@ -539,6 +539,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
     """What a model directory holds, as plain data (for `chargpt info`): shape, parameters, vocabulary,
     how it was trained (saved step, losses, config; the run's latest step from train_state.pt), files."""
     directory = Path(directory)
+    if not os.path.lexists(run_file(directory, CONFIG)) and os.path.lexists(run_file(directory, TRAIN_STATE)):
+        return _describe_unsaved(directory)
     model, tokenizer = load_model(directory)  # validates everything, one-line errors
     cfg = model.config
     _, _, info = read_config(directory)
@@ -562,5 +564,23 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "parameters": model.num_params(),
         "vocab": tokenizer.to_list(),
         "training": training,
+        "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if is_regular_file(p)},
+    }
+
+
+def _describe_unsaved(directory: Path) -> dict[str, Any]:
+    """A run stopped before its first evaluation saved a model: what its train state holds."""
+    state = load_train_state(directory, mmap=True)
+    train = TrainConfig(**{k: v for k, v in state.config.items() if k in TrainConfig.__dataclass_fields__})
+    cfg = train.model_config(len(state.vocab))
+    with torch.device("meta"):
+        parameters = build_model(cfg).num_params()
+    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}
+    return {
+        "dir": str(directory),
+        "model": {"arch": cfg.model, **shape},
+        "parameters": parameters,
+        "vocab": list(state.vocab),
+        "training": {"config": state.config, "steps": state.step, "elapsed": float(state.elapsed), "saved": False},
         "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if is_regular_file(p)},
     }

@@ -32,7 +32,7 @@ from chargpt.machine import cores, memory, precision
 from chargpt.model import build_model
 from chargpt.storage import checkpoint as ckpt
 from chargpt.storage.fileio import DiskFullError
-from chargpt.training import finetune, report
+from chargpt.training import finetune, report, samples
 from chargpt.training.distributed import (
     Dist,
     all_max,
@@ -88,6 +88,7 @@ class Run:
     tuner: cores.ThreadTuner | None = None  # re-checks the thread count (auto threads on a CPU)
     threads_note: str = ""  # how many CPU threads, and why, for the announcement
     origin: dict[str, Any] | None = None  # a fine-tune's source: path, step, val loss (for config.json)
+    prompt: str = "\n"  # what each evaluation's sample continues (samples.prompt_from)
 
     def autocast(self, kind: str) -> AbstractContextManager:
         """bf16 autocast where the run's precision says so for this kind of work ("train", "eval"); weights
@@ -369,6 +370,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
     run.tuner, run.threads_note = tuner, threads_note
     run.origin = begin.origin if begin is not None else saved.origin if saved else None
+    run.prompt = samples.prompt_from(tokenizer, train_ids)
     return run, state
 
 
@@ -699,6 +701,8 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         }
     )
     if run.dist.main:
+        row = state.metrics[-1]
+        row["prompt"], row["sample"] = run.prompt, samples.write(run.model, run.tokenizer, run.prompt)
         if best:
             info = {"step": state.step, "val_loss": val_loss, "train_loss": train_loss, "train_config": asdict(run.cfg)}
             if run.cfg.init_from is not None:
@@ -706,7 +710,8 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
             ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
             _saved(run)
         report.write_metrics(run.out, state.metrics)
-        report.log_evaluation(state.step, train_loss, val_loss, best)
+        samples.save(run.out, state.metrics)
+        report.log_evaluation(state.step, train_loss, val_loss, best, row["prompt"] + row["sample"])
     if state.step > 0:
         state.best_val = min(state.best_val, val_loss)
         state.evals_since_best = 0 if best else state.evals_since_best + 1

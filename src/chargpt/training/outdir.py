@@ -43,12 +43,13 @@ from chargpt.storage.checkpoint import (
 )
 from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
 from chargpt.training.report import METRICS, PLOT
+from chargpt.training.samples import SAMPLES
 
 log = logging.getLogger("chargpt.training.outdir")
 LOCK, MARKER = ".chargpt.lock", ".chargpt-run"
 # BACKUP: complete, the old run, while the new one has saved nothing yet; MOVING: being filled (or emptied), its
 # files and the top level are the old run; DISCARD: the new run has saved, the old one is being deleted
-RUN_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, STABLE_STATE, METRICS, PLOT)
+RUN_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, STABLE_STATE, METRICS, PLOT, SAMPLES)
 MARKER_TEXT = json.dumps({"format": "chargpt-run", "files": list(RUN_FILES)}) + "\n"
 
 
@@ -136,25 +137,15 @@ class OutDir:
 
     def _take_over(self) -> None:
         out = self.out
-        present = [n for n in RUN_FILES if os.path.lexists(out / n)]
         if self.resume:
             return  # a valid train_state.pt (checked when read) proves the folder is a chargpt run
-        if present and not owned(out):
-            raise ChargptError(
-                f"{out} holds {', '.join(present)} that chargpt did not write; it never replaces such files, "
-                f"even with --overwrite: move them away or choose another --out"
-            )
+        present = check_new_run(out, self.overwrite)
         if present and not {WEIGHTS, CONFIG, TRAIN_STATE} & set(present):
             # a run stopped before its first save left only its metrics and plot: nothing to keep or resume
             log.info("%s holds only the metrics of a run stopped before its first save; starting afresh", out)
             for name in present:
                 (out / name).unlink()
             present = []
-        if present and not self.overwrite:
-            raise ChargptError(
-                f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
-                f"or choose another --out"
-            )
         if not (out / MARKER).is_file():
             atomic_write_bytes(out / MARKER, MARKER_TEXT.encode())
             self.wrote_marker = True
@@ -194,6 +185,23 @@ class OutDir:
                 return
             if folder == self.created:
                 return
+
+
+def check_new_run(out: Path, overwrite: bool) -> list[str]:
+    """The run files a new run in `out` would replace, refused unless they are chargpt's and --overwrite says so
+    (called again before any slow set-up, such as sizing, so that a mistake is said at once)."""
+    present = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    if present and not owned(out):
+        raise ChargptError(
+            f"{out} holds {', '.join(present)} that chargpt did not write; it never replaces such files, "
+            f"even with --overwrite: move them away or choose another --out"
+        )
+    if {WEIGHTS, CONFIG, TRAIN_STATE} & set(present) and not overwrite:
+        raise ChargptError(
+            f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
+            f"or choose another --out"
+        )
+    return present
 
 
 class Busy(OSError):

@@ -48,10 +48,18 @@ def read_metrics(out: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 
 def prepare_plot() -> None:
-    import matplotlib
+    """matplotlib, headless. Its import warns over three lines when it cannot write its cache folder (it then uses
+    a temporary one, and the plot is drawn all the same): not worth the user's attention, so not shown."""
+    mpl_log = logging.getLogger("matplotlib")
+    level = mpl_log.level
+    mpl_log.setLevel(logging.ERROR)
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    finally:
+        mpl_log.setLevel(level)
 
 
 def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
@@ -153,9 +161,12 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def log_evaluation(step: int, train_loss: float, val_loss: float, best: bool) -> None:
+def log_evaluation(step: int, train_loss: float, val_loss: float, best: bool, sample: str = "") -> None:
+    """The evaluation's line, and the sample the model writes now, indented under it."""
     note = " (best, saved)" if best else " (before training)" if step == 0 else ""
     log.info("step %d: train loss %.4f, val loss %.4f%s", step, train_loss, val_loss, note)
+    if sample:
+        log.info("%s", "\n".join("  | " + line for line in sample.rstrip("\n").split("\n")))
 
 
 def announce(

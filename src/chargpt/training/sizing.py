@@ -10,10 +10,13 @@ the rule are timed (a rung is timed only when the budget is hundreds of times it
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from chargpt.errors import ChargptError
 
 # Settings every sized run shares: Muon with a warmup-stable-decay schedule that ends with the budget, no
 # dropout (short runs on CPU; dropout costs ~20% of a step), evaluation cheap beside the budget.
@@ -24,10 +27,14 @@ COMMON: dict[str, Any] = {
     "min_lr_ratio": 0.0,
     "warmup_updates": 50,
     "dropout": 0.0,
-    "eval_interval": 500,
-    "eval_iters": 40,
     "checkpoint_interval": 500,
 }
+# Evaluations: about EVAL_POINTS of them over the budget, so a short run draws a learning curve (every 500 steps
+# at most, 40 batches per split at most), each costing at most ~EVAL_SHARE of the steps between two: a batch of
+# evaluation (forward only, two splits) costs about a third of a training step's.
+EVAL_POINTS, EVAL_SHARE = 12, 0.1
+MAX_EVAL_INTERVAL, MAX_EVAL_ITERS, MIN_EVAL_ITERS = 500, 40, 4
+MIN_EVAL_INTERVAL = math.ceil(MIN_EVAL_ITERS * 2 / 3 / EVAL_SHARE)  # where even the fewest batches stay in share
 TOKENS_PER_PARAM = 4.0  # a larger rung is chosen only if it sees at least this many tokens per parameter
 # and only if it has at most this many parameters per character of corpus: without dropout a model larger than
 # its corpus learns it by heart (bench_quality, 1800 s: n_embd 192, 1.8M parameters on 1.1M characters, train
@@ -38,6 +45,7 @@ MAX_PARAMS_PER_CHAR = 1.0
 # it only slows learning. From the step-budget sweeps on tinyshakespeare (docs/benchmarks.md, "Round 3, stop 7":
 # ~12 passes, 0.6 and 0.3 beat 0.1; ~6 and ~1.4 passes, they lost): (passes at least, weight decay).
 WEIGHT_DECAY_BY_PASSES = ((0.0, 0.1), (10.0, 0.6))
+MIN_CONTEXT = 8  # the shortest context a sized run trains with
 PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step)
 MEASURE_VOCAB = 96  # the head's width while timing (the corpus's vocabulary is not known yet; it costs little)
 
@@ -78,10 +86,22 @@ class Choice:
     tokens_per_s: float
     reason: str
     weight_decay: float
+    steps: float = math.inf  # how many steps the budget is expected to give
+    block_size: int | None = None  # the context, where a short corpus caps the rung's
 
     def settings(self) -> dict[str, Any]:
-        """The sized run's settings: the rung's, and the weight decay for the corpus passes it will make."""
-        return {**self.rung.settings(), "weight_decay": self.weight_decay}
+        """The sized run's settings: the rung's, the weight decay for the corpus passes it will make, and
+        evaluations spaced for a learning curve of about EVAL_POINTS points."""
+        context = {"block_size": self.block_size} if self.block_size else {}
+        return {**self.rung.settings(), "weight_decay": self.weight_decay, **evaluation(self.steps), **context}
+
+
+def evaluation(steps: float) -> dict[str, int]:
+    """eval_interval and eval_iters for a run of about `steps` steps (see EVAL_POINTS)."""
+    interval = min(MAX_EVAL_INTERVAL, round(steps / EVAL_POINTS)) if steps < math.inf else MAX_EVAL_INTERVAL
+    interval = max(MIN_EVAL_INTERVAL, interval)
+    iters = int(interval * EVAL_SHARE * 3 / 2)
+    return {"eval_interval": interval, "eval_iters": max(MIN_EVAL_ITERS, min(MAX_EVAL_ITERS, iters))}
 
 
 def weight_decay(passes: float) -> float:
@@ -89,9 +109,27 @@ def weight_decay(passes: float) -> float:
     return [decay for least, decay in WEIGHT_DECAY_BY_PASSES if passes >= least][-1]
 
 
-def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars: int) -> Choice:
+def context_for(corpus_chars: int, val_fraction: float = 0.1) -> int | None:
+    """The context a corpus this short allows (its validation split must hold a window and its next character),
+    None where the ladder's fit; a corpus too short for even MIN_CONTEXT is refused, before any timing."""
+    room = int(corpus_chars * val_fraction) - 1
+    if room >= LADDER[-1].block_size:
+        return None
+    if room < MIN_CONTEXT:
+        raise ChargptError(
+            f"the corpus has {corpus_chars:,} characters: its validation split (the last {val_fraction:.0%}) would "
+            f"hold {max(room + 1, 0)}, too few for a context of even {MIN_CONTEXT}; give a longer text"
+        )
+    return room
+
+
+def choose(
+    budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars: int, val_fraction: float = 0.1
+) -> Choice:
     """The largest rung that sees >= TOKENS_PER_PARAM tokens per parameter in the budget and is not large for the
-    corpus; the first rung always qualifies. `tokens_per_s` is called on rungs in order, up to the first refused."""
+    corpus; the first rung always qualifies. `tokens_per_s` is called on rungs in order, up to the first refused.
+    A corpus too short for a rung's context caps it (context_for)."""
+    cap = context_for(corpus_chars, val_fraction)
     chosen, speed = LADDER[0], tokens_per_s(LADDER[0])
     why = "the largest shape of the ladder"
     for rung in LADDER[1:]:
@@ -115,7 +153,12 @@ def choose(budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars:
     decay = weight_decay(passes)
     if decay != WEIGHT_DECAY_BY_PASSES[0][1]:
         rule += f"; weight decay {decay:g}, as it reads the corpus ~{passes:.0f} times"
-    return Choice(chosen, speed, f"sized for {budget_s:g} s at this machine's {speed:,.0f} tokens/s: {rule}", decay)
+    block = min(chosen.block_size, cap) if cap else None
+    if block and block < chosen.block_size:
+        rule += f"; context {block}, as long as the corpus's validation split allows"
+    steps = budget_s * speed / (chosen.batch_size * (block or chosen.block_size))
+    reason = f"sized for {budget_s:g} s at this machine's {speed:,.0f} tokens/s: {rule}"
+    return Choice(chosen, speed, reason, decay, steps, block)
 
 
 def corpus_chars(data: str | None) -> int:
@@ -128,9 +171,9 @@ def corpus_chars(data: str | None) -> int:
     return sum(f.stat().st_size for f in corpus.corpus_files(data))
 
 
-def for_budget(budget_s: float, data: str | None, threads: int) -> Choice:
+def for_budget(budget_s: float, data: str | None, threads: int, val_fraction: float = 0.1) -> Choice:
     """What `chargpt train --max-time budget_s` trains on this machine: the rule, on rungs timed now."""
-    return choose(budget_s, lambda rung: measure(rung, threads), corpus_chars(data))
+    return choose(budget_s, lambda rung: measure(rung, threads), corpus_chars(data), val_fraction)
 
 
 def measure(rung: Rung, threads: int) -> float:
