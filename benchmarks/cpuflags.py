@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from chargpt.machine.precision import SPEED_FLAGS as SHOWN_FLAGS
 from chargpt.machine.precision import CPUInfo
-
-SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
 
 
 def shown_flags(info: CPUInfo) -> str:

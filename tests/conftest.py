@@ -21,6 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 180  # seconds; a hung rank fails the test instead of the CI job
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The suite's first lines say what this machine is and what chargpt decides on it (a red run on a new kind
+    of CPU then says which kind it was); nothing is timed or cached here."""
+    from chargpt.cli import machine
+
+    return ["chargpt on this machine:", *("  " + line for line in machine.lines(machine.describe(measure=False)))]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the converted-corpus cache out of the user's home during tests."""

@@ -103,3 +103,26 @@ def test_info_shows_the_last_sample(trained_model_dir, capsys):
     assert f"its sample at step {rows[-1]['step']:,}" in text
     assert all("  | " + line in text for line in (rows[-1]["prompt"] + rows[-1]["sample"]).rstrip("\n").split("\n"))
     assert (trained_model_dir / "samples.txt").read_text().count("=== step") == len(rows)
+
+
+def test_info_machine_says_what_chargpt_decides_here(capsys):
+    """`info --machine` (text and JSON): the CPU's flags as /proc/cpuinfo has them, the cores, the threads each
+    command takes, auto's formats and int8 with their measured reasons, and that the server batches exactly here."""
+    from chargpt.machine import cores
+    from chargpt.machine import precision as prec
+
+    rc, text, err = call_main(["info", "--machine", "--json"], capsys)
+    assert rc == 0, err
+    report = json.loads(text)
+    info = prec.cpu_info()
+    assert report["cpu"]["speed_flags"] == [f for f in prec.SPEED_FLAGS if f in info.flags]
+    assert report["cpu"]["native_bf16"] == bool(info.native_bf16)
+    assert report["cores"]["total"] == cores.cores() and 1 <= report["cores"]["free_now"] <= cores.cores()
+    assert all(1 <= n <= cores.cores() for n in report["threads"].values())
+    assert report["serve_batching"].startswith("batched decoding")  # on every CPU: the per-row form at worst
+    assert report["precision"]["decode"].split()[0] in ("fp32", "bf16") and "(" in report["precision"]["decode"]
+    assert report["int8"].split()[0] in ("int8", "none") and "measured" in report["int8"]
+    rc, text, err = call_main(["info", "--machine"], capsys)
+    assert rc == 0 and text.startswith("cpu: ") and "serve: batched decoding" in text and "int8 decoding" in text
+    rc, out, err = call_main(["info"], capsys)
+    assert_one_line_error(rc, out, err, "--machine")

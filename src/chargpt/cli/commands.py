@@ -265,6 +265,16 @@ def _eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from chargpt.storage.checkpoint import describe, is_run_folder, list_runs
 
+    if args.machine:
+        if args.dir is not None or args.plot:
+            raise ChargptError("info --machine describes this machine: give it no DIR and no --plot")
+        from chargpt.cli import machine
+
+        report = machine.describe()
+        print(json.dumps(report, indent=1) if args.json else "\n".join(machine.lines(report)))
+        return 0
+    if args.dir is None:
+        raise ChargptError("info needs a model directory (chargpt info out/demo), or --machine for this machine")
     folder = Path(args.dir)
     if folder.is_dir() and not is_run_folder(folder):
         runs = list_runs(folder)

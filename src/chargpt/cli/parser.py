@@ -104,6 +104,7 @@ EXPORT_EXAMPLES = """examples:
 INFO_EXAMPLES = """examples:
   chargpt info out/demo
   chargpt info out/demo --json
+  chargpt info --machine          # what chargpt chose on this machine, and why (--json for a bug report)
 """
 
 
@@ -314,7 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Describe a model directory.",
         epilog=INFO_EXAMPLES,
     )
-    i.add_argument("dir", metavar="DIR", help="model directory")
+    i.add_argument("dir", metavar="DIR", nargs="?", help="model directory (or a folder of runs)")
+    i.add_argument(
+        "--machine",
+        action="store_true",
+        help="what chargpt decides on this machine and why: CPU flags, free cores and threads, auto's number "
+        "formats, int8, whether the server batches exactly, the caches (times a few steps once; default: off)",
+    )
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
     i.add_argument(
         "--plot", metavar="FILE", help="with a folder of runs: draw their val curves in one PNG (default: none)"

@@ -38,6 +38,8 @@ from chargpt.errors import ChargptError
 KINDS = ("train", "eval", "prefill", "decode")  # the first three are batched matmuls; decode is one token
 BATCHED = ("train", "eval", "prefill")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16)
+# the flags reports show (info --machine, the benchmarks): AVX2 and AVX-512 kernels, int8 dot products, bf16
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
 MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much to be chosen: below it, rounding is not worth it
 CACHE_VERSION = 1
 
