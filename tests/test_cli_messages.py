@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import pty
 import re
@@ -101,6 +102,18 @@ def test_abbreviated_flags_are_refused(argv, meant, capsys, tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
+def test_a_missing_required_flag_suggests_the_typo_or_the_bare_value(capsys, tmp_path, monkeypatch):
+    """`--modle out/demo` and `sample out/demo` said only that --model is required."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    rc, out, err = call_main(["sample", "--modle", "demo"], capsys)
+    assert_one_line_error(rc, out, err, "the following arguments are required: --model; did you mean --model?")
+    for command in ("sample", "eval", "export"):
+        rc, out, err = call_main([command, "demo"], capsys)
+        assert_one_line_error(rc, out, err, "required: --model")
+        assert "give it as --model demo" in err, err
+
+
 def test_abbreviated_nproc_in_a_real_process(tmp_path):
     """Once dumped torchrun's usage text; now the one line, before torch is ever launched."""
     r = run_cli("train", "--npr", "1", cwd=tmp_path)
@@ -162,6 +175,7 @@ def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tm
     assert re.search(r"on cpu in (fp32|bf16) \(.+\)", first), first  # what auto chose here, and why
     assert f"data {text_file}, 80,000 characters, vocabulary" in second and "split 72,000 train / 8,000 val" in second
     assert "budget 6 steps" in second and "writing m" in second
+    assert "\r" not in r.stderr  # output to a pipe or a log: no progress bar redrawn in place
     lines = r.stdout.splitlines()
     assert lines[0].startswith("done: 6 steps") and lines[1].startswith("best val loss ") and "in m" in lines[1]
     assert lines[2].startswith("next: ")
@@ -227,6 +241,52 @@ def test_eval_progress_bar_on_a_terminal_only(trained_model_dir, corpus_text, tm
     assert rc == 0 and '"loss"' in out and terminal == ""
     piped = run_cli("eval", *args)
     assert piped.returncode == 0 and piped.stderr == "" and '"loss"' in piped.stdout
+
+
+def test_eval_speaks_on_a_terminal_and_prints_json_elsewhere(trained_model_dir, corpus_text, tmp_path):
+    data = tmp_path / "part.txt"
+    data.write_text(corpus_text[:3_001], encoding="utf-8")
+    args = ["eval", "--model", str(trained_model_dir), "--data", str(data), "--quiet"]
+    for extra in ([], ["--json"]):
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "chargpt", *args, *extra], stdout=follower,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(leader)
+        assert proc.wait(timeout=120) == 0
+        text = seen.decode().strip()
+        if extra:
+            assert json.loads(text)["chars"] == 3_000
+        else:
+            assert text.startswith(f"{data}: loss ") and "nats per character" in text and "3,000 predicted" in text
+
+
+def test_progress_goes_to_a_log_as_plain_lines(caplog):
+    """Not a terminal: the bar is off and a plain line says where the run is every PLAIN_EVERY seconds."""
+    import logging
+    import time
+
+    from chargpt.config import TrainConfig
+    from chargpt.training.report import PLAIN_EVERY, Progress
+
+    bar = Progress(TrainConfig(n_updates=100), 0, 0.0, enabled=True, terminal=False)
+    assert bar.bar.disable
+    with caplog.at_level(logging.INFO, logger="chargpt"):
+        now = time.perf_counter()
+        bar.step_done(now, 1, 2.5, 0.1)  # too soon for a line
+        bar.step_done(now + PLAIN_EVERY + 1, 2, 2.4, 0.2)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("progress: step 2 of 100, loss 2.4000, ") and line.endswith(" tokens/s")
+    assert not Progress(TrainConfig(n_updates=100), 0, 0.0, enabled=True, terminal=True).plain
 
 
 def test_eval_progress_callback_counts_every_character(trained_model_dir, corpus_text):

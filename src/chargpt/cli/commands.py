@@ -258,7 +258,15 @@ def _eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not all(math.isfinite(result[k]) for k in ("loss", "bits_per_char")):
         raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
-    print(json.dumps(result, allow_nan=False))
+    if args.json or not sys.stdout.isatty():  # pipes, files and scripts get one JSON object
+        print(json.dumps(result, allow_nan=False))
+        return 0
+    print(
+        f"{path}: loss {result['loss']:.4f} nats per character ({result['bits_per_char']:.3f} bits, perplexity "
+        f"{math.exp(result['loss']):.2f}) over {result['chars']:,} predicted characters, {result['precision']}"
+    )
+    if "loss_unquantized" in result:
+        print(f"with int8 weights; the model as trained: loss {result['loss_unquantized']:.4f}")
     return 0
 
 

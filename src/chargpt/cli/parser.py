@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from dataclasses import fields
 from typing import Any
@@ -124,11 +125,24 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    seen: list[str] = []  # the words this parser was given (for a suggestion when a required flag is missing)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self.seen = list(args) if args is not None else []
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
         sys.exit(EXIT_USAGE)
 
     def suggestion(self, message: str) -> str:
+        if message.startswith("the following arguments are required: "):  # often a typo, or the value bare
+            missing = message.split(": ", 1)[1].split(", ")[0]
+            typo = self.suggestion("unrecognized arguments: " + " ".join(self.seen))
+            if typo:
+                return typo
+            bare = [w for w in self.seen if not w.startswith("-") and "\0" not in w and os.path.exists(w)]
+            return f"; give it as {missing} {bare[0]}" if bare and missing.startswith("--") else ""
         if message.startswith("argument COMMAND: invalid choice: "):  # a mistyped subcommand
             word = message.split("invalid choice: ", 1)[1].split(" (choose", 1)[0].strip("'")
             commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
@@ -139,7 +153,7 @@ class _Parser(argparse.ArgumentParser):
         known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
         for word in message.split("unrecognized arguments: ", 1)[1].split():
             word = word.split("=")[0]
-            if word[:2] != "--":
+            if word[:2] != "--" or word in known:
                 continue
             starts = [k for k in known if k.startswith(word)]  # an abbreviation: what it abbreviates
             close = starts if len(starts) == 1 else difflib.get_close_matches(word, known, n=1, cutoff=0.6)
@@ -297,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, any size: streamed (required)")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar on a terminal)")
+    e.add_argument(
+        "--json", action="store_true", help="print one JSON object (default: text on a terminal, JSON otherwise)"
+    )
     e.add_argument(
         "--token-cache", metavar="DIR", help="folder for the tokenized file (default: chargpt's cache folder)"
     )

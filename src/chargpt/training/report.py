@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -212,19 +213,26 @@ def announce(
     )
 
 
+PLAIN_EVERY = 20.0  # seconds between progress lines when stderr is not a terminal
+
+
 class Progress:
     """The bar: steps (or, under --max-time, seconds of the budget, so its ETA is the budget's end), the loss,
     and tokens/s over a ~2 s window that leaves out evaluation and checkpoint time."""
 
-    def __init__(self, cfg: TrainConfig, step: int, elapsed: float, enabled: bool):
+    def __init__(self, cfg: TrainConfig, step: int, elapsed: float, enabled: bool, terminal: bool | None = None):
         from tqdm import tqdm
 
         self.cfg = cfg
         self.time_bar = cfg.max_time > 0
+        # output to a file or a pipe: no bar redrawn with \r, which fills a log; a plain line every PLAIN_EVERY s
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.plain = enabled and not terminal
+        self.printed_at = time.perf_counter()
         self.bar = tqdm(
             total=cfg.max_time if self.time_bar else cfg.n_updates,
             initial=min(elapsed, cfg.max_time) if self.time_bar else step,
-            disable=not enabled,
+            disable=not enabled or self.plain,
             unit="s" if self.time_bar else "step",
             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]" if self.time_bar else None,
             dynamic_ncols=True,
@@ -247,6 +255,10 @@ class Progress:
         shown = {"step": step} if self.time_bar else {}
         tok_s = f"{self.tok_s:,.0f}" if self.tok_s else "…"
         self.bar.set_postfix(**shown, loss=f"{loss:.4f}", tok_s=tok_s, refresh=False)
+        if self.plain and now - self.printed_at >= PLAIN_EVERY:
+            self.printed_at = now
+            where = f", {elapsed:.0f} of {self.cfg.max_time:g} s" if self.time_bar else f" of {self.cfg.n_updates:,}"
+            log.info("progress: step %s%s, loss %.4f, %s tokens/s", f"{step:,}", where, loss, tok_s)
 
     def _advance(self, step: int, elapsed: float) -> None:
         if self.time_bar:
