@@ -7,7 +7,7 @@ A cache is two files in the cache folder (`<cache dir>/tokens`, or `--token-cach
     NAME-KEY.json     the header: vocabulary, dtype, count; each source file's path, size, mtime and
                       SHA-256; the token file's size and mtime; a checksum of the header itself
 
-KEY hashes the data argument and the vocabulary policy. Building streams the text twice (chunks.py):
+KEY hashes the data argument and the vocabulary policy. Building streams the text twice (streaming.py):
 pass 1 finds the characters and hashes the files, pass 2 writes ids. Opening checks only what is cheap,
 in milliseconds: the header's checksum, the token file's size and mtime (a truncated or edited cache is
 rebuilt), and a stat of every source file. A source is hashed again only when its mtime moved but not

@@ -36,8 +36,8 @@ FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
 STABLE_STATE = "stable_state.pt"  # a WSD run's resumable state from where its final decay began
-# what an overwriting run leaves while it has saved nothing of its own yet (rundir.py): the folder's run is then
-# the previous one, kept whole in BACKUP, or (during the moves) split between MOVING and the top level
+# what an overwriting run leaves while it has saved nothing of its own yet (training/outdir.py): the folder's run
+# is then the previous one, kept whole in BACKUP, or (during the moves) split between MOVING and the top level
 BACKUP = ".chargpt-previous"
 MOVING = ".chargpt-previous.partial"
 DISCARD = ".chargpt-previous.discard"
