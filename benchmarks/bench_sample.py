@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.inference import quantize as quant
 from chargpt.inference.generate import stream
+from chargpt.inference.int8 import Int8Linear, int8_linear
 from chargpt.machine import precision as prec
 from chargpt.model import GPT
 from cpuflags import shown_flags
@@ -63,8 +63,8 @@ def weight_pass(model: GPT, variant: str) -> Callable[[], float]:
     does around them. Returns the pass's seconds."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if variant == "int8":
-        products = [(quant.Int8Linear(m), torch.randn(1, m.in_features, dtype=torch.bfloat16)) for m in linears]
-        calls = [lambda q=q, x=x: quant.int8_linear(x, q.qweight, q.scales, q.bias) for q, x in products]
+        products = [(Int8Linear(m), torch.randn(1, m.in_features, dtype=torch.bfloat16)) for m in linears]
+        calls = [lambda q=q, x=x: int8_linear(x, q.qweight, q.scales, q.bias) for q, x in products]
     else:
         dtype = torch.bfloat16 if variant == "bf16" else torch.float32
         weights = [(m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)) for m in linears]

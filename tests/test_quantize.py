@@ -15,6 +15,7 @@ from chargpt.inference import quantize as quant
 from chargpt.inference.decode import DecodeStep, batch_invariant
 from chargpt.inference.evaluate import evaluate
 from chargpt.inference.generate import SampleConfig, generate, token_stream
+from chargpt.inference.int8 import Int8Linear, int8_linear
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job
@@ -25,7 +26,7 @@ from conftest import run_cli
 def test_int8_linear_is_within_its_rounding_of_the_float_layer(width):
     torch.manual_seed(0)
     lin = torch.nn.Linear(width, 200)
-    q = quant.Int8Linear(lin)
+    q = Int8Linear(lin)
     assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.bfloat16 and q.qweight.abs().max() <= 127
     assert q.qweight.size(1) % quant.ALIGN == 0 and not q.qweight[:, width:].any()
     back = q.qweight[:, :width].float() * q.scales.float()[:, None]
@@ -42,10 +43,10 @@ def test_the_int8_kernel_computes_each_row_on_its_own():
     """What makes the int8 step batch-invariant with no broadcast trick: a row's result does not depend on the rows
     beside it."""
     torch.manual_seed(1)
-    q = quant.Int8Linear(torch.nn.Linear(64, 192))
+    q = Int8Linear(torch.nn.Linear(64, 192))
     x = torch.randn(7, 64)
-    together = quant.int8_linear(x, q.qweight, q.scales, q.bias)
-    alone = torch.cat([quant.int8_linear(x[i : i + 1], q.qweight, q.scales, q.bias) for i in range(7)])
+    together = int8_linear(x, q.qweight, q.scales, q.bias)
+    alone = torch.cat([int8_linear(x[i : i + 1], q.qweight, q.scales, q.bias) for i in range(7)])
     assert torch.equal(together, alone)
 
 

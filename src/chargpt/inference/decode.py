@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from chargpt.inference.quantize import Int8Linear, int8_linear
+from chargpt.inference.int8 import Int8Linear, int8_linear
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, KVCache, span
 
