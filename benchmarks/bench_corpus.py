@@ -137,7 +137,7 @@ def stage_interleaved(path: str, tiny: str, cache: str, rounds: int, threads: in
     from chargpt.data.corpus import get_batch, load_corpus, tokenize_corpus, vocab_policy
     from chargpt.data.tokenizer import CharTokenizer
     from chargpt.model import build_model
-    from chargpt.training.loop import make_optimizer
+    from chargpt.training.optim import make_optimizer
 
     if threads:
         torch.set_num_threads(threads)

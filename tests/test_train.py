@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,11 +168,20 @@ def test_bad_data_leaves_no_empty_output_folders(tmp_path: Path) -> None:
     assert not (tmp_path / "o1").exists()
 
 
-def test_time_budget_progress_bar_counts_seconds(tmp_path, text_file, capsys):
+class _Terminal(io.StringIO):
+    """stderr as a terminal would be (the bar is drawn only there), kept to be read."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_time_budget_progress_bar_counts_seconds(tmp_path, text_file, monkeypatch):
     """With max_time the bar's total is the budget in seconds (so its ETA is the budget's end) and shows the step."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     cfg = tiny_config(tmp_path / "m", text_file, n_updates=1_000_000, eval_interval=1_000_000, max_time=2.0)
     result = train(cfg, progress=True)
-    err = capsys.readouterr().err
+    err = terminal.getvalue()
     assert result.stopped_by == "max_time"
     assert "/2s [" in err and f"step={result.step}" in err
 

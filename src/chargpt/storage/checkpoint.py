@@ -357,6 +357,10 @@ def _kind(kind: type | tuple[type, ...], default: Any = MISSING) -> Any:
 NUMBER = (int, float)
 
 
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass
 class TrainState:
     """train_state.pt, its one description: `save_train_state` writes these fields, `load_train_state` checks
@@ -384,6 +388,10 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def with_lists(self) -> TrainState:
+        """The same state with its tuples as lists (what the list fields hold when read back)."""
+        return TrainState(**{f.name: _listed(getattr(self, f.name)) for f in fields(self)})
 
     @classmethod
     def from_dict(cls, raw: Any) -> TrainState:

@@ -113,3 +113,10 @@ def all_mean(value: float, d: Dist) -> float:
     t = torch.tensor([value], dtype=sum_dtype(d.device), device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item() / d.world
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto the device without making the host wait (pinned memory: a truly asynchronous copy)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

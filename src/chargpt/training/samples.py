@@ -41,6 +41,8 @@ def write(model: torch.nn.Module, tokenizer: CharTokenizer, prompt: str) -> str:
             quantize="none",
         )  # fmt: skip
         return generate(model, tokenizer, prompt, config)[0]  # type: ignore[arg-type]
+    except RuntimeError:  # outputs that are not numbers (a model diverging): no sample; the loss says the rest
+        return ""
     finally:
         model.train(was_training)
 
@@ -49,7 +51,7 @@ def render(metrics: list[dict[str, Any]]) -> str:
     """samples.txt: each evaluation's sample under its step and val loss, oldest first."""
     parts = []
     for m in metrics:
-        if m.get("kind", "eval") == "eval" and isinstance(m.get("sample"), str):
+        if _has_sample(m):
             head = f"=== step {m['step']:,}, val loss {m['val_loss']:.4f} ==="
             parts.append(f"{head}\n{m.get('prompt', '')}{m['sample']}\n")
     return "\n".join(parts)
@@ -61,5 +63,9 @@ def save(out: Path, metrics: list[dict[str, Any]]) -> None:
 
 def last(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The latest evaluation row that holds a sample (for `chargpt info`)."""
-    rows = [m for m in metrics if m.get("kind", "eval") == "eval" and isinstance(m.get("sample"), str)]
+    rows = [m for m in metrics if _has_sample(m)]
     return rows[-1] if rows else None
+
+
+def _has_sample(row: dict[str, Any]) -> bool:
+    return row.get("kind", "eval") == "eval" and isinstance(row.get("sample"), str) and row["sample"] != ""

@@ -1,0 +1,163 @@
+"""Evaluation during training: train and val loss on fixed batches within the time budget's share, the metrics
+row with the model's sample, the best-val model saved, and loss.png redrawn."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import torch
+
+from chargpt.config import TrainConfig
+from chargpt.data.corpus import get_batch
+from chargpt.errors import first_line
+from chargpt.storage import checkpoint as ckpt
+from chargpt.storage.fileio import DiskFullError
+from chargpt.training import report, samples
+from chargpt.training.distributed import all_max, all_mean, rank_rows, sum_dtype, to_device
+from chargpt.training.optim import learning_rate
+from chargpt.training.state import RunState, mark_saved
+
+if TYPE_CHECKING:
+    from chargpt.training.assembly import Run
+
+EVAL_SHARE = 0.1  # of a time budget: the most one evaluation before the last may take
+PLOT_EVERY = 10.0  # seconds between redraws of loss.png during a run (drawing costs ~0.3-1 s on a CPU)
+
+
+class EvaluationInterrupted(Exception):
+    """A signal arrived while estimating the losses."""
+
+
+@torch.no_grad()
+def estimate(run: Run, at_step: int, seconds: float = math.inf) -> tuple[float, float, int]:
+    """Mean train and val loss over eval_iters batches, the same batches for any resume or world size, and how
+    many batches per split were used: fewer when the evaluation would outlast `seconds` (a time budget's share;
+    each split gets half, and at least one batch)."""
+    cfg, d = run.cfg, run.dist
+    run.model.eval()
+    losses, used = [], cfg.eval_iters
+    start = time.perf_counter()
+    for half, part in enumerate((run.train_ids, run.val_ids)):
+        deadline = start + seconds * (half + 1) / 2
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
+        total = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)  # summed there: one read per split
+        n = 0
+        while n < min(cfg.eval_iters, used if half else cfg.eval_iters):
+            signal, late = stop_pending(run, n, deadline)
+            if signal:
+                raise EvaluationInterrupted
+            if late and n > 0:
+                break
+            x, y = get_batch(part, cfg.batch_size, cfg.block_size, gen)
+            with run.autocast("eval"):
+                total += run.model(to_device(rank_rows(x, d), d.device), to_device(rank_rows(y, d), d.device))[1]
+            n += 1
+        used = min(used, n)
+        losses.append(all_mean(total.item() / n, d))
+    run.model.train()
+    return losses[0], losses[1], used
+
+
+def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = False) -> None:
+    """Estimate the losses; rank 0 records them, saves the model if val improved, redraws the plot (at most
+    every PLOT_EVERY seconds, and at the end). Step 0 (the untrained model) is recorded, never saved.
+    A signal during the estimate skips it: a resumed run evaluates this step first."""
+    t0 = time.perf_counter()
+    state.tick()
+    try:
+        train_loss, val_loss, used = estimate(run, state.step, eval_seconds(run.cfg, state, final))
+    except EvaluationInterrupted:
+        run.model.train()
+        return
+    if used < run.cfg.eval_iters:
+        report.log.info(
+            "step %d: evaluated on %d of %d batches per split to fit the time budget", state.step, used,
+            run.cfg.eval_iters,
+        )  # fmt: skip
+    best = val_loss < state.best_val_loss and state.step > 0
+    lr = learning_rate(run.cfg, max(state.step - 1, 0), state.elapsed, state.lr_anchor)
+    state.metrics.append(
+        {
+            "kind": "eval",
+            "step": state.step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": lr,
+            "tokens_per_s": tok_s,
+            "time": round(state.elapsed, 3),
+            **({"eval_batches": used} if used < run.cfg.eval_iters else {}),
+        }
+    )
+    if run.dist.main:
+        row = state.metrics[-1]
+        t_sample = time.perf_counter()
+        text = ""  # none from a diverged model (the loop stops next), nor where the budget has no time left for it
+        if math.isfinite(val_loss) and sample_fits(run.cfg, state):
+            text = samples.write(run.model, run.tokenizer, run.prompt)
+            state.sample_seconds = max(state.sample_seconds, time.perf_counter() - t_sample)  # the worst seen
+        row["prompt"], row["sample"] = run.prompt, text
+        if best:
+            info = {"step": state.step, "val_loss": val_loss, "train_loss": train_loss, "train_config": asdict(run.cfg)}
+            if run.cfg.init_from is not None:
+                info["init_from"] = run.origin or {"path": run.cfg.init_from}
+            ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
+            mark_saved(run)
+        report.write_metrics(run.out, state.metrics)
+        samples.save(run.out, state.metrics)
+        report.log_evaluation(state.step, train_loss, val_loss, best, row["prompt"] + row["sample"])
+    if state.step > 0:
+        state.best_val_loss = min(state.best_val_loss, val_loss)
+        state.evals_since_best = 0 if best else state.evals_since_best + 1
+    state.last_val, state.last_eval_step = val_loss, state.step
+    state.eval_seconds = time.perf_counter() - t0
+    if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:
+        draw_plot(run, state)
+
+
+def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
+    """How long an evaluation's estimate may take: no limit without a time budget; with one, a tenth of it, and
+    never past its end (the last one gets what is left after the work that follows it, as last measured); a
+    budget already spent still gets one batch per split."""
+    if not cfg.max_time:
+        return math.inf
+    left = max(cfg.max_time - state.elapsed, 0.0)
+    if final:  # what follows the estimate inside the budget: the sample, the plot and the saves
+        return max(left - state.sample_seconds - state.plot_seconds - 2 * state.save_seconds, 0.0)
+    return min(EVAL_SHARE * cfg.max_time, left)
+
+
+def sample_fits(cfg: TrainConfig, state: RunState) -> bool:
+    """Whether the budget has time for the sample as well as the plot and save that follow it."""
+    if not cfg.max_time:
+        return True
+    return cfg.max_time - state.tick() >= state.sample_seconds + state.plot_seconds + 2 * state.save_seconds
+
+
+def draw_plot(run: Run, state: RunState) -> None:
+    t0 = time.perf_counter()
+    if run.dist.main:
+        try:
+            report.plot(run.out, state.metrics)
+        except DiskFullError:
+            raise  # said like any other write
+        except Exception as e:  # loss.png is a picture of metrics.jsonl: never worth a run
+            report.log.warning("could not draw %s (%s); metrics.jsonl holds the same", run.out / report.PLOT,
+                               first_line(e))  # fmt: skip
+    state.plot_seconds = max(state.plot_seconds, time.perf_counter() - t0)  # the worst seen: end early, not late
+    state.plotted_at, state.plotted_rows = state.tick(), len(state.metrics)
+
+
+def stop_pending(run: Run, batch: int, deadline: float) -> tuple[bool, bool]:
+    """Whether SIGINT/SIGTERM is pending, and whether the evaluation is past its deadline; with several ranks
+    they agree on both (one all-reduce every 16 batches), so every rank evaluates the same batches."""
+    caught = run.signals is not None and run.signals.caught is not None
+    late = time.perf_counter() > deadline
+    if run.dist.world == 1:
+        return caught, late
+    if batch % 16:
+        return False, False
+    flags = all_max([1.0 if caught else 0.0, 1.0 if late else 0.0], run.dist)
+    return flags[0] > 0, flags[1] > 0

@@ -1,0 +1,175 @@
+"""What a run saves and resumes from: its changing state (RunState), written to train_state.pt (and, where WSD's
+final decay begins, stable_state.pt) and read back; and where a resumed run continues from."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from chargpt.config import TrainConfig
+from chargpt.errors import ChargptError, first_line
+from chargpt.storage import checkpoint as ckpt
+from chargpt.training import report
+from chargpt.training.optim import (
+    SCHEDULE_KEYS,
+    Anchor,
+    Optimizer,
+    budget_grew,
+    in_final_decay,
+)
+
+if TYPE_CHECKING:
+    from chargpt.training.assembly import Run
+
+
+@dataclass
+class RunState:
+    """What changes as a run goes. The fields down to `lr_anchor` are saved in train_state.pt under the same names
+    (storage.checkpoint.TrainState, the file's one schema) and restored from it: a new resumable counter is a
+    field of the same name in both dataclasses, and nothing else."""
+
+    step: int = 0
+    elapsed: float = 0.0  # wall-clock seconds of the training loop: steps, evaluations, saves (not set-up)
+    best_val_loss: float = math.inf
+    log_loss_sum: float = 0.0  # training losses since the last training-loss row of metrics.jsonl
+    log_loss_count: int = 0
+    eval_seconds: float = 0.0  # how long the last evaluation (with its model save) took
+    plot_seconds: float = 0.0  # how long the last drawing of loss.png took
+    save_seconds: float = 0.0  # how long the last save took
+    evals_since_best: int = 0  # evaluations in a row without a better val loss (for --patience)
+    lr_anchor: Anchor | None = None  # where a resume extended the budget: the schedule continues from there
+    # not saved: derived on resume, or this call's own
+    last_val: float = math.nan
+    last_eval_step: int = -1
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, read back on resume
+    stopped_by: str = "n_updates"
+    saved_at: float = 0.0  # `elapsed` when the resumable state was last saved (for checkpoint_seconds)
+    clock_start: float = field(default_factory=time.perf_counter)
+    clock_base: float = 0.0  # elapsed when this call started
+    step_seconds: float = 0.0
+    sample_seconds: float = 0.0  # how long the last evaluation's sample took
+    plotted_at: float = -math.inf  # elapsed at the last drawing of loss.png
+    plotted_rows: int = 0  # metrics rows it showed
+    decaying: bool = False  # WSD past its flat stretch: the state from just before is saved (STABLE_STATE)
+    resume_note: str = ""  # how a resume continues the schedule, for the announcement
+
+    def tick(self) -> float:
+        """Bring `elapsed` up to now; --max-time counts everything the loop does, evaluations included."""
+        self.elapsed = self.clock_base + time.perf_counter() - self.clock_start
+        return self.elapsed
+
+    def reserve(self) -> float:
+        """Seconds to keep for the rest of a time-budgeted run after one more step: that step, the final
+        evaluation, plot and save (each as long as the last one measured)."""
+        return self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
+
+
+def saved_schedule(cfg: TrainConfig, saved: ckpt.TrainState) -> TrainConfig:
+    """`cfg` with the budget and schedule the saved run had (what its learning rates were computed from)."""
+    return dataclasses.replace(cfg, **{k: saved.config[k] for k in SCHEDULE_KEYS if k in saved.config})
+
+
+def resume_point(cfg: TrainConfig, out: Path, end: ckpt.TrainState) -> tuple[ckpt.TrainState, str]:
+    """Where a resumed run continues from, and how (for the announcement). Usually the end of the saved run. A
+    WSD run given a larger budget after its final decay began goes back to the state saved just before that
+    decay (STABLE_STATE), so the flat stretch goes on and the decay comes at the new end: the best val loss so
+    far stays the bar a new model must beat, so the model on disk is only ever replaced by a better one."""
+    old = saved_schedule(cfg, end)
+    same_shape = all(getattr(old, k) == getattr(cfg, k) for k in SCHEDULE_KEYS[2:])
+    if not (
+        same_shape and budget_grew(old, cfg) and in_final_decay(old, end.step, end.elapsed, saved_anchor(end.lr_anchor))
+    ):
+        return end, ""
+    if not os.path.lexists(out / ckpt.STABLE_STATE):
+        return end, ""  # an older folder: extended_anchor re-warms the rate
+    stable = ckpt.load_train_state(out, name=ckpt.STABLE_STATE)
+    if stable.step >= end.step or in_final_decay(cfg, stable.step, stable.elapsed, saved_anchor(stable.lr_anchor)):
+        return end, ""
+    stable.best_val_loss, stable.evals_since_best = end.best_val_loss, 0
+    note = (
+        f"going back to step {stable.step:,}, where the final learning-rate decay began: the flat stretch goes on "
+        f"and the decay comes at the new budget's end (steps {stable.step + 1:,}-{end.step:,} are dropped; the "
+        f"best model so far, val {end.best_val_loss:.4f}, stays until a better one)"
+    )
+    return stable, note
+
+
+SAVED = tuple(f.name for f in fields(RunState) if f.name in {g.name for g in fields(ckpt.TrainState)})
+
+
+def restore(
+    saved: ckpt.TrainState, out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
+) -> RunState:
+    """Load a saved run's weights, optimizer and RNG into the fresh ones; return its RunState."""
+    ckpt.load_state(model, saved.model, str(out / ckpt.TRAIN_STATE))
+    try:
+        optimizer.load_state_dict(saved.optimizer)
+        ckpt.restore_rng(saved.rng, batches)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise ChargptError(
+            f"{out / ckpt.TRAIN_STATE} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
+            f"start a new run with --overwrite"
+        ) from None
+    values = {name: getattr(saved, name) for name in SAVED}
+    values["lr_anchor"] = saved_anchor(saved.lr_anchor)
+    state = RunState(**values)
+    state.metrics, state.saved_at = report.read_metrics(out, state.step), state.elapsed
+    return state
+
+
+def saved_anchor(value: Any) -> Anchor | None:
+    """A saved schedule anchor: [step, elapsed, lr], or None (a run never extended, or from before anchors)."""
+    if value is None:
+        return None
+    try:
+        step, elapsed, lr = value
+        return int(step), float(elapsed), float(lr)
+    except (TypeError, ValueError):
+        raise ChargptError("the train state's lr_anchor is malformed; start a new run with --overwrite") from None
+
+
+def save_state(run: Run, state: RunState, name: str = ckpt.TRAIN_STATE) -> None:
+    """The resumable state (rank 0 writes it): weights, optimizer, RNG, step, clock, best val, config. As
+    STABLE_STATE: the same, kept from where WSD's final decay begins."""
+    t0 = time.perf_counter()
+    state.saved_at = state.tick()
+    if not run.dist.main:
+        return
+    report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
+    weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}
+    ckpt.save_train_state(
+        run.out,
+        ckpt.TrainState(
+            **{name: getattr(state, name) for name in SAVED},
+            model=weights,
+            optimizer=run.optimizer.state_dict(),
+            rng=ckpt.capture_rng(run.batches),
+            vocab=run.tokenizer.to_list(),
+            config=asdict(run.cfg),
+            unknown=run.tokenizer.unknown,
+            threads=torch.get_num_threads(),
+            data_chars=len(run.train_ids) + len(run.val_ids),
+            origin=run.origin,
+        ).with_lists(),
+        name,
+    )
+    mark_saved(run)
+    state.save_seconds = time.perf_counter() - t0
+
+
+def evaluated(state: RunState) -> bool:
+    """Whether this step has its evaluation row (rows of other kinds may follow it)."""
+    evals = [m for m in state.metrics if report.is_eval(m)]
+    return state.last_eval_step == state.step or bool(evals and evals[-1]["step"] == state.step)
+
+
+def mark_saved(run: Run) -> None:
+    if run.outdir is not None:
+        run.outdir.saved()
