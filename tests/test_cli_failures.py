@@ -18,7 +18,8 @@ import torch
 
 from chargpt.cli import main
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage.checkpoint import resume_config
+from chargpt.storage import trainstate
+from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
 from conftest import run_cli
 from helpers import FLAGS
@@ -86,8 +87,9 @@ def test_absurd_sample_batches_are_refused(trained_model_dir: Path, capsys):
 
 
 def test_the_estimate_never_refuses_the_presets():
-    from chargpt.config import PRESETS, build_train_config
+    from chargpt.config import PRESETS
     from chargpt.machine import memory
+    from chargpt.training.settings import build_train_config
 
     for name in PRESETS:
         cfg = build_train_config(name)
@@ -114,7 +116,7 @@ def test_resume_with_the_launch_command(work: Path, capsys):
     assert "block_size" in err
     one_line_error(["train", "--preset", "seed", "--resume", "run"], capsys, "--preset seed sets")
     one_line_error(["train", "--data", "other.txt", "--resume", "run"], capsys, "data cannot change on resume")
-    assert ckpt.load_train_state(work / "run").step == 8
+    assert trainstate.load_train_state(work / "run").step == 8
 
 
 def test_misleading_messages_are_gone(work: Path, trained_model_dir: Path, capsys):
@@ -314,7 +316,7 @@ def test_a_non_utf8_out_and_run_files_that_are_folders(work: Path, capsys):
     (out / "loss.png").unlink()
     (out / "loss.png").mkdir()  # the picture cannot be drawn: the run goes on, and says so
     assert main(["train", "--resume", str(out), "--n-updates=10", "--quiet"]) == 0
-    assert ckpt.load_train_state(out).step == 10
+    assert trainstate.load_train_state(out).step == 10
     (out / "metrics.jsonl").unlink()
     (out / "metrics.jsonl").mkdir()  # the history cannot be written: one line, no traceback
     capsys.readouterr()
@@ -362,7 +364,7 @@ def test_a_closed_log_pipe_does_not_end_training(work: Path):
     os.read(read, 10)
     os.close(read)
     assert proc.wait(timeout=240) == 0
-    assert ckpt.load_train_state(work / "run").step == 12
+    assert trainstate.load_train_state(work / "run").step == 12
 
 
 def test_closed_stdout_and_stderr_are_quiet_not_tracebacks(trained_model_dir: Path, work: Path):
@@ -373,7 +375,7 @@ def test_closed_stdout_and_stderr_are_quiet_not_tracebacks(trained_model_dir: Pa
                  f"--n-updates=3 2>&-"):  # fmt: skip
         r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=240, cwd=work)
         assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, (line, r.stderr)
-    assert ckpt.load_train_state(work / "run").step == 3
+    assert trainstate.load_train_state(work / "run").step == 3
 
 
 def test_link_loops_and_a_file_size_limit_are_named(work: Path, capsys):

@@ -152,7 +152,8 @@ def test_train_arch_and_the_deprecated_model_alias(text_file, tmp_path, monkeypa
 
 def test_old_configs_that_say_model_still_load(tmp_path):
     """Runs saved before the rename (train_state.pt / config.json: "model") and TOML files with `model`."""
-    from chargpt.config import load_toml, make_train_config
+    from chargpt.config import load_toml
+    from chargpt.training.settings import make_train_config
 
     assert saved_train_config({"model": "bigram", "n_updates": 7}, "out", "here").arch == "bigram"
     (tmp_path / "old.toml").write_text('model = "bigram"\n')

@@ -6,16 +6,9 @@ import dataclasses
 
 import pytest
 
-from chargpt.config import (
-    PRESETS,
-    GPTConfig,
-    TrainConfig,
-    build_train_config,
-    load_toml,
-    make_train_config,
-    resolve_preset,
-)
+from chargpt.config import PRESETS, GPTConfig, TrainConfig, load_toml, resolve_preset
 from chargpt.errors import ChargptError
+from chargpt.training.settings import build_train_config, make_train_config
 
 
 def test_defaults_are_the_seed_model():

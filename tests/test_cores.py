@@ -12,7 +12,7 @@ import torch
 
 from chargpt.cli import main
 from chargpt.machine import cores
-from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import trainstate
 from chargpt.training.loop import train
 from conftest import tiny_config
 
@@ -69,11 +69,11 @@ def test_train_uses_the_threads_asked_keeps_them_on_resume_and_puts_the_process_
         train(tiny_config(out, text_file, threads=0, n_updates=6, eval_interval=3), progress=False)
     assert "thread" in caplog.text and "free cores" in caplog.text  # auto says what it chose and why
     assert torch.get_num_threads() == before
-    saved = ckpt.load_train_state(out).threads
+    saved = trainstate.load_train_state(out).threads
     assert 1 <= saved <= cores.cores()
     caplog.clear()
     with caplog.at_level("INFO", logger="chargpt"):
-        train(ckpt.resume_config(out, n_updates=8, threads=0), resume=True, progress=False)
+        train(trainstate.resume_config(out, n_updates=8, threads=0), resume=True, progress=False)
     assert "(as the run saved)" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="chargpt"):

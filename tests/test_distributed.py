@@ -16,6 +16,7 @@ import torch
 
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import trainstate
 from chargpt.training.loop import train
 from conftest import LAUNCH_TIMEOUT, read_metrics, run_cli, spawn_gloo_ranks, tiny_config
 
@@ -47,7 +48,7 @@ def single(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
     """The weights after the last step (train_state.pt, not only the best-val snapshot) and AdamW's moments:
     Adam's step hardly changes when every gradient is scaled by the same factor, its moments do."""
-    state = ckpt.load_train_state(out)
+    state = trainstate.load_train_state(out)
     moments = {
         f"adam.{i}.{key}": value
         for i, s in state.optimizer["state"].items()

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from chargpt.cli import main
-from chargpt.config import make_train_config
 from chargpt.inference.evaluate import evaluate
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage.checkpoint import resume_config
+from chargpt.storage.trainstate import resume_config
 from chargpt.training import finetune
 from chargpt.training.loop import train
+from chargpt.training.settings import make_train_config
 from conftest import tiny_config
 from helpers import assert_same_tensors, final_state, metrics
 

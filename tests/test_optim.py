@@ -13,7 +13,7 @@ from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.machine.precision import cpu_info
 from chargpt.model import build_model
-from chargpt.storage.checkpoint import resume_config
+from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
 from chargpt.training.optim import (
     Muon,

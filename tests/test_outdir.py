@@ -18,7 +18,8 @@ import torch
 from chargpt.cli import main
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage.checkpoint import resume_config
+from chargpt.storage import trainstate
+from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
 from chargpt.training.outdir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
 from helpers import FLAGS, small
@@ -163,7 +164,7 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
             if ckpt.WEIGHTS in now:
                 assert ckpt.load_model(out)[0].config.n_embd == 16
             if ckpt.TRAIN_STATE in now:
-                assert ckpt.load_train_state(out).config["n_embd"] == 16
+                assert trainstate.load_train_state(out).config["n_embd"] == 16
         assert not [p for p in out.iterdir() if p.name.startswith(".chargpt-previous")]
     assert seen == {"old", "new"}, seen
 

@@ -15,7 +15,8 @@ import torch
 
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage.checkpoint import resume_config
+from chargpt.storage import trainstate
+from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
 from conftest import run_cli, tiny_config
 from helpers import FLAGS, assert_same_tensors, final_state, metrics, small
@@ -61,7 +62,7 @@ def test_resume_depends_on_the_saved_rng(reference: Path, text_file: Path, tmp_p
     train(small(out, text_file, n_updates=24), progress=False, pause_after=12)
     state = final_state(out)
     state["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()
-    ckpt.save_train_state(out, ckpt.TrainState.from_dict(state))
+    trainstate.save_train_state(out, trainstate.TrainState.from_dict(state))
     train(resume_config(str(out)), resume=True, progress=False)
     ref, got = final_state(reference)["model"], final_state(out)["model"]
     assert any(not torch.equal(ref[k], got[k]) for k in ref)

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.config import GPTConfig, make_train_config
+from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import build_model
 from chargpt.storage import checkpoint as ckpt
 from chargpt.training.loop import train
+from chargpt.training.settings import make_train_config
 from helpers import FLAGS, SMALL, assert_same_tensors, final_state, metrics, small
 
 

@@ -39,6 +39,7 @@ from chargpt.errors import ChargptError
 from chargpt.inference.evaluate import evaluate, evaluate_file
 from chargpt.inference.generate import generate
 from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import trainstate
 from chargpt.training.loop import train
 from conftest import read_metrics, spawn_gloo_ranks, tiny_config
 
@@ -383,12 +384,14 @@ def test_training_on_the_memory_map_equals_training_in_memory(corpus_text, tmp_p
     paused = train(tiny_config(tmp_path / "resumed", data, **cfg), progress=False, pause_after=10)
     for p in cache.iterdir():
         p.unlink()
-    resumed = train(ckpt.resume_config(str(tmp_path / "resumed")), resume=True, progress=False)
+    resumed = train(trainstate.resume_config(str(tmp_path / "resumed")), resume=True, progress=False)
     assert paused.step == 10 and mapped.step == in_memory.step == resumed.step == 20
 
     def run(name: str) -> tuple[list, dict]:
         evals = read_metrics(tmp_path / name)
-        return [(r["step"], r["train_loss"], r["val_loss"]) for r in evals], ckpt.load_train_state(tmp_path / name)
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in evals], trainstate.load_train_state(
+            tmp_path / name
+        )
 
     curve, state = run("mapped")
     assert [step for step, _, _ in curve] == [0, 10, 20] and curve[-1][2] < curve[0][2]
@@ -410,13 +413,13 @@ def test_rare_characters_map_to_the_unknown_symbol_everywhere(tmp_path, corpus_t
     out = tmp_path / "m"
     cfg = tiny_config(out, data, n_updates=6, eval_interval=3, checkpoint_interval=3, min_char_count=2)
     train(cfg, progress=False, pause_after=3)
-    train(ckpt.resume_config(str(out)), resume=True, progress=False)
+    train(trainstate.resume_config(str(out)), resume=True, progress=False)
     model, tokenizer = ckpt.load_model(out)
     assert tokenizer.unknown == UNKNOWN and UNKNOWN in tokenizer.chars
     assert "\U0001f600" not in tokenizer.chars and "\u00e9" not in tokenizer.chars
     assert set(tokenizer.chars) == (set(corpus_text[:20_000]) - {"\u00e9"}) | {UNKNOWN}
     assert json.loads((out / "config.json").read_text())["unknown"] == UNKNOWN
-    assert ckpt.load_train_state(out).unknown == UNKNOWN
+    assert trainstate.load_train_state(out).unknown == UNKNOWN
     # a prompt with characters the model never saw maps them to the unknown symbol instead of failing
     assert tokenizer.encode("\u00e9\u4e2d")[0] == tokenizer.chars.index(UNKNOWN)
     assert len(generate(model, tokenizer, "caf\u00e9 \u4e2d", max_new_tokens=5, seed=0)[0]) == 5

@@ -99,9 +99,10 @@ def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from chargpt.config import make_train_config, resume_settings
-    from chargpt.storage.checkpoint import resume_config
+    from chargpt.config import resume_settings
+    from chargpt.storage.trainstate import resume_config
     from chargpt.training.loop import train
+    from chargpt.training.settings import make_train_config
 
     _legacy_model_flag(args)
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -271,7 +272,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from chargpt.storage.checkpoint import describe, is_run_folder, list_runs
+    from chargpt.storage.runs import describe, is_run_folder, list_runs
 
     if args.machine:
         if args.dir is not None or args.plot:

@@ -17,7 +17,7 @@ HEAVY_MODULES = {
     "train": ("torch", "chargpt.training.loop"),
     "sample": ("torch", "chargpt.inference.generate", "chargpt.storage.checkpoint"),
     "eval": ("torch", "chargpt.inference.evaluate", "chargpt.storage.checkpoint"),
-    "info": ("torch", "chargpt.storage.checkpoint"),
+    "info": ("torch", "chargpt.storage.checkpoint", "chargpt.storage.runs"),
     "serve": ("torch", "chargpt.serve"),
     "export": ("torch", "chargpt.storage.checkpoint"),
 }

@@ -8,29 +8,24 @@ and the folder fsynced. Loading never unpickles: safetensors for weights, JSON f
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
-import random
-import warnings
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from chargpt.config import MAX_COUNT, GPTConfig, TrainConfig, saved_train_config
+from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.errors import ChargptError, first_line
+from chargpt.errors import ChargptError, first_line, shorten
 from chargpt.machine import memory
 from chargpt.model import GPT, BigramLM, build_model
-from chargpt.storage.fileio import atomic_write_bytes, check_regular, is_regular_file, read_regular
+from chargpt.storage.fileio import atomic_write_bytes, check_regular, read_regular
 
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
@@ -145,10 +140,10 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
     if not isinstance(raw, dict):
         raise ChargptError(f"{where} must hold a JSON object; the model directory is corrupt")
     if raw.get("format") != FORMAT_NAME:
-        raise ChargptError(f"{where} is not a chargpt model config (format {_short(raw.get('format'))})")
+        raise ChargptError(f"{where} is not a chargpt model config (format {shorten(raw.get('format'))})")
     if raw.get("format_version") != FORMAT_VERSION or isinstance(raw.get("format_version"), bool):
         raise ChargptError(
-            f"{where} has format version {_short(raw.get('format_version'))}; this chargpt reads version "
+            f"{where} has format version {shorten(raw.get('format_version'))}; this chargpt reads version "
             f"{FORMAT_VERSION}"
         )
     _check_keys(raw, CONFIG_KEYS - OPTIONAL_CONFIG_KEYS, CONFIG_KEYS, where)
@@ -190,7 +185,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ChargptError(f"unknown device {_short(device)}; use cpu, cuda, cuda:N or mps") from None
+        raise ChargptError(f"unknown device {shorten(device)}; use cpu, cuda, cuda:N or mps") from None
     directory = Path(directory)
     cfg, tokenizer, _ = read_config(directory)
     path = run_file(directory, WEIGHTS)
@@ -263,7 +258,7 @@ def _check_header(cfg: GPTConfig, header: dict[str, Any], size: int, where: str)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ChargptError(
-            f"{where} does not match the config: missing {missing[:3]}, unexpected {[_short(k) for k in extra[:3]]}; "
+            f"{where} does not match the config: missing {missing[:3]}, unexpected {[shorten(k) for k in extra[:3]]}; "
             f"the files disagree"
         )
     spans = []
@@ -271,16 +266,16 @@ def _check_header(cfg: GPTConfig, header: dict[str, Any], size: int, where: str)
         info = tensors[name]
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
-            raise ChargptError(f"{where}: tensor {name} has dtype {_short(dtype)}, expected a float type")
+            raise ChargptError(f"{where}: tensor {name} has dtype {shorten(dtype)}, expected a float type")
         if info.get("shape") != list(shape):
             raise ChargptError(
-                f"{where}: tensor {name} has shape {_short(info.get('shape'))}, the config needs {tuple(shape)}"
+                f"{where}: tensor {name} has shape {shorten(info.get('shape'))}, the config needs {tuple(shape)}"
             )
         offsets = info.get("data_offsets")
         nbytes = math.prod(shape) * FLOAT_DTYPES[info["dtype"]]
         ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
         if not ok or not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != nbytes:
-            raise ChargptError(f"{where}: tensor {name} has bad data offsets {_short(offsets)}; it is corrupt")
+            raise ChargptError(f"{where}: tensor {name} has bad data offsets {shorten(offsets)}; it is corrupt")
         spans.append((offsets[0], offsets[1]))
     end = 0
     for start, stop in sorted(spans):
@@ -350,151 +345,6 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return inner.state_dict()
 
 
-def _kind(kind: type | tuple[type, ...], default: Any = MISSING) -> Any:
-    return field(default=default, metadata={"kind": kind})
-
-
-NUMBER = (int, float)
-
-
-def _listed(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-@dataclass
-class TrainState:
-    """train_state.pt, its one description: `save_train_state` writes these fields, `load_train_state` checks
-    every one (type, range) and returns them. Fields with a default may be absent from a state older than them."""
-
-    step: int = _kind(int)
-    elapsed: float = _kind(NUMBER)  # seconds of training so far
-    best_val_loss: float = _kind(NUMBER)  # +inf before the first evaluation
-    model: dict = _kind(dict)  # the weights
-    optimizer: dict = _kind(dict)
-    rng: dict = _kind(dict)  # capture_rng's streams
-    vocab: list = _kind(list)
-    config: dict = _kind(dict)  # the TrainConfig's fields
-    unknown: str | None = _kind(str, None)  # the tokenizer's unknown symbol, if it has one
-    log_loss_sum: float = _kind(NUMBER, 0.0)  # the training-loss row being summed
-    log_loss_count: int = _kind(int, 0)
-    eval_seconds: float = _kind(NUMBER, 0.0)  # what the budget reserves for the next evaluation, plot and save
-    plot_seconds: float = _kind(NUMBER, 0.0)
-    save_seconds: float = _kind(NUMBER, 0.0)
-    evals_since_best: int = _kind(int, 0)  # --patience's count
-    threads: int | None = _kind(int, None)  # an auto run's thread count, kept on resume (same count, same bits)
-    data_chars: int | None = _kind(int, None)  # the corpus's size: a resume on other data is refused
-    origin: dict | None = _kind(dict, None)  # a fine-tune's source model
-    lr_anchor: list | None = _kind(list, None)  # where an extended budget restarted the schedule
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    def with_lists(self) -> TrainState:
-        """The same state with its tuples as lists (what the list fields hold when read back)."""
-        return TrainState(**{f.name: _listed(getattr(self, f.name)) for f in fields(self)})
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> TrainState:
-        """The state in `raw` (what torch.load read), or ValueError naming the first problem."""
-        if not isinstance(raw, dict):
-            raise ValueError("not a dictionary")
-        values = {}
-        for f in fields(cls):
-            if f.name not in raw or (raw[f.name] is None and f.default is None):
-                if f.default is MISSING:
-                    raise ValueError(f"{f.name} is missing")
-                continue
-            value = raw[f.name]
-            if not isinstance(value, f.metadata["kind"]) or isinstance(value, bool):
-                raise ValueError(f"{f.name} has type {type(value).__name__}")
-            values[f.name] = value
-        state = cls(**values)
-        problem = state._problem()
-        if problem:
-            raise ValueError(problem)
-        return state
-
-    def _problem(self) -> str | None:
-        if not 0 <= self.step <= MAX_COUNT:
-            return f"step {_short(self.step)} is out of range"
-        if not math.isfinite(self.elapsed) or self.elapsed < 0:
-            return f"elapsed time {_short(self.elapsed)} is not a finite number >= 0"
-        if math.isnan(self.best_val_loss) or self.best_val_loss < 0:  # +inf: no evaluation yet
-            return f"best_val_loss {_short(self.best_val_loss)} is not a loss"
-        for key in ("torch", "batches", "numpy_keys"):
-            if not isinstance(self.rng.get(key), torch.Tensor):
-                return f"rng.{key} is not a tensor"
-        if not isinstance(self.rng.get("numpy_pos"), int) or not isinstance(self.rng.get("python"), list):
-            return "rng state is malformed"
-        return None
-
-
-def save_train_state(directory: str | Path, state: TrainState, name: str = TRAIN_STATE) -> None:
-    buf = io.BytesIO()
-    torch.save(state.to_dict(), buf)
-    atomic_write_bytes(Path(directory) / name, buf.getvalue())
-
-
-def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAIN_STATE) -> TrainState:
-    """Read train_state.pt (or another file of its schema, `name`) without unpickling code (weights_only) and
-    check its layout.
-
-    mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
-    path = run_file(directory, name)
-    if not os.path.lexists(path):
-        if os.path.lexists(Path(directory) / ".chargpt-run"):
-            raise ChargptError(
-                f"{directory} has no {TRAIN_STATE} to resume from: its run was stopped before its first save; "
-                f"start it again with `chargpt train --out {directory}` (its leftovers are replaced)"
-            )
-        raise ChargptError(f"{directory} has no {TRAIN_STATE} to resume from; it was not written by `chargpt train`")
-    check_regular(path, "train state", follow=False)
-    try:
-        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: one line suffices
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises many types for corrupt or hostile pickles
-        first = first_line(e)
-        raise ChargptError(f"{path} is corrupt or not a chargpt train state ({first})") from None
-    try:
-        return TrainState.from_dict(state)
-    except ValueError as e:
-        raise ChargptError(
-            f"{path} is not a usable chargpt train state ({e}); start a new run with --overwrite"
-        ) from None
-
-
-def resume_config(out: str | Path, sources: dict[str, str] | None = None, **overrides: Any) -> TrainConfig:
-    """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates).
-
-    The model's shape and data cannot change (config.RESUME_FIXED); `sources` names where settings came from."""
-    saved = load_train_state(out, mmap=True).config  # train() reads the tensors; here only the config
-    return saved_train_config(saved, str(out), f"the train state in {out}", sources, **overrides)
-
-
-def capture_rng(batches: torch.Generator) -> dict[str, Any]:
-    """Every random stream a run draws from (torch, CUDA, numpy, Python, the batch generator), as plain data."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": list(py_state[1]),
-        "batches": batches.get_state(),
-    }
-
-
-def restore_rng(state: dict[str, Any], batches: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    batches.set_state(state["batches"])
-
-
 def _open_nofollow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW)
 
@@ -504,91 +354,5 @@ def _check_keys(obj: dict, required: set[str], allowed: set[str], where: str) ->
     if missing:
         raise ChargptError(f"{where} is missing key(s) {', '.join(missing)}; the model directory is corrupt")
     if extra:
-        shown = ", ".join(_short(k, 40) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        shown = ", ".join(shorten(k, 40) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
         raise ChargptError(f"{where} has unknown key(s) {shown}; the model directory is corrupt")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A value for a one-line message: repr (so no raw newlines), cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_run_folder(directory: Path) -> bool:
-    """Whether a folder holds a model or a run of its own (as opposed to a folder of runs)."""
-    names = (CONFIG, TRAIN_STATE, WEIGHTS, ".chargpt-run", "metrics.jsonl", BACKUP)
-    return any(os.path.lexists(directory / n) for n in names)
-
-
-def list_runs(directory: str | Path) -> list[dict[str, Any]]:
-    """The runs in a folder of runs (each subfolder `chargpt train --out` wrote), read cheaply: config.json and
-    the train state's step and clock, no weights. A subfolder that cannot be read is listed with its problem."""
-    directory = Path(directory)
-    runs = []
-    for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.is_symlink() and is_run_folder(p)):
-        row: dict[str, Any] = {"name": sub.name}
-        try:
-            cfg, _, info = read_config(sub)
-            row.update(shape=f"{cfg.n_layers}x{cfg.n_heads}x{cfg.n_embd} T{cfg.block_size}", arch=cfg.model)
-            row.update(best_step=info.get("step"), best_val_loss=info.get("val_loss"))
-        except ChargptError as e:
-            row["problem"] = str(e)
-        try:
-            if os.path.lexists(run_file(sub, TRAIN_STATE)):
-                state = load_train_state(sub, mmap=True)
-                row.update(steps=state.step, elapsed=float(state.elapsed))
-        except ChargptError as e:
-            row.setdefault("problem", str(e))
-        runs.append(row)
-    return runs
-
-
-def describe(directory: str | Path) -> dict[str, Any]:
-    """What a model directory holds, as plain data (for `chargpt info`): shape, parameters, vocabulary,
-    how it was trained (saved step, losses, config; the run's latest step from train_state.pt), files."""
-    directory = Path(directory)
-    if not os.path.lexists(run_file(directory, CONFIG)) and os.path.lexists(run_file(directory, TRAIN_STATE)):
-        return _describe_unsaved(directory)
-    model, tokenizer = load_model(directory)  # validates everything, one-line errors
-    cfg = model.config
-    _, _, info = read_config(directory)
-    training: dict[str, Any] = {
-        "best_step": info.get("step"),
-        "best_val_loss": info.get("val_loss"),
-        "best_train_loss": info.get("train_loss"),
-        "config": info.get("train_config"),
-        "init_from": info.get("init_from"),
-    }
-    if os.path.lexists(run_file(directory, TRAIN_STATE)):
-        try:
-            state = load_train_state(directory, mmap=True)
-            training.update(steps=state.step, elapsed=float(state.elapsed))
-        except ChargptError as e:
-            training["train_state_problem"] = str(e)
-    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}
-    return {
-        "dir": str(directory),
-        "model": {"arch": cfg.model, **shape},
-        "parameters": model.num_params(),
-        "vocab": tokenizer.to_list(),
-        "training": training,
-        "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if is_regular_file(p)},
-    }
-
-
-def _describe_unsaved(directory: Path) -> dict[str, Any]:
-    """A run stopped before its first evaluation saved a model: what its train state holds."""
-    state = load_train_state(directory, mmap=True)
-    train = TrainConfig(**{k: v for k, v in state.config.items() if k in TrainConfig.__dataclass_fields__})
-    cfg = train.model_config(len(state.vocab))
-    with torch.device("meta"):
-        parameters = build_model(cfg).num_params()
-    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}
-    return {
-        "dir": str(directory),
-        "model": {"arch": cfg.model, **shape},
-        "parameters": parameters,
-        "vocab": list(state.vocab),
-        "training": {"config": state.config, "steps": state.step, "elapsed": float(state.elapsed), "saved": False},
-        "files": {p.name: p.lstat().st_size for p in sorted(directory.iterdir()) if is_regular_file(p)},
-    }

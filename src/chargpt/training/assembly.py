@@ -20,7 +20,7 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.machine import cores, memory, precision
 from chargpt.model import build_model
-from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import trainstate
 from chargpt.training import finetune, report, samples
 from chargpt.training.distributed import (
     Dist,
@@ -68,10 +68,10 @@ class Run:
 def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress: bool = False) -> tuple[Run, RunState]:
     """Data, model, optimizer and (when resuming) the saved state, in that order."""
     out = Path(cfg.out)  # locked and checked by OutDir: a user's files are never replaced
-    saved: ckpt.TrainState | None = None
+    saved: trainstate.TrainState | None = None
     note = ""
     if resume:
-        saved, note = resume_point(cfg, out, ckpt.load_train_state(out))
+        saved, note = resume_point(cfg, out, trainstate.load_train_state(out))
     tuner, threads_note = set_threads(cfg, d, saved)
     # data, through the token cache (a failure leaves no empty folder behind: OutDir removes what it created)
     tokenizer = CharTokenizer(list(saved.vocab), unknown=saved.unknown) if saved else None
@@ -133,7 +133,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     return run, state
 
 
-def set_threads(cfg: TrainConfig, d: Dist, saved: ckpt.TrainState | None) -> tuple[cores.ThreadTuner | None, str]:
+def set_threads(cfg: TrainConfig, d: Dist, saved: trainstate.TrainState | None) -> tuple[cores.ThreadTuner | None, str]:
     """The CPU thread count of the run: --threads as given, or (auto) the free cores shared among this machine's
     ranks. A resumed auto run keeps the count it saved (the same count gives the same bits), and an auto run
     gets a ThreadTuner. On an accelerator torch's default stays."""

@@ -16,6 +16,7 @@ import torch
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError, first_line
 from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import trainstate
 from chargpt.training import report
 from chargpt.training.optim import (
     SCHEDULE_KEYS,
@@ -71,12 +72,12 @@ class RunState:
         return self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
 
 
-def saved_schedule(cfg: TrainConfig, saved: ckpt.TrainState) -> TrainConfig:
+def saved_schedule(cfg: TrainConfig, saved: trainstate.TrainState) -> TrainConfig:
     """`cfg` with the budget and schedule the saved run had (what its learning rates were computed from)."""
     return dataclasses.replace(cfg, **{k: saved.config[k] for k in SCHEDULE_KEYS if k in saved.config})
 
 
-def resume_point(cfg: TrainConfig, out: Path, end: ckpt.TrainState) -> tuple[ckpt.TrainState, str]:
+def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tuple[trainstate.TrainState, str]:
     """Where a resumed run continues from, and how (for the announcement). Usually the end of the saved run. A
     WSD run given a larger budget after its final decay began goes back to the state saved just before that
     decay (STABLE_STATE), so the flat stretch goes on and the decay comes at the new end: the best val loss so
@@ -89,7 +90,7 @@ def resume_point(cfg: TrainConfig, out: Path, end: ckpt.TrainState) -> tuple[ckp
         return end, ""
     if not os.path.lexists(out / ckpt.STABLE_STATE):
         return end, ""  # an older folder: extended_anchor re-warms the rate
-    stable = ckpt.load_train_state(out, name=ckpt.STABLE_STATE)
+    stable = trainstate.load_train_state(out, name=ckpt.STABLE_STATE)
     if stable.step >= end.step or in_final_decay(cfg, stable.step, stable.elapsed, saved_anchor(stable.lr_anchor)):
         return end, ""
     stable.best_val_loss, stable.evals_since_best = end.best_val_loss, 0
@@ -101,17 +102,17 @@ def resume_point(cfg: TrainConfig, out: Path, end: ckpt.TrainState) -> tuple[ckp
     return stable, note
 
 
-SAVED = tuple(f.name for f in fields(RunState) if f.name in {g.name for g in fields(ckpt.TrainState)})
+SAVED = tuple(f.name for f in fields(RunState) if f.name in {g.name for g in fields(trainstate.TrainState)})
 
 
 def restore(
-    saved: ckpt.TrainState, out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
+    saved: trainstate.TrainState, out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
 ) -> RunState:
     """Load a saved run's weights, optimizer and RNG into the fresh ones; return its RunState."""
     ckpt.load_state(model, saved.model, str(out / ckpt.TRAIN_STATE))
     try:
         optimizer.load_state_dict(saved.optimizer)
-        ckpt.restore_rng(saved.rng, batches)
+        trainstate.restore_rng(saved.rng, batches)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ChargptError(
             f"{out / ckpt.TRAIN_STATE} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
@@ -144,13 +145,13 @@ def save_state(run: Run, state: RunState, name: str = ckpt.TRAIN_STATE) -> None:
         return
     report.write_metrics(run.out, state.metrics)  # the training-loss rows since the last evaluation
     weights = {k: v.detach().cpu() for k, v in ckpt.plain_state_dict(run.model).items()}
-    ckpt.save_train_state(
+    trainstate.save_train_state(
         run.out,
-        ckpt.TrainState(
+        trainstate.TrainState(
             **{name: getattr(state, name) for name in SAVED},
             model=weights,
             optimizer=run.optimizer.state_dict(),
-            rng=ckpt.capture_rng(run.batches),
+            rng=trainstate.capture_rng(run.batches),
             vocab=run.tokenizer.to_list(),
             config=asdict(run.cfg),
             unknown=run.tokenizer.unknown,
