@@ -15,7 +15,7 @@ from chargpt.inference import quantize as quant
 from chargpt.inference.decode import DecodeStep, batch_invariant
 from chargpt.inference.evaluate import evaluate
 from chargpt.inference.generate import SampleConfig, generate, token_stream
-from chargpt.inference.int8 import Int8Linear, int8_linear
+from chargpt.inference.int8 import ALIGN, Int8Linear, int8_linear
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job
@@ -28,7 +28,7 @@ def test_int8_linear_is_within_its_rounding_of_the_float_layer(width):
     lin = torch.nn.Linear(width, 200)
     q = Int8Linear(lin)
     assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.bfloat16 and q.qweight.abs().max() <= 127
-    assert q.qweight.size(1) % quant.ALIGN == 0 and not q.qweight[:, width:].any()
+    assert q.qweight.size(1) % ALIGN == 0 and not q.qweight[:, width:].any()
     back = q.qweight[:, :width].float() * q.scales.float()[:, None]
     assert ((back - lin.weight).abs() <= q.scales.float()[:, None] / 2 * 1.01).all()  # half a step per weight
     with torch.no_grad():

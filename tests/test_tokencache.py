@@ -43,7 +43,7 @@ from chargpt.storage import trainstate
 from chargpt.training.loop import train
 from conftest import read_metrics, spawn_gloo_ranks, tiny_config
 
-train_module = importlib.import_module("chargpt.training.loop")  # `chargpt.train` is also the name of the function
+assembly = importlib.import_module("chargpt.training.assembly")  # where a run reads its data
 AUTO = vocab_policy("auto", 1)
 
 
@@ -379,7 +379,7 @@ def test_training_on_the_memory_map_equals_training_in_memory(corpus_text, tmp_p
     mapped = train(tiny_config(tmp_path / "mapped", data, **cfg), progress=False)
     assert cache_files(cache)
     with monkeypatch.context() as m:
-        m.setattr(train_module, "prepare_data", _in_memory_prepare)
+        m.setattr(assembly, "prepare_data", _in_memory_prepare)
         in_memory = train(tiny_config(tmp_path / "in-memory", data, **cfg), progress=False)
     paused = train(tiny_config(tmp_path / "resumed", data, **cfg), progress=False, pause_after=10)
     for p in cache.iterdir():
