@@ -19,6 +19,7 @@ from chargpt.cli import main
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import trainstate
+from chargpt.storage.runs import describe
 from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
 from chargpt.training.outdir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
@@ -180,7 +181,7 @@ def test_readers_of_a_folder_left_mid_overwrite_read_the_old_run_and_change_noth
     (out / ckpt.WEIGHTS).write_bytes(b"the new run's half-written weights")
     tree = files(out)
     assert resume_config(out).n_embd == 32 and ckpt.load_model(out)[0].config.n_embd == 32
-    assert ckpt.describe(out)["training"]["steps"] == 10
+    assert describe(out)["training"]["steps"] == 10
     assert files(out) == tree and _read_view(out) == before
     _next_train_takes(out)
     assert _run_files(out) == before and not (out / BACKUP).exists()
