@@ -107,7 +107,8 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
             mark_saved(run)
         report.write_metrics(run.out, state.metrics)
         samples.save(run.out, state.metrics)
-        report.log_evaluation(state.step, train_loss, val_loss, best, row["prompt"] + row["sample"])
+        shown = row["prompt"] + row["sample"] if row["sample"] else ""
+        report.log_evaluation(state.step, train_loss, val_loss, best, shown)
     if state.step > 0:
         state.best_val_loss = min(state.best_val_loss, val_loss)
         state.evals_since_best = 0 if best else state.evals_since_best + 1
