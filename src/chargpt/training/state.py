@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from chargpt.training.assembly import Run
 
 
+RESERVE_MARGIN = 1.25
+
+
 @dataclass
 class RunState:
     """What changes as a run goes. The fields down to `lr_anchor` are saved in train_state.pt under the same names
@@ -68,8 +71,10 @@ class RunState:
 
     def reserve(self) -> float:
         """Seconds to keep for the rest of a time-budgeted run after one more step: that step, the final
-        evaluation, plot and save (each as long as the last one measured)."""
-        return self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
+        evaluation (its sample included), plot and save, each as long as the last one measured, with RESERVE_MARGIN
+        to spare: on a machine whose other programs come and go, the last of them can take longer than the one
+        before."""
+        return RESERVE_MARGIN * (self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds)
 
 
 def saved_schedule(cfg: TrainConfig, saved: trainstate.TrainState) -> TrainConfig:
