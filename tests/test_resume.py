@@ -219,3 +219,17 @@ def test_the_readme_train_longer_step_trains(text_file: Path, tmp_path: Path, ca
     assert after and min(after) > 0, after
     second = json.loads((out / "config.json").read_text())["info"]["val_loss"]
     assert second < first, (first, second)
+
+
+def test_a_damaged_stable_state_still_trains_longer(text_file: Path, tmp_path: Path):
+    """stable_state.pt unreadable (here: overwritten with other bytes): the larger budget resumes from the end
+    state instead, the rate climbing back to its peak, and the run trains on (it does not refuse the folder)."""
+    out = tmp_path / "run"
+    short = train(tiny_config(out, text_file, n_updates=60, warmup_updates=5, eval_interval=20, schedule="wsd"),
+                  progress=False)  # fmt: skip
+    (out / ckpt.STABLE_STATE).write_bytes(b"not a train state")
+    result = train(resume_config(out, n_updates=120), resume=True, progress=False)
+    assert result.step == 120 and result.best_val_loss < short.best_val_loss
+    state = final_state(out)
+    assert state["lr_anchor"][0] == 60  # went on from the end, re-warmed
+    assert min(m["lr"] for m in metrics(out) if m["kind"] == "train" and m["step"] > 60) > 0

@@ -95,7 +95,10 @@ def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tup
         return end, ""
     if not os.path.lexists(out / ckpt.STABLE_STATE):
         return end, ""  # an older folder: extended_anchor re-warms the rate
-    stable = trainstate.load_train_state(out, name=ckpt.STABLE_STATE)
+    try:
+        stable = trainstate.load_train_state(out, name=ckpt.STABLE_STATE)
+    except ChargptError:  # damaged or not a file: the end state, re-warmed, still trains on
+        return end, ""
     if stable.step >= end.step or in_final_decay(cfg, stable.step, stable.elapsed, saved_anchor(stable.lr_anchor)):
         return end, ""
     stable.best_val_loss, stable.evals_since_best = end.best_val_loss, 0
