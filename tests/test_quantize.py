@@ -177,8 +177,9 @@ def test_eval_reports_the_loss_with_and_without_int8(tiny, tmp_path, trained_mod
     assert both["loss"] != plain["loss"] and abs(both["loss"] - plain["loss"]) < 0.05
     path = tmp_path / "held.txt"
     path.write_text(text)
+    threads = str(torch.get_num_threads())  # as in this process: the sums' order depends on it on AVX2 kernels
     r = run_cli("eval", "--model", str(trained_model_dir), "--data", str(path), "--quantize", "int8", "--quiet",
-                "--precision", "fp32", "--device", "cpu")  # fmt: skip
+                "--precision", "fp32", "--device", "cpu", "--threads", threads)  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["quantize"] == "int8" and result["loss"] == pytest.approx(both["loss"], rel=1e-9)

@@ -129,7 +129,9 @@ def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_pat
     # a short run draws a learning curve: evaluations spaced from the budget, each with the sample it wrote
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in evals if m["kind"] == "eval"]
-    assert len(evals) >= 3 and saved["eval_interval"] < 500, (len(evals), saved["eval_interval"])
+    # (>= 5 points in 60 s: test_evaluations_are_spaced_for_a_learning_curve_within_their_share; this 15 s run
+    # at one thread may make as few as ~30 steps on a slow or busy CPU)
+    assert len(evals) >= 2 and saved["eval_interval"] < 500, (len(evals), saved["eval_interval"])
     first_line = text_file.read_text().split("\n")[0] + "\n"  # the data's first line is the prompt
     assert all(len(m["sample"]) == samples.SAMPLE_CHARS and m["prompt"] == first_line for m in evals[:-1])
     assert len(evals[-1]["sample"]) in (0, samples.SAMPLE_CHARS)  # the last only if the budget still had time
