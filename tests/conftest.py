@@ -21,12 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 180  # seconds; a hung rank fails the test instead of the CI job
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
+def pytest_sessionstart(session: pytest.Session) -> None:
     """The suite's first lines say what this machine is and what chargpt decides on it (a red run on a new kind
-    of CPU then says which kind it was); nothing is timed or cached here."""
+    of CPU then says which kind it was), with -q too; once, not in each xdist worker; nothing timed or cached."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or hasattr(session.config, "workerinput"):
+        return
     from chargpt.cli import machine
 
-    return ["chargpt on this machine:", *("  " + line for line in machine.lines(machine.describe(measure=False)))]
+    for line in ["chargpt on this machine:", *("  " + x for x in machine.lines(machine.describe(measure=False)))]:
+        reporter.write_line(line)
 
 
 # The files that take longest, started first: `make test` runs files on two workers (pytest-xdist, a file each),
