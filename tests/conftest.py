@@ -33,19 +33,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         reporter.write_line(line)
 
 
-# The files that take longest, started first: `make test` runs files on two workers (pytest-xdist, a file each),
-# and a long file that starts last keeps one worker busy while the other has nothing left to do.
-LONGEST_FIRST = (
-    *("test_readme.py", "test_contract_sweep.py", "test_signals.py", "test_cli_failures.py", "test_serve.py"),
-    *("test_sizing.py", "test_resume.py", "test_distributed.py", "test_cli_messages.py", "test_export.py"),
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the converted-corpus cache out of the user's home during tests."""
