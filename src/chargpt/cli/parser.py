@@ -273,7 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.footer = _preset_here
     _add_train_flags(t)
+    _add_sample(sub)
+    _add_eval(sub)
+    _add_info(sub)
+    _add_export(sub)
+    _add_serve(sub)
+    return p
 
+
+def _add_sample(sub: Any) -> None:
     s = sub.add_parser(
         "sample", help="generate text from a trained model", description="Generate text.", epilog=SAMPLE_EXAMPLES
     )
@@ -301,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     s.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP + " (default: auto)")
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser(
         "eval",
         help="score a model on a text file (JSON: loss, bits_per_char, chars)",
@@ -326,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
+
+def _add_info(sub: Any) -> None:
     i = sub.add_parser(
         "info",
         help="what a model directory holds: shape, parameters, vocabulary, training, files",
@@ -344,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="FILE", help="with a folder of runs: draw their val curves in one PNG (default: none)"
     )
 
+
+def _add_export(sub: Any) -> None:
     x = sub.add_parser(
         "export",
         help="write a model as an ONNX file (onnxruntime, any language) or a web page that runs it in the browser",
@@ -362,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
 
+
+def _add_serve(sub: Any) -> None:
     v = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP API and a browser playground for a model",
@@ -398,7 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up but one, for HTTP)"
     )
-    return p
 
 
 def version_line() -> str:
