@@ -79,23 +79,22 @@ def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     given = sizing_request(args.preset, args.config, **overrides)
     if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
-    from chargpt.data.corpus import corpus_files
     from chargpt.machine import cores
     from chargpt.training import sizing
     from chargpt.training.outdir import check_new_run
 
-    # every input is checked before the seconds of timing: the data (and its length), an --out holding a run
-    if given.get("data") is not None:
-        corpus_files(given["data"])
+    # every input is checked before the seconds of timing: the data and its length, an --out holding a run
+    chars = sizing.corpus_chars(given.get("data"))  # the data's one-line errors: a missing file, no .txt files
+    val_fraction = given.get("val_fraction") or TrainConfig.val_fraction
+    sizing.context_for(chars, val_fraction)
     out = Path(given.get("out") or TrainConfig.out)
     if out.is_dir():
         check_new_run(out, args.overwrite)
-    sizing.context_for(sizing.corpus_chars(given.get("data")), given.get("val_fraction") or 0.1)
 
     if not args.quiet:
         print(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...", flush=True)
     threads = cores.choose_threads(given.get("threads") or None)
-    return sizing.for_budget(given["max_time"], given.get("data"), threads, given.get("val_fraction") or 0.1)
+    return sizing.for_budget(given["max_time"], chars, threads, val_fraction)
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:

@@ -75,8 +75,12 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, at: int | torch.Tensor | Rows) -> torch.Tensor:
         C, H, hs, eps = self.C, self.H, self.hs, self.eps
-        lin = self._linear_int8 if self.int8 else self._linear_each if self.per_row else F.linear
-        lin = self._linear_rows if self.invariant and lin is F.linear else lin
+        lin = (
+            self._linear_int8 if self.int8
+            else self._linear_each if self.per_row
+            else self._linear_rows if self.invariant
+            else F.linear
+        )  # fmt: skip
         qkv_lin = self._qkv_int8 if self.int8 else lin  # int8: the kernel's bf16 keys, the cache's format
         x = F.embedding(tokens, self.tok)  # (B, C)
         B = x.size(0)
@@ -123,7 +127,7 @@ class DecodeStep:
         ln_w, ln_b, head_w, head_b = self.final
         x = F.layer_norm(x, (C,), ln_w, ln_b, eps)
         if self.invariant and not self.int8:  # the head row by row: see _linear_rows
-            return torch.cat([F.linear(row, head_w, head_b) for row in x.split(1)])
+            return self._linear_each(x, head_w, head_b)
         return lin(x, head_w, head_b)  # (B, vocab)
 
     def cache(self, batch_size: int) -> KVCache:

@@ -126,15 +126,21 @@ def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
         return math.inf
     left = max(cfg.max_time - state.elapsed, 0.0)
     if final:  # what follows the estimate inside the budget: the sample, the plot and the saves
-        return max(left - state.sample_seconds - state.plot_seconds - 2 * state.save_seconds, 0.0)
+        return max(left - after_estimate(state), 0.0)
     return min(EVAL_SHARE * cfg.max_time, left)
+
+
+def after_estimate(state: RunState) -> float:
+    """What the last evaluation does after its estimate, as last measured: the sample, the plot, the model and
+    state saves."""
+    return state.sample_seconds + state.plot_seconds + 2 * state.save_seconds
 
 
 def sample_fits(cfg: TrainConfig, state: RunState) -> bool:
     """Whether the budget has time for the sample as well as the plot and save that follow it."""
     if not cfg.max_time:
         return True
-    return cfg.max_time - state.tick() >= state.sample_seconds + state.plot_seconds + 2 * state.save_seconds
+    return cfg.max_time - state.tick() >= after_estimate(state)
 
 
 def draw_plot(run: Run, state: RunState) -> None:

@@ -177,6 +177,12 @@ def in_final_decay(cfg: TrainConfig, step: int, elapsed: float, anchor: Anchor |
     return schedule_progress(cfg, step, elapsed, anchor) > 1.0 - cfg.decay_fraction
 
 
+def same_schedule(old: TrainConfig, new: TrainConfig) -> bool:
+    """Whether a resume keeps the schedule's shape (rate, floor, warm-up, kind, decay length): only its budget
+    differs."""
+    return all(getattr(old, k) == getattr(new, k) for k in SCHEDULE_KEYS[2:])
+
+
 def budget_grew(old: TrainConfig, new: TrainConfig) -> bool:
     """A resume that asks for more: more steps or more time, and no less of either."""
     unlimited = math.inf  # max_time 0: no time budget
@@ -191,7 +197,7 @@ def extended_anchor(
     """The anchor of a resumed run. Its budget unchanged: the saved one. A new schedule shape asked for, a run
     still warming up, or one still at its peak rate (WSD's flat stretch): none, the schedule simply follows the
     new budget. A run whose rate had decayed: a new anchor there, from which the rate climbs back to its peak."""
-    same_shape = all(getattr(old, k) == getattr(new, k) for k in SCHEDULE_KEYS[2:])
+    same_shape = same_schedule(old, new)
     budget_changed = (old.n_updates, old.max_time) != (new.n_updates, new.max_time)
     if not budget_changed:
         return anchor

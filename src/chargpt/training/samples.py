@@ -12,6 +12,7 @@ import torch
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.storage.fileio import atomic_write_bytes
+from chargpt.training.report import is_eval
 
 SAMPLES = "samples.txt"
 SAMPLE_CHARS = 200
@@ -68,4 +69,4 @@ def last(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _has_sample(row: dict[str, Any]) -> bool:
-    return row.get("kind", "eval") == "eval" and isinstance(row.get("sample"), str) and row["sample"] != ""
+    return is_eval(row) and isinstance(row.get("sample"), str) and row["sample"] != ""

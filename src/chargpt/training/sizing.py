@@ -171,9 +171,10 @@ def corpus_chars(data: str | None) -> int:
     return sum(f.stat().st_size for f in corpus.corpus_files(data))
 
 
-def for_budget(budget_s: float, data: str | None, threads: int, val_fraction: float = 0.1) -> Choice:
-    """What `chargpt train --max-time budget_s` trains on this machine: the rule, on rungs timed now."""
-    return choose(budget_s, lambda rung: measure(rung, threads), corpus_chars(data), val_fraction)
+def for_budget(budget_s: float, chars: int, threads: int, val_fraction: float = 0.1) -> Choice:
+    """What `chargpt train --max-time budget_s` trains on this machine for a corpus of `chars` characters
+    (corpus_chars): the rule, on rungs timed now."""
+    return choose(budget_s, lambda rung: measure(rung, threads), chars, val_fraction)
 
 
 def measure(rung: Rung, threads: int) -> float:

@@ -24,6 +24,7 @@ from chargpt.training.optim import (
     Optimizer,
     budget_grew,
     in_final_decay,
+    same_schedule,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ RESERVE_MARGIN = 1.25
 @dataclass
 class RunState:
     """What changes as a run goes. The fields down to `lr_anchor` are saved in train_state.pt under the same names
-    (storage.checkpoint.TrainState, the file's one schema) and restored from it: a new resumable counter is a
+    (storage.trainstate.TrainState, the file's one schema) and restored from it: a new resumable counter is a
     field of the same name in both dataclasses, and nothing else."""
 
     step: int = 0
@@ -88,9 +89,10 @@ def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tup
     decay (STABLE_STATE), so the flat stretch goes on and the decay comes at the new end: the best val loss so
     far stays the bar a new model must beat, so the model on disk is only ever replaced by a better one."""
     old = saved_schedule(cfg, end)
-    same_shape = all(getattr(old, k) == getattr(cfg, k) for k in SCHEDULE_KEYS[2:])
     if not (
-        same_shape and budget_grew(old, cfg) and in_final_decay(old, end.step, end.elapsed, saved_anchor(end.lr_anchor))
+        same_schedule(old, cfg)
+        and budget_grew(old, cfg)
+        and in_final_decay(old, end.step, end.elapsed, saved_anchor(end.lr_anchor))
     ):
         return end, ""
     if not os.path.lexists(out / ckpt.STABLE_STATE):
