@@ -109,8 +109,8 @@ AS_USER = textwrap.dedent(
     # everything the commands import lazily, while still root: the checkout may be unreadable to user 65534
     # (a clone in a `mktemp -d` folder is mode 700)
     import chargpt.cli, chargpt.data.corpus, chargpt.inference.evaluate, chargpt.inference.generate
-    import chargpt.storage.checkpoint, chargpt.training.outdir
-    import chargpt.training.loop
+    import chargpt.storage.checkpoint, chargpt.storage.runs, chargpt.storage.trainstate, chargpt.training.outdir
+    import chargpt.training.loop, chargpt.training.settings, chargpt.training.sizing
     if os.geteuid() == 0:
         os.setgid(65534)
         os.setuid(65534)
