@@ -18,7 +18,7 @@ from chargpt.storage.fileio import DiskFullError
 from chargpt.training import report, samples
 from chargpt.training.distributed import all_max, all_mean, rank_rows, sum_dtype, to_device
 from chargpt.training.optim import learning_rate
-from chargpt.training.state import RunState, mark_saved
+from chargpt.training.state import RESERVE_MARGIN, RunState, mark_saved
 
 if TYPE_CHECKING:
     from chargpt.training.assembly import Run
@@ -131,9 +131,9 @@ def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
 
 
 def after_estimate(state: RunState) -> float:
-    """What the last evaluation does after its estimate, as last measured: the sample, the plot, the model and
-    state saves."""
-    return state.sample_seconds + state.plot_seconds + 2 * state.save_seconds
+    """What the last evaluation does after its estimate, as last measured (the sample, the plot, the model and
+    state saves), with the reserve's margin to spare on a busy machine."""
+    return RESERVE_MARGIN * (state.sample_seconds + state.plot_seconds + 2 * state.save_seconds)
 
 
 def sample_fits(cfg: TrainConfig, state: RunState) -> bool:
