@@ -14,7 +14,7 @@ from selenium.webdriver.chrome.service import Service
 
 from chargpt.cli import main
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import layout
 from conftest import tiny_config
 
 # small enough for a few seconds per run on 2 busy cores; dropout > 0 so the RNG state matters
@@ -29,7 +29,7 @@ def small(out: Path, data: Path, **kw):
 
 
 def final_state(out: Path) -> dict:
-    return torch.load(out / ckpt.TRAIN_STATE, weights_only=True)
+    return torch.load(out / layout.TRAIN_STATE, weights_only=True)
 
 
 def assert_same_tensors(a, b, where: str = "") -> None:
@@ -111,3 +111,43 @@ def headless_chromium(tmp_path: Path) -> webdriver.Chrome:
     ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+PINNED = Path(__file__).parent / "data" / "pinned_logits.json"  # the model's logits, pinned (see pinned_model)
+
+
+def pinned_model():
+    """A small GPT whose weights are a formula (no random generator, so the same on every machine and torch), and
+    its tokenizer: tests/data/pinned_logits.json holds its next-token logits after a few prompts, which the model
+    (chargpt.model) and every port of its math (the web page's JavaScript) must give. A change to the model's
+    math fails those tests; write the file anew (pin_logits) only for a change meant to move the numbers."""
+    from chargpt.config import GPTConfig
+    from chargpt.model import GPT
+
+    text = "abcdefgh \n"
+    cfg = GPTConfig(vocab_size=len(text), block_size=8, n_embd=16, n_heads=2, n_layers=2, dropout=0.0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_(
+                (torch.sin(torch.arange(p.numel(), dtype=torch.float64) * (0.37 + 0.13 * i) + i) * 0.5).view(p.shape)
+            )
+    return model, CharTokenizer.from_text(text)
+
+
+PINNED_PROMPTS = ("a", "bad cab\nhe", "a bag had a ceded bad egg")  # one token, inside the window, past it
+
+
+def pin_logits() -> None:
+    """Write tests/data/pinned_logits.json from the model as it is (python -c 'import helpers; helpers.pin_logits()'
+    in tests/)."""
+    model, tokenizer = pinned_model()
+    with torch.no_grad():
+        logits = {
+            prompt: model(torch.as_tensor(tokenizer.encode(prompt)[-model.config.block_size :])[None])[0][
+                0, -1
+            ].tolist()
+            for prompt in PINNED_PROMPTS
+        }
+    PINNED.parent.mkdir(exist_ok=True)
+    PINNED.write_text(json.dumps({"logits": logits}, indent=1) + "\n", encoding="utf-8")

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chargpt.config import GPTConfig
-from chargpt.model import GPT, CausalSelfAttention, Dropout, dropout_mask
+from chargpt.model import GPT, Dropout, attention, dropout_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
@@ -46,25 +47,32 @@ def test_dropout_module_keeps_the_mean_and_is_identity_in_eval() -> None:
 
 
 def test_attention_with_dropout_equals_the_formula() -> None:
-    """Training-mode attention = softmax(causal(QK^T/sqrt(hs))) with the drawn mask applied, times V."""
-    cfg = GPTConfig(vocab_size=11, block_size=16, n_embd=24, n_heads=3, n_layers=1, dropout=0.3)
+    """Training-mode attention = softmax(causal(QK^T/sqrt(hs))) with the drawn mask applied, times V; and a
+    training block draws that mask first, then the residual dropouts."""
     torch.manual_seed(0)
-    attn = CausalSelfAttention(cfg).train()
-    x = torch.randn(2, 16, 24)
+    q, k, v = torch.randn(3, 2, 3, 16, 8).unbind(0)  # (B, H, T, hs) each
     torch.manual_seed(5)
-    got = attn(x)
+    got = attention(q, k, v, causal=True, dropout=0.3)
     torch.manual_seed(5)
     drop, scale = dropout_mask((2 * 3, 16, 16), 0.3, torch.device("cpu"))
-    q, k, v = attn.qkv(x).split(24, dim=2)
-    q, k, v = (t.view(2, 16, 3, 8).transpose(1, 2) for t in (q, k, v))
     w = (q @ k.transpose(-2, -1)) / math.sqrt(8)
     w = w.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    w = w * (~drop).view(2, 3, 16, 16) * scale
-    want = attn.proj((w @ v).transpose(1, 2).reshape(2, 16, 24))
-    # the residual dropout after proj draws after the attention mask: undo it by comparing where it kept
-    kept = got != 0
-    assert kept.float().mean() > 0.5
-    torch.testing.assert_close(got[kept], (want * (1 / 0.7))[kept], rtol=1e-5, atol=1e-5)
+    want = (w * (~drop).view(2, 3, 16, 16) * scale) @ v
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_embd=24, n_heads=3, n_layers=1, dropout=0.3)
+    blk = GPT(cfg).blocks[0].train()
+    x = torch.randn(2, 16, 24)
+    torch.manual_seed(5)
+    y = blk(x)
+    torch.manual_seed(5)
+    qkv = blk.attn.qkv(F.layer_norm(x, (24,), blk.ln1.weight, blk.ln1.bias))
+    q, k, v = (t.view(2, 16, 3, 8).transpose(1, 2) for t in qkv.split(24, dim=2))
+    a = blk.attn.proj(attention(q, k, v, causal=True, dropout=0.3).transpose(1, 2).reshape(2, 16, 24))
+    drop, scale = dropout_mask((2, 16, 24), 0.3, torch.device("cpu"))  # the residual dropout after proj
+    h = x + torch.where(drop, 0.0, a * scale)
+    m = blk.ffwd.down(F.relu(blk.ffwd.up(F.layer_norm(h, (24,), blk.ln2.weight, blk.ln2.bias))))
+    drop, scale = dropout_mask((2, 16, 24), 0.3, torch.device("cpu"))
+    torch.testing.assert_close(y, h + torch.where(drop, 0.0, m * scale), rtol=1e-5, atol=1e-5)
 
 
 def test_training_path_without_dropout_matches_eval_path() -> None:

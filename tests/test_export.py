@@ -13,8 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from chargpt.inference.export import web_files
 from conftest import run_cli
-from helpers import call_main, headless_chromium
+from helpers import PINNED, call_main, headless_chromium, pinned_model
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,17 @@ def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny
                 ids = tokenizer.encode(prompt)[-model.config.block_size :]
                 expected = model(torch.as_tensor(ids)[None])[0][0, -1].numpy()
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+        # the page's port of the math against the pinned logits (the same file pins chargpt.model, test_model)
+        pinned_net, pinned_tokenizer = pinned_model()
+        script = web_files(pinned_net, pinned_tokenizer, "pinned", {})["model.js"].decode("ascii")
+        spec = json.loads(script[script.index("=") + 1 :].strip().rstrip(";"))
+        for prompt, expected in json.loads(PINNED.read_text(encoding="utf-8"))["logits"].items():
+            got = browser.execute_script(
+                "return Array.from(new Model(arguments[0]).window(arguments[1]))",
+                spec,
+                pinned_tokenizer.encode(prompt).tolist(),
+            )
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
         # the page's sampler: a temperature that overflows the scaled logits, or top-p 0, is greedy, not the last
         # candidate; a temperature that is not a number is refused with a message
         logits = [0.5, 3.0, -1.0, 2.0]

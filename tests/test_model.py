@@ -257,3 +257,23 @@ def test_save_load_gives_identical_logits(tmp_path, kind):
         assert torch.equal(model(idx)[0], loaded(idx)[0])
     for (name, a), (name_b, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert name == name_b and torch.equal(a, b)
+
+
+def test_the_model_gives_the_pinned_logits():
+    """tests/data/pinned_logits.json pins the model's math (the web page's port is checked against the same file,
+    test_export): the forward, and the one-token step after a prefill, give those logits on this machine."""
+    from chargpt.inference.generate import Decoder
+    from helpers import PINNED, PINNED_PROMPTS, pinned_model
+
+    pinned = json.loads(PINNED.read_text(encoding="utf-8"))["logits"]
+    assert sorted(pinned) == sorted(PINNED_PROMPTS)
+    model, tokenizer = pinned_model()
+    with torch.inference_mode():
+        for prompt, expected in pinned.items():
+            ids = torch.as_tensor(tokenizer.encode(prompt))[None]
+            forward = model(ids[:, -model.config.block_size :])[0][0, -1]
+            torch.testing.assert_close(forward, torch.tensor(expected), rtol=0, atol=1e-5)
+            decoder = Decoder(model, 1)
+            for n in range(1, ids.size(1) + 1):  # prefill, then one-token steps (and rebuilds past the window)
+                stepped = decoder(ids[:, :n])[0]
+            torch.testing.assert_close(stepped, torch.tensor(expected), rtol=0, atol=1e-5)

@@ -1,16 +1,24 @@
-"""The GPT from "Let's build GPT", read top-down like its diagram.
+"""The GPT from "Let's build GPT", read top-down like its diagram, and the only place its math is written.
 
 tokens -> token embedding + position embedding -> n_layers x Block -> LayerNorm -> Linear head -> logits
 Block: x = x + Dropout(Proj(concat(heads(LN1(x)))));  x = x + Dropout(Linear(ReLU(Linear(LN2(x)))))
 
-The heads are computed fused: one bias-free (C -> 3C) matmul gives every head's query, key and
-value, and `scaled_dot_product_attention` does the causal softmax(QK^T / sqrt(head_size)) V.
-`tests/test_model.py` loads the same weights into a per-head implementation and checks equal logits.
+`block` is that line as a function of the block's parameters, an `attend` and the Linear to use: the modules'
+forward (training, evaluation, a sampler's prefill, the ONNX graph) and the one-token step
+(chargpt.inference.decode, with its weights gathered once, fp32 or int8) both call it. `attention` is the one
+attention, and `KVCache.attend` the one place that writes keys at given positions and says which slots a query
+reads. The heads are computed fused: one bias-free (C -> 3C) matmul gives every head's query, key and value, and
+`scaled_dot_product_attention` does the causal softmax(QK^T / sqrt(head_size)) V. `tests/test_model.py` loads
+the same weights into a per-head implementation and checks equal logits; the web page's JavaScript port is
+pinned to this module by tests/data/pinned_logits.json.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +28,7 @@ from chargpt.config import GPTConfig
 from chargpt.errors import ChargptError
 
 SPAN = 16  # the one-token step attends over positions in multiples of this many (see span)
+EPS = 1e-5  # every LayerNorm's epsilon (the web page reads it from the exported model)
 
 
 def span(t: int) -> int:
@@ -31,13 +40,138 @@ def span(t: int) -> int:
     return -(-(t + 1) // SPAN) * SPAN
 
 
-class KVCache:
-    """Keys and values of the tokens already seen, per layer: (B, n_heads, span(block_size - 1), head_size), the
-    positions past block_size only ever masked.
+# ---- the math, written once: every forward (training, evaluation, prefill, the one-token step, ONNX) runs it ----
 
-    Allocated once per generation, zeroed (the one-token step multiplies masked slots by 0, and 0 x NaN is NaN);
-    `reset()` makes it reusable for a rebuild without new allocations. A prefill (`GPT.forward(idx,
-    cache=...)`) fills positions 0..T-1; the one-token step (chargpt.inference.decode) writes one position per row.
+
+class LayerParams(NamedTuple):
+    """One block's parameters: each LayerNorm as (weight, bias), each Linear as whatever the `linear` given to
+    `block` takes (the module itself in the forward; the one-token step gathers (weight, bias) once)."""
+
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    qkv: Any  # rows [0:C) are the queries of heads 0..H-1, then [C:2C) the keys, then [2C:3C) the values
+    proj: Any
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    up: Any
+    down: Any
+
+
+Linear = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def call_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The forward's `linear`: the layer itself (an nn.Linear, or an Int8Linear in a quantized copy)."""
+    return module(x)
+
+
+def layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.layer_norm(x, (x.size(-1),), params[0], params[1], EPS)
+
+
+def block(
+    x: torch.Tensor,
+    p: LayerParams,
+    attend: Callable[[torch.Tensor], torch.Tensor],
+    linear: Linear = call_module,
+    qkv_linear: Linear | None = None,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    last_only: bool = False,
+) -> torch.Tensor:
+    """One block: x = x + Dropout(Proj(attend(QKV(LN1(x))))); x = x + Dropout(Down(ReLU(Up(LN2(x))))).
+
+    x is (B, T, C), or (B, C) for one token per row; `attend` takes the fused queries, keys and values (..., 3C)
+    and returns the heads concatenated (..., C) (see split_heads, merge_heads, attention and KVCache.attend).
+    With last_only the attention returned the last position only, and so does the block."""
+    a = linear(attend((qkv_linear or linear)(layer_norm(x, p.ln1), p.qkv)), p.proj)
+    x = (x[:, -1:] if last_only else x) + (a if dropout is None else dropout(a))
+    m = linear(F.relu(linear(layer_norm(x, p.ln2), p.up)), p.down)
+    return x + (m if dropout is None else dropout(m))
+
+
+def split_heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, 3C), or one token per row (B, 3C), -> q, k, v, each (B, H, T, hs) (T = 1 for rows)."""
+    hs = qkv.size(-1) // (3 * n_heads)
+    parts = qkv.view(qkv.size(0), -1, 3, n_heads, hs)  # (B, T, 3, H, hs)
+    return parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2), parts[:, :, 2].transpose(1, 2)
+
+
+def merge_heads(y: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """concat(heads): (B, H, T, hs) -> (B, T, C), or (B, C) for one token per row."""
+    B, H, T, hs = y.shape
+    return y.reshape(B, H * hs) if rows else y.transpose(1, 2).reshape(B, T, H * hs)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(head_size) + mask) v, causal or under an additive mask, with dropout on the weights:
+    the model's one attention. (B, H, T, hs) x (B, H, S, hs) -> (B, H, T, hs)."""
+    if dropout > 0 and q.device.type == "cpu":
+        return _causal_attention_with_dropout(q, k, v, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+
+
+def _causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal attention with dropout on the weights, written out for CPU training: SDPA's CPU kernel falls back
+    to an unfused path when dropout is on, which costs more than this one."""
+    B, H, T, hs = q.shape
+    bias = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # causal: -inf above the diagonal
+    att = torch.baddbmm(
+        bias, q.reshape(B * H, T, hs), k.reshape(B * H, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs)
+    ).softmax(-1)  # (B*H, T, T)
+    drop, scale = dropout_mask(tuple(att.shape), p, q.device)
+    y = torch.where(drop, 0.0, att) @ (v.reshape(B * H, T, hs) * scale)  # scale folded into v: (B*H, T, hs)
+    return y.view(B, H, T, hs)
+
+
+# ---- the KV cache: where each row's keys live, and which of them its query reads ----
+
+
+@dataclass
+class Rows:
+    """Row b of a one-token step sits in cache row slots[b] at position positions[b] (0 < position < block_size):
+    the server's rows, each at its own place in its own slot."""
+
+    slots: list[int]
+    positions: list[int]
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, positions) as tensors on `device`, made once per step (every layer reads them)."""
+        made = self.__dict__.get("_tensors")
+        if made is None or made[0].device != device:
+            made = self._tensors = (
+                torch.tensor(self.slots, device=device),
+                torch.tensor(self.positions, device=device),
+            )
+        return made
+
+
+Positions = int | torch.Tensor | Rows  # where new tokens go: see KVCache.attend
+
+_MASKS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def visible(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n) additive mask: row t is 0 at positions 0..t and -inf after (made once per size, device and format).
+    SDPA turns a bool mask into this itself, in every layer of every step; given it, the same numbers come out."""
+    key = (n, torch.device(device), dtype)
+    tracing = torch.compiler.is_compiling()  # an exported graph computes its mask (one graph, however called)
+    mask = None if tracing else _MASKS.get(key)
+    if mask is None:
+        ones = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(~ones, float("-inf"))
+        if not tracing:
+            _MASKS[key] = mask
+    return mask
+
+
+class KVCache:
+    """Keys and values of the tokens already seen, per layer: (B, n_heads, slots, head_size), by default
+    span(block_size - 1) slots (the positions past block_size only ever masked).
+
+    Allocated once per generation, zeroed (a masked slot is multiplied by 0, and 0 x NaN is NaN); `reset()`
+    makes it reusable for a rebuild without new allocations. `attend` writes new keys and reads the ones each
+    query may see; the caller advances `length` after a one-token step (a forward from position 0 sets it).
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
@@ -46,6 +180,14 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.block_size = cfg.block_size
         self.length = 0  # number of positions filled
+
+    @classmethod
+    def holding(cls, k: torch.Tensor, v: torch.Tensor, block_size: int) -> KVCache:
+        """A cache over given keys and values (n_layers, B, H, slots, hs) (the ONNX graph's inputs, copied)."""
+        cache = object.__new__(cls)
+        cache.k, cache.v = [layer.clone() for layer in k], [layer.clone() for layer in v]
+        cache.block_size, cache.length = block_size, 0
+        return cache
 
     def reset(self) -> None:
         self.length = 0
@@ -58,6 +200,60 @@ class KVCache:
         view.v = [v[slot : slot + 1] for v in self.v]
         view.block_size, view.length = self.block_size, 0
         return view
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, last_only: bool = False
+    ) -> torch.Tensor:
+        """Store the new keys and values k, v (B, H, T, hs) and attend each query q (B, H, T, hs) over the keys at
+        positions 0..its own; (B, H, T, hs) out (T = 1 with last_only: the last query only). `at`:
+
+        - an int p: the tokens are at positions p..p+T-1, row b in cache row b. From 0 (a prefill) the queries
+          read the new keys themselves, causally; later ones read the cache through a mask over span(p + T - 1)
+          slots (a query's numbers then depend on its own position only, whatever else is in the cache).
+        - a 0-dim tensor p (on the device): the same with fixed shapes and no host values, every slot read
+          through the mask (a CUDA graph; the ONNX graph).
+        - `Rows` (T = 1): row b at its own position in its own cache row; all rows' attention in one call over
+          the cache rows from the lowest slot to the highest (the ones between idle).
+        """
+        K, V = self.k[layer], self.v[layer]
+        if isinstance(at, Rows):
+            return self._attend_rows(K, V, q, k, v, at)
+        T = q.size(2)
+        if isinstance(at, torch.Tensor):
+            where = at.view(1) + torch.arange(T, device=q.device) if T > 1 else at.view(1)
+            K.index_copy_(2, where, k.to(K.dtype))
+            V.index_copy_(2, where, v.to(V.dtype))
+            seen = visible(K.size(2), q.device, K.dtype).index_select(0, where).view(1, 1, T, -1)
+            return attention(q.to(K.dtype), K, V, mask=seen)
+        K[:, :, at : at + T].copy_(k)  # (slice + copy_: half the time of K[:, :, at] = ...)
+        V[:, :, at : at + T].copy_(v)
+        if at == 0:
+            if last_only and T > 1:
+                return attention(q[:, :, -1:], k, v)  # the last query sees every key
+            return attention(q, k, v, causal=T > 1)
+        spanned = span(at + T - 1)
+        seen = visible(K.size(2), q.device, K.dtype)[at : at + T, :spanned].view(1, 1, T, spanned)
+        return attention(q.to(K.dtype), K[:, :, :spanned], V[:, :, :spanned], mask=seen)
+
+    @staticmethod
+    def _attend_rows(
+        K: torch.Tensor, V: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Rows
+    ) -> torch.Tensor:
+        slots, positions = at.tensors(q.device)
+        K[slots, :, positions] = k[:, :, 0].to(K.dtype)  # every row's new key: (B, H, hs)
+        V[slots, :, positions] = v[:, :, 0].to(V.dtype)
+        lo, hi = min(at.slots), max(at.slots) + 1  # attention over the cache rows lo..hi-1, unused ones idle
+        spanned = span(max(at.positions))
+        inside = slots - lo  # each row's place among them
+        at_slot = torch.zeros(hi - lo, dtype=torch.long, device=q.device)  # an idle row reads position 0
+        at_slot[inside] = positions
+        seen = visible(K.size(2), q.device, K.dtype)[at_slot, :spanned].view(hi - lo, 1, 1, spanned)
+        queries = q.new_zeros(hi - lo, *q.shape[1:], dtype=K.dtype)  # in the cache's format
+        queries[inside] = q.to(K.dtype)
+        return attention(queries, K[lo:hi, :, :spanned], V[lo:hi, :, :spanned], mask=seen)[inside]
+
+
+# ---- the modules: the parameters (their names are the checkpoint's keys) and the forward ----
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -90,52 +286,12 @@ class Dropout(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """All heads at once: fused QKV projection, causal SDPA, output projection."""
+    """The attention's parameters: the fused (C -> 3C, bias-free) query/key/value projection, and the output's."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_heads, self.head_size = cfg.n_heads, cfg.head_size
-        # rows [0:C) are the queries of heads 0..H-1, then [C:2C) the keys, then [2C:3C) the values
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.attn_dropout = cfg.dropout
-        self.resid_dropout = Dropout(cfg.dropout)
-
-    def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
-    ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C); with last_only, (B, 1, C): only the last query (the model's final layer
-        while sampling needs no other position's output, but every position's key and value). With a cache
-        (a prefill from position 0) the keys and values are stored in it."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
-        causal = T > 1
-        if cache is not None:
-            cache.k[layer][:, :, :T] = k
-            cache.v[layer][:, :, :T] = v
-        if last_only and T > 1:
-            q, T, causal = q[:, :, -1:], 1, False  # the last query sees every key: (B, H, 1, hs)
-        if self.training and self.attn_dropout > 0 and x.device.type == "cpu" and cache is None:
-            y = self._attend_with_dropout(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, dropout_p=self.attn_dropout if self.training else 0.0
-            )  # (B, H, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # concat(heads): (B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-    def _attend_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention with dropout on the weights, written out for CPU training: SDPA's CPU kernel
-        falls back to an unfused path when dropout is on, which costs more than this one."""
-        B, H, T, hs = q.shape
-        bias = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # causal: -inf above the diagonal
-        att = torch.baddbmm(
-            bias, q.reshape(B * H, T, hs), k.reshape(B * H, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs)
-        ).softmax(-1)  # (B*H, T, T)
-        drop, scale = dropout_mask(tuple(att.shape), self.attn_dropout, q.device)
-        y = torch.where(drop, 0.0, att) @ (v.reshape(B * H, T, hs) * scale)  # scale folded into v: (B*H, T, hs)
-        return y.view(B, H, T, hs)
 
 
 class FeedForward(nn.Module):
@@ -143,26 +299,39 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
-        self.dropout = Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.relu(self.up(x))))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.n_heads, self.p = cfg.n_heads, cfg.dropout
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=EPS)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=EPS)
         self.ffwd = FeedForward(cfg)
+        self.dropout = Dropout(cfg.dropout)
+
+    def params(self, linear: Callable[[nn.Module], Any] = lambda m: m) -> LayerParams:
+        """This block's parameters for `block`, each Linear layer passed through `linear` (the one-token step
+        takes their tensors)."""
+        a, f = self.attn, self.ffwd
+        return LayerParams(
+            (self.ln1.weight, self.ln1.bias), linear(a.qkv), linear(a.proj),
+            (self.ln2.weight, self.ln2.bias), linear(f.up), linear(f.down),
+        )  # fmt: skip
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, at: Positions = 0, last_only: bool = False
     ) -> torch.Tensor:
-        a = self.attn(self.ln1(x), cache, layer, last_only)  # (B, T, C), or (B, 1, C) with last_only
-        x = (x[:, -1:] if last_only else x) + a
-        return x + self.ffwd(self.ln2(x))
+        drop = self.p if self.training else 0.0
+
+        def attend(qkv: torch.Tensor) -> torch.Tensor:
+            q, k, v = split_heads(qkv, self.n_heads)
+            if cache is None:
+                return merge_heads(attention(q, k, v, causal=q.size(2) > 1, dropout=drop))
+            return merge_heads(cache.attend(layer, q, k, v, at, last_only))
+
+        return block(x, self.params(), attend, dropout=self.dropout if drop else None, last_only=last_only)
 
 
 class GPT(nn.Module):
@@ -181,7 +350,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=EPS)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         self.apply(self._init_weights)
         # residual projections scaled down with depth (GPT-2), so the residual stream starts tame
@@ -196,25 +365,34 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def stacked(self) -> dict[nn.Parameter, int]:
+        """The weights that hold several matrices stacked by rows, and how many (the fused Q, K, V: 3), for an
+        optimizer that treats each matrix apart."""
+        return {b.attn.qkv.weight: 3 for b in self.blocks}
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, at: Positions = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
 
-        With a cache (sampling's prefill): idx fills the cache from position 0 and only the last position's
-        logits (B, 1, vocab) are computed; the final layer then runs its query, feed-forward and head on one
-        position. The tokens after it go through the one-token step, chargpt.inference.decode.
+        With a cache (see KVCache.attend), idx holds the tokens at positions at..at+T-1 and their keys and values
+        are stored. Sampling's prefill (at = 0) computes the last position's logits only (B, 1, vocab): the final
+        layer runs its query, feed-forward and head on one position; with a tensor `at` (the ONNX graph's fixed
+        shapes) every position's. The tokens after a prefill go through the one-token step, chargpt.inference.decode.
         """
         B, T = idx.shape
-        assert T <= self.config.block_size, "sequence longer than block_size"
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        if isinstance(at, torch.Tensor):
+            pos = at + torch.arange(T, device=idx.device)
+        else:
+            assert at + T <= self.config.block_size, "sequence longer than block_size"
+            pos = torch.arange(at, at + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
-        last = len(self.blocks) - 1 if cache is not None else -1
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, last_only=i == last)
-        if cache is not None:
-            cache.length = T
-        logits = self.head(self.ln_f(x))  # (B, T, vocab)
+        last = len(self.blocks) - 1 if cache is not None and not isinstance(at, torch.Tensor) else -1
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cache, i, at, last_only=i == last)
+        if cache is not None and isinstance(at, int):
+            cache.length = at + T
+        logits = self.head(layer_norm(x, (self.ln_f.weight, self.ln_f.bias)))  # (B, T, vocab)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

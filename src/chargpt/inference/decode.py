@@ -4,19 +4,12 @@ B rows, each a new token at some position whose predecessors' keys and values si
 row's next-token logits come out and the new keys and values are stored. generate's Decoder (one sequence,
 or a batch at one position), the CUDA graph (fixed shapes, replayed per token) and the server's batching
 engine (rows at different positions) all run this one step. What differs between them is only where a
-row's keys live and how much of the cache its query reads, given by `at`:
+row's keys live and how much of the cache its query reads, given by `at` (chargpt.model.KVCache.attend, which
+writes the keys and masks the slots: an int t, every row at position t; a 0-dim tensor, the same with fixed
+shapes for a CUDA graph; `Rows`, each row at its own position in its own cache row, a server slot). The block's
+math is chargpt.model.block, the same function the model's forward runs.
 
-- an int t: every row at position t, row b in cache row b.
-- a 0-dim tensor (on the device): the same, with fixed shapes and no host values, so a CUDA graph can capture
-  it: the query reads every slot of the cache.
-- `Rows`: row b at its own position in its own cache row (a server slot), all rows' attention in one call over
-  the cache rows from the lowest slot to the highest.
-
-A query at position t always reads keys 0..t through a mask over more slots (chargpt.model.span: t + 1 rounded
-up to 16 alone, the longest row's span in a batch, the whole cache in a graph): CPU attention gives the same bits
-for any masked multiple of 16 keys, so a row's numbers are its own, alone or in any batch.
-
-The weights are gathered once per `DecodeStep` and the step calls the functional ops on 2-D rows: at batch 1
+The weights are gathered once per `DecodeStep` and the block runs on 2-D rows (B, C): at batch 1
 each small operation costs more than its arithmetic, and module calls around them cost more still.
 
 Batch invariance (the server's exactness): with `invariant=True` each Linear runs as a batched matmul of B
@@ -33,22 +26,12 @@ row on its own (so it is batch-invariant as it is; `batch_invariant` checks that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from chargpt.inference.int8 import Int8Linear, int8_linear
 from chargpt.machine import precision as prec
-from chargpt.model import GPT, KVCache, span
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Row b of a step sits in cache row slots[b] at position positions[b] (0 < position < block_size)."""
-
-    slots: list[int]
-    positions: list[int]
+from chargpt.model import GPT, KVCache, Rows, block, layer_norm, merge_heads, split_heads
 
 
 class DecodeStep:
@@ -57,78 +40,41 @@ class DecodeStep:
 
     def __init__(self, model: GPT, invariant: bool = False, per_row: bool = False):
         cfg = self.config = model.config
-        self.C, self.H, self.hs = cfg.n_embd, cfg.n_heads, cfg.head_size
-        self.eps = model.ln_f.eps
+        self.H = cfg.n_heads
         self.tok, self.pos = model.tok_emb.weight, model.pos_emb.weight
         self.int8 = isinstance(model.head, Int8Linear)
-        w = self._weight
-        self.layers = tuple(
-            (b.ln1.weight, b.ln1.bias, w(b.attn.qkv), b.attn.qkv.bias, w(b.attn.proj), b.attn.proj.bias)
-            + (b.ln2.weight, b.ln2.bias, w(b.ffwd.up), b.ffwd.up.bias, w(b.ffwd.down), b.ffwd.down.bias)
-            for b in model.blocks
-        )
-        self.final = (model.ln_f.weight, model.ln_f.bias, w(model.head), model.head.bias)
+        self.layers = tuple(b.params(self._weight) for b in model.blocks)  # gathered once
+        self.ln_f, self.head = (model.ln_f.weight, model.ln_f.bias), self._weight(model.head)
         self.invariant = invariant or per_row
         self.per_row = per_row  # every product one row at a time: the single-row step's very calls
         self._casts: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # weights cast once for autocast
-        self._masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, at: int | torch.Tensor | Rows) -> torch.Tensor:
-        C, H, hs, eps = self.C, self.H, self.hs, self.eps
         lin = (
             self._linear_int8 if self.int8
             else self._linear_each if self.per_row
             else self._linear_rows if self.invariant
-            else F.linear
+            else self._linear
         )  # fmt: skip
         qkv_lin = self._qkv_int8 if self.int8 else lin  # int8: the kernel's bf16 keys, the cache's format
-        x = F.embedding(tokens, self.tok)  # (B, C)
-        B = x.size(0)
         if isinstance(at, Rows):
-            slots = torch.tensor(at.slots, device=x.device)
-            positions = torch.tensor(at.positions, device=x.device)
-            x = x + self.pos[positions]
-            lo, hi = min(at.slots), max(at.slots) + 1  # attention over the cache rows lo..hi-1, unused ones idle
-            spanned = span(max(at.positions))
-            inside = slots - lo  # each row's place among them
-            at_slot = torch.zeros(hi - lo, dtype=torch.long, device=x.device)  # an idle row reads position 0
-            at_slot[inside] = positions
-            seen = self._visible(cache, x.device)[at_slot, :spanned].view(hi - lo, 1, 1, spanned)
+            pos = self.pos[at.tensors(tokens.device)[1]]  # (B, C)
         elif isinstance(at, torch.Tensor):
-            seen = self._visible(cache, x.device).index_select(0, at.view(1)).view(1, 1, 1, -1)  # slots filled
-            x = x + self.pos.index_select(0, at.view(1))
+            pos = self.pos.index_select(0, at.view(1))
         else:
-            spanned = span(at)
-            seen = self._visible(cache, x.device)[at, :spanned].view(1, 1, 1, spanned)
-            x = x + self.pos[at]
-        for (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, down_w, down_b), k, v in zip(
-            self.layers, cache.k, cache.v, strict=True
-        ):
-            qkv = qkv_lin(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b).view(B, 3, H, hs)  # q, k, v
-            q = qkv[:, 0, :, None].to(k.dtype)  # (B, H, 1, hs)
-            if isinstance(at, Rows):
-                k[slots, :, positions] = qkv[:, 1].to(k.dtype)  # every row's new key: (B, H, hs)
-                v[slots, :, positions] = qkv[:, 2].to(v.dtype)
-                queries = q.new_zeros(hi - lo, H, 1, hs)  # in the cache's format
-                queries[inside] = q
-                y = F.scaled_dot_product_attention(
-                    queries, k[lo:hi, :, :spanned], v[lo:hi, :, :spanned], attn_mask=seen
-                )[inside]
-            elif isinstance(at, torch.Tensor):
-                k.index_copy_(2, at.view(1), qkv[:, 1, :, None].to(k.dtype))
-                v.index_copy_(2, at.view(1), qkv[:, 2, :, None].to(v.dtype))
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
-            else:
-                k.select(2, at).copy_(qkv.select(1, 1))  # (B, H, hs) into the cache's (B, H, span(block - 1), hs)
-                v.select(2, at).copy_(qkv.select(1, 2))  # (select + copy_: half the time of k[:, :, at] = ...)
-                y = F.scaled_dot_product_attention(q, k[:, :, :spanned], v[:, :, :spanned], attn_mask=seen)
-            x += lin(y.reshape(B, C), proj_w, proj_b)  # concat(heads) (B, H, 1, hs) -> proj; residual
-            x += lin(lin(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), up_w, up_b).relu_(), down_w, down_b)
-        ln_w, ln_b, head_w, head_b = self.final
-        x = F.layer_norm(x, (C,), ln_w, ln_b, eps)
+            pos = self.pos[at]
+        x = F.embedding(tokens, self.tok) + pos  # (B, C)
+        for layer, params in enumerate(self.layers):
+
+            def attend(qkv: torch.Tensor, layer: int = layer) -> torch.Tensor:
+                q, k, v = split_heads(qkv, self.H)  # (B, H, 1, hs) each
+                return merge_heads(cache.attend(layer, q, k, v, at), rows=True)
+
+            x = block(x, params, attend, lin, qkv_lin)
+        x = layer_norm(x, self.ln_f)
         if self.invariant and not self.int8:  # the head row by row: see _linear_rows
-            return self._linear_each(x, head_w, head_b)
-        return lin(x, head_w, head_b)  # (B, vocab)
+            return self._linear_each(x, self.head)
+        return lin(x, self.head)  # (B, vocab)
 
     def cache(self, batch_size: int) -> KVCache:
         """A zeroed cache for this step's model: bf16 with int8 weights, whose keys and values are bf16 numbers
@@ -137,44 +83,40 @@ class DecodeStep:
         p = self.tok
         return KVCache(self.config, batch_size, p.device, torch.bfloat16 if self.int8 else p.dtype)
 
-    def _visible(self, cache: KVCache, device: torch.device) -> torch.Tensor:
-        """(slots, slots) in the cache's format: row t is 0 at positions 0..t and -inf after (made once per device
-        and format). SDPA turns a bool mask into this itself, in every layer of every step; given it, the same
-        numbers come out."""
-        n, dtype = cache.k[0].size(2), cache.k[0].dtype
-        mask = self._masks.get((device, dtype))
-        if mask is None or mask.size(0) != n:
-            ones = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-            mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(~ones, float("-inf"))
-            self._masks[(device, dtype)] = mask
-        return mask
+    @staticmethod
+    def _weight(linear: torch.nn.Module) -> tuple:
+        """A Linear layer as the step's products take it: (weight, bias), or int8's (qweight, scales, bias)."""
+        if isinstance(linear, Int8Linear):
+            return linear.qweight, linear.scales, linear.bias
+        return linear.weight, linear.bias
 
     @staticmethod
-    def _weight(linear: torch.nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return (linear.qweight, linear.scales) if isinstance(linear, Int8Linear) else linear.weight
+    def _linear(x: torch.Tensor, p: tuple) -> torch.Tensor:
+        return F.linear(x, p[0], p[1])
 
     @staticmethod
-    def _qkv_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
+    def _qkv_int8(x: torch.Tensor, p: tuple) -> torch.Tensor:
         """The queries, keys and values (bias-free in the GPT) in bf16, as the kernel gives them: the bf16 cache
         takes the keys and values unchanged, and attention the queries (an fp32 round trip would give the same
         numbers, later)."""
-        return int8_linear(x, weight[0], weight[1], bias, out=torch.bfloat16)
+        return int8_linear(x, p[0], p[1], p[2], out=torch.bfloat16)
 
     @staticmethod
-    def _linear_int8(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
-        return int8_linear(x, weight[0], weight[1], bias)
+    def _linear_int8(x: torch.Tensor, p: tuple) -> torch.Tensor:
+        return int8_linear(x, p[0], p[1], p[2])
 
     @staticmethod
-    def _linear_each(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _linear_each(x: torch.Tensor, p: tuple) -> torch.Tensor:
         """x (B, in) -> (B, out) as B calls of F.linear on one row: the same calls as B single-row steps make, so
         the same bits on any BLAS at any thread count (one that splits a one-row sum between threads but not a
         batched product's, as MKL does on AMD CPUs, included)."""
-        return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])
+        return torch.cat([F.linear(row, p[0], p[1]) for row in x.split(1)])
 
-    def _linear_rows(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _linear_rows(self, x: torch.Tensor, p: tuple) -> torch.Tensor:
         """x (B, in) -> (B, out), each row computed as F.linear computes a batch of one. Not for the head: with
         2 threads on an Intel Xeon, a one-row product with few outputs (384 -> 65) splits its sum between the
         threads, and the batched product rounds differently; the step runs the head as one-row products."""
+        weight, bias = p
         if torch.is_autocast_enabled(x.device.type):  # cast the weight itself (once), not its B-fold broadcast
             dtype = torch.get_autocast_dtype(x.device.type)
             key = (id(weight), dtype)

@@ -29,7 +29,6 @@ import importlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -39,56 +38,31 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from chargpt import __version__
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.model import GPT
+from chargpt.model import EPS, GPT, KVCache
 
 FORMATS = ("onnx", "web")
 OPSET = 18
 
 
 class CachedForward(nn.Module):
-    """The exported graph: the GPT's forward over new tokens at positions start.., reading and returning a
-    fixed-size KV cache (see the module docstring). Same weights, same operations as GPT.forward in eval mode,
-    written so that every shape is independent of `start`."""
+    """The exported graph: the model's own forward over new tokens at positions start.. with a KV cache of
+    block_size slots (KVCache.attend with a tensor position: fixed shapes, every slot read through the mask),
+    returning the cache with the new keys and values written."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
-        cfg = model.config
-        self.n_heads, self.head_size, self.block_size = cfg.n_heads, cfg.head_size, cfg.block_size
 
     def forward(
         self, idx: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, start: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m, H, hs, S = self.model, self.n_heads, self.head_size, self.block_size
-        B, T = idx.shape
-        pos = start + torch.arange(T, device=idx.device)  # (T,)
-        slots = torch.arange(S, device=idx.device)  # (S,)
-        place = (slots[None, :] == pos[:, None]).to(past_k.dtype)  # (T, S): new position t goes to slot pos[t]
-        written = (place.sum(0) > 0)[:, None]  # (S, 1)
-        hidden = slots[None, :] > pos[:, None]  # (T, S): slots a query may not see
-        x = m.tok_emb(idx) + m.pos_emb(pos)  # (B, T, C)
-        C = x.size(-1)
-        keys, values = [], []
-        for i, block in enumerate(m.blocks):
-            attn = block.attn
-            q, k, v = attn.qkv(block.ln1(x)).split(C, dim=2)
-            q, k, v = (t.reshape(B, T, H, hs).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
-            k = torch.where(written, torch.einsum("ts,bhtd->bhsd", place, k), past_k[i])  # (B, H, S, hs)
-            v = torch.where(written, torch.einsum("ts,bhtd->bhsd", place, v), past_v[i])
-            keys.append(k)
-            values.append(v)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, T, S)
-            att = att.masked_fill(hidden, float("-inf")).softmax(-1)
-            y = (att @ v).transpose(1, 2).reshape(B, T, C)  # concat(heads)
-            x = x + attn.proj(y)
-            x = x + block.ffwd.down(F.relu(block.ffwd.up(block.ln2(x))))
-        logits = m.head(m.ln_f(x))  # (B, T, vocab)
-        return logits, torch.stack(keys), torch.stack(values)
+        cache = KVCache.holding(past_k, past_v, self.model.config.block_size)
+        logits = self.model(idx, cache=cache, at=start)[0]  # (B, T, vocab)
+        return logits, torch.stack(cache.k), torch.stack(cache.v)
 
 
 def empty_cache(model: GPT, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +132,7 @@ def web_files(model: GPT, tokenizer: CharTokenizer, name: str, info: dict) -> di
     meta = {
         "name": name, "n_params": model.num_params(), "val_loss": info.get("val_loss"), "step": info.get("step"),
         "vocab": tokenizer.to_list(), "block_size": cfg.block_size, "n_embd": cfg.n_embd,
-        "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "chargpt_version": __version__,
+        "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "layer_norm_eps": EPS, "chargpt_version": __version__,
     }  # fmt: skip
     spec = {"meta": meta, "tensors": tensors, "data": base64.b64encode(b"".join(parts)).decode("ascii")}
     script = "window.CHARGPT_MODEL = " + json.dumps(spec, ensure_ascii=True) + ";\n"

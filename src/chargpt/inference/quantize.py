@@ -45,10 +45,10 @@ def quantized(model: nn.Module) -> nn.Module:
     if kept is not None and kept[0] == versions:
         return kept[1]
     q = copy.deepcopy(model).eval()
-    for block in q.blocks:
-        block.attn.qkv, block.attn.proj = Int8Linear(block.attn.qkv), Int8Linear(block.attn.proj)
-        block.ffwd.up, block.ffwd.down = Int8Linear(block.ffwd.up), Int8Linear(block.ffwd.down)
-    q.head = Int8Linear(q.head)
+    for parent in list(q.modules()):  # every Linear layer, wherever the model keeps it
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
     for p in q.parameters():
         p.requires_grad_(False)
     _copies[model] = (versions, q)
@@ -56,7 +56,7 @@ def quantized(model: nn.Module) -> nn.Module:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "head", None), Int8Linear)
+    return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
 @dataclass(frozen=True)

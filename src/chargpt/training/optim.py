@@ -30,6 +30,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [(n, p) for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
     in_muon = {id(p) for _, p in hidden}
+    stacked = model.stacked() if hasattr(model, "stacked") else {}  # the GPT's fused Q, K, V weights
     rest = [p for _, p in named if id(p) not in in_muon]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -41,8 +42,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     if not hidden:
         return adamw
     muon = Muon(
-        [{"params": [p for n, p in hidden if n.endswith("attn.qkv.weight")], "split": 3},  # Q, K, V apart
-         {"params": [p for n, p in hidden if not n.endswith("attn.qkv.weight")], "split": 1}],
+        [{"params": [p for _, p in hidden if stacked.get(p) == 3], "split": 3},  # Q, K, V apart
+         {"params": [p for _, p in hidden if stacked.get(p, 1) == 1], "split": 1}],
         lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         ns_dtype=ns_dtype(device),
