@@ -25,12 +25,15 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from safetensors.torch import load as st_load  # noqa: E402
+from safetensors.torch import save as st_save  # noqa: E402
 
 from chargpt.cli import main  # noqa: E402
 from chargpt.config import GPTConfig  # noqa: E402
 from chargpt.data.tokenizer import CharTokenizer  # noqa: E402
 from chargpt.model import build_model  # noqa: E402
 from chargpt.storage import checkpoint as ckpt  # noqa: E402
+from chargpt.storage import layout  # noqa: E402
 
 WORK = Path(sys.argv[1])
 EXAMPLES = int(sys.argv[2])
@@ -74,7 +77,7 @@ def make_sandbox() -> Path:
         "config": {"data": "ok.txt", "n_embd": 16, "n_heads": 2, "n_layers": 1, "block_size": 16},
     }
     state["rng"].update(numpy_pos=0, python=[0])
-    torch.save(state, SANDBOX / "model" / ckpt.TRAIN_STATE)
+    torch.save(state, SANDBOX / "model" / layout.TRAIN_STATE)
     return SANDBOX
 
 
@@ -313,11 +316,14 @@ def broken_model(draw: st.DrawFn) -> tuple[str, object]:
         return kind, draw(st.integers(min_value=0, max_value=2**64 - 1))
     if kind == "nan":
         return kind, draw(st.sampled_from([math.nan, math.inf, -math.inf]))
-    return kind, (draw(st.sampled_from([ckpt.CONFIG, ckpt.WEIGHTS])), draw(st.sampled_from(["fifo", "zero", "dir"])))
+    return kind, (
+        draw(st.sampled_from([layout.CONFIG, layout.WEIGHTS])),
+        draw(st.sampled_from(["fifo", "zero", "dir"])),
+    )
 
 
 def apply(kind: str, arg: object, d: Path) -> None:
-    config_path, weights = d / ckpt.CONFIG, d / ckpt.WEIGHTS
+    config_path, weights = d / layout.CONFIG, d / layout.WEIGHTS
     config = json.loads(config_path.read_text())
     if kind == "config-value":
         key, value = arg
@@ -355,11 +361,11 @@ def apply(kind: str, arg: object, d: Path) -> None:
         true = len(json.dumps(header).encode())
         _write_header(weights, header, data, length=arg if arg != true else true + 1)
     elif kind == "nan":
-        state = ckpt.st_load(weights.read_bytes())
+        state = st_load(weights.read_bytes())
         name = sorted(state)[0]
         state[name].view(-1)[0] = arg
         meta = _header(weights)[0]["__metadata__"]
-        weights.write_bytes(ckpt.st_save(state, metadata=meta))
+        weights.write_bytes(st_save(state, metadata=meta))
     else:
         name, special = arg
         (d / name).unlink()

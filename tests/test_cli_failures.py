@@ -18,9 +18,9 @@ import torch
 
 from chargpt.cli import main
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage import trainstate
-from chargpt.storage.trainstate import resume_config
+from chargpt.storage import layout, trainstate
 from chargpt.training.loop import train
+from chargpt.training.settings import resume_config
 from conftest import run_cli
 from helpers import FLAGS
 
@@ -89,10 +89,10 @@ def test_absurd_sample_batches_are_refused(trained_model_dir: Path, capsys):
 def test_the_estimate_never_refuses_the_presets():
     from chargpt.config import PRESETS
     from chargpt.machine import memory
-    from chargpt.training.settings import build_train_config
+    from chargpt.training.settings import make_train_config
 
     for name in PRESETS:
-        cfg = build_train_config(name)
+        cfg = make_train_config(name)
         needed = memory.training_bytes(cfg.model_config(65), cfg.batch_size)
         assert needed < 2 << 30, (name, needed)  # under 2 GiB: any machine that can run them has that
 
@@ -191,7 +191,7 @@ def test_a_full_stdout_is_one_line_and_a_closed_one_is_quiet(trained_model_dir: 
 
 def _saved_step(out: Path) -> int:
     try:
-        return int(torch.load(out / ckpt.TRAIN_STATE, weights_only=True)["step"])
+        return int(torch.load(out / layout.TRAIN_STATE, weights_only=True)["step"])
     except Exception:  # not written yet, or being replaced right now
         return -1
 

@@ -21,7 +21,7 @@ import torch
 
 from chargpt import __version__
 from chargpt.cli import build_parser, main
-from chargpt.config import resolve_preset, saved_train_config
+from chargpt.config import resolve_preset
 from chargpt.inference.generate import decode_threads
 from conftest import run_cli
 from helpers import assert_one_line_error, call_main
@@ -153,9 +153,9 @@ def test_train_arch_and_the_deprecated_model_alias(text_file, tmp_path, monkeypa
 def test_old_configs_that_say_model_still_load(tmp_path):
     """Runs saved before the rename (train_state.pt / config.json: "model") and TOML files with `model`."""
     from chargpt.config import load_toml
-    from chargpt.training.settings import make_train_config
+    from chargpt.training.settings import make_train_config, on_saved
 
-    assert saved_train_config({"model": "bigram", "n_updates": 7}, "out", "here").arch == "bigram"
+    assert on_saved({"model": "bigram", "n_updates": 7}, "out").config.arch == "bigram"
     (tmp_path / "old.toml").write_text('model = "bigram"\n')
     assert load_toml(tmp_path / "old.toml") == {"arch": "bigram"}
     assert make_train_config("cpu", None, model="bigram", device="cpu").arch == "bigram"
@@ -176,6 +176,12 @@ def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tm
     assert re.search(r"on cpu in (fp32|bf16) \(.+\)", first), first  # what auto chose here, and why
     assert f"data {text_file}, 80,000 characters, vocabulary" in second and "split 72,000 train / 8,000 val" in second
     assert "budget 6 steps" in second and "writing m" in second
+    settings = [line for line in r.stderr.splitlines() if line.startswith("settings: ")][0]  # where each came from
+    assert "block_size 16, n_embd 16, n_heads 2, n_layers 1, batch_size 8, n_updates 6" in settings, settings
+    assert "learning_rate 0.003, warmup_updates 50, checkpoint_interval 500 (preset cpu)" in settings, settings
+    info = run_cli("info", "m", cwd=tmp_path).stdout
+    assert "settings from: --block-size (block_size); --n-embd (n_embd)" in info, info
+    assert "preset cpu (dropout, learning_rate, warmup_updates, checkpoint_interval)" in info, info
     assert "\r" not in r.stderr  # output to a pipe or a log: no progress bar redrawn in place
     lines = r.stdout.splitlines()
     assert lines[0].startswith("done: 6 steps") and lines[1].startswith("best val loss ") and "in m" in lines[1]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import asdict
 
 import pytest
 
-from chargpt.config import PRESETS, GPTConfig, TrainConfig, load_toml, resolve_preset
+from chargpt.config import PRESETS, TIME_GOVERNED_UPDATES, GPTConfig, TrainConfig, load_toml, resolve_preset
 from chargpt.errors import ChargptError
-from chargpt.training.settings import build_train_config, make_train_config
+from chargpt.training.settings import make_train_config
 
 
 def test_defaults_are_the_seed_model():
@@ -112,11 +113,11 @@ def test_presets():
     assert resolve_preset("seed", "cpu") == "seed"
     with pytest.raises(ChargptError, match="unknown preset 'huge'"):
         resolve_preset("huge", "cpu")
-    assert build_train_config("seed") == TrainConfig()
-    cpu = build_train_config("cpu")
+    assert make_train_config("seed") == TrainConfig()
+    cpu = make_train_config("cpu")
     for key, value in PRESETS["cpu"].items():
         assert getattr(cpu, key) == value
-    gpu, seed = build_train_config("gpu"), TrainConfig()
+    gpu, seed = make_train_config("gpu"), TrainConfig()
     assert (gpu.n_embd, gpu.n_layers, gpu.block_size, gpu.batch_size) == (seed.n_embd, seed.n_layers, 256, 64)
     assert gpu.learning_rate == 1e-3 and gpu.min_lr_ratio == 0.1  # nanoGPT shakespeare_char's schedule
     assert gpu.checkpoint_interval == 0 and gpu.checkpoint_seconds == 60  # the 130 MB state: by time, and on exit
@@ -132,7 +133,7 @@ def test_toml_keys_are_applied(tmp_path):
     expected = {"data": "plays.txt", "n_embd": 96, "n_heads": 4, "learning_rate": 1.0, "dropout": 0.1, "compile": True}
     assert raw == expected
     assert isinstance(raw["learning_rate"], float)  # an int is accepted where a float is expected
-    cfg = build_train_config("seed", raw)
+    cfg = make_train_config("seed", str(path))
     assert {key: getattr(cfg, key) for key in expected} == expected
 
 
@@ -211,3 +212,31 @@ def test_every_setting_is_described_once_beside_its_field_and_shown_by_help():
         assert described and "\n" not in described, f.name
         assert "--" + f.name.replace("_", "-") in text
         assert " ".join(described.split()[:3]) in " ".join(text.split()), f.name
+
+
+def test_every_setting_says_where_it_came_from(tmp_path):
+    """One resolver for every run: defaults < preset < sized < TOML < flags < the time rule, each setting's source
+    kept; a resume layers what it is given over the saved run the same way."""
+    from chargpt.training.settings import Layer, new_run, on_saved
+
+    path = tmp_path / "run.toml"
+    path.write_text("learning_rate = 0.002\nn_embd = 96\n")
+    sized = Layer("sized for the budget", {"n_embd": 64, "n_layers": 3, "weight_decay": 0.05})
+    s = new_run(None, str(path), sized, device="cpu", n_embd=48, max_time=30.0)
+    assert (s.config.n_embd, s.sources["n_embd"]) == (48, "--n-embd")  # the flag over TOML over sized
+    assert (s.config.learning_rate, s.sources["learning_rate"]) == (0.002, f"--config {path}")
+    assert (s.config.n_layers, s.sources["n_layers"]) == (3, "sized for the budget")
+    assert (s.config.batch_size, s.sources["batch_size"]) == (PRESETS["cpu"]["batch_size"], "preset cpu")
+    assert s.config.n_updates == TIME_GOVERNED_UPDATES and s.sources["n_updates"] == "--max-time without a step count"
+    assert "seed" not in s.sources and s.config.seed == TrainConfig.seed  # a default has no source
+    described = s.described()
+    assert "n_layers 3, weight_decay 0.05 (sized for the budget)" in described, described
+    assert "learning_rate 0.002 (--config" in described and "n_embd 48" in described.split("(flags)")[0], described
+    named = new_run("seed", None, device="cpu")
+    assert named.sources == {"device": "--device"} and named.config == TrainConfig(device="cpu")  # seed: defaults
+    saved = {**asdict(s.config), "out": "old"}
+    again = on_saved(saved, "old", [Layer("--{flag}", {"n_updates": 99, "learning_rate": None})])
+    assert again.config.n_updates == 99 and again.sources["n_updates"] == "--n-updates"
+    assert again.sources["n_layers"] == "the saved run" and again.config.learning_rate == 0.002
+    with pytest.raises(ChargptError, match=r"--config x.toml sets n_embd = 32 but the run in old has 48"):
+        on_saved(saved, "old", [Layer("--config x.toml", {"n_embd": 32})])

@@ -14,6 +14,7 @@ from chargpt.cli import main
 from chargpt.machine import cores
 from chargpt.storage import trainstate
 from chargpt.training.loop import train
+from chargpt.training.settings import resume_config
 from conftest import tiny_config
 
 
@@ -73,7 +74,7 @@ def test_train_uses_the_threads_asked_keeps_them_on_resume_and_puts_the_process_
     assert 1 <= saved <= cores.cores()
     caplog.clear()
     with caplog.at_level("INFO", logger="chargpt"):
-        train(trainstate.resume_config(out, n_updates=8, threads=0), resume=True, progress=False)
+        train(resume_config(out, n_updates=8, threads=0), resume=True, progress=False)
     assert "(as the run saved)" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="chargpt"):

@@ -11,10 +11,9 @@ import torch
 from chargpt.cli import main
 from chargpt.inference.evaluate import evaluate
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage.trainstate import resume_config
 from chargpt.training import finetune
 from chargpt.training.loop import train
-from chargpt.training.settings import make_train_config
+from chargpt.training.settings import make_train_config, resume_config
 from conftest import tiny_config
 from helpers import assert_same_tensors, final_state, metrics
 

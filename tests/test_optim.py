@@ -13,7 +13,6 @@ from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.machine.precision import cpu_info
 from chargpt.model import build_model
-from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
 from chargpt.training.optim import (
     Muon,
@@ -25,6 +24,7 @@ from chargpt.training.optim import (
     ns_dtype,
     orthogonalize,
 )
+from chargpt.training.settings import resume_config
 from helpers import assert_same_tensors, final_state, metrics, small
 
 CPU = torch.device("cpu")

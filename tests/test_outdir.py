@@ -18,11 +18,12 @@ import torch
 from chargpt.cli import main
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage import trainstate
+from chargpt.storage import layout, trainstate
+from chargpt.storage.layout import BACKUP, LOCK, MARKER, MOVING, RUN_FILES
 from chargpt.storage.runs import describe
-from chargpt.storage.trainstate import resume_config
 from chargpt.training.loop import train
-from chargpt.training.outdir import BACKUP, LOCK, MARKER, MOVING, RUN_FILES, Busy, OutDir, lock_file
+from chargpt.training.outdir import Busy, OutDir, lock_file
+from chargpt.training.settings import resume_config
 from helpers import FLAGS, small
 
 
@@ -127,7 +128,7 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
     old = _run_files(old_run)
     args = ["--data", str(text_file), *FLAGS, "--n-embd=16", "--n-updates=40", "--overwrite"]
     seen = set()
-    events = ["start", BACKUP, ckpt.WEIGHTS, "late"]
+    events = ["start", BACKUP, layout.WEIGHTS, "late"]
     for trial, event in enumerate(events):
         out = copy_run(old_run, tmp_path / f"run{trial}")
         old_inodes = {n: _inode(out / n) for n in RUN_FILES}
@@ -142,16 +143,16 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
                 break
             if event == BACKUP and ((out / BACKUP).exists() or (out / MOVING).exists()):
                 break
-            if event == ckpt.WEIGHTS and _inode(out / event) not in (None, old_inodes[event]):
+            if event == layout.WEIGHTS and _inode(out / event) not in (None, old_inodes[event]):
                 break  # the new run's first save (the old run may still wait in the backup)
-            if event == "late" and _inode(out / ckpt.TRAIN_STATE) not in (None, old_inodes[ckpt.TRAIN_STATE]):
+            if event == "late" and _inode(out / layout.TRAIN_STATE) not in (None, old_inodes[layout.TRAIN_STATE]):
                 break
             time.sleep(0.002)
         assert proc.poll() is None, f"{event}: the run ended before the kill point ({proc.stderr.read()})"
         proc.kill()
         proc.wait()
         seen_by_readers, tree = _read_view(out), files(out)
-        if ckpt.WEIGHTS in seen_by_readers and ckpt.CONFIG in seen_by_readers:
+        if layout.WEIGHTS in seen_by_readers and layout.CONFIG in seen_by_readers:
             ckpt.load_model(out)  # a reader ...
         assert files(out) == tree  # ... changes nothing
         _next_train_takes(out)
@@ -162,9 +163,9 @@ def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text
         else:
             seen.add("new")
             assert not set(now.items()) & set(old.items()), f"{event}: old and new files mixed"
-            if ckpt.WEIGHTS in now:
+            if layout.WEIGHTS in now:
                 assert ckpt.load_model(out)[0].config.n_embd == 16
-            if ckpt.TRAIN_STATE in now:
+            if layout.TRAIN_STATE in now:
                 assert trainstate.load_train_state(out).config["n_embd"] == 16
         assert not [p for p in out.iterdir() if p.name.startswith(".chargpt-previous")]
     assert seen == {"old", "new"}, seen
@@ -178,7 +179,7 @@ def test_readers_of_a_folder_left_mid_overwrite_read_the_old_run_and_change_noth
     (out / BACKUP).mkdir()
     for name in RUN_FILES:
         os.replace(out / name, out / BACKUP / name)
-    (out / ckpt.WEIGHTS).write_bytes(b"the new run's half-written weights")
+    (out / layout.WEIGHTS).write_bytes(b"the new run's half-written weights")
     tree = files(out)
     assert resume_config(out).n_embd == 32 and ckpt.load_model(out)[0].config.n_embd == 32
     assert describe(out)["training"]["steps"] == 10
@@ -250,7 +251,7 @@ def test_the_lock_is_held_for_the_whole_run(text_file: Path, tmp_path: Path):
     with OutDir(out, resume=False, overwrite=False):
         with pytest.raises(ChargptError, match=f"in use by another chargpt run \\(process {os.getpid()}\\)"):
             train(small(out, text_file, n_updates=2), progress=False)
-        assert not (out / ckpt.WEIGHTS).exists()
+        assert not (out / layout.WEIGHTS).exists()
     train(small(out, text_file, n_updates=2), overwrite=True, progress=False)
     with pytest.raises(ChargptError, match="already holds a model"):
         train(small(out, text_file, n_updates=2), progress=False)
@@ -305,9 +306,9 @@ def test_disk_full_before_anything_was_saved_does_not_advise_resuming(text_file:
 def test_a_train_state_with_a_nan_clock_is_refused(old_run: Path, tmp_path: Path, capsys):
     out = copy_run(old_run, tmp_path / "run")
     for key, value in (("elapsed", float("nan")), ("step", 2**64), ("best_val_loss", float("nan"))):
-        state = torch.load(old_run / ckpt.TRAIN_STATE, weights_only=True)
+        state = torch.load(old_run / layout.TRAIN_STATE, weights_only=True)
         state[key] = value
-        torch.save(state, out / ckpt.TRAIN_STATE)
+        torch.save(state, out / layout.TRAIN_STATE)
         before = files(out)
         rc, err = main(["train", "--resume", str(out)]), capsys.readouterr().err
         assert rc == 2 and "train_state.pt" in err and err.count("\n") == 1 and key.split("_")[0] in err, err
@@ -355,8 +356,8 @@ def test_a_linked_lock_file_is_never_written_through(old_run: Path, text_file: P
 def test_linked_model_files_are_refused_by_readers(old_run: Path, tmp_path: Path, capsys):
     out = copy_run(old_run, tmp_path / "run")
     outside = tmp_path / "outside.json"
-    os.replace(out / ckpt.CONFIG, outside)
-    (out / ckpt.CONFIG).symlink_to(outside)
+    os.replace(out / layout.CONFIG, outside)
+    (out / layout.CONFIG).symlink_to(outside)
     assert main(["info", str(out)]) == 2
     err = capsys.readouterr().err
     assert "symbolic link" in err and err.count("\n") == 1, err
@@ -377,7 +378,7 @@ def test_a_run_killed_before_its_first_save_leaves_a_folder_every_command_explai
     finally:
         proc.kill()
         proc.wait()
-    assert (out / "metrics.jsonl").exists() and not (out / ckpt.WEIGHTS).exists()
+    assert (out / "metrics.jsonl").exists() and not (out / layout.WEIGHTS).exists()
     assert main(["info", str(out)]) == 2
     assert "stopped before it saved anything" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 2

@@ -16,6 +16,7 @@ from chargpt.inference.evaluate import evaluate
 from chargpt.inference.generate import generate
 from chargpt.machine import precision as prec
 from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import layout
 from chargpt.training.distributed import sum_dtype
 from chargpt.training.loop import RunState, save_due, train
 from conftest import run_cli, tiny_config
@@ -126,7 +127,7 @@ def test_forced_bf16_training_runs_and_stays_close_to_fp32(tmp_path, text_file, 
     assert math.isfinite(bf16.best_val_loss) and abs(bf16.best_val_loss - fp32.best_val_loss) < 0.1
     # autocast: the weights stay fp32, so the saved model and resumable state are the same format
     assert all(t.dtype == torch.float32 for t in ckpt.load_model(tmp_path / "bf16")[0].state_dict().values())
-    state = torch.load(tmp_path / "bf16" / ckpt.TRAIN_STATE, weights_only=True)
+    state = torch.load(tmp_path / "bf16" / layout.TRAIN_STATE, weights_only=True)
     assert state["config"]["precision"] == "bf16"
 
 
@@ -183,8 +184,8 @@ def test_a_diverged_step_read_late_is_named_and_nothing_after_it_is_saved(tmp_pa
         with pytest.raises(ChargptError) as e:
             train(cfg, progress=False, loss_read_every=every)
         errors[every] = str(e.value)
-        if (out / ckpt.TRAIN_STATE).exists():
-            saved = torch.load(out / ckpt.TRAIN_STATE, weights_only=True)
+        if (out / layout.TRAIN_STATE).exists():
+            saved = torch.load(out / layout.TRAIN_STATE, weights_only=True)
             assert all(torch.isfinite(t).all() for t in saved["model"].values())  # diverged weights never saved
     assert errors[1].replace("every1", "") == errors[7].replace("every7", "")  # the same step, the same line
     assert "the loss became" in errors[1] and "\n" not in errors[1]
@@ -197,7 +198,7 @@ def test_state_saved_by_time_and_on_exit(tmp_path, text_file):
     steps = tiny_config(tmp_path / "m", text_file, checkpoint_interval=5)
     assert save_due(steps, RunState(step=10)) and not save_due(steps, RunState(step=11))
     result = train(cfg, progress=False)  # a 12-step run never reaches 60 s: saved once, at the end
-    assert torch.load(tmp_path / "m" / ckpt.TRAIN_STATE, weights_only=True)["step"] == result.step == 12
+    assert torch.load(tmp_path / "m" / layout.TRAIN_STATE, weights_only=True)["step"] == result.step == 12
 
 
 # ---------------------------------------------------------------------------------------------

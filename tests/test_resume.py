@@ -15,9 +15,9 @@ import torch
 
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage import trainstate
-from chargpt.storage.trainstate import resume_config
+from chargpt.storage import layout, trainstate
 from chargpt.training.loop import train
+from chargpt.training.settings import resume_config
 from conftest import run_cli, tiny_config
 from helpers import FLAGS, assert_same_tensors, final_state, metrics, small
 
@@ -126,15 +126,15 @@ def test_hostile_train_state_is_never_unpickled(reference: Path, tmp_path: Path)
         (out / name).write_bytes(data)
     for payload in (pickle.dumps(Evil()), None):
         if payload is None:
-            torch.save({"step": 1, "model": Evil()}, out / ckpt.TRAIN_STATE)  # the zip format torch writes
+            torch.save({"step": 1, "model": Evil()}, out / layout.TRAIN_STATE)  # the zip format torch writes
         else:
-            (out / ckpt.TRAIN_STATE).write_bytes(payload)
+            (out / layout.TRAIN_STATE).write_bytes(payload)
         before = snapshot(out)
         r = run_cli("train", "--resume", str(out), "--quiet")
         assert r.returncode == 2 and "train_state.pt is corrupt or not a chargpt train state" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and not marker.exists() and snapshot(out) == before
     with pytest.raises(ChargptError, match="not a usable chargpt train state"):
-        torch.save({"step": 3, "model": {}}, out / ckpt.TRAIN_STATE)  # loadable, but not what resuming needs
+        torch.save({"step": 3, "model": {}}, out / layout.TRAIN_STATE)  # loadable, but not what resuming needs
         train(resume_config(str(out)), resume=True, progress=False)
 
 
@@ -176,7 +176,7 @@ def test_a_larger_budget_trains_on_and_ends_better(text_file: Path, tmp_path: Pa
     for name in ("once", "paused"):
         out = tmp_path / f"{schedule}-{name}"
         short = train(tiny_config(out, text_file, **settings), progress=False)
-        assert (out / ckpt.STABLE_STATE).exists() == (schedule == "wsd")
+        assert (out / layout.STABLE_STATE).exists() == (schedule == "wsd")
         longer = resume_config(out, n_updates=180)
         if name == "paused":
             train(longer, resume=True, progress=False, pause_after=30)
@@ -227,7 +227,7 @@ def test_a_damaged_stable_state_still_trains_longer(text_file: Path, tmp_path: P
     out = tmp_path / "run"
     short = train(tiny_config(out, text_file, n_updates=60, warmup_updates=5, eval_interval=20, schedule="wsd"),
                   progress=False)  # fmt: skip
-    (out / ckpt.STABLE_STATE).write_bytes(b"not a train state")
+    (out / layout.STABLE_STATE).write_bytes(b"not a train state")
     result = train(resume_config(out, n_updates=120), resume=True, progress=False)
     assert result.step == 120 and result.best_val_loss < short.best_val_loss
     state = final_state(out)

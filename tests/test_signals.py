@@ -18,6 +18,7 @@ from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import build_model
 from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import layout
 from chargpt.training.loop import train
 from chargpt.training.settings import make_train_config
 from helpers import FLAGS, SMALL, assert_same_tensors, final_state, metrics, small
@@ -48,7 +49,7 @@ def _wait_for_new_state(proc: subprocess.Popen, state: Path, old: int | None) ->
 def test_sigint_sigkill_sigterm_then_resume_equals_the_uninterrupted_run(text_file: Path, tmp_path: Path):
     n = 60
     out = tmp_path / "run"
-    state = out / ckpt.TRAIN_STATE
+    state = out / layout.TRAIN_STATE
     interrupts = []
     # 1. Ctrl-C a fresh run; 2. SIGKILL a resumed run (a crash: only the periodic state survives); 3. SIGTERM
     for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM):

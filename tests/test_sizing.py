@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chargpt.config import sizing_request
 from chargpt.training import samples, sizing
-from chargpt.training.settings import make_train_config
+from chargpt.training.settings import make_train_config, sizing_request
 from chargpt.training.sizing import LADDER, MAX_PARAMS_PER_CHAR, TOKENS_PER_PARAM, choose
 from helpers import call_main
 

@@ -41,6 +41,7 @@ from chargpt.inference.generate import generate
 from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import trainstate
 from chargpt.training.loop import train
+from chargpt.training.settings import resume_config
 from conftest import read_metrics, spawn_gloo_ranks, tiny_config
 
 assembly = importlib.import_module("chargpt.training.assembly")  # where a run reads its data
@@ -384,7 +385,7 @@ def test_training_on_the_memory_map_equals_training_in_memory(corpus_text, tmp_p
     paused = train(tiny_config(tmp_path / "resumed", data, **cfg), progress=False, pause_after=10)
     for p in cache.iterdir():
         p.unlink()
-    resumed = train(trainstate.resume_config(str(tmp_path / "resumed")), resume=True, progress=False)
+    resumed = train(resume_config(str(tmp_path / "resumed")), resume=True, progress=False)
     assert paused.step == 10 and mapped.step == in_memory.step == resumed.step == 20
 
     def run(name: str) -> tuple[list, dict]:
@@ -413,7 +414,7 @@ def test_rare_characters_map_to_the_unknown_symbol_everywhere(tmp_path, corpus_t
     out = tmp_path / "m"
     cfg = tiny_config(out, data, n_updates=6, eval_interval=3, checkpoint_interval=3, min_char_count=2)
     train(cfg, progress=False, pause_after=3)
-    train(trainstate.resume_config(str(out)), resume=True, progress=False)
+    train(resume_config(str(out)), resume=True, progress=False)
     model, tokenizer = ckpt.load_model(out)
     assert tokenizer.unknown == UNKNOWN and UNKNOWN in tokenizer.chars
     assert "\U0001f600" not in tokenizer.chars and "\u00e9" not in tokenizer.chars

@@ -14,17 +14,15 @@ if TYPE_CHECKING:
     from chargpt.inference.generate import SampleConfig, generate, stream
     from chargpt.model import GPT, BigramLM, build_model
     from chargpt.storage.checkpoint import load_model, save_model
-    from chargpt.storage.trainstate import resume_config
     from chargpt.training.loop import TrainResult, train
-    from chargpt.training.settings import make_train_config
+    from chargpt.training.settings import make_train_config, resume_config
 
 # Imported on first use: `chargpt --help` and the CLI's start-up do not wait for torch (and a Ctrl-C in
 # that first half second reaches the CLI's handler instead of an import's traceback).
 _HOMES = {
     "chargpt.storage.checkpoint": ("load_model", "save_model"),
-    "chargpt.storage.trainstate": ("resume_config",),
     "chargpt.config": ("GPTConfig", "TrainConfig"),
-    "chargpt.training.settings": ("make_train_config",),
+    "chargpt.training.settings": ("make_train_config", "resume_config"),
     "chargpt.data.corpus": ("load_corpus", "shakespeare_text"),
     "chargpt.errors": ("ChargptError",),
     "chargpt.inference.evaluate": ("evaluate",),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.errors import ChargptError, shorten
-from chargpt.machine.devices import check_device, known_device
+from chargpt.machine.devices import check_device
 from chargpt.storage.fileio import read_regular
 
 MODEL_TYPES = ("gpt", "bigram")
@@ -321,77 +321,6 @@ def resolve_preset(preset: str | None, device: str) -> str:
 
 
 SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
-
-
-def sizing_request(preset: str | None, config_path: str | None, **overrides: Any) -> dict[str, Any] | None:
-    """The settings given (TOML < flags) when the model should be sized for the time budget
-    (chargpt.training.sizing), else None: sizing applies to --max-time on a CPU where no preset, shape setting,
-    step count or --init-from is given."""
-    toml = load_toml(config_path) if config_path else {}
-    given = {**toml, **{k: v for k, v in _renamed(overrides).items() if v is not None}}
-    budget = given.get("max_time")
-    if preset is not None or not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
-        return None
-    if any(k in given for k in (*SHAPE_KEYS, "n_updates", "init_from")):
-        return None
-    device = given.get("device") or "auto"
-    if not known_device(device) or resolve_preset(None, device) != "cpu":
-        return None
-    return given
-
-
-def saved_train_config(
-    saved: Any, out: str, where: str, sources: dict[str, str] | None = None, **overrides: Any
-) -> TrainConfig:
-    """Resume's config: the settings a run saved (a dict), any explicitly given settings on top.
-
-    A given setting equal to the saved one is fine; the RESUME_FIXED ones (shape, data) may not differ.
-    `sources` says where each override came from (a flag, --preset, --config), for the message."""
-    saved = _renamed(saved) if isinstance(saved, dict) else saved
-    overrides = _renamed(overrides)
-    if not isinstance(saved, dict) or set(saved) - set(TRAIN_FIELDS):
-        raise ChargptError(f"{where} holds an unknown config; start a new run with --overwrite")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    for key in RESUME_FIXED:
-        was = saved.get(key, TRAIN_FIELDS[key].default)  # a run saved before the field existed had its default
-        if key in given and not _same_setting(key, given[key], was):
-            source = (sources or {}).get(key, "--" + key.replace("_", "-"))
-            raise ChargptError(
-                f"{source} sets {key} = {shorten(given[key])} but the run in {out} has {shorten(was)}; "
-                f"{key} cannot change on resume (fixed: {', '.join(RESUME_FIXED)}; n_updates, max_time, the "
-                f"learning-rate schedule, eval and checkpoint intervals can); drop it, or start a new run with "
-                f"--overwrite or another --out"
-            )
-    values = {**saved, **given, "out": str(out)}
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
-
-
-def resume_settings(preset: str | None, config_path: str | None, **flags: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """The settings a resume command gives explicitly (--preset < --config < flags), and where each came from.
-
-    Lets `chargpt train ... --resume DIR` be the run's own launch command plus --resume."""
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    if preset is not None:  # a preset sets every field some preset sets (`seed` by leaving the defaults)
-        chosen = PRESETS[resolve_preset(preset, "cpu")]
-        for key in {k for p in PRESETS.values() for k in p}:
-            values[key], sources[key] = chosen.get(key, TRAIN_FIELDS[key].default), f"--preset {preset}"
-    toml = load_toml(config_path) if config_path else {}
-    given = {**toml, **{k: v for k, v in flags.items() if v is not None}}
-    for key, value in given.items():
-        flagged = flags.get(key) is not None
-        values[key], sources[key] = value, "--" + key.replace("_", "-") if flagged else f"--config {config_path}"
-    if given.get("max_time") and "n_updates" not in given:  # as make_train_config: the clock governs the run
-        values["n_updates"], sources["n_updates"] = TIME_GOVERNED_UPDATES, "--max-time"
-    return values, sources
-
-
-def _same_setting(key: str, a: Any, b: Any) -> bool:
-    if key in ("data", "init_from") and isinstance(a, str) and isinstance(b, str):
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

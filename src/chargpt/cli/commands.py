@@ -74,7 +74,7 @@ def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
 def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The rung chargpt.training.sizing picks for a --max-time run on a CPU with no shape given (one process only),
     or None."""
-    from chargpt.config import sizing_request
+    from chargpt.training.settings import sizing_request
 
     given = sizing_request(args.preset, args.config, **overrides)
     if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -98,10 +98,8 @@ def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from chargpt.config import resume_settings
-    from chargpt.storage.trainstate import resume_config
     from chargpt.training.loop import train
-    from chargpt.training.settings import make_train_config
+    from chargpt.training.settings import Layer, new_run, resumed
 
     _legacy_model_flag(args)
     overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -109,17 +107,21 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise ChargptError("--resume DIR continues in DIR; drop --out or make it the same directory")
         # the launch command plus --resume DIR: settings equal to the saved ones are fine, changes are checked
-        given, sources = resume_settings(args.preset, args.config, **{k: v for k, v in overrides.items() if k != "out"})
-        cfg = resume_config(args.resume, sources, **given)
+        settings = resumed(args.resume, args.preset, args.config, **overrides)
         sized = None
     else:
         sized = _sized(args, overrides)
-        cfg = make_train_config(args.preset, args.config, sized=sized and sized.settings(), **overrides)
+        layer = Layer("sized for the budget", sized.settings()) if sized else None
+        settings = new_run(args.preset, args.config, layer, **overrides)
+    cfg = settings.config
     if args.nproc is not None:
         return launch_torchrun(args.nproc, cfg, argv)
     setup_logging(args.quiet)
     note = sized.reason if sized else _preset_note(args, cfg)
-    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet, preset_note=note)
+    result = train(
+        cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet, preset_note=note,
+        sources=settings.sources,
+    )  # fmt: skip
     if result.rank == 0:
         return _report_train(result, cfg)
     return 0
@@ -368,6 +370,12 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
     if cfg:
         settings = ", ".join(f"{k}={v}" for k, v in _user_settings(cfg).items())
         lines.append(f"trained on {cfg.get('data') or 'the built-in Shakespeare plays'} with {settings}")
+    sources = t.get("settings_from")
+    if sources:
+        by_source: dict[str, list[str]] = {}
+        for key, source in sources.items():
+            by_source.setdefault(str(source), []).append(str(key))
+        lines.append("settings from: " + "; ".join(f"{s} ({', '.join(keys)})" for s, keys in by_source.items()))
     lines.append("files: " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
     sample = info.get("last_sample")
     if sample:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from chargpt.config import GPTConfig
@@ -26,16 +24,10 @@ from chargpt.errors import ChargptError, first_line, shorten
 from chargpt.machine import memory
 from chargpt.model import GPT, BigramLM, build_model
 from chargpt.storage.fileio import atomic_write_bytes, check_regular, read_regular
+from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, MOVING, TRAIN_STATE, WEIGHTS
 
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
-STABLE_STATE = "stable_state.pt"  # a WSD run's resumable state from where its final decay began
-# what an overwriting run leaves while it has saved nothing of its own yet (training/outdir.py): the folder's run
-# is then the previous one, kept whole in BACKUP, or (during the moves) split between MOVING and the top level
-BACKUP = ".chargpt-previous"
-MOVING = ".chargpt-previous.partial"
-DISCARD = ".chargpt-previous.discard"
 log = logging.getLogger("chargpt.storage.checkpoint")
 MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
 # "unknown" (the vocabulary's unknown symbol) is written only by models that have one, so the files of
@@ -119,7 +111,7 @@ def no_model_message(directory: Path) -> str:
             f"{directory} holds a run stopped before its first evaluation saved a model; continue it with "
             f"`chargpt train --resume {directory}`"
         )
-    if any(os.path.lexists(directory / n) for n in (".chargpt-run", "metrics.jsonl")):
+    if any(os.path.lexists(directory / n) for n in (MARKER, METRICS)):
         return (
             f"{directory} holds no model: a run started there was stopped before it saved anything; start it "
             f"again with `chargpt train --out {directory}` (its leftovers are replaced)"
@@ -192,129 +184,74 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     if not os.path.lexists(path):
         raise ChargptError(f"{directory} holds no weights ({WEIGHTS} is missing); the model directory is incomplete")
     size = check_regular(path, "weights file", follow=False)
-    header = _read_header(path, size)
-    embedded = header.get("__metadata__", {}).get("config")
-    if embedded is not None and not isinstance(embedded, str):
-        raise ChargptError(f"{path} carries a config that is not text; the model directory is corrupt")
-    if embedded is not None:
-        # the weights' own config wins: config.json may be one save older after a crash between the renames
-        own_cfg, own_tokenizer, _ = parse_config(embedded, f"the config inside {path}")
-        if (own_cfg, own_tokenizer) != (cfg, tokenizer):
-            log.warning(
-                "%s disagrees with the config inside %s (a save was cut short?); using the latter", CONFIG, path
-            )
-        cfg, tokenizer = own_cfg, own_tokenizer
-    _check_header(cfg, header, size, str(path))
-    memory.check(3 * size, torch.device("cpu"), f"loading {path}", "use a machine with more memory")
-    data = read_regular(path, "weights file", follow=False)
     try:
-        state = st_load(data)
+        with safe_open(str(path), framework="pt") as f:  # the header, checked by safetensors; no tensor read yet
+            cfg, tokenizer = _trusted_config(cfg, tokenizer, f.metadata() or {}, path)
+            _check_tensors(cfg, {name: f.get_slice(name) for name in f.keys()}, str(path))
+            memory.check(3 * size, torch.device("cpu"), f"loading {path}", "use a machine with more memory")
+            model = build_model(cfg)
+            with torch.no_grad():
+                for name, tensor in plain_state_dict(model).items():
+                    tensor.copy_(f.get_tensor(name))
     except (SafetensorError, ValueError, OverflowError, RuntimeError, TypeError) as e:
-        first = first_line(e)
-        raise ChargptError(f"{path} is not a valid safetensors file ({first}); it is corrupt or truncated") from None
-    del data
-    _check_shapes(cfg, state, str(path))
-    broken = [name for name, t in state.items() if not torch.isfinite(t).all()]
+        raise ChargptError(
+            f"{path} is not a valid safetensors file ({first_line(e)}); it is corrupt or truncated"
+        ) from None
+    broken = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
     if broken:
         raise ChargptError(
             f"{path} holds NaN or infinite weights (in {broken[0]}); the model is broken, e.g. saved by a "
             f"diverged run: retrain it or use another model"
         )
-    model = build_model(cfg)
-    load_state(model, state, str(path))
     return model.to(device).eval(), tokenizer
 
 
-HEADER_LIMIT = 100 << 20  # the safetensors library's own bound on a header
-FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+def _trusted_config(
+    cfg: GPTConfig, tokenizer: CharTokenizer, metadata: dict[str, str], path: Path
+) -> tuple[GPTConfig, CharTokenizer]:
+    """The weights' own config (in their metadata) wins over config.json, which may be one save older after a
+    crash between the two renames."""
+    embedded = metadata.get("config")
+    if embedded is None:
+        return cfg, tokenizer
+    own_cfg, own_tokenizer, _ = parse_config(embedded, f"the config inside {path}")
+    if (own_cfg, own_tokenizer) != (cfg, tokenizer):
+        log.warning("%s disagrees with the config inside %s (a save was cut short?); using the latter", CONFIG, path)
+    return own_cfg, own_tokenizer
 
 
-def _read_header(path: Path, size: int) -> dict[str, Any]:
-    """The JSON header of a safetensors file: 8 bytes of length, then that many bytes of JSON."""
-    where = f"{path} is not a valid safetensors file"
-    with open(path, "rb", opener=_open_nofollow) as f:  # a regular file (checked): opening cannot block
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > min(size - 8, HEADER_LIMIT):
-            raise ChargptError(f"{where} (its header length {n} does not fit its {size} bytes); it is corrupt")
-        text = f.read(n)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_tensors(cfg: GPTConfig, tensors: dict[str, Any], where: str) -> None:
+    """Names, shapes and dtypes of the file's tensors (safetensors slices: no data read) against the config's
+    model, before anything is allocated: the one check of what a weights file holds."""
+    if cfg.model == "gpt" and cfg.n_layers > len(tensors):  # every layer owns tensors: checked before building
+        raise ChargptError(f"{where} holds {len(tensors)} tensors, too few for n_layers={cfg.n_layers}; files disagree")
     try:
-        header = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ChargptError(f"{where} (header: {first_line(e)}); it is corrupt") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise ChargptError(f"{where} (its header is not a JSON object of tensors); it is corrupt")
-    header["__data_start__"] = 8 + n
-    return header
-
-
-def _check_header(cfg: GPTConfig, header: dict[str, Any], size: int, where: str) -> None:
-    """Names, dtypes, shapes and offsets in the header against the config and the file size."""
-    count = len([k for k in header if k not in ("__metadata__", "__data_start__")])
-    if cfg.model == "gpt" and cfg.n_layers > count:  # every layer owns tensors: checked before building anything
-        raise ChargptError(f"{where} holds {count} tensors, too few for n_layers={cfg.n_layers}; files disagree")
-    expected = _expected_shapes(cfg, where)
-    tensors = {k: v for k, v in header.items() if k not in ("__metadata__", "__data_start__")}
+        with torch.device("meta"):  # shapes only, no memory
+            expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    except (RuntimeError, OverflowError, ValueError, MemoryError) as e:
+        raise ChargptError(
+            f"{where}: the config describes an impossible model ({type(e).__name__}); files disagree"
+        ) from None
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ChargptError(
             f"{where} does not match the config: missing {missing[:3]}, unexpected {[shorten(k) for k in extra[:3]]}; "
             f"the files disagree"
         )
-    spans = []
     for name, shape in expected.items():
-        info = tensors[name]
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
+        dtype = tensors[name].get_dtype()
+        if dtype not in FLOAT_DTYPES:
             raise ChargptError(f"{where}: tensor {name} has dtype {shorten(dtype)}, expected a float type")
-        if info.get("shape") != list(shape):
+        if tuple(tensors[name].get_shape()) != shape:
             raise ChargptError(
-                f"{where}: tensor {name} has shape {shorten(info.get('shape'))}, the config needs {tuple(shape)}"
+                f"{where}: tensor {name} has shape {shorten(tensors[name].get_shape())}, the config needs {shape}"
             )
-        offsets = info.get("data_offsets")
-        nbytes = math.prod(shape) * FLOAT_DTYPES[info["dtype"]]
-        ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-        if not ok or not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != nbytes:
-            raise ChargptError(f"{where}: tensor {name} has bad data offsets {shorten(offsets)}; it is corrupt")
-        spans.append((offsets[0], offsets[1]))
-    end = 0
-    for start, stop in sorted(spans):
-        if start != end:
-            raise ChargptError(f"{where}: its tensors overlap or leave gaps; it is corrupt")
-        end = stop
-    if header["__data_start__"] + end != size:
-        raise ChargptError(
-            f"{where}: its header describes {header['__data_start__'] + end} bytes but the file has {size}; "
-            f"it is corrupt or truncated"
-        )
 
 
-def _expected_shapes(cfg: GPTConfig, where: str) -> dict[str, tuple[int, ...]]:
-    try:
-        with torch.device("meta"):  # shapes only, no memory
-            skeleton = build_model(cfg)
-    except (RuntimeError, OverflowError, ValueError, MemoryError) as e:
-        raise ChargptError(
-            f"{where}: the config describes an impossible model ({type(e).__name__}); files disagree"
-        ) from None
-    return {k: tuple(v.shape) for k, v in plain_state_dict(skeleton).items()}
-
-
-def _check_shapes(cfg: GPTConfig, state: dict[str, torch.Tensor], where: str) -> None:
-    """Compare shapes before allocating, so a config claiming a huge model costs nothing."""
-    if cfg.model == "gpt" and cfg.n_layers > len(state):  # every GPT layer owns tensors: this file cannot hold it
-        raise ChargptError(f"{where} holds {len(state)} tensors, too few for n_layers={cfg.n_layers}; files disagree")
-    try:
-        with torch.device("meta"):  # shapes only, no memory
-            skeleton = build_model(cfg)
-    except (RuntimeError, OverflowError, ValueError) as e:
-        raise ChargptError(
-            f"{where}: the config describes an impossible model ({type(e).__name__}); files disagree"
-        ) from None
-    load_state(skeleton, state, where, copy=False)
-
-
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, copy: bool = True) -> None:
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Strictly load a state dict: same names, same shapes, float tensors, else a one-line error."""
     if not isinstance(state, dict):
         raise ChargptError(f"{where} holds no weights dictionary; the file is corrupt")
@@ -331,8 +268,6 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
             raise ChargptError(f"{where}: tensor {name} has shape {shape}, the config needs {tuple(tensor.shape)}")
         if not got.is_floating_point():
             raise ChargptError(f"{where}: tensor {name} has dtype {got.dtype}, expected floating point")
-    if not copy:
-        return
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name])
@@ -343,10 +278,6 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)
     return inner.state_dict()
-
-
-def _open_nofollow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 def _check_keys(obj: dict, required: set[str], allowed: set[str], where: str) -> None:

@@ -11,23 +11,15 @@ import torch
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.model import build_model
-from chargpt.storage.checkpoint import (
-    BACKUP,
-    CONFIG,
-    MODEL_KEYS,
-    TRAIN_STATE,
-    WEIGHTS,
-    load_model,
-    read_config,
-    run_file,
-)
+from chargpt.storage.checkpoint import MODEL_KEYS, load_model, read_config, run_file
 from chargpt.storage.fileio import is_regular_file
+from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, TRAIN_STATE, WEIGHTS
 from chargpt.storage.trainstate import load_train_state
 
 
 def is_run_folder(directory: Path) -> bool:
     """Whether a folder holds a model or a run of its own (as opposed to a folder of runs)."""
-    names = (CONFIG, TRAIN_STATE, WEIGHTS, ".chargpt-run", "metrics.jsonl", BACKUP)
+    names = (CONFIG, TRAIN_STATE, WEIGHTS, MARKER, METRICS, BACKUP)
     return any(os.path.lexists(directory / n) for n in names)
 
 
@@ -69,6 +61,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "best_train_loss": info.get("train_loss"),
         "config": info.get("train_config"),
         "init_from": info.get("init_from"),
+        "settings_from": info.get("settings_from") if isinstance(info.get("settings_from"), dict) else None,
     }
     if os.path.lexists(run_file(directory, TRAIN_STATE)):
         try:

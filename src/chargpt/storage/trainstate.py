@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from chargpt.config import MAX_COUNT, TrainConfig, saved_train_config
+from chargpt.config import MAX_COUNT
 from chargpt.errors import ChargptError, first_line, shorten
-from chargpt.storage.checkpoint import TRAIN_STATE, run_file
+from chargpt.storage.checkpoint import run_file
 from chargpt.storage.fileio import atomic_write_bytes, check_regular
+from chargpt.storage.layout import MARKER, TRAIN_STATE
 
 
 def _kind(kind: type | tuple[type, ...], default: Any = MISSING) -> Any:
@@ -114,7 +115,7 @@ def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAI
     mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
     path = run_file(directory, name)
     if not os.path.lexists(path):
-        if os.path.lexists(Path(directory) / ".chargpt-run"):
+        if os.path.lexists(Path(directory) / MARKER):
             raise ChargptError(
                 f"{directory} has no {TRAIN_STATE} to resume from: its run was stopped before its first save; "
                 f"start it again with `chargpt train --out {directory}` (its leftovers are replaced)"
@@ -134,14 +135,6 @@ def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAI
         raise ChargptError(
             f"{path} is not a usable chargpt train state ({e}); start a new run with --overwrite"
         ) from None
-
-
-def resume_config(out: str | Path, sources: dict[str, str] | None = None, **overrides: Any) -> TrainConfig:
-    """The config of the run saved in `out`, with any explicitly given settings on top (e.g. more n_updates).
-
-    The model's shape and data cannot change (config.RESUME_FIXED); `sources` names where settings came from."""
-    saved = load_train_state(out, mmap=True).config  # train() reads the tensors; here only the config
-    return saved_train_config(saved, str(out), f"the train state in {out}", sources, **overrides)
 
 
 def capture_rng(batches: torch.Generator) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.machine import cores, memory, precision
 from chargpt.model import build_model
-from chargpt.storage import trainstate
+from chargpt.storage import layout, trainstate
 from chargpt.training import finetune, report, samples
 from chargpt.training.distributed import (
     Dist,
@@ -57,6 +57,7 @@ class Run:
     tuner: cores.ThreadTuner | None = None  # re-checks the thread count (auto threads on a CPU)
     threads_note: str = ""  # how many CPU threads, and why, for the announcement
     origin: dict[str, Any] | None = None  # a fine-tune's source: path, step, val loss (for config.json)
+    sources: dict[str, str] = field(default_factory=dict)  # where each setting came from (for config.json)
     prompt: str = "\n"  # what each evaluation's sample continues (samples.prompt_from)
 
     def autocast(self, kind: str) -> AbstractContextManager:
@@ -106,7 +107,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     batches = torch.Generator().manual_seed(cfg.seed)
     state = RunState()
     if saved is not None:
-        state = restore(saved, out, model, optimizer, batches)
+        state = restore(saved, out, model, optimizer, batches, layout.STABLE_STATE if note else layout.TRAIN_STATE)
         anchor = state.lr_anchor  # a branch (a note from resume_point) continues its own flat stretch
         if not note:
             anchor = extended_anchor(saved_schedule(cfg, saved), cfg, state.step, state.elapsed, state.lr_anchor)

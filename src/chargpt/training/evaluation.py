@@ -103,6 +103,8 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
             info = {"step": state.step, "val_loss": val_loss, "train_loss": train_loss, "train_config": asdict(run.cfg)}
             if run.cfg.init_from is not None:
                 info["init_from"] = run.origin or {"path": run.cfg.init_from}
+            if run.sources:
+                info["settings_from"] = run.sources
             ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
             mark_saved(run)
         report.write_metrics(run.out, state.metrics)

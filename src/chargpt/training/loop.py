@@ -21,7 +21,7 @@ from chargpt.config import TrainConfig
 from chargpt.data.corpus import get_batch
 from chargpt.errors import ChargptError
 from chargpt.machine import precision
-from chargpt.storage import checkpoint as ckpt
+from chargpt.storage import layout
 from chargpt.training import report
 from chargpt.training.assembly import Run, setup
 from chargpt.training.distributed import (
@@ -41,6 +41,7 @@ from chargpt.training.optim import (
     set_learning_rate,
 )
 from chargpt.training.outdir import OutDir
+from chargpt.training.settings import describe
 from chargpt.training.signals import Signals
 from chargpt.training.state import RunState, evaluated, save_state
 
@@ -106,12 +107,14 @@ def train(
     preset_note: str = "",
     loss_history: list[float] | None = None,
     loss_read_every: int | None = None,
+    sources: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train per `cfg`, writing the model directory `cfg.out`. Returns where and how it stopped.
 
     resume: continue the run saved in cfg.out (weights, optimizer, schedule, RNG, best val).
     pause_after: stop (resumably) after this many steps of this call, as an interruption would.
     preset_note: how the settings were chosen (e.g. "preset cpu, the default on a CPU"), for the announcement.
+    sources: where each setting came from (chargpt.training.settings), announced and saved for `info`.
     loss_history: a list to append every step's training loss to.
     loss_read_every: steps between reads of the loss from the device (default: see loss_read_interval).
     """
@@ -121,7 +124,8 @@ def train(
     d = init_distributed(cfg)
     threads = torch.get_num_threads()
     try:  # the process's thread count is put back: train() may be called again in the same process
-        return _train(cfg, d, resume, overwrite, progress, pause_after, preset_note, loss_history, loss_read_every)
+        how = (preset_note, sources or {})
+        return _train(cfg, d, resume, overwrite, progress, pause_after, how, loss_history, loss_read_every)
     finally:
         torch.set_num_threads(threads)
 
@@ -133,13 +137,14 @@ def _train(
     overwrite: bool,
     progress: bool,
     pause_after: int | None,
-    preset_note: str,
+    chosen: tuple[str, dict[str, str]],
     loss_history: list[float] | None,
     loss_read_every: int | None,
 ) -> TrainResult:
     with OutDir(cfg.out, resume=resume, overwrite=overwrite, main=d.main) as outdir:  # locked for the whole run
         run, state = setup(cfg, d, resume=resume, overwrite=overwrite, progress=progress)
         run.outdir = outdir
+        preset_note, run.sources = chosen
         if resume and already_finished(run, state):
             finish_distributed(d)
             return _result(run, state, "finished")
@@ -151,6 +156,8 @@ def _train(
             report.announce(
                 run.cfg, run.model, run.tokenizer, run.train_ids, run.val_ids, d.device, how, state, preset_note
             )
+            if run.sources:
+                report.log.info("settings: %s", describe(run.cfg, run.sources))
             if state.resume_note:
                 report.log.info("resuming: %s", state.resume_note)
         losses = LossLog(every=loss_read_every or loss_read_interval(d.device), history=loss_history)
@@ -175,7 +182,7 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
                 state.stopped_by = stop
                 break
             if not state.decaying and in_final_decay(cfg, state.step, state.elapsed, state.lr_anchor):
-                save_state(run, state, ckpt.STABLE_STATE)  # what a longer budget continues from
+                save_state(run, state, layout.STABLE_STATE)  # what a longer budget continues from
                 state.decaying, t_prev = True, bar.restart()
             losses.add(state.step + 1, train_step(run, state))
             state.step += 1
@@ -319,7 +326,7 @@ def log_training_loss(run: Run, state: RunState, values: list[float], tok_s: flo
 
 def _diverged(run: Run, step: int, loss: float) -> ChargptError:
     cfg, out = run.cfg, run.out
-    kept = f"the best model in {out} is intact" if (out / ckpt.WEIGHTS).exists() else "nothing was saved"
+    kept = f"the best model in {out} is intact" if (out / layout.WEIGHTS).exists() else "nothing was saved"
     shrink = cfg.learning_rate * cfg.weight_decay  # AdamW scales every matrix by (1 - shrink) each step
     if shrink >= 0.5 and cfg.weight_decay > 1:  # an unusual weight decay, not the learning rate, is at fault
         advice = (

@@ -31,25 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.errors import ChargptError
-from chargpt.storage.checkpoint import (
-    BACKUP,
-    CONFIG,
-    DISCARD,
-    FORMAT_NAME,
-    MOVING,
-    STABLE_STATE,
-    TRAIN_STATE,
-    WEIGHTS,
-)
+from chargpt.storage.checkpoint import FORMAT_NAME
 from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
-from chargpt.training.report import METRICS, PLOT
-from chargpt.training.samples import SAMPLES
+from chargpt.storage.layout import BACKUP, CONFIG, DISCARD, LOCK, MARKER, MOVING, RUN_FILES, TRAIN_STATE, WEIGHTS
 
 log = logging.getLogger("chargpt.training.outdir")
-LOCK, MARKER = ".chargpt.lock", ".chargpt-run"
-# BACKUP: complete, the old run, while the new one has saved nothing yet; MOVING: being filled (or emptied), its
-# files and the top level are the old run; DISCARD: the new run has saved, the old one is being deleted
-RUN_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, STABLE_STATE, METRICS, PLOT, SAMPLES)
 MARKER_TEXT = json.dumps({"format": "chargpt-run", "files": list(RUN_FILES)}) + "\n"
 
 

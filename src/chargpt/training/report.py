@@ -23,9 +23,9 @@ from typing import Any
 
 from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.storage.fileio import atomic_write_bytes
+from chargpt.storage.layout import METRICS, PLOT
 
 log = logging.getLogger("chargpt.training.loop")
-METRICS, PLOT = "metrics.jsonl", "loss.png"
 
 
 def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:

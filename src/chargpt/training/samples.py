@@ -12,9 +12,9 @@ import torch
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.storage.fileio import atomic_write_bytes
+from chargpt.storage.layout import SAMPLES
 from chargpt.training.report import is_eval
 
-SAMPLES = "samples.txt"
 SAMPLE_CHARS = 200
 SAMPLE_SEED = 0
 SAMPLE_TEMPERATURE = 0.8

@@ -16,7 +16,7 @@ import torch
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError, first_line
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage import trainstate
+from chargpt.storage import layout, trainstate
 from chargpt.training import report
 from chargpt.training.optim import (
     SCHEDULE_KEYS,
@@ -95,10 +95,10 @@ def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tup
         and in_final_decay(old, end.step, end.elapsed, saved_anchor(end.lr_anchor))
     ):
         return end, ""
-    if not os.path.lexists(out / ckpt.STABLE_STATE):
+    if not os.path.lexists(out / layout.STABLE_STATE):
         return end, ""  # an older folder: extended_anchor re-warms the rate
     try:
-        stable = trainstate.load_train_state(out, name=ckpt.STABLE_STATE)
+        stable = trainstate.load_train_state(out, name=layout.STABLE_STATE)
     except ChargptError:  # damaged or not a file: the end state, re-warmed, still trains on
         return end, ""
     if stable.step >= end.step or in_final_decay(cfg, stable.step, stable.elapsed, saved_anchor(stable.lr_anchor)):
@@ -116,16 +116,22 @@ SAVED = tuple(f.name for f in fields(RunState) if f.name in {g.name for g in fie
 
 
 def restore(
-    saved: trainstate.TrainState, out: Path, model: torch.nn.Module, optimizer: Optimizer, batches: torch.Generator
+    saved: trainstate.TrainState,
+    out: Path,
+    model: torch.nn.Module,
+    optimizer: Optimizer,
+    batches: torch.Generator,
+    name: str = layout.TRAIN_STATE,
 ) -> RunState:
-    """Load a saved run's weights, optimizer and RNG into the fresh ones; return its RunState."""
-    ckpt.load_state(model, saved.model, str(out / ckpt.TRAIN_STATE))
+    """Load a saved run's weights, optimizer and RNG (read from out / name) into the fresh ones; return its
+    RunState."""
+    ckpt.load_state(model, saved.model, str(out / name))
     try:
         optimizer.load_state_dict(saved.optimizer)
         trainstate.restore_rng(saved.rng, batches)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ChargptError(
-            f"{out / ckpt.TRAIN_STATE} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
+            f"{out / name} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
             f"start a new run with --overwrite"
         ) from None
     values = {name: getattr(saved, name) for name in SAVED}
@@ -146,7 +152,7 @@ def saved_anchor(value: Any) -> Anchor | None:
         raise ChargptError("the train state's lr_anchor is malformed; start a new run with --overwrite") from None
 
 
-def save_state(run: Run, state: RunState, name: str = ckpt.TRAIN_STATE) -> None:
+def save_state(run: Run, state: RunState, name: str = layout.TRAIN_STATE) -> None:
     """The resumable state (rank 0 writes it): weights, optimizer, RNG, step, clock, best val, config. As
     STABLE_STATE: the same, kept from where WSD's final decay begins."""
     t0 = time.perf_counter()
