@@ -18,7 +18,7 @@ from helpers import reference_loss
 
 def tiny_model(vocab: CharTokenizer, kind: str = "gpt", block_size: int = 8) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab.vocab_size, block_size=block_size, n_embd=16, n_heads=2, n_layers=2, dropout=0.0, model=kind)
+    cfg = GPTConfig(vocab.vocab_size, block_size=block_size, n_embd=16, n_heads=2, n_layers=2, dropout=0.0, arch=kind)
     model = build_model(cfg)
     with torch.no_grad():
         for p in model.parameters():

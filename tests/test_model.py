@@ -198,7 +198,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_bigram_model_reads_logits_off_a_table():
-    cfg = GPTConfig(vocab_size=7, block_size=8, model="bigram")
+    cfg = GPTConfig(vocab_size=7, block_size=8, arch="bigram")
     model = build_model(cfg)
     assert isinstance(model, BigramLM)
     assert model.num_params() == 7 * 7
@@ -215,7 +215,7 @@ def test_bigram_model_reads_logits_off_a_table():
 
 def test_bigram_learns_the_bigram_statistics():
     """Trained to convergence on a deterministic cycle, the table predicts the next character exactly."""
-    cfg = GPTConfig(vocab_size=5, block_size=8, model="bigram")
+    cfg = GPTConfig(vocab_size=5, block_size=8, arch="bigram")
     torch.manual_seed(0)
     model = BigramLM(cfg)
     data = torch.tensor([0, 2, 4, 1, 3] * 20)
@@ -231,14 +231,14 @@ def test_bigram_learns_the_bigram_statistics():
 
 def test_build_model_picks_the_type():
     assert isinstance(build_model(GPTConfig(vocab_size=5, block_size=4, n_embd=8, n_heads=2, n_layers=1)), GPT)
-    assert isinstance(build_model(GPTConfig(vocab_size=5, model="bigram")), BigramLM)
+    assert isinstance(build_model(GPTConfig(vocab_size=5, arch="bigram")), BigramLM)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "bigram"])
 def test_save_load_gives_identical_logits(tmp_path, kind):
     text = "To be, or not to be: that is the question. 😀\n"
     tok = CharTokenizer.from_text(text)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_embd=24, n_heads=3, n_layers=2, model=kind)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_embd=24, n_heads=3, n_layers=2, arch=kind)
     torch.manual_seed(5)
     model = build_model(cfg)
     randomize(model, seed=6)

@@ -95,7 +95,7 @@ def test_auto_takes_int8_only_where_measured_faster(tmp_path, tiny):
         quant.resolve("int8", "meta", model)
     with pytest.raises(ChargptError, match="unknown quantization 'int4'"):
         quant.resolve("int4", "cpu", model)
-    bigram = BigramLM(GPTConfig(vocab_size=5, block_size=4, model="bigram"))
+    bigram = BigramLM(GPTConfig(vocab_size=5, block_size=4, arch="bigram"))
     assert quant.apply(bigram, "auto")[0] is bigram
     with pytest.raises(ChargptError, match="bigram"):
         quant.apply(bigram, "int8")

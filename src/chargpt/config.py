@@ -7,7 +7,7 @@ Building a config needs no torch, except to look for a GPU when the device is `a
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,14 @@ class GPTConfig:
     n_heads: int = 6
     n_layers: int = 6
     dropout: float = 0.2
-    model: str = "gpt"
+    arch: str = "gpt"  # gpt or bigram (TrainConfig.arch, --arch; config.json calls it "model")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.model not in MODEL_TYPES:
-            raise ChargptError(f"unknown model type {shorten(self.model)}; use one of {', '.join(MODEL_TYPES)}")
+        if self.arch not in MODEL_TYPES:
+            raise ChargptError(f"unknown model type {shorten(self.arch)}; use one of {', '.join(MODEL_TYPES)}")
         _positive_int("vocab_size", self.vocab_size, MAX_VOCAB)
         for name in ("block_size", "n_embd", "n_heads", "n_layers"):
             _positive_int(name, getattr(self, name), MAX_SIZE)
@@ -67,9 +67,15 @@ class GPTConfig:
         return self.n_embd // self.n_heads
 
 
-def setting(default: Any, help: str) -> Any:
-    """A TrainConfig field with its one-line description: `chargpt train --help` shows it for the flag."""
-    return field(default=default, metadata={"help": help})
+def setting(default: Any = MISSING, help: str = "", **flag: Any) -> Any:
+    """A settings field with its one-line description, which the command's --help shows for its flag; `flag`: how
+    chargpt.cli.parser makes the flag (metavar, choices, required, action, name, default_factory), where it differs
+    from what the field's type says."""
+    factory = flag.pop("default_factory", MISSING)
+    return field(default=default, default_factory=factory, metadata={"help": help, "flag": flag})
+
+
+DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"
 
 
 @dataclass
@@ -136,7 +142,7 @@ class TrainConfig:
         0, "stop after N evaluations in a row without a better val loss (the best model is kept); 0 = never"
     )
     seed: int = setting(1337, "seeds weights, batches and dropout: same seed, same run")
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    device: str = setting("auto", DEVICE_HELP)
     # falls back cleanly (with a warning) where it cannot compile
     compile: bool = setting(False, "torch.compile the model (needs a C++ compiler on CPU)")
     threads: int = setting(0, "CPU threads; 0 = auto: the cores free at the start, re-checked when steps slow down")
@@ -216,7 +222,7 @@ class TrainConfig:
             n_heads=self.n_heads,
             n_layers=self.n_layers,
             dropout=self.dropout,
-            model=self.arch,
+            arch=self.arch,
         )
 
 

@@ -64,7 +64,7 @@ def call_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return F.layer_norm(x, (x.size(-1),), params[0], params[1], EPS)
+    return torch.layer_norm(x, (x.size(-1),), params[0], params[1], EPS)  # F.layer_norm's op, without its checks
 
 
 def block(
@@ -90,8 +90,11 @@ def block(
 def split_heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, 3C), or one token per row (B, 3C), -> q, k, v, each (B, H, T, hs) (T = 1 for rows)."""
     hs = qkv.size(-1) // (3 * n_heads)
-    parts = qkv.view(qkv.size(0), -1, 3, n_heads, hs)  # (B, T, 3, H, hs)
-    return parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2), parts[:, :, 2].transpose(1, 2)
+    if qkv.dim() == 2:  # one token per row: (B, 3, H, 1, hs) views
+        parts = qkv.view(qkv.size(0), 3, n_heads, 1, hs)
+        return parts.select(1, 0), parts.select(1, 1), parts.select(1, 2)
+    parts = qkv.view(qkv.size(0), qkv.size(1), 3, n_heads, hs)  # (B, T, 3, H, hs)
+    return parts.select(2, 0).transpose(1, 2), parts.select(2, 1).transpose(1, 2), parts.select(2, 2).transpose(1, 2)
 
 
 def merge_heads(y: torch.Tensor, rows: bool = False) -> torch.Tensor:
@@ -154,7 +157,7 @@ _MASKS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 def visible(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(n, n) additive mask: row t is 0 at positions 0..t and -inf after (made once per size, device and format).
     SDPA turns a bool mask into this itself, in every layer of every step; given it, the same numbers come out."""
-    key = (n, torch.device(device), dtype)
+    key = (n, device, dtype)
     tracing = torch.compiler.is_compiling()  # an exported graph computes its mask (one graph, however called)
     mask = None if tracing else _MASKS.get(key)
     if mask is None:
@@ -180,13 +183,14 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.block_size = cfg.block_size
         self.length = 0  # number of positions filled
+        self._seen: tuple[tuple[int, int], torch.Tensor] | None = None  # the last step's mask
 
     @classmethod
     def holding(cls, k: torch.Tensor, v: torch.Tensor, block_size: int) -> KVCache:
         """A cache over given keys and values (n_layers, B, H, slots, hs) (the ONNX graph's inputs, copied)."""
         cache = object.__new__(cls)
         cache.k, cache.v = [layer.clone() for layer in k], [layer.clone() for layer in v]
-        cache.block_size, cache.length = block_size, 0
+        cache.block_size, cache.length, cache._seen = block_size, 0, None
         return cache
 
     def reset(self) -> None:
@@ -198,7 +202,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k = [k[slot : slot + 1] for k in self.k]
         view.v = [v[slot : slot + 1] for v in self.v]
-        view.block_size, view.length = self.block_size, 0
+        view.block_size, view.length, view._seen = self.block_size, 0, None
         return view
 
     def attend(
@@ -225,15 +229,19 @@ class KVCache:
             V.index_copy_(2, where, v.to(V.dtype))
             seen = visible(K.size(2), q.device, K.dtype).index_select(0, where).view(1, 1, T, -1)
             return attention(q.to(K.dtype), K, V, mask=seen)
-        K[:, :, at : at + T].copy_(k)  # (slice + copy_: half the time of K[:, :, at] = ...)
-        V[:, :, at : at + T].copy_(v)
+        K.narrow(2, at, T).copy_(k)  # (narrow + copy_: half the time of K[:, :, at] = ...)
+        V.narrow(2, at, T).copy_(v)
         if at == 0:
             if last_only and T > 1:
                 return attention(q[:, :, -1:], k, v)  # the last query sees every key
             return attention(q, k, v, causal=T > 1)
         spanned = span(at + T - 1)
-        seen = visible(K.size(2), q.device, K.dtype)[at : at + T, :spanned].view(1, 1, T, spanned)
-        return attention(q.to(K.dtype), K[:, :, :spanned], V[:, :, :spanned], mask=seen)
+        seen = self._seen
+        if seen is None or seen[0] != (at, T):  # the same for every layer of a step: made once
+            mask = visible(K.size(2), q.device, K.dtype).narrow(0, at, T).narrow(1, 0, spanned)
+            seen = self._seen = ((at, T), mask.view(1, 1, T, spanned))
+        q = q if q.dtype == K.dtype else q.to(K.dtype)
+        return attention(q, K.narrow(2, 0, spanned), V.narrow(2, 0, spanned), mask=seen[1])
 
     @staticmethod
     def _attend_rows(
@@ -430,7 +438,7 @@ class BigramLM(nn.Module):
 
 
 def build_model(cfg: GPTConfig) -> GPT | BigramLM:
-    return BigramLM(cfg) if cfg.model == "bigram" else GPT(cfg)
+    return BigramLM(cfg) if cfg.arch == "bigram" else GPT(cfg)
 
 
 def check_usable(model: object, tokenizer: object = None, where: str = "this function") -> None:

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.cli.launch import last_line, launch_torchrun, self_command
+from chargpt.cli.options import from_args
 from chargpt.config import MODEL_TYPES, SHAPE_KEYS, TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line
+from chargpt.runtime import SampleConfig, ServeConfig
 
 
 def setup_logging(quiet: bool) -> None:
@@ -159,19 +161,9 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from chargpt.inference.generate import SampleConfig, decode_threads
+    from chargpt.inference.generate import decode_threads
 
-    cfg = SampleConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        stop=tuple(args.stop),
-        precision=args.precision,
-        quantize=args.quantize,
-    )
+    cfg = from_args(SampleConfig, args)
     cfg.validate()
     with _threads(args.threads, decode_threads(args.num_samples) if args.threads is None else None):
         return _sample(args, cfg)
@@ -420,23 +412,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from chargpt.serve import ServeConfig, describe, serve
+        from chargpt.serve import describe, serve
     except ImportError as e:
         raise ChargptError(f"chargpt serve needs FastAPI and uvicorn ({e}); pip install 'chargpt[serve]'") from None
     from chargpt.machine.devices import resolve_device
 
-    cfg = ServeConfig(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit,
-        max_prompt_chars=args.max_prompt_chars,
-        precision=args.precision,
-        quantize=args.quantize,
-    )
+    cfg = from_args(ServeConfig, args)
     cfg.validate()
 
     def ready(url: str, card: Any) -> None:

@@ -10,34 +10,31 @@ from dataclasses import fields
 from typing import Any
 
 from chargpt import __version__
+from chargpt.cli.options import (
+    EvalCommand,
+    ExportCommand,
+    InfoCommand,
+    SampleRuntime,
+    SampleText,
+    ServeRuntime,
+    TrainCommand,
+    add_fields,
+)
 from chargpt.config import (
     MODEL_TYPES,
     OPTIMIZERS,
-    PRECISIONS,
     PRESETS,
-    QUANTIZE,
     SCHEDULES,
     TRAIN_FIELDS,
     TrainConfig,
     check_path,
 )
 from chargpt.errors import EXIT_USAGE, ChargptError
+from chargpt.runtime import SampleConfig, ServeConfig
 
 # A one-line description of every TrainConfig field, and the --help group it is listed under.
 # each setting's description lives beside its field in config.TrainConfig
 FLAG_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
-
-
-DEVICE_HELP = f"{FLAG_HELP['device']} (default: auto)"
-
-
-THREADS_HELP = "CPU threads (default: the cores free at start-up)"
-
-
-PRECISION_HELP = "auto (what is faster on this machine, per kind of work), fp32, or bf16 (default: auto)"
-
-
-QUANTIZE_HELP = "int8 weights (faster decoding, slightly different numbers), none, or auto: int8 where measured faster"
 
 
 GROUPS = {
@@ -213,20 +210,7 @@ def _add_train_flags(p: _Parser) -> None:
     groups = {title: p.add_argument_group(title) for title in ("settings", *GROUPS)}
     group_of = {name: title for title, names in GROUPS.items() for name in names}
     general = groups["settings"]
-    general.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="cpu (a small model tuned for a CPU), gpu (the 10.8M model tuned for a GPU) or seed (the 10.8M model "
-        "as in the lecture) (default: cpu on a CPU, gpu on a CUDA GPU)",
-    )
-    general.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML file of settings (keys: flag names with underscores); flags override it (default: none)",
-    )
-    general.add_argument(
-        "--quiet", action="store_true", help="no announcement, progress bar or eval lines (default: off)"
-    )
+    add_fields(p, TrainCommand, groups=groups)
     for f in fields(TrainConfig):
         group = groups.get(group_of.get(f.name, ""), general)
         flag = "--" + f.name.replace("_", "-")
@@ -239,20 +223,6 @@ def _add_train_flags(p: _Parser) -> None:
             metavar = "DIR" if f.name == "init_from" else metavar
             choices = {"arch": MODEL_TYPES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
             group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
-    groups["model"].add_argument(
-        "--model",
-        dest="legacy_model",
-        metavar="ARCH",
-        help=argparse.SUPPRESS,  # the old spelling of --arch
-    )
-    checkpoints = groups["evaluation and checkpoints"]
-    checkpoints.add_argument(
-        "--resume", metavar="DIR", help="continue the run saved in this model directory (default: a new run)"
-    )
-    checkpoints.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: off)")
-    groups["hardware"].add_argument(
-        "--nproc", type=int, help="launch N processes with torchrun (DDP) on this machine (default: 1, no torchrun)"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,29 +255,7 @@ def _add_sample(sub: Any) -> None:
     s = sub.add_parser(
         "sample", help="generate text from a trained model", description="Generate text.", epilog=SAMPLE_EXAMPLES
     )
-    s.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    s.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
-    s.add_argument(
-        "--temperature", type=float, default=1.0, help="<1 = safer, >1 = wilder, 0 = greedy (it loops) (default: 1.0)"
-    )
-    s.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest characters (default: off)")
-    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
-    s.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
-    s.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch (default: 1)")
-    s.add_argument(
-        "--stop", action="append", default=[], help="end a sample at this string; repeatable (default: none)"
-    )
-    s.add_argument("--no-stream", action="store_true", help="print when done instead of as generated (default: off)")
-    s.add_argument("--device", default="auto", help=DEVICE_HELP)
-    s.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for decoding (default: 1 for one sample; more for a batch, as cores are free)",
-    )
-    s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    s.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP + " (default: auto)")
+    add_fields(s, SampleRuntime, SampleText, SampleConfig)
 
 
 def _add_eval(sub: Any) -> None:
@@ -317,24 +265,7 @@ def _add_eval(sub: Any) -> None:
         description="Mean per-character loss of a model on a text file, printed as one JSON line.",
         epilog=EVAL_EXAMPLES,
     )
-    e.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, any size: streamed (required)")
-    e.add_argument("--device", default="auto", help=DEVICE_HELP)
-    e.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar on a terminal)")
-    e.add_argument(
-        "--json", action="store_true", help="print one JSON object (default: text on a terminal, JSON otherwise)"
-    )
-    e.add_argument(
-        "--token-cache", metavar="DIR", help="folder for the tokenized file (default: chargpt's cache folder)"
-    )
-    e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    e.add_argument(
-        "--quantize",
-        default="none",
-        choices=QUANTIZE,
-        help=QUANTIZE_HELP + "; scores the text with and without it (default: none, the model as trained)",
-    )
-    e.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    add_fields(e, EvalCommand)
 
 
 def _add_info(sub: Any) -> None:
@@ -344,17 +275,7 @@ def _add_info(sub: Any) -> None:
         description="Describe a model directory.",
         epilog=INFO_EXAMPLES,
     )
-    i.add_argument("dir", metavar="DIR", nargs="?", help="model directory (or a folder of runs)")
-    i.add_argument(
-        "--machine",
-        action="store_true",
-        help="what chargpt decides on this machine and why: CPU flags, free cores and threads, auto's number "
-        "formats, int8, whether the server batches exactly, the caches (times a few steps once; default: off)",
-    )
-    i.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: off)")
-    i.add_argument(
-        "--plot", metavar="FILE", help="with a folder of runs: draw their val curves in one PNG (default: none)"
-    )
+    add_fields(i, InfoCommand)
 
 
 def _add_export(sub: Any) -> None:
@@ -366,15 +287,7 @@ def _add_export(sub: Any) -> None:
         "folder with a page that samples from it in the browser, offline, with nothing installed.",
         epilog=EXPORT_EXAMPLES,
     )
-    x.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    x.add_argument(
-        "--format", default="onnx", choices=("onnx", "web"), help="onnx (a file) or web (a folder: a page that "
-        "runs the model in the browser) (default: onnx)",
-    )  # fmt: skip
-    x.add_argument(
-        "--out", required=True, metavar="PATH", help="the .onnx file, or the web page's folder, to write (required)"
-    )
-    x.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    add_fields(x, ExportCommand)
 
 
 def _add_serve(sub: Any) -> None:
@@ -384,36 +297,7 @@ def _add_serve(sub: Any) -> None:
         description="Serve a model over HTTP: OpenAI-style /v1/completions (streaming, batching) and a playground.",
         epilog=SERVE_EXAMPLES,
     )
-    v.add_argument("--model", required=True, metavar="DIR", help="model directory (required)")
-    v.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="127.0.0.1 = this machine only; 0.0.0.0 = every interface (default: 127.0.0.1)",
-    )
-    v.add_argument("--port", type=int, default=8000, help="0 = any free port (default: 8000)")
-    v.add_argument(
-        "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request (default: none)"
-    )
-    v.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together (default: 32)")
-    v.add_argument(
-        "--max-queue", type=int, default=64, metavar="N", help="requests that may wait; beyond: 503 (default: 64)"
-    )
-    v.add_argument(
-        "--max-tokens-limit", type=int, default=4096, metavar="N", help="cap on max_tokens per request (default: 4096)"
-    )
-    v.add_argument(
-        "--max-prompt-chars",
-        type=int,
-        default=65536,
-        metavar="N",
-        help="cap on a prompt's length in characters (default: 65536)",
-    )
-    v.add_argument("--device", default="auto", help=DEVICE_HELP)
-    v.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    v.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP + " (default: auto)")
-    v.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up but one, for HTTP)"
-    )
+    add_fields(v, ServeConfig, ServeRuntime)
 
 
 def version_line() -> str:

@@ -8,11 +8,9 @@ the cache is rebuilt from the last block_size tokens (one full forward per token
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +22,7 @@ from chargpt.machine import memory
 from chargpt.machine import precision as prec
 from chargpt.machine.cores import cores as usable_cores
 from chargpt.model import GPT, BigramLM, KVCache, check_usable
+from chargpt.runtime import SampleConfig
 
 
 def decode_threads(num_samples: int, cores: int | None = None, load: float | None = None) -> int:
@@ -43,46 +42,6 @@ def decode_threads(num_samples: int, cores: int | None = None, load: float | Non
         return 1
     idle = int(cores - load + 0.5)
     return max(1, min(cores, num_samples, idle))
-
-
-@dataclass
-class SampleConfig:
-    max_new_tokens: int = 500
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-    seed: int | None = None  # same seed -> same text; sample i of a batch uses seed + i
-    num_samples: int = 1  # generated together as one batch
-    stop: Sequence[str] = field(default_factory=tuple)  # end a sample at any of these; not included
-    precision: str = "auto"  # fp32, bf16 or auto: per kind of work (prefill, one-token decode), the faster here
-    quantize: str = "auto"  # int8 weights, none, or auto: int8 where this CPU decodes faster with it
-
-    def validate(self) -> None:
-        prec.check(self.precision)
-        quant.check(self.quantize)
-        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.stop)
-        if problem:
-            raise ChargptError(problem[1])
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ChargptError(f"seed must be an integer in [0, 2**63), got {self.seed}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ChargptError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ChargptError(f"num_samples must be an integer >= 1, got {self.num_samples}")
-
-
-def sampling_problem(temperature: Any, top_k: Any, top_p: Any, stop: Sequence[str] = ()) -> tuple[str, str] | None:
-    """The first bad sampling setting as (its name, a one-line message), or None: the one check of these values,
-    for the Python API and the CLI (SampleConfig) and for the server's requests (which name the field)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        return "temperature", f"temperature must be a number >= 0 (0 = greedy), got {temperature}"
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        return "top_k", f"top_k must be an integer >= 1, got {top_k}"
-    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
-        return "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}"
-    if any(not s for s in stop):
-        return "stop", "stop strings must not be empty"
-    return None
 
 
 def pick_next(

@@ -21,7 +21,7 @@ FLOAT = 4  # bytes: weights, gradients and optimizer state are float32
 
 def n_params(cfg: GPTConfig) -> int:
     """Parameters of the model `cfg` describes (to within the small bias and norm vectors)."""
-    if cfg.model == "bigram":
+    if cfg.arch == "bigram":
         return cfg.vocab_size * cfg.vocab_size
     C, L = cfg.n_embd, cfg.n_layers
     return L * 12 * C * C + 2 * cfg.vocab_size * C + cfg.block_size * C
@@ -30,7 +30,7 @@ def n_params(cfg: GPTConfig) -> int:
 def training_bytes(cfg: GPTConfig, rows: int) -> int:
     """Weights + gradients + AdamW state, and the activations of `rows` sequences of block_size tokens."""
     tokens = rows * cfg.block_size
-    if cfg.model == "bigram":
+    if cfg.arch == "bigram":
         activations = tokens * cfg.vocab_size * FLOAT * 2
     else:  # (B, T, C) per layer: at least the residual, attention output and MLP input are kept
         activations = tokens * (cfg.n_layers * 3 * cfg.n_embd + 2 * cfg.vocab_size) * FLOAT
@@ -40,7 +40,7 @@ def training_bytes(cfg: GPTConfig, rows: int) -> int:
 def inference_bytes(cfg: GPTConfig, rows: int) -> int:
     """Weights, the KV cache of `rows` sequences and one layer's activations."""
     tokens = rows * cfg.block_size
-    kv = 0 if cfg.model == "bigram" else tokens * cfg.n_layers * 2 * cfg.n_embd * FLOAT
+    kv = 0 if cfg.arch == "bigram" else tokens * cfg.n_layers * 2 * cfg.n_embd * FLOAT
     return n_params(cfg) * FLOAT + kv + tokens * cfg.vocab_size * FLOAT
 
 

@@ -3,6 +3,7 @@
 Needs the `serve` extra (FastAPI, uvicorn): `pip install 'chargpt[serve]'`.
 """
 
-from chargpt.serve.server import ServeConfig, describe, serve
+from chargpt.runtime import ServeConfig
+from chargpt.serve.server import describe, serve
 
 __all__ = ["ServeConfig", "describe", "serve"]

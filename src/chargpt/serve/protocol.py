@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.inference.generate import sampling_problem
+from chargpt.runtime import sampling_problem
 from chargpt.serve.engine import ChoiceSpec, Piece
 
 MAX_STOP = 4  # stop strings per request, as in OpenAI's API

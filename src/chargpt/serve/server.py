@@ -14,7 +14,6 @@ import errno
 import signal
 import socket
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -22,50 +21,13 @@ import torch
 import uvicorn
 
 from chargpt.errors import ChargptError
-from chargpt.inference import quantize as quant
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
+from chargpt.runtime import ServeConfig
 from chargpt.serve.app import AppState, ModelCard, create_app
 from chargpt.serve.engine import Engine
 from chargpt.serve.protocol import Limits
 from chargpt.storage.checkpoint import WEIGHTS, load_model, read_config
-
-
-@dataclass
-class ServeConfig:
-    model: str  # model directory
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0 = any free port
-    api_key: str | None = None
-    max_batch: int = 32
-    max_queue: int = 64
-    max_tokens_limit: int = 4096
-    max_prompt_chars: int = 65536
-    max_body_bytes: int = 1 << 20
-    precision: str = "auto"  # fp32, bf16 or auto: per kind of work (prefill, one-token decode), as in sampling
-    quantize: str = "auto"  # int8 weights, none, or auto (int8 where this CPU decodes faster with it), as sampling
-    grace: float = 1.0  # seconds running requests get to finish after Ctrl-C / SIGTERM
-
-    def validate(self) -> None:
-        checks = [
-            (0 <= self.port <= 65535, f"--port must be in 0..65535 (0 = any free port), got {self.port}"),
-            (self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}"),
-            (self.max_queue >= 0, f"--max-queue must be >= 0, got {self.max_queue}"),
-            (self.max_tokens_limit >= 1, f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}"),
-            (self.max_prompt_chars >= 1, f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}"),
-            (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
-            (
-                self.api_key is None
-                or (self.api_key.isascii() and self.api_key.isprintable() and " " not in self.api_key),
-                "--api-key must be printable ASCII without spaces (a client could never send it in a header); "
-                "check for a stray space or newline",
-            ),
-        ]
-        prec.check(self.precision)
-        quant.check(self.quantize)
-        for ok, message in checks:
-            if not ok:
-                raise ChargptError(message)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -102,7 +64,7 @@ def model_card(directory: str, model: torch.nn.Module) -> ModelCard:
         "n_params": model.num_params(),  # type: ignore[operator]
         "val_loss": info.get("val_loss"),
         "step": info.get("step"),
-        "architecture": cfg.model,
+        "architecture": cfg.arch,
         "block_size": cfg.block_size,
         "vocab_size": cfg.vocab_size,
         "n_layers": cfg.n_layers,

@@ -29,7 +29,8 @@ from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, MOVING, TRAI
 FORMAT_NAME = "chargpt-model"
 FORMAT_VERSION = 1
 log = logging.getLogger("chargpt.storage.checkpoint")
-MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", "model"}
+ARCH_KEY = "model"  # config.json's name for GPTConfig.arch (the file format predates the field's name)
+MODEL_KEYS = {"vocab_size", "block_size", "n_embd", "n_heads", "n_layers", "dropout", ARCH_KEY}
 # "unknown" (the vocabulary's unknown symbol) is written only by models that have one, so the files of
 # models without it are byte for byte what older chargpt wrote, and older config.json files still load
 CONFIG_KEYS = {"format", "format_version", "model", "vocab", "unknown", "info"}
@@ -55,7 +56,7 @@ def save_model(
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "model": {k: getattr(cfg, k) for k in sorted(MODEL_KEYS)},
+        "model": {k: getattr(cfg, "arch" if k == ARCH_KEY else k) for k in sorted(MODEL_KEYS)},
         "vocab": tokenizer.to_list(),
         **({"unknown": tokenizer.unknown} if tokenizer.unknown is not None else {}),
         "info": info or {},
@@ -156,7 +157,7 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
         )
     tokenizer = CharTokenizer(vocab, unknown=unknown)
     try:
-        cfg = GPTConfig(**model)
+        cfg = GPTConfig(**{"arch" if k == ARCH_KEY else k: v for k, v in model.items()})
     except ChargptError as e:
         raise ChargptError(f"bad model config in {where}: {e}") from None
     if cfg.vocab_size != tokenizer.vocab_size:
@@ -226,7 +227,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 def _check_tensors(cfg: GPTConfig, tensors: dict[str, Any], where: str) -> None:
     """Names, shapes and dtypes of the file's tensors (safetensors slices: no data read) against the config's
     model, before anything is allocated: the one check of what a weights file holds."""
-    if cfg.model == "gpt" and cfg.n_layers > len(tensors):  # every layer owns tensors: checked before building
+    if cfg.arch == "gpt" and cfg.n_layers > len(tensors):  # every layer owns tensors: checked before building
         raise ChargptError(f"{where} holds {len(tensors)} tensors, too few for n_layers={cfg.n_layers}; files disagree")
     try:
         with torch.device("meta"):  # shapes only, no memory

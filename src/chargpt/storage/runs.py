@@ -11,7 +11,7 @@ import torch
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.model import build_model
-from chargpt.storage.checkpoint import MODEL_KEYS, load_model, read_config, run_file
+from chargpt.storage.checkpoint import ARCH_KEY, MODEL_KEYS, load_model, read_config, run_file
 from chargpt.storage.fileio import is_regular_file
 from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, TRAIN_STATE, WEIGHTS
 from chargpt.storage.trainstate import load_train_state
@@ -32,7 +32,7 @@ def list_runs(directory: str | Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": sub.name}
         try:
             cfg, _, info = read_config(sub)
-            row.update(shape=f"{cfg.n_layers}x{cfg.n_heads}x{cfg.n_embd} T{cfg.block_size}", arch=cfg.model)
+            row.update(shape=f"{cfg.n_layers}x{cfg.n_heads}x{cfg.n_embd} T{cfg.block_size}", arch=cfg.arch)
             row.update(best_step=info.get("step"), best_val_loss=info.get("val_loss"))
         except ChargptError as e:
             row["problem"] = str(e)
@@ -69,10 +69,10 @@ def describe(directory: str | Path) -> dict[str, Any]:
             training.update(steps=state.step, elapsed=float(state.elapsed))
         except ChargptError as e:
             training["train_state_problem"] = str(e)
-    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}
+    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {ARCH_KEY})}
     return {
         "dir": str(directory),
-        "model": {"arch": cfg.model, **shape},
+        "model": {"arch": cfg.arch, **shape},
         "parameters": model.num_params(),
         "vocab": tokenizer.to_list(),
         "training": training,
@@ -87,10 +87,10 @@ def _describe_unsaved(directory: Path) -> dict[str, Any]:
     cfg = train.model_config(len(state.vocab))
     with torch.device("meta"):
         parameters = build_model(cfg).num_params()
-    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {"model"})}
+    shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {ARCH_KEY})}
     return {
         "dir": str(directory),
-        "model": {"arch": cfg.model, **shape},
+        "model": {"arch": cfg.arch, **shape},
         "parameters": parameters,
         "vocab": list(state.vocab),
         "training": {"config": state.config, "steps": state.step, "elapsed": float(state.elapsed), "saved": False},

@@ -41,7 +41,7 @@ class Start:
 def source_shape(init_from: str) -> dict[str, Any]:
     """The shape settings of the model in `init_from` (read cheaply: config.json only)."""
     cfg, _, _ = ckpt.read_config(init_from)
-    return {"arch": cfg.model, "block_size": cfg.block_size, "n_embd": cfg.n_embd, "n_heads": cfg.n_heads,
+    return {"arch": cfg.arch, "block_size": cfg.block_size, "n_embd": cfg.n_embd, "n_heads": cfg.n_heads,
             "n_layers": cfg.n_layers}  # fmt: skip
 
 
