@@ -299,7 +299,7 @@ def test_fuzz_load_model_on_mutated_configs(tmp_path: Path, config):
     """Weights without an embedded config, so the mutated config.json is what the loader must survive."""
     d = tmp_path / "fuzz"
     d.mkdir(exist_ok=True)
-    model = build_model(GPTConfig(**VALID["model"]))
+    model = build_model(GPTConfig(**{"arch" if k == "model" else k: v for k, v in VALID["model"].items()}))
     (d / "model.safetensors").write_bytes(st_save(dict(model.state_dict())))
     (d / "config.json").write_text(json.dumps(config))
     try:

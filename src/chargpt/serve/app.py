@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import chargpt.serve.protocol as wire
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.serve import protocol as wire
 from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
 from chargpt.serve.protocol import ApiError, Limits
 
