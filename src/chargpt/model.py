@@ -92,10 +92,11 @@ def split_heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Te
     """(B, T, 3C), or one token per row (B, 3C), -> q, k, v, each (B, H, T, hs) (T = 1 for rows)."""
     hs = qkv.size(-1) // (3 * n_heads)
     if qkv.dim() == 2:  # one token per row: (B, 3, H, 1, hs) views
-        parts = qkv.view(qkv.size(0), 3, n_heads, 1, hs)
-        return parts.select(1, 0), parts.select(1, 1), parts.select(1, 2)
-    parts = qkv.view(qkv.size(0), qkv.size(1), 3, n_heads, hs)  # (B, T, 3, H, hs)
-    return parts.select(2, 0).transpose(1, 2), parts.select(2, 1).transpose(1, 2), parts.select(2, 2).transpose(1, 2)
+        q, k, v = qkv.view(qkv.size(0), 3, n_heads, 1, hs).unbind(1)
+        return q, k, v
+    # unbind, not three selects: its gradient is one stack, theirs three zero-filled copies summed
+    q, k, v = qkv.view(qkv.size(0), qkv.size(1), 3, n_heads, hs).unbind(2)  # (B, T, H, hs) each
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def merge_heads(y: torch.Tensor, rows: bool = False) -> torch.Tensor:
