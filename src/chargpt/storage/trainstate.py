@@ -23,8 +23,9 @@ from chargpt.storage.fileio import atomic_write_bytes, check_regular
 from chargpt.storage.layout import MARKER, TRAIN_STATE
 
 
-def _kind(kind: type | tuple[type, ...], default: Any = MISSING) -> Any:
-    return field(default=default, metadata={"kind": kind})
+def _kind(kind: type | tuple[type, ...], default: Any = MISSING, required: bool = False) -> Any:
+    """A field of the file: its kinds, and whether a file must hold it (else a state older than it may lack it)."""
+    return field(default=default, metadata={"kind": kind, "required": required or default is MISSING})
 
 
 NUMBER = (int, float)
@@ -35,29 +36,37 @@ def _listed(value: Any) -> Any:
 
 
 @dataclass
-class TrainState:
-    """train_state.pt, its one description: `save_train_state` writes these fields, `load_train_state` checks
-    every one (type, range) and returns them. Fields with a default may be absent from a state older than them."""
+class Counters:
+    """A run's counters: the training loop keeps them in its RunState (chargpt.training.state, which extends this
+    class) as it goes, train_state.pt saves them under the same names and a resume restores them. A new resumable
+    counter is one field here, with its kind and its value for a state saved before it existed."""
 
-    step: int = _kind(int)
-    elapsed: float = _kind(NUMBER)  # seconds of training so far
-    best_val_loss: float = _kind(NUMBER)  # +inf before the first evaluation
-    model: dict = _kind(dict)  # the weights
-    optimizer: dict = _kind(dict)
-    rng: dict = _kind(dict)  # capture_rng's streams
-    vocab: list = _kind(list)
-    config: dict = _kind(dict)  # the TrainConfig's fields
-    unknown: str | None = _kind(str, None)  # the tokenizer's unknown symbol, if it has one
+    step: int = _kind(int, 0, required=True)
+    elapsed: float = _kind(NUMBER, 0.0, required=True)  # seconds of training so far, evaluations included
+    best_val_loss: float = _kind(NUMBER, math.inf, required=True)  # +inf before the first evaluation
     log_loss_sum: float = _kind(NUMBER, 0.0)  # the training-loss row being summed
     log_loss_count: int = _kind(int, 0)
     eval_seconds: float = _kind(NUMBER, 0.0)  # what the budget reserves for the next evaluation, plot and save
     plot_seconds: float = _kind(NUMBER, 0.0)
     save_seconds: float = _kind(NUMBER, 0.0)
     evals_since_best: int = _kind(int, 0)  # --patience's count
+    lr_anchor: Any = _kind(list, None)  # where an extended budget restarted the schedule (step, elapsed, lr)
+
+
+@dataclass(kw_only=True)
+class TrainState(Counters):
+    """train_state.pt, its one description: the counters, and what else `save_train_state` writes;
+    `load_train_state` checks every field (type, range) and returns them."""
+
+    model: dict = _kind(dict)  # the weights
+    optimizer: dict = _kind(dict)
+    rng: dict = _kind(dict)  # capture_rng's streams
+    vocab: list = _kind(list)
+    config: dict = _kind(dict)  # the TrainConfig's fields
+    unknown: str | None = _kind(str, None)  # the tokenizer's unknown symbol, if it has one
     threads: int | None = _kind(int, None)  # an auto run's thread count, kept on resume (same count, same bits)
     data_chars: int | None = _kind(int, None)  # the corpus's size: a resume on other data is refused
     origin: dict | None = _kind(dict, None)  # a fine-tune's source model
-    lr_anchor: list | None = _kind(list, None)  # where an extended budget restarted the schedule
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -74,7 +83,7 @@ class TrainState:
         values = {}
         for f in fields(cls):
             if f.name not in raw or (raw[f.name] is None and f.default is None):
-                if f.default is MISSING:
+                if f.metadata["required"]:
                     raise ValueError(f"{f.name} is missing")
                 continue
             value = raw[f.name]

@@ -35,22 +35,12 @@ RESERVE_MARGIN = 1.25
 
 
 @dataclass
-class RunState:
-    """What changes as a run goes. The fields down to `lr_anchor` are saved in train_state.pt under the same names
-    (storage.trainstate.TrainState, the file's one schema) and restored from it: a new resumable counter is a
-    field of the same name in both dataclasses, and nothing else."""
+class RunState(trainstate.Counters):
+    """What changes as a run goes. Its counters (storage.trainstate.Counters: step, elapsed, best val, the loss
+    row being summed, the measured eval/plot/save times, --patience's count, the schedule's anchor) are saved in
+    train_state.pt under their names and restored from it: a new resumable counter is a field there, and nothing
+    else. The fields here are this call's own, or derived on resume."""
 
-    step: int = 0
-    elapsed: float = 0.0  # wall-clock seconds of the training loop: steps, evaluations, saves (not set-up)
-    best_val_loss: float = math.inf
-    log_loss_sum: float = 0.0  # training losses since the last training-loss row of metrics.jsonl
-    log_loss_count: int = 0
-    eval_seconds: float = 0.0  # how long the last evaluation (with its model save) took
-    plot_seconds: float = 0.0  # how long the last drawing of loss.png took
-    save_seconds: float = 0.0  # how long the last save took
-    evals_since_best: int = 0  # evaluations in a row without a better val loss (for --patience)
-    lr_anchor: Anchor | None = None  # where a resume extended the budget: the schedule continues from there
-    # not saved: derived on resume, or this call's own
     last_val: float = math.nan
     last_eval_step: int = -1
     metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, read back on resume
@@ -112,7 +102,7 @@ def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tup
     return stable, note
 
 
-SAVED = tuple(f.name for f in fields(RunState) if f.name in {g.name for g in fields(trainstate.TrainState)})
+SAVED = tuple(f.name for f in fields(trainstate.Counters))
 
 
 def restore(
