@@ -11,6 +11,7 @@ from typing import Any
 
 from chargpt import __version__
 from chargpt.cli.options import (
+    TYPES,
     EvalCommand,
     ExportCommand,
     InfoCommand,
@@ -218,7 +219,7 @@ def _add_train_flags(p: _Parser) -> None:
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = TYPES.get(f.type, str)
             metavar = {"int": "N", "float": "X"}.get(f.type, "PATH" if f.name in ("data", "out") else "NAME")
             metavar = "DIR" if f.name == "init_from" else metavar
             choices = {"arch": MODEL_TYPES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
