@@ -194,13 +194,14 @@ def test_a_short_corpus_caps_the_sized_context(tmp_path: Path):
 
 
 def test_evaluations_are_spaced_for_a_learning_curve_within_their_share():
-    assert sizing.evaluation(1_000) == {"eval_interval": 83, "eval_iters": 12}  # ~12 points, ~10% of the steps
-    assert sizing.evaluation(60) == {"eval_interval": 27, "eval_iters": 4}  # the fewest batches, still in share
+    assert sizing.evaluation(1_000) == {"eval_interval": 83, "eval_iters": 8}  # ~12 points, ~10% of the steps
+    assert sizing.evaluation(60) == {"eval_interval": 30, "eval_iters": 3}  # the fewest batches, still in share
     assert sizing.evaluation(100_000) == {"eval_interval": 500, "eval_iters": 40}  # long runs: as before
     for steps in (30, 300, 3_000, 30_000):
         got = sizing.evaluation(steps)
         assert steps / got["eval_interval"] >= min(10, steps / sizing.MIN_EVAL_INTERVAL)
-        assert 2 * got["eval_iters"] / 3 <= 0.1 * got["eval_interval"]  # an evaluation costs <= ~10% of a stretch
+        # an evaluation (three splits: train, val, the average's val) costs <= ~10% of a stretch
+        assert got["eval_iters"] <= 0.1 * got["eval_interval"]
     # a 60 s run of the smallest rung, at the one-thread speed this machine's slowest CI core gives (~6,000
     # tokens/s), records at least 5 val points besides step 0
     steps = 60 * 6_000 / (LADDER[0].batch_size * LADDER[0].block_size)

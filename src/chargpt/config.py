@@ -127,6 +127,11 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "weight decay (AdamW's and Muon's) on weight matrices only")
     grad_clip: float = setting(1.0, "max gradient norm; 0 = off")
     beta2: float = setting(0.99, "AdamW second-moment decay (0.99 suits small batches)")
+    ema: float = setting(
+        0.0,
+        "keep a moving average of the weights with this decay per step (0.995: a half-life of 138 steps), scored "
+        "beside the trained weights at each evaluation; the better is saved; 0 = off",
+    )
     # evaluation, checkpoints, budget
     eval_interval: int = setting(500, "steps between evaluations (metrics row, best-val checkpoint, plot)")
     eval_iters: int = setting(200, "batches per loss estimate")
@@ -178,6 +183,7 @@ class TrainConfig:
         _fraction("decay_fraction", self.decay_fraction, allow_zero=True, allow_one=True)
         check_name("optimizer", self.optimizer, OPTIMIZERS)
         check_name("schedule", self.schedule, SCHEDULES)
+        _fraction("ema", self.ema, allow_zero=True, allow_one=False)
         _fraction("beta2", self.beta2, allow_zero=False, allow_one=False)
         for name in ("weight_decay", "grad_clip", "max_time", "checkpoint_seconds"):
             value = getattr(self, name)

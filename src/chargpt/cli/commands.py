@@ -343,10 +343,9 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
         f"vocabulary: {len(info['vocab'])} characters: {vocab[:80]}{' ...' if len(vocab) > 80 else ''}",
     ]
     if t.get("best_step") is not None:
-        lines.append(
-            f"saved (best val) model: step {t['best_step']}, val loss {_num(t.get('best_val_loss'))}, "
-            f"train loss {_num(t.get('best_train_loss'))}"
-        )
+        line = f"saved (best val) model: step {t['best_step']}, val loss {_num(t.get('best_val_loss'))}"
+        line += f", train loss {_num(t['best_train_loss'])}" if t.get("best_train_loss") is not None else ""
+        lines.append(line + (f"; weights: {one_line(t['weights'], 120)}" if t.get("weights") else ""))
     if t.get("steps") is not None:
         lines.append(f"training: {t['steps']} steps in {t['elapsed']:.0f}s, resumable (train_state.pt)")
     if t.get("saved") is False:

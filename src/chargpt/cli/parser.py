@@ -55,6 +55,7 @@ GROUPS = {
         "weight_decay",
         "grad_clip",
         "beta2",
+        "ema",
         "seed",
     ),
     "evaluation and checkpoints": (

@@ -59,6 +59,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "best_step": info.get("step"),
         "best_val_loss": info.get("val_loss"),
         "best_train_loss": info.get("train_loss"),
+        "weights": info.get("weights") if isinstance(info.get("weights"), str) else None,  # as trained, or averaged
         "config": info.get("train_config"),
         "init_from": info.get("init_from"),
         "settings_from": info.get("settings_from") if isinstance(info.get("settings_from"), dict) else None,

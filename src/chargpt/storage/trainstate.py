@@ -67,6 +67,8 @@ class TrainState(Counters):
     threads: int | None = _kind(int, None)  # an auto run's thread count, kept on resume (same count, same bits)
     data_chars: int | None = _kind(int, None)  # the corpus's size: a resume on other data is refused
     origin: dict | None = _kind(dict, None)  # a fine-tune's source model
+    average: dict | None = _kind(dict, None)  # the averaged weights by name (chargpt.training.averaging), if any
+    average_steps: int = _kind(int, 0)  # how many steps they average
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -108,6 +110,8 @@ class TrainState(Counters):
                 return f"rng.{key} is not a tensor"
         if not isinstance(self.rng.get("numpy_pos"), int) or not isinstance(self.rng.get("python"), list):
             return "rng state is malformed"
+        if self.average_steps < 0 or (self.average is not None and not self.average_steps):
+            return f"average_steps {shorten(self.average_steps)} is out of range"
         return None
 
 

@@ -22,6 +22,7 @@ from chargpt.machine import cores, memory, precision
 from chargpt.model import build_model
 from chargpt.storage import layout, trainstate
 from chargpt.training import finetune, report, samples
+from chargpt.training.averaging import Average
 from chargpt.training.distributed import (
     Dist,
     all_max,
@@ -51,6 +52,7 @@ class Run:
     fwd: torch.nn.Module  # the model as trained: compiled and/or DDP-wrapped
     optimizer: Optimizer
     batches: torch.Generator  # draws every training batch; part of the resumable state
+    average: Average  # the averaged weights (part of the resumable state too)
     outdir: OutDir | None = None  # the locked output folder, told when the run first saves
     signals: Signals | None = None  # a signal pending during evaluation cuts it short
     precision: dict[str, precision.Choice] = field(default_factory=dict)  # "train", "eval" -> fp32 / bf16
@@ -105,9 +107,11 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     model = model.to(d.device)
     optimizer = make_optimizer(model, cfg, d.device)
     batches = torch.Generator().manual_seed(cfg.seed)
+    average = Average(cfg.ema, model)
     state = RunState()
     if saved is not None:
-        state = restore(saved, out, model, optimizer, batches, layout.STABLE_STATE if note else layout.TRAIN_STATE)
+        name = layout.STABLE_STATE if note else layout.TRAIN_STATE
+        state = restore(saved, out, model, optimizer, batches, average, name)
         anchor = state.lr_anchor  # a branch (a note from resume_point) continues its own flat stretch
         if not note:
             anchor = extended_anchor(saved_schedule(cfg, saved), cfg, state.step, state.elapsed, state.lr_anchor)
@@ -127,7 +131,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
         if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
     choices = choose_precision(cfg, d, model, tokenizer.vocab_size)
-    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, precision=choices)
+    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, average, precision=choices)
     run.tuner, run.threads_note = tuner, threads_note
     run.origin = begin.origin if begin is not None else saved.origin if saved else None
     run.prompt = samples.prompt_from(tokenizer, train_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -32,20 +33,22 @@ class EvaluationInterrupted(Exception):
 
 
 @torch.no_grad()
-def estimate(run: Run, at_step: int, seconds: float = math.inf) -> tuple[float, float, int]:
-    """Mean train and val loss over eval_iters batches, the same batches for any resume or world size, and how
-    many batches per split were used: fewer when the evaluation would outlast `seconds` (a time budget's share;
-    each split gets half, and at least one batch)."""
+def estimate(
+    run: Run, at_step: int, seconds: float = math.inf, batches: int | None = None, splits: int = 2
+) -> tuple[list[float], int]:
+    """Mean loss over eval_iters batches (or `batches`) of train and val (or val only: splits=1), the same batches
+    for any resume or world size, and how many batches per split were used: fewer when the evaluation would
+    outlast `seconds` (a time budget's share; each split gets its part, and at least one batch)."""
     cfg, d = run.cfg, run.dist
     run.model.eval()
-    losses, used = [], cfg.eval_iters
+    losses, used = [], batches or cfg.eval_iters
     start = time.perf_counter()
-    for half, part in enumerate((run.train_ids, run.val_ids)):
-        deadline = start + seconds * (half + 1) / 2
+    for i, part in enumerate((run.train_ids, run.val_ids)[-splits:]):
+        deadline = start + seconds * (i + 1) / splits
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
         total = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)  # summed there: one read per split
         n = 0
-        while n < min(cfg.eval_iters, used if half else cfg.eval_iters):
+        while n < used:
             signal, late = stop_pending(run, n, deadline)
             if signal:
                 raise EvaluationInterrupted
@@ -55,10 +58,10 @@ def estimate(run: Run, at_step: int, seconds: float = math.inf) -> tuple[float, 
             with run.autocast("eval"):
                 total += run.model(to_device(rank_rows(x, d), d.device), to_device(rank_rows(y, d), d.device))[1]
             n += 1
-        used = min(used, n)
+        used = n
         losses.append(all_mean(total.item() / n, d))
     run.model.train()
-    return losses[0], losses[1], used
+    return losses, used
 
 
 def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = False) -> None:
@@ -67,8 +70,13 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     A signal during the estimate skips it: a resumed run evaluates this step first."""
     t0 = time.perf_counter()
     state.tick()
+    average = run.average if run.average.ready else None
+    seconds = eval_seconds(run.cfg, state, final) * (2 / 3 if average else 1)  # the average: its val split too
     try:
-        train_loss, val_loss, used = estimate(run, state.step, eval_seconds(run.cfg, state, final))
+        (train_loss, val_loss), used = estimate(run, state.step, seconds)
+        if average:  # scored on the same val batches: the two compare closely even where the batches are few
+            with average.swapped_in():
+                average_val = estimate(run, state.step, batches=used, splits=1)[0][0]
     except EvaluationInterrupted:
         run.model.train()
         return
@@ -77,47 +85,59 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
             "step %d: evaluated on %d of %d batches per split to fit the time budget", state.step, used,
             run.cfg.eval_iters,
         )  # fmt: skip
-    best = val_loss < state.best_val_loss and state.step > 0
     lr = learning_rate(run.cfg, max(state.step - 1, 0), state.elapsed, state.lr_anchor)
-    state.metrics.append(
-        {
-            "kind": "eval",
-            "step": state.step,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": lr,
-            "tokens_per_s": tok_s,
-            "time": round(state.elapsed, 3),
-            **({"eval_batches": used} if used < run.cfg.eval_iters else {}),
-        }
-    )
+    row = {
+        "kind": "eval",
+        "step": state.step,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        **({"ema_val_loss": average_val} if average else {}),
+        "lr": lr,
+        "tokens_per_s": tok_s,
+        "time": round(state.elapsed, 3),
+        **({"eval_batches": used} if used < run.cfg.eval_iters else {}),
+    }
+    state.metrics.append(row)
+    offered, use_average = report.offered(row)  # the better of the trained and the averaged weights
+    best = offered < state.best_val_loss and state.step > 0
     if run.dist.main:
-        row = state.metrics[-1]
-        t_sample = time.perf_counter()
-        text = ""  # none from a diverged model (the loop stops next), nor where the budget has no time left for it
-        if math.isfinite(val_loss) and sample_fits(run.cfg, state):
-            text = samples.write(run.model, run.tokenizer, run.prompt)
-            state.sample_seconds = max(state.sample_seconds, time.perf_counter() - t_sample)  # the worst seen
-        row["prompt"], row["sample"] = run.prompt, text
-        if best:
-            info = {"step": state.step, "val_loss": val_loss, "train_loss": train_loss, "train_config": asdict(run.cfg)}
-            if run.cfg.init_from is not None:
-                info["init_from"] = run.origin or {"path": run.cfg.init_from}
-            if run.sources:
-                info["settings_from"] = run.sources
-            ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
-            mark_saved(run)
-        report.write_metrics(run.out, state.metrics)
-        samples.save(run.out, state.metrics)
+        with average.swapped_in() if use_average and average else nullcontext():
+            save_evaluated(run, state, row, best)
         shown = row["prompt"] + row["sample"] if row["sample"] else ""
-        report.log_evaluation(state.step, train_loss, val_loss, best, shown)
+        report.log_evaluation(state.step, train_loss, val_loss, best, shown, average_val if average else None)
     if state.step > 0:
-        state.best_val_loss = min(state.best_val_loss, val_loss)
+        state.best_val_loss = min(state.best_val_loss, offered)
         state.evals_since_best = 0 if best else state.evals_since_best + 1
-    state.last_val, state.last_eval_step = val_loss, state.step
+    state.last_val, state.last_eval_step = offered, state.step
     state.eval_seconds = time.perf_counter() - t0
     if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:
         draw_plot(run, state)
+
+
+def save_evaluated(run: Run, state: RunState, row: dict, best: bool) -> None:
+    """Rank 0's part of an evaluation, with the weights it offers in the model: the sample (into the row), the
+    model saved when it is the best so far, metrics.jsonl and samples.txt."""
+    t_sample = time.perf_counter()
+    text = ""  # none from a diverged model (the loop stops next), nor where the budget has no time left for it
+    val_loss, use_average = report.offered(row)
+    if math.isfinite(val_loss) and sample_fits(run.cfg, state):
+        text = samples.write(run.model, run.tokenizer, run.prompt)
+        state.sample_seconds = max(state.sample_seconds, time.perf_counter() - t_sample)  # the worst seen
+    row["prompt"], row["sample"] = run.prompt, text
+    if best:
+        info = {"step": state.step, "val_loss": val_loss, "train_config": asdict(run.cfg)}
+        if not use_average:  # (the average's train loss is not estimated)
+            info["train_loss"] = row["train_loss"]
+        if run.cfg.ema:
+            info["weights"] = run.average.describe() if use_average else "as trained"
+        if run.cfg.init_from is not None:
+            info["init_from"] = run.origin or {"path": run.cfg.init_from}
+        if run.sources:
+            info["settings_from"] = run.sources
+        ckpt.save_model(run.out, run.model, run.tokenizer, info=info)
+        mark_saved(run)
+    report.write_metrics(run.out, state.metrics)
+    samples.save(run.out, state.metrics)
 
 
 def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:

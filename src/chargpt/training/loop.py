@@ -186,6 +186,7 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
                 state.decaying, t_prev = True, bar.restart()
             losses.add(state.step + 1, train_step(run, state))
             state.step += 1
+            run.average.update()
             now = time.perf_counter()
             state.step_seconds, t_prev = now - t_prev, now
             retune(run, state)
@@ -210,12 +211,12 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
 
 def _result(run: Run, state: RunState, stopped_by: str) -> TrainResult:
     evals = [m for m in state.metrics if report.is_eval(m) and m["step"] > 0]
-    best_step = min(evals, key=lambda m: m["val_loss"])["step"] if evals else -1
+    best_step = min(evals, key=lambda m: report.offered(m)[0])["step"] if evals else -1
     return TrainResult(
         out=str(run.out),
         step=state.step,
         best_val_loss=state.best_val_loss,
-        last_val_loss=evals[-1]["val_loss"] if math.isnan(state.last_val) and evals else state.last_val,
+        last_val_loss=report.offered(evals[-1])[0] if math.isnan(state.last_val) and evals else state.last_val,
         elapsed=state.elapsed,
         stopped_by=stopped_by,
         rank=run.dist.rank,
@@ -347,7 +348,7 @@ def finish(run: Run, state: RunState, tok_s: float) -> None:
     else:
         evals = [m for m in state.metrics if report.is_eval(m)]
         if evals:
-            state.last_val = evals[-1]["val_loss"]
+            state.last_val = report.offered(evals[-1])[0]
         if state.step > 0 and state.plotted_rows != len(state.metrics):
             draw_plot(run, state)  # the rows since the last drawing
     save_state(run, state)

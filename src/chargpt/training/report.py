@@ -82,17 +82,22 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     steps = [m["step"] for m in evals]
     ax.plot(steps, [m["train_loss"] for m in evals], "o", color="tab:blue", markersize=4, label="train (eval)")
     ax.plot(steps, [m["val_loss"] for m in evals], "o-", color="tab:orange", markersize=4, label="val")
+    averaged = [m for m in evals if "ema_val_loss" in m]
+    if averaged:
+        ax.plot([m["step"] for m in averaged], [m["ema_val_loss"] for m in averaged], "s-", color="tab:green",
+                markersize=3, label="val, EMA of the weights")  # fmt: skip
     trained = [m for m in evals if m["step"] > 0]
     name = out.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a name that is not UTF-8
     title = name
     if trained:
-        best = min(trained, key=lambda m: m["val_loss"])
-        ax.plot([best["step"]], [best["val_loss"]], "*", color="tab:red", markersize=14, label="best val (saved)")
-        title = f"{name}: best val {best['val_loss']:.4f} at step {best['step']}"
+        best = min(trained, key=lambda m: offered(m)[0])
+        best_val = offered(best)[0]
+        ax.plot([best["step"]], [best_val], "*", color="tab:red", markersize=14, label="best val (saved)")
+        title = f"{name}: best val {best_val:.4f} at step {best['step']}"
         # from the first evaluation after step 0 down: the untrained model's ~ln(vocab) would flatten the rest
         finite = [v for v in smoothed if math.isfinite(v)]  # a diverged run's rows hold nan/inf
         high = max([trained[0]["val_loss"]] + finite[len(finite) // 10 : len(finite) // 10 + 1])
-        low = min([min(m["val_loss"], m["train_loss"]) for m in trained] + finite)
+        low = min([min(offered(m)[0], m["train_loss"]) for m in trained] + finite)
         pad = 0.08 * (high - low) + 0.02
         if math.isfinite(low - pad) and math.isfinite(high + pad):
             ax.set_ylim(low - pad, high + pad)
@@ -138,7 +143,7 @@ def compare_plot(path: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
             if is_eval(m) and m["step"] > 0 and all(isinstance(m.get(k), (int, float)) for k in ("time", "val_loss"))
         ]  # fmt: skip
         if evals:
-            ax.plot([m["time"] for m in evals], [m["val_loss"] for m in evals], "o-", markersize=3, label=name)
+            ax.plot([m["time"] for m in evals], [offered(m)[0] for m in evals], "o-", markersize=3, label=name)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("val loss (nats/char)")
     ax.grid(alpha=0.3)
@@ -162,10 +167,27 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def log_evaluation(step: int, train_loss: float, val_loss: float, best: bool, sample: str = "") -> None:
-    """The evaluation's line, and the sample the model writes now, indented under it."""
+def offered(row: dict[str, Any]) -> tuple[float, bool]:
+    """An evaluation row's val loss for the model it offers, the better of the weights as trained and their
+    average (where the run averages), and whether that is the average."""
+    averaged = row.get("ema_val_loss")
+    if isinstance(averaged, (int, float)) and not isinstance(averaged, bool) and averaged < row["val_loss"]:
+        return averaged, True
+    return row["val_loss"], False
+
+
+def log_evaluation(
+    step: int, train_loss: float, val_loss: float, best: bool, sample: str = "", average_val: float | None = None
+) -> None:
+    """The evaluation's line (with the averaged weights' val loss, where the run averages; `best` marks the better
+    of the two), and the sample the model writes now, indented under it."""
     note = " (best, saved)" if best else " (before training)" if step == 0 else ""
-    log.info("step %d: train loss %.4f, val loss %.4f%s", step, train_loss, val_loss, note)
+    if average_val is None:
+        log.info("step %d: train loss %.4f, val loss %.4f%s", step, train_loss, val_loss, note)
+    else:
+        marks = (note, "") if val_loss <= average_val else ("", note)
+        log.info("step %d: train loss %.4f, val loss %.4f%s, EMA %.4f%s", step, train_loss, val_loss,
+                 marks[0], average_val, marks[1])  # fmt: skip
     if sample:
         log.info("%s", "\n".join("  | " + line for line in sample.rstrip("\n").split("\n")))
 

@@ -19,7 +19,9 @@ from typing import Any
 from chargpt.errors import ChargptError
 
 # Settings every sized run shares: Muon with a warmup-stable-decay schedule that ends with the budget, no
-# dropout (short runs on CPU; dropout costs ~20% of a step), evaluation cheap beside the budget.
+# dropout (short runs on CPU; dropout costs ~20% of a step), a moving average of the weights scored beside them
+# (decay 0.995, a half-life of 138 steps: at 0.990-0.999 and over the final decay alone, it did best in step-budget
+# runs of the 900 s and 1800 s runs' lengths; docs/benchmarks.md), evaluation cheap beside the budget.
 COMMON: dict[str, Any] = {
     "optimizer": "muon",
     "schedule": "wsd",
@@ -27,14 +29,16 @@ COMMON: dict[str, Any] = {
     "min_lr_ratio": 0.0,
     "warmup_updates": 50,
     "dropout": 0.0,
+    "ema": 0.995,
     "checkpoint_interval": 500,
 }
 # Evaluations: about EVAL_POINTS of them over the budget, so a short run draws a learning curve (every 500 steps
 # at most, 40 batches per split at most), each costing at most ~EVAL_SHARE of the steps between two: a batch of
-# evaluation (forward only, two splits) costs about a third of a training step's.
-EVAL_POINTS, EVAL_SHARE = 12, 0.1
-MAX_EVAL_INTERVAL, MAX_EVAL_ITERS, MIN_EVAL_ITERS = 500, 40, 4
-MIN_EVAL_INTERVAL = math.ceil(MIN_EVAL_ITERS * 2 / 3 / EVAL_SHARE)  # where even the fewest batches stay in share
+# evaluation (forward only) costs about a third of a training step's, and there are EVAL_SPLITS of them (train and
+# val for the weights as trained, val for their moving average).
+EVAL_POINTS, EVAL_SHARE, EVAL_SPLITS = 12, 0.1, 3
+MAX_EVAL_INTERVAL, MAX_EVAL_ITERS, MIN_EVAL_ITERS = 500, 40, 3
+MIN_EVAL_INTERVAL = math.ceil(MIN_EVAL_ITERS * EVAL_SPLITS / 3 / EVAL_SHARE)  # the fewest batches stay in share
 TOKENS_PER_PARAM = 4.0  # a larger rung is chosen only if it sees at least this many tokens per parameter
 # and only if it has at most this many parameters per character of corpus: without dropout a model larger than
 # its corpus learns it by heart (bench_quality, 1800 s: n_embd 192, 1.8M parameters on 1.1M characters, train
@@ -100,7 +104,7 @@ def evaluation(steps: float) -> dict[str, int]:
     """eval_interval and eval_iters for a run of about `steps` steps (see EVAL_POINTS)."""
     interval = min(MAX_EVAL_INTERVAL, round(steps / EVAL_POINTS)) if steps < math.inf else MAX_EVAL_INTERVAL
     interval = max(MIN_EVAL_INTERVAL, interval)
-    iters = int(interval * EVAL_SHARE * 3 / 2)
+    iters = int(interval * EVAL_SHARE * 3 / EVAL_SPLITS)
     return {"eval_interval": interval, "eval_iters": max(MIN_EVAL_ITERS, min(MAX_EVAL_ITERS, iters))}
 
 

@@ -18,6 +18,7 @@ from chargpt.errors import ChargptError, first_line
 from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import layout, trainstate
 from chargpt.training import report
+from chargpt.training.averaging import Average
 from chargpt.training.optim import (
     SCHEDULE_KEYS,
     Anchor,
@@ -111,14 +112,16 @@ def restore(
     model: torch.nn.Module,
     optimizer: Optimizer,
     batches: torch.Generator,
+    average: Average,
     name: str = layout.TRAIN_STATE,
 ) -> RunState:
-    """Load a saved run's weights, optimizer and RNG (read from out / name) into the fresh ones; return its
-    RunState."""
+    """Load a saved run's weights, optimizer, RNG and averaged weights (read from out / name) into the fresh ones;
+    return its RunState."""
     ckpt.load_state(model, saved.model, str(out / name))
     try:
         optimizer.load_state_dict(saved.optimizer)
         trainstate.restore_rng(saved.rng, batches)
+        average.load(saved.average, saved.average_steps)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ChargptError(
             f"{out / name} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
@@ -164,6 +167,8 @@ def save_state(run: Run, state: RunState, name: str = layout.TRAIN_STATE) -> Non
             threads=torch.get_num_threads(),
             data_chars=len(run.train_ids) + len(run.val_ids),
             origin=run.origin,
+            average=run.average.state_dict(),
+            average_steps=run.average.count,
         ).with_lists(),
         name,
     )
