@@ -51,6 +51,7 @@ bench: install
 	$(PY) benchmarks/bench_contention.py
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_averaging.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_web.py
 	$(PY) benchmarks/bench_gpu.py

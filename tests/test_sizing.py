@@ -194,14 +194,15 @@ def test_a_short_corpus_caps_the_sized_context(tmp_path: Path):
 
 
 def test_evaluations_are_spaced_for_a_learning_curve_within_their_share():
-    assert sizing.evaluation(1_000) == {"eval_interval": 83, "eval_iters": 8}  # ~12 points, ~10% of the steps
-    assert sizing.evaluation(60) == {"eval_interval": 30, "eval_iters": 3}  # the fewest batches, still in share
+    assert sizing.evaluation(1_000) == {"eval_interval": 83, "eval_iters": 12}  # ~12 points, ~10% of the steps
+    assert sizing.evaluation(60) == {"eval_interval": 27, "eval_iters": 4}  # the fewest batches, still in share
+    assert sizing.evaluation(3_000, splits=3) == {"eval_interval": 250, "eval_iters": 25}  # with --ema's split
     assert sizing.evaluation(100_000) == {"eval_interval": 500, "eval_iters": 40}  # long runs: as before
     for steps in (30, 300, 3_000, 30_000):
-        got = sizing.evaluation(steps)
-        assert steps / got["eval_interval"] >= min(10, steps / sizing.MIN_EVAL_INTERVAL)
-        # an evaluation (three splits: train, val, the average's val) costs <= ~10% of a stretch
-        assert got["eval_iters"] <= 0.1 * got["eval_interval"]
+        for splits in (2, 3):
+            got = sizing.evaluation(steps, splits)
+            assert steps / got["eval_interval"] >= min(10, steps / sizing.min_eval_interval(splits))
+            assert splits * got["eval_iters"] / 3 <= 0.1 * got["eval_interval"]  # <= ~10% of the steps between two
     # a 60 s run of the smallest rung, at the one-thread speed this machine's slowest CI core gives (~6,000
     # tokens/s), records at least 5 val points besides step 0
     steps = 60 * 6_000 / (LADDER[0].batch_size * LADDER[0].block_size)
@@ -212,3 +213,14 @@ def test_evaluations_are_spaced_for_a_learning_curve_within_their_share():
 def test_bad_optimizer_settings_are_one_line_errors(flag: str, text_file: Path, tmp_path: Path, capsys):
     rc, _, err = call_main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), flag], capsys)
     assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_long_sized_runs_average_their_weights_and_short_ones_do_not():
+    """A moving average pays in runs of thousands of steps and only costs evaluation time in short ones
+    (docs/benchmarks.md, "Averaged weights"): the sized settings turn it on from EMA_MIN_STEPS, with the
+    evaluations spaced for its third split."""
+    long, short = choose(900.0, lambda rung: 10_000.0, 1_000_000), choose(210.0, lambda rung: 10_000.0, 1_000_000)
+    assert long.steps >= sizing.EMA_MIN_STEPS > short.steps
+    assert long.settings()["ema"] == sizing.EMA == 0.995 and short.settings()["ema"] == 0.0
+    assert long.settings()["eval_iters"] == sizing.evaluation(long.steps, splits=3)["eval_iters"]
+    assert short.settings()["eval_iters"] == sizing.evaluation(short.steps)["eval_iters"]

@@ -19,9 +19,7 @@ from typing import Any
 from chargpt.errors import ChargptError
 
 # Settings every sized run shares: Muon with a warmup-stable-decay schedule that ends with the budget, no
-# dropout (short runs on CPU; dropout costs ~20% of a step), a moving average of the weights scored beside them
-# (decay 0.995, a half-life of 138 steps: at 0.990-0.999 and over the final decay alone, it did best in step-budget
-# runs of the 900 s and 1800 s runs' lengths; docs/benchmarks.md), evaluation cheap beside the budget.
+# dropout (short runs on CPU; dropout costs ~20% of a step), evaluation cheap beside the budget.
 COMMON: dict[str, Any] = {
     "optimizer": "muon",
     "schedule": "wsd",
@@ -29,16 +27,20 @@ COMMON: dict[str, Any] = {
     "min_lr_ratio": 0.0,
     "warmup_updates": 50,
     "dropout": 0.0,
-    "ema": 0.995,
     "checkpoint_interval": 500,
 }
+# A moving average of the weights, scored beside them (--ema), in runs of EMA_MIN_STEPS or more: decay 0.995 (a
+# half-life of 138 steps) did best among 0.99-0.999, half-lives growing with the run and means over the final decay,
+# in step-budget runs as long as the 900 s and 1800 s defaults (3,200 and 6,400 steps: -0.003 to -0.007 against the
+# weights as trained, 5 runs); in a 210 s run (~800 steps) the average never beat the weights it lags behind, and
+# its evaluation only cost steps (docs/benchmarks.md, "Averaged weights").
+EMA, EMA_MIN_STEPS = 0.995, 2_000
 # Evaluations: about EVAL_POINTS of them over the budget, so a short run draws a learning curve (every 500 steps
 # at most, 40 batches per split at most), each costing at most ~EVAL_SHARE of the steps between two: a batch of
-# evaluation (forward only) costs about a third of a training step's, and there are EVAL_SPLITS of them (train and
-# val for the weights as trained, val for their moving average).
-EVAL_POINTS, EVAL_SHARE, EVAL_SPLITS = 12, 0.1, 3
-MAX_EVAL_INTERVAL, MAX_EVAL_ITERS, MIN_EVAL_ITERS = 500, 40, 3
-MIN_EVAL_INTERVAL = math.ceil(MIN_EVAL_ITERS * EVAL_SPLITS / 3 / EVAL_SHARE)  # the fewest batches stay in share
+# evaluation (forward only) costs about a third of a training step's, for each split scored (train and val, and
+# with --ema the average's val).
+EVAL_POINTS, EVAL_SHARE = 12, 0.1
+MAX_EVAL_INTERVAL, MAX_EVAL_ITERS, MIN_EVAL_ITERS = 500, 40, 4
 TOKENS_PER_PARAM = 4.0  # a larger rung is chosen only if it sees at least this many tokens per parameter
 # and only if it has at most this many parameters per character of corpus: without dropout a model larger than
 # its corpus learns it by heart (bench_quality, 1800 s: n_embd 192, 1.8M parameters on 1.1M characters, train
@@ -97,15 +99,23 @@ class Choice:
         """The sized run's settings: the rung's, the weight decay for the corpus passes it will make, and
         evaluations spaced for a learning curve of about EVAL_POINTS points."""
         context = {"block_size": self.block_size} if self.block_size else {}
-        return {**self.rung.settings(), "weight_decay": self.weight_decay, **evaluation(self.steps), **context}
+        ema = EMA if self.steps >= EMA_MIN_STEPS else 0.0
+        spacing = evaluation(self.steps, splits=3 if ema else 2)
+        return {**self.rung.settings(), "weight_decay": self.weight_decay, "ema": ema, **spacing, **context}
 
 
-def evaluation(steps: float) -> dict[str, int]:
-    """eval_interval and eval_iters for a run of about `steps` steps (see EVAL_POINTS)."""
+def evaluation(steps: float, splits: int = 2) -> dict[str, int]:
+    """eval_interval and eval_iters for a run of about `steps` steps (see EVAL_POINTS) whose evaluations score
+    `splits` splits (3 with --ema)."""
     interval = min(MAX_EVAL_INTERVAL, round(steps / EVAL_POINTS)) if steps < math.inf else MAX_EVAL_INTERVAL
-    interval = max(MIN_EVAL_INTERVAL, interval)
-    iters = int(interval * EVAL_SHARE * 3 / EVAL_SPLITS)
+    interval = max(min_eval_interval(splits), interval)
+    iters = int(interval * EVAL_SHARE * 3 / splits)
     return {"eval_interval": interval, "eval_iters": max(MIN_EVAL_ITERS, min(MAX_EVAL_ITERS, iters))}
+
+
+def min_eval_interval(splits: int) -> int:
+    """The shortest spacing at which even MIN_EVAL_ITERS batches of each split stay within EVAL_SHARE."""
+    return math.ceil(MIN_EVAL_ITERS * splits / 3 / EVAL_SHARE)
 
 
 def weight_decay(passes: float) -> float:
