@@ -165,7 +165,7 @@ def test_old_configs_that_say_model_still_load(tmp_path):
 # items 1, 3 and 9: the run announces itself, ends with the exact next command; a finished run says so
 
 
-def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tmp_path):
+def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tmp_path, monkeypatch, capsys):
     r = run_cli("train", "--data", str(text_file), "--out", "m", "--n-updates", "6", "--eval-interval", "3", *TINY,
                 cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -179,7 +179,8 @@ def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tm
     settings = [line for line in r.stderr.splitlines() if line.startswith("settings: ")][0]  # where each came from
     assert "block_size 16, n_embd 16, n_heads 2, n_layers 1, batch_size 8, n_updates 6" in settings, settings
     assert "learning_rate 0.003, warmup_updates 50, checkpoint_interval 500 (preset cpu)" in settings, settings
-    info = run_cli("info", "m", cwd=tmp_path).stdout
+    monkeypatch.chdir(tmp_path)
+    info = call_main(["info", "m"], capsys)[1]
     assert "settings from: --block-size (block_size); --n-embd (n_embd)" in info, info
     assert "preset cpu (dropout, learning_rate, warmup_updates, checkpoint_interval)" in info, info
     assert "\r" not in r.stderr  # output to a pipe or a log: no progress bar redrawn in place
@@ -191,10 +192,10 @@ def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tm
     ran = subprocess.run([*next_command, "--max-new-tokens", "5"], cwd=tmp_path, capture_output=True, text=True)
     assert ran.returncode == 0 and len(ran.stdout) == 1 + 5 + 1, ran.stderr  # prompt "\n", 5 characters, "\n"
 
-    again = run_cli("train", "--resume", "m", cwd=tmp_path)  # a finished run: nothing to do, and how to do more
-    assert again.returncode == 0, again.stderr
-    assert "m is already finished (6 steps" in again.stdout and "train --resume m --n-updates 12" in again.stdout
-    assert "done:" not in again.stdout
+    rc, again, err = call_main(["train", "--resume", "m"], capsys)  # a finished run: nothing to do, and how to do more
+    assert rc == 0, err
+    assert "m is already finished (6 steps" in again and "train --resume m --n-updates 12" in again
+    assert "done:" not in again
 
 
 def test_self_command(monkeypatch, tmp_path):
@@ -237,7 +238,7 @@ def _eval_with_stderr_on_a_terminal(*args: str) -> tuple[int, str, str]:
     return proc.wait(timeout=120), out, seen.decode(errors="replace")
 
 
-def test_eval_progress_bar_on_a_terminal_only(trained_model_dir, corpus_text, tmp_path):
+def test_eval_progress_bar_on_a_terminal_only(trained_model_dir, corpus_text, tmp_path, capsys):
     data = tmp_path / "part.txt"
     data.write_text(corpus_text[:20_001], encoding="utf-8")
     args = ("--model", str(trained_model_dir), "--data", str(data))
@@ -246,8 +247,8 @@ def test_eval_progress_bar_on_a_terminal_only(trained_model_dir, corpus_text, tm
     assert "evaluating:" in terminal and "/20.0k [" in terminal, terminal[-500:]  # the characters to score
     rc, out, terminal = _eval_with_stderr_on_a_terminal(*args, "--quiet")
     assert rc == 0 and '"loss"' in out and terminal == ""
-    piped = run_cli("eval", *args)
-    assert piped.returncode == 0 and piped.stderr == "" and '"loss"' in piped.stdout
+    rc, out, err = call_main(["eval", *args], capsys)  # not a terminal: no bar
+    assert rc == 0 and err == "" and '"loss"' in out
 
 
 def test_eval_speaks_on_a_terminal_and_prints_json_elsewhere(trained_model_dir, corpus_text, tmp_path):

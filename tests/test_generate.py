@@ -9,7 +9,7 @@ import torch
 from chargpt.errors import ChargptError
 from chargpt.inference.generate import Decoder, SampleConfig, generate, pick_next, stream, token_stream
 from chargpt.model import GPT, KVCache
-from conftest import run_cli
+from helpers import assert_one_line_error, call_main
 
 
 def _ids(tokenizer, text: str, batch: int = 1) -> torch.Tensor:
@@ -216,26 +216,26 @@ def test_api_rejects_bad_settings(tiny, kwargs):
         generate(model, tokenizer, "\n", **kwargs)
 
 
-def test_cli_streams_and_no_stream_gives_the_same_text(tiny, trained_model_dir):
+def test_cli_streams_and_no_stream_gives_the_same_text(tiny, trained_model_dir, capsys):
     model, tokenizer = tiny
     args = ["sample", "--model", str(trained_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "60"]
     args += ["--seed", "2", "--temperature", "0.8", "--top-k", "30", "--device", "cpu", "--quantize", "none"]
-    streamed = run_cli(*args)  # quantize pinned: auto's measured choice may differ between two processes' loads
-    assert streamed.returncode == 0, streamed.stderr
+    rc, streamed, err = call_main(args, capsys)  # quantize pinned: auto's measured choice may differ between loads
+    assert rc == 0, err
     same = dict(max_new_tokens=60, seed=2, temperature=0.8, top_k=30, quantize="none")
     expected = "ROMEO:" + generate(model, tokenizer, "ROMEO:", **same)[0]
-    assert streamed.stdout == expected + "\n"
-    batch = run_cli(*args, "--no-stream")
-    assert batch.returncode == 0 and batch.stdout == streamed.stdout
+    assert streamed == expected + "\n"
+    rc, batch, _ = call_main([*args, "--no-stream"], capsys)
+    assert rc == 0 and batch == streamed
 
 
-def test_cli_num_samples_and_stop(trained_model_dir):
-    r = run_cli(
+def test_cli_num_samples_and_stop(trained_model_dir, capsys):
+    rc, out, err = call_main([
         "sample", "--model", str(trained_model_dir), "--prompt", "A", "--max-new-tokens", "40", "--seed", "1",
         "--num-samples", "2", "--stop", "\n", "--device", "cpu",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.split("\n")
+    ], capsys)  # fmt: skip
+    assert rc == 0, err
+    lines = out.split("\n")
     assert lines[0] == "--- sample 1 ---" and lines[2] == "--- sample 2 ---" and lines[4:] == [""]
     assert all(line.startswith("A") and len(line) <= 41 for line in (lines[1], lines[3]))
 
@@ -251,11 +251,9 @@ def test_cli_num_samples_and_stop(trained_model_dir):
         ["--num-samples", "0"],
     ],
 )
-def test_cli_bad_input_is_one_line_and_exit_2(trained_model_dir, flags):
-    r = run_cli("sample", "--model", str(trained_model_dir), *flags)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert r.stderr.startswith("chargpt: error:") and r.stdout == ""
+def test_cli_bad_input_is_one_line_and_exit_2(trained_model_dir, flags, capsys):
+    rc, out, err = call_main(["sample", "--model", str(trained_model_dir), *flags], capsys)
+    assert_one_line_error(rc, out, err, "chargpt: error:")
 
 
 @pytest.mark.parametrize("block_size", [16, 20])

@@ -19,8 +19,8 @@ from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import layout
 from chargpt.training.distributed import sum_dtype
 from chargpt.training.loop import RunState, save_due, train
-from conftest import run_cli, tiny_config
-from helpers import assert_same_tensors, final_state, metrics
+from conftest import tiny_config
+from helpers import assert_one_line_error, assert_same_tensors, call_main, final_state, metrics
 
 ZEN5 = prec.CPUInfo("AMD EPYC 9R45", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), "AVX512")
 ZEN3 = prec.CPUInfo("AMD EPYC 7B13", frozenset({"avx2", "fma"}), "AVX2")
@@ -205,7 +205,7 @@ def test_state_saved_by_time_and_on_exit(tmp_path, text_file):
 # sampling and eval
 
 
-def test_sample_and_eval_take_precision(trained_model_dir, corpus_text):
+def test_sample_and_eval_take_precision(trained_model_dir, corpus_text, capsys):
     model, tokenizer = ckpt.load_model(trained_model_dir)
     text = corpus_text[:3000]
     scores = {name: evaluate(model, tokenizer, text, precision=name)["loss"] for name in ("fp32", "bf16", "auto")}
@@ -216,11 +216,12 @@ def test_sample_and_eval_take_precision(trained_model_dir, corpus_text):
         name: generate(model, tokenizer, "\n", max_new_tokens=30, seed=3, precision=name) for name in ("fp32", "bf16")
     }
     assert all(len(t[0]) == 30 for t in texts.values())
-    r = run_cli("sample", "--model", str(trained_model_dir), "--seed", "3", "--max-new-tokens", "20",
-                "--precision", "bf16", "--no-stream")  # fmt: skip
-    assert r.returncode == 0 and len(r.stdout) > 20, r.stderr
-    bad = run_cli("eval", "--model", str(trained_model_dir), "--data", "x.txt", "--precision", "fp16")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "fp16" in bad.stderr
+    rc, out, err = call_main(["sample", "--model", str(trained_model_dir), "--seed", "3", "--max-new-tokens", "20",
+                              "--precision", "bf16", "--no-stream"], capsys)  # fmt: skip
+    assert rc == 0 and len(out) > 20, err
+    rc, out, err = call_main(["eval", "--model", str(trained_model_dir), "--data", "x.txt", "--precision", "fp16"],
+                             capsys)  # fmt: skip
+    assert_one_line_error(rc, out, err, "fp16")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from chargpt.inference.int8 import ALIGN, Int8Linear, int8_linear
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, KVCache
 from chargpt.serve.engine import ChoiceSpec, Engine, Job
-from conftest import run_cli
+from helpers import assert_one_line_error, call_main
 
 
 @pytest.mark.parametrize("width", [96, 24, 40])  # 24 and 40: widths the kernel summed wrongly before padding
@@ -133,17 +133,17 @@ def test_int8_step_continues_the_int8_prefill(tiny):
     assert batch_invariant(q)
 
 
-def test_int8_text_is_the_same_from_generate_the_cli_and_the_server(tiny, trained_model_dir):
+def test_int8_text_is_the_same_from_generate_the_cli_and_the_server(tiny, trained_model_dir, capsys):
     """Exactness restated for int8 weights: one seed, one text, whichever way it is asked for, batched or not."""
     model, tokenizer = tiny
     kw = dict(max_new_tokens=40, temperature=0.9, top_k=20, seed=11, quantize="int8")
     text = generate(model, tokenizer, "ROMEO:", **kw)[0]
     assert len(text) == 40
-    cli = run_cli(
+    rc, out, _ = call_main([
         "sample", "--model", str(trained_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "40",
         "--temperature", "0.9", "--top-k", "20", "--seed", "11", "--quantize", "int8", "--device", "cpu",
-    )  # fmt: skip
-    assert cli.returncode == 0 and cli.stdout == "ROMEO:" + text + "\n"
+    ], capsys)  # fmt: skip
+    assert rc == 0 and out == "ROMEO:" + text + "\n"
     engine = Engine(model, tokenizer, max_batch=4, max_queue=4, quantize="int8")
     assert engine.batched and engine.quantize.name == "int8"
     engine.start()
@@ -167,7 +167,7 @@ def test_int8_text_is_the_same_from_generate_the_cli_and_the_server(tiny, traine
     assert got[0] == text
 
 
-def test_eval_reports_the_loss_with_and_without_int8(tiny, tmp_path, trained_model_dir, corpus_text):
+def test_eval_reports_the_loss_with_and_without_int8(tiny, tmp_path, trained_model_dir, corpus_text, capsys):
     model, tokenizer = tiny
     text = corpus_text[-3000:]
     plain = evaluate(model, tokenizer, text, precision="fp32")
@@ -178,20 +178,19 @@ def test_eval_reports_the_loss_with_and_without_int8(tiny, tmp_path, trained_mod
     path = tmp_path / "held.txt"
     path.write_text(text)
     threads = str(torch.get_num_threads())  # as in this process: the sums' order depends on it on AVX2 kernels
-    r = run_cli("eval", "--model", str(trained_model_dir), "--data", str(path), "--quantize", "int8", "--quiet",
-                "--precision", "fp32", "--device", "cpu", "--threads", threads)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    args = ["eval", "--model", str(trained_model_dir), "--data", str(path), "--quantize", "int8", "--quiet"]
+    rc, out, err = call_main([*args, "--precision", "fp32", "--device", "cpu", "--threads", threads], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
     assert result["quantize"] == "int8" and result["loss"] == pytest.approx(both["loss"], rel=1e-9)
     assert result["loss_unquantized"] == pytest.approx(plain["loss"], rel=1e-9)
 
 
-def test_bad_quantize_flag_is_one_line(trained_model_dir):
+def test_bad_quantize_flag_is_one_line(trained_model_dir, capsys):
     for command in ("sample", "eval"):
         extra = ["--data", str(trained_model_dir / "config.json")] if command == "eval" else []
-        r = run_cli(command, "--model", str(trained_model_dir), "--quantize", "int4", *extra)
-        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        assert "--quantize" in r.stderr
+        rc, out, err = call_main([command, "--model", str(trained_model_dir), "--quantize", "int4", *extra], capsys)
+        assert_one_line_error(rc, out, err, "--quantize")
 
 
 def test_token_stream_takes_quantize_and_keeps_the_model(tiny):

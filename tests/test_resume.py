@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -173,10 +174,12 @@ def test_a_larger_budget_trains_on_and_ends_better(text_file: Path, tmp_path: Pa
     after a pause is still bit-exact."""
     settings = dict(n_updates=60, warmup_updates=5, eval_interval=20, schedule=schedule, decay_fraction=0.3)
     runs = {}
+    first = tmp_path / f"{schedule}-short"
+    short = train(tiny_config(first, text_file, **settings), progress=False)
+    assert (first / layout.STABLE_STATE).exists() == (schedule == "wsd")
     for name in ("once", "paused"):
         out = tmp_path / f"{schedule}-{name}"
-        short = train(tiny_config(out, text_file, **settings), progress=False)
-        assert (out / layout.STABLE_STATE).exists() == (schedule == "wsd")
+        shutil.copytree(first, out)  # the same finished short run, extended twice
         longer = resume_config(out, n_updates=180)
         if name == "paused":
             train(longer, resume=True, progress=False, pause_after=30)
