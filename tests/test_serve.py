@@ -23,6 +23,7 @@ import torch
 
 from chargpt.inference.generate import SampleConfig, generate
 from chargpt.machine import precision as prec
+from helpers import assert_one_line_error, call_main
 from serving import ServerProcess, start_server
 
 MODEL = "tiny"  # the model directory's name is the model id
@@ -482,16 +483,27 @@ def _busy_port() -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--max-batch", "0"], "--max-batch must be"),
+        (["--precision", "fp16"], "invalid choice: 'fp16'"),
+        (["--api-key", "key\n"], "--api-key must be printable ASCII"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_model_loads(trained_model_dir: Path, flags, words: str, capsys):
+    rc, out, err = call_main(["serve", "--model", str(trained_model_dir), *flags], capsys)
+    assert_one_line_error(rc, out, err, words)
+
+
 def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Path):
+    """In real processes: what needs the model, the network or memory fails in one line too."""
     sock, port = _busy_port()
     base = [sys.executable, "-m", "chargpt", "serve"]
     cases = {
         "does not exist": ["--model", str(tmp_path / "nope"), "--port", "0"],
         "already in use": ["--model", str(trained_model_dir), "--port", str(port)],
         "not an address": ["--model", str(trained_model_dir), "--host", "no-such-host.invalid", "--port", "0"],
-        "--max-batch must be": ["--model", str(trained_model_dir), "--max-batch", "0"],
-        "invalid choice: 'fp16'": ["--model", str(trained_model_dir), "--precision", "fp16"],
-        "--api-key must be printable ASCII": ["--model", str(trained_model_dir), "--api-key", "key\n"],
         "use a smaller --max-batch": ["--model", str(trained_model_dir), "--max-batch", str(10**9), "--port", "0"],
         "use a smaller --max-tokens-limit": [
             "--model",
