@@ -87,3 +87,15 @@ def test_an_ema_outside_0_1_is_a_one_line_error(tmp_path: Path, capsys, value: s
     rc, out, err = call_main(["train", "--out", str(tmp_path / "m"), "--n-updates", "1", "--ema", value], capsys)
     assert_one_line_error(rc, out, err, "ema must be in [0, 1)")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_train_state_whose_average_does_not_fit_is_a_one_line_error(text_file: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    train(small(out, text_file, n_updates=6, ema=0.8), progress=False)
+    state = final_state(out)
+    name = next(iter(state["average"]))
+    state["average"][name] = torch.zeros(3)  # another shape than the model's
+    torch.save(state, out / "train_state.pt")
+    rc, stdout, err = call_main(["train", "--resume", str(out), "--n-updates", "12"], capsys)
+    assert_one_line_error(rc, stdout, err, "averaged-weights state this run cannot use")
+    assert f"averaged weight {name} does not match" in err

@@ -124,7 +124,7 @@ def restore(
         average.load(saved.average, saved.average_steps)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ChargptError(
-            f"{out / name} holds an optimizer or RNG state this run cannot use ({first_line(e)}); "
+            f"{out / name} holds an optimizer, RNG or averaged-weights state this run cannot use ({first_line(e)}); "
             f"start a new run with --overwrite"
         ) from None
     values = {name: getattr(saved, name) for name in SAVED}
