@@ -96,6 +96,7 @@ def test_a_train_state_whose_average_does_not_fit_is_a_one_line_error(text_file:
     name = next(iter(state["average"]))
     state["average"][name] = torch.zeros(3)  # another shape than the model's
     torch.save(state, out / "train_state.pt")
+    capsys.readouterr()  # what the first run logged
     rc, stdout, err = call_main(["train", "--resume", str(out), "--n-updates", "12"], capsys)
     assert_one_line_error(rc, stdout, err, "averaged-weights state this run cannot use")
     assert f"averaged weight {name} does not match" in err
