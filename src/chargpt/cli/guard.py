@@ -12,9 +12,10 @@ import sys
 import threading
 from typing import Any
 
-# torch, and the command's own modules, which import parts of torch (serve's also pydantic's native core)
+# torch, and the command's own modules, which import parts of torch (serve's also pydantic's native core); train
+# also torch._dynamo, which its optimizer's first param group imports (torch.optim wraps it in _disable_dynamo)
 HEAVY_MODULES = {
-    "train": ("torch", "chargpt.training.loop"),
+    "train": ("torch", "chargpt.training.loop", "torch._dynamo"),
     "sample": ("torch", "chargpt.inference.generate", "chargpt.storage.checkpoint"),
     "eval": ("torch", "chargpt.inference.evaluate", "chargpt.storage.checkpoint"),
     "info": ("torch", "chargpt.storage.checkpoint", "chargpt.storage.runs"),
@@ -30,8 +31,9 @@ def import_holding_ctrl_c(command: str) -> None:
     cannot unwind through the C++: the process aborted ("terminate called after throwing an instance of
     'pybind11::error_already_set'", exit -6) or killed itself with SIGINT at exit (-2) instead of printing
     "interrupted" and exiting 130 (tests/test_cli_failures.py sends Ctrl-C at points through the import). Held
-    for torch's import only: later imports (matplotlib, torch._dynamo) are Python that a KeyboardInterrupt
-    unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
+    for torch's imports only (torch._dynamo's too: a Ctrl-C inside it still ended `train` by SIGINT, -2, after
+    printing "interrupted", 2 times in 80 under load); later imports (matplotlib) are Python that a
+    KeyboardInterrupt unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
     to the command, which says what to install."""
 
     if threading.current_thread() is not threading.main_thread():  # signals are the main thread's: nothing to hold
