@@ -102,7 +102,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     best = offered < state.best_val_loss and state.step > 0
     if run.dist.main:
         with average.swapped_in() if use_average and average else nullcontext():
-            save_evaluated(run, state, row, best)
+            save_evaluated(run, state, row, best, offered, use_average)
         shown = row["prompt"] + row["sample"] if row["sample"] else ""
         report.log_evaluation(state.step, train_loss, val_loss, best, shown, average_val if average else None)
     if state.step > 0:
@@ -114,12 +114,12 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         draw_plot(run, state)
 
 
-def save_evaluated(run: Run, state: RunState, row: dict, best: bool) -> None:
-    """Rank 0's part of an evaluation, with the weights it offers in the model: the sample (into the row), the
-    model saved when it is the best so far, metrics.jsonl and samples.txt."""
+def save_evaluated(run: Run, state: RunState, row: dict, best: bool, val_loss: float, use_average: bool) -> None:
+    """Rank 0's part of an evaluation, with the weights it offers in the model (their val loss, and whether they are
+    the average: report.offered): the sample (into the row), the model saved when it is the best so far,
+    metrics.jsonl and samples.txt."""
     t_sample = time.perf_counter()
     text = ""  # none from a diverged model (the loop stops next), nor where the budget has no time left for it
-    val_loss, use_average = report.offered(row)
     if math.isfinite(val_loss) and sample_fits(run.cfg, state):
         text = samples.write(run.model, run.tokenizer, run.prompt)
         state.sample_seconds = max(state.sample_seconds, time.perf_counter() - t_sample)  # the worst seen
