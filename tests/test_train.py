@@ -190,7 +190,9 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
     """--max-time 25 once took 32 s: the final evaluation ran after the budget. Now the loop keeps time for its
     last step, evaluation, plot and save, so the whole call ends within 2% of the budget, plus set-up, which
     the budget does not cover (reading 80k characters, building the model: well under 0.5 s in a warm
-    process). One thread: on 2 busy cores a second thread only adds jitter (see chargpt.generate)."""
+    process). It ends early by at most what it keeps for that work (eval, plot and save x 1.25, plus 0.25 s for
+    a busy machine's stalls: ~0.6-0.9 s here). One thread: on 2 busy cores a second thread only adds jitter (see
+    chargpt.generate). Measured on 2 cores with two busy loops beside it: 7.32-7.72 s of 8."""
     import time
 
     threads = torch.get_num_threads()
@@ -209,7 +211,7 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
         torch.set_num_threads(threads)
     evals = read_metrics(tmp_path / "m")
     assert result.stopped_by == "max_time" and len(evals) >= 2 and evals[-1]["step"] == result.step
-    assert budget * 0.9 <= wall <= budget * 1.02 + 0.5, wall
+    assert budget * 0.85 <= wall <= budget * 1.02 + 0.5, wall
     assert result.elapsed <= budget * 1.02, result.elapsed
 
 

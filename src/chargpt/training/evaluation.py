@@ -19,7 +19,7 @@ from chargpt.storage.fileio import DiskFullError
 from chargpt.training import report, samples
 from chargpt.training.distributed import all_max, all_mean, rank_rows, sum_dtype, to_device
 from chargpt.training.optim import learning_rate
-from chargpt.training.state import RESERVE_MARGIN, RunState, mark_saved
+from chargpt.training.state import RESERVE_MARGIN, RESERVE_SLACK, RunState, mark_saved
 
 if TYPE_CHECKING:
     from chargpt.training.assembly import Run
@@ -109,7 +109,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         state.best_val_loss = min(state.best_val_loss, offered)
         state.evals_since_best = 0 if best else state.evals_since_best + 1
     state.last_val, state.last_eval_step = offered, state.step
-    state.eval_seconds = time.perf_counter() - t0
+    state.eval_seconds = max(state.eval_seconds, time.perf_counter() - t0)  # the worst seen: end early, not late
     if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:
         draw_plot(run, state)
 
@@ -155,7 +155,7 @@ def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
 def after_estimate(state: RunState) -> float:
     """What the last evaluation does after its estimate, as last measured (the sample, the plot, the model and
     state saves), with the reserve's margin to spare on a busy machine."""
-    return RESERVE_MARGIN * (state.sample_seconds + state.plot_seconds + 2 * state.save_seconds)
+    return RESERVE_MARGIN * (state.sample_seconds + state.plot_seconds + 2 * state.save_seconds) + RESERVE_SLACK
 
 
 def sample_fits(cfg: TrainConfig, state: RunState) -> bool:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from chargpt.training.assembly import Run
 
 
-RESERVE_MARGIN = 1.25
+RESERVE_MARGIN = 1.25  # x the measured time of what ends a time-budgeted run
+RESERVE_SLACK = 0.25  # seconds more: a busy machine's stall is a fixed time, not a share of the work
 
 
 @dataclass
@@ -62,11 +63,12 @@ class RunState(trainstate.Counters):
         return self.elapsed
 
     def reserve(self) -> float:
-        """Seconds to keep for the rest of a time-budgeted run after one more step: that step, the final
-        evaluation (its sample included), plot and save, each as long as the last one measured, with RESERVE_MARGIN
-        to spare: on a machine whose other programs come and go, the last of them can take longer than the one
-        before."""
-        return RESERVE_MARGIN * (self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds)
+        """Seconds to keep for the rest of a time-budgeted run after one more step: that step (as long as the last),
+        the final evaluation (its sample included), plot and save (each as long as the longest seen), with
+        RESERVE_MARGIN to spare: on a machine whose other programs come and go, the last of them can take longer
+        than the one before, and a stall of a few tenths of a second is a fixed cost (RESERVE_SLACK)."""
+        parts = self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
+        return RESERVE_MARGIN * parts + RESERVE_SLACK
 
 
 def saved_schedule(cfg: TrainConfig, saved: trainstate.TrainState) -> TrainConfig:
