@@ -1,4 +1,12 @@
-"""The one exception type users see: a message that says what was wrong and how to fix it."""
+"""The one exception type users see: a message that says what was wrong and how to fix it; and how a Ctrl-C
+becomes an exit."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ChargptError(Exception):
@@ -32,6 +40,27 @@ class RememberedInterrupt:
 
     def __call__(self, signum: int, frame: object) -> None:
         self.caught = True
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def ctrl_c_held() -> Iterator[list[int]]:
+    """Ctrl-C held while the block runs, then acted on: KeyboardInterrupt as the block ends (the list it yields
+    says whether one came). For torch's imports: they run C++ that calls back into Python, and a KeyboardInterrupt
+    raised inside such a callback cannot unwind through the C++ (the process aborted, -6, or ended by SIGINT, -2,
+    instead of exiting 130: chargpt.cli.guard). Off the main thread, where signals never arrive, a plain block."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if isinstance(previous, RememberedInterrupt):
+            previous.caught = True
         raise KeyboardInterrupt
 
 

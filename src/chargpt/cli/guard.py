@@ -7,15 +7,14 @@ import errno
 import importlib
 import io
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
-# torch, and the command's own modules, which import parts of torch (serve's also pydantic's native core); train
-# also torch._dynamo, which its optimizer's first param group imports (torch.optim wraps it in _disable_dynamo)
+from chargpt.errors import ctrl_c_held
+
+# torch, and the command's own modules, which import parts of torch (serve's also pydantic's native core)
 HEAVY_MODULES = {
-    "train": ("torch", "chargpt.training.loop", "torch._dynamo"),
+    "train": ("torch", "chargpt.training.loop"),
     "sample": ("torch", "chargpt.inference.generate", "chargpt.storage.checkpoint"),
     "eval": ("torch", "chargpt.inference.evaluate", "chargpt.storage.checkpoint"),
     "info": ("torch", "chargpt.storage.checkpoint", "chargpt.storage.runs"),
@@ -31,24 +30,18 @@ def import_holding_ctrl_c(command: str) -> None:
     cannot unwind through the C++: the process aborted ("terminate called after throwing an instance of
     'pybind11::error_already_set'", exit -6) or killed itself with SIGINT at exit (-2) instead of printing
     "interrupted" and exiting 130 (tests/test_cli_failures.py sends Ctrl-C at points through the import). Held
-    for torch's imports only (torch._dynamo's too: a Ctrl-C inside it still ended `train` by SIGINT, -2, after
-    printing "interrupted", 2 times in 80 under load); later imports (matplotlib) are Python that a
-    KeyboardInterrupt unwinds cleanly, and Ctrl-C stays prompt there. A module that cannot be imported is left
-    to the command, which says what to install."""
-
-    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's: nothing to hold
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        for name in HEAVY_MODULES.get(command, ()):
-            importlib.import_module(name)
-    except Exception:  # the command imports it again, and reports it its own way
-        pass
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+    for torch's imports only (train's optimizer holds it again for torch._dynamo, which torch.optim imports);
+    later imports (matplotlib) are Python that a KeyboardInterrupt unwinds cleanly, and Ctrl-C stays prompt there.
+    A Ctrl-C that came during one module's import acts when that one is loaded, before the next. A module that
+    cannot be imported is left to the command, which says what to install."""
+    with ctrl_c_held() as caught:
+        try:
+            for name in HEAVY_MODULES.get(command, ()):
+                importlib.import_module(name)
+                if caught:  # the module being imported when Ctrl-C came is loaded: stop now, not after the rest
+                    break
+        except Exception:  # the command imports it again, and reports it its own way
+            pass
 
 
 class Tolerant(io.TextIOBase):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from chargpt.config import TrainConfig
+from chargpt.errors import ctrl_c_held
 
 Anchor = tuple[int, float, float]  # (step, elapsed seconds, learning rate) where an extended schedule restarts
 # what a resumed run may change about its schedule: the budget (the first two) and the schedule's shape
@@ -38,7 +39,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     ]
     groups = [g for g in groups if g["params"]]
     fused = device.type in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
+    with ctrl_c_held():  # torch.optim's first call imports torch._dynamo (~1.5 s): a Ctrl-C there waits for it
+        adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
     if not hidden:
         return adamw
     muon = Muon(
