@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,22 @@ def test_sample_cli(cli_run):
     assert len(r.stdout) == len("ROMEO:") + 60 + 1 and r.stdout.endswith("\n")
     _, tok = load_model(work / "model")
     assert set(r.stdout) <= set(tok.chars)
+
+
+def test_commands_that_read_a_model_leave_torch_dynamo_unimported(cli_run, text_file):
+    """sample, eval and info on a model build it on the meta device first (to check the file's shapes); a meta
+    tensor's normal_ imported torch._dynamo, 1.5-1.9 s of each such command's ~3.7 s here. One process, all three."""
+    work, _ = cli_run
+    code = (
+        "import sys; from chargpt.cli import main\n"
+        "for args in (['sample', '--model', 'model', '--max-new-tokens', '5'], ['eval', '--model', 'model', '--data', "
+        f"{str(text_file)!r}], ['info', 'model']):\n"
+        "    assert main(args) == 0, args\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout[-300:]
 
 
 def test_eval_cli_on_unseen_text(cli_run, tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.model import GPT, BigramLM, build_model
+from chargpt.model import GPT, BigramLM, build_model, shapes_only
 from chargpt.storage.checkpoint import load_model, save_model
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +232,22 @@ def test_bigram_learns_the_bigram_statistics():
 def test_build_model_picks_the_type():
     assert isinstance(build_model(GPTConfig(vocab_size=5, block_size=4, n_embd=8, n_heads=2, n_layers=1)), GPT)
     assert isinstance(build_model(GPTConfig(vocab_size=5, arch="bigram")), BigramLM)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bigram"])
+def test_shapes_only_builds_the_real_models_shapes_without_memory_or_random_draws(arch):
+    """What checks a weights file and what `info` counts: the seed model's names, shapes and 10,788,929
+    parameters, on the meta device, and torch's random stream untouched (a fresh model would draw its init)."""
+    cfg = GPTConfig(arch=arch)
+    rng = torch.get_rng_state()
+    with shapes_only():
+        meta = build_model(cfg)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(t.device.type == "meta" for t in meta.state_dict().values())
+    real = build_model(cfg)
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert meta.num_params() == real.num_params() == (10_788_929 if arch == "gpt" else 65 * 65)
+    assert torch.device("cpu") == torch.empty(1).device  # the context is gone with the block
 
 
 @pytest.mark.parametrize("kind", ["gpt", "bigram"])

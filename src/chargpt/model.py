@@ -16,13 +16,15 @@ pinned to this module by tests/data/pinned_logits.json.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from chargpt.config import GPTConfig
 from chargpt.dropout import Dropout, dropout_mask
@@ -412,6 +414,25 @@ class BigramLM(nn.Module):
 
 def build_model(cfg: GPTConfig) -> GPT | BigramLM:
     return BigramLM(cfg) if cfg.arch == "bigram" else GPT(cfg)
+
+
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init's fills left undone (each returns its tensor as it is)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def shapes_only() -> Iterator[None]:
+    """Models built inside are on the meta device, uninitialised: their names, shapes and parameter count, no
+    memory and no random draws (a meta tensor's normal_ runs torch's Python reference code, whose first call
+    imports torch._dynamo: ~1.5 s of every command that reads a model)."""
+    with torch.device("meta"), _SkipInit():
+        yield
 
 
 def check_usable(model: object, tokenizer: object = None, where: str = "this function") -> None:

@@ -22,7 +22,7 @@ from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError, first_line, shorten
 from chargpt.machine import memory
-from chargpt.model import GPT, BigramLM, build_model
+from chargpt.model import GPT, BigramLM, build_model, shapes_only
 from chargpt.storage.fileio import atomic_write_bytes, check_regular, read_regular
 from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, MOVING, TRAIN_STATE, WEIGHTS
 
@@ -230,7 +230,7 @@ def _check_tensors(cfg: GPTConfig, tensors: dict[str, Any], where: str) -> None:
     if cfg.arch == "gpt" and cfg.n_layers > len(tensors):  # every layer owns tensors: checked before building
         raise ChargptError(f"{where} holds {len(tensors)} tensors, too few for n_layers={cfg.n_layers}; files disagree")
     try:
-        with torch.device("meta"):  # shapes only, no memory
+        with shapes_only():  # no memory
             expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     except (RuntimeError, OverflowError, ValueError, MemoryError) as e:
         raise ChargptError(

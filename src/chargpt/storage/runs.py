@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
-from chargpt.model import build_model
+from chargpt.model import build_model, shapes_only
 from chargpt.storage.checkpoint import ARCH_KEY, MODEL_KEYS, load_model, read_config, run_file
 from chargpt.storage.fileio import is_regular_file
 from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, TRAIN_STATE, WEIGHTS
@@ -86,7 +84,7 @@ def _describe_unsaved(directory: Path) -> dict[str, Any]:
     state = load_train_state(directory, mmap=True)
     train = TrainConfig(**{k: v for k, v in state.config.items() if k in TrainConfig.__dataclass_fields__})
     cfg = train.model_config(len(state.vocab))
-    with torch.device("meta"):
+    with shapes_only():
         parameters = build_model(cfg).num_params()
     shape = {k: getattr(cfg, k) for k in sorted(MODEL_KEYS - {ARCH_KEY})}
     return {
