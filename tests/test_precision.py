@@ -243,8 +243,10 @@ def test_the_probe_times_both_formats_alternating_and_keeps_the_faster(tmp_path)
     ratio = prec.time_probe(_sleeper(0.004, 0.002, calls))
     assert 1.5 < ratio < 2.5 and calls[:4] == ["fp32", "bf16", "fp32", "bf16"]
     assert prec.choose_measured("train", ZEN5, ratio).name == "bf16"
-    slow = prec.choose_measured("train", ZEN5, prec.time_probe(_sleeper(0.002, 0.004, [])))
-    assert slow.name == "fp32" and "a training step of this model measured only 0.5" in slow.reason
+    slow_ratio = prec.time_probe(_sleeper(0.002, 0.004, []))
+    slow = prec.choose_measured("train", ZEN5, slow_ratio)
+    assert 0.35 < slow_ratio < 0.65, slow_ratio  # sleeps overshoot on a busy machine: 0.49 seen, not always 0.5
+    assert slow.name == "fp32" and f"a training step of this model measured only {slow_ratio:.2f}x" in slow.reason
 
 
 def test_auto_with_a_probe_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
