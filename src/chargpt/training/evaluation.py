@@ -34,18 +34,22 @@ class EvaluationInterrupted(Exception):
 
 @torch.no_grad()
 def estimate(
-    run: Run, at_step: int, seconds: float = math.inf, batches: int | None = None, splits: int = 2
+    run: Run, seconds: float = math.inf, batches: int | None = None, splits: int = 2
 ) -> tuple[list[float], int]:
-    """Mean loss over eval_iters batches (or `batches`) of train and val (or val only: splits=1), the same batches
-    for any resume or world size, and how many batches per split were used: fewer when the evaluation would
-    outlast `seconds` (a time budget's share; each split gets its part, and at least one batch)."""
+    """Mean loss over eval_iters batches (or `batches`) of train and val (or val only: splits=1), and how many
+    batches per split were used: fewer when the evaluation would outlast `seconds` (a time budget's share; each
+    split gets its part, and at least one batch).
+
+    The same windows at every evaluation of a run (and for any resume or world size): two evaluations then differ
+    by what the model learned, not by which windows they drew, so the best-scoring one is the best model
+    (docs/benchmarks.md, "Choosing the best evaluation")."""
     cfg, d = run.cfg, run.dist
     run.model.eval()
     losses, used = [], batches or cfg.eval_iters
     start = time.perf_counter()
     for i, part in enumerate((run.train_ids, run.val_ids)[-splits:]):
         deadline = start + seconds * (i + 1) / splits
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + at_step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
         total = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)  # summed there: one read per split
         n = 0
         while n < used:
@@ -73,10 +77,10 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     average = run.average if run.average.ready else None
     seconds = eval_seconds(run.cfg, state, final) * (2 / 3 if average else 1)  # the average: its val split too
     try:
-        (train_loss, val_loss), used = estimate(run, state.step, seconds)
+        (train_loss, val_loss), used = estimate(run, seconds)
         if average:  # scored on the same val batches: the two compare closely even where the batches are few
             with average.swapped_in():
-                average_val = estimate(run, state.step, batches=used, splits=1)[0][0]
+                average_val = estimate(run, batches=used, splits=1)[0][0]
     except EvaluationInterrupted:
         run.model.train()
         return
