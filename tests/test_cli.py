@@ -165,6 +165,10 @@ TRAIN_BAD = [
     (["--data", "ok.txt", "--dropout", "-0.1"], "dropout must be in [0, 1)"),
     (["--data", "ok.txt", "--val-fraction", "0"], "val_fraction must be in (0, 1)"),
     (["--data", "ok.txt", "--max-time", "-5"], "max_time must be a number >= 0"),
+    (
+        ["--data", "ok.txt", "--window-order", "sideways"],
+        "unknown window_order 'sideways'; use one of random, shuffled",
+    ),
     (["--data", "ok.txt", "--config", "unknown.toml"], "unknown key(s) in unknown.toml: num_layers"),
     (["--data", "ok.txt", "--config", "missing.toml"], "config file missing.toml does not exist"),
     (["--data", "ok.txt", "--n-embd", "big"], "argument --n-embd: invalid int value: 'big'"),

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from chargpt.data.corpus import (
+    ShuffledPasses,
     corpus_files,
     get_batch,
     load_corpus,
     markdown_play_to_dialogue,
     shakespeare_text,
     split,
+    windows_at,
 )
 from chargpt.errors import ChargptError
 from chargpt.storage.fileio import cache_dir
@@ -318,3 +320,32 @@ def test_a_pattern_through_link_loops_ends(tmp_path):
     for i in range(5):
         (tmp_path / "books" / "a" / f"up{i}").symlink_to("..")
     assert load_corpus(str(tmp_path / "books" / "**" / "*.txt")) == "to be or not to be\n\nthat is the question\n"
+
+
+@pytest.mark.parametrize("n", [1_000, 1_013, 40, 18])  # 18: one window a pass (block 16: starts 0 or 1)
+def test_shuffled_passes_read_every_character_once_a_pass(n):
+    """window_order "shuffled": the windows of each pass are the text cut back to back from an offset below
+    block_size, each once, in an order and from an offset that change with the pass; any batch, from a fresh
+    object too, is the same (a resume needs no state); every window and its target fit in the text."""
+    block, batch = 16, 5
+    passes = ShuffledPasses(n, block, seed=3)
+    per_pass = passes.per_pass
+    assert per_pass == max(1, (n - block) // block)
+    steps = 4 * per_pass  # 5 passes' windows (batch 5): batches straddle passes
+    starts = torch.cat([passes.starts(k, batch) for k in range(steps)])
+    assert int(starts.min()) >= 0 and int(starts.max()) + block + 1 <= n
+    orders, offsets = [], set()
+    for p in range(steps * batch // per_pass):
+        one = starts[p * per_pass : (p + 1) * per_pass]
+        offset = int(one.min())
+        offsets.add(offset)
+        assert offset < block and sorted((one - offset).tolist()) == [block * k for k in range(per_pass)]
+        orders.append(one.tolist())
+    if per_pass > 4:  # (a pass of one window has one order)
+        assert len({tuple(o) for o in orders}) == len(orders) and len(offsets) > 1
+        assert not torch.equal(ShuffledPasses(n, block, seed=4).starts(0, batch), passes.starts(0, batch))
+    fresh = ShuffledPasses(n, block, seed=3)
+    assert torch.equal(fresh.starts(steps - 1, batch), passes.starts(steps - 1, batch))
+    data = torch.arange(n)
+    x, y = windows_at(data, passes.starts(1, batch), block)
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 0], passes.starts(1, batch))

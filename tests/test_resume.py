@@ -57,6 +57,23 @@ def test_pause_and_resume_is_bit_identical(reference: Path, text_file: Path, tmp
     assert (out / "loss.png").stat().st_size > 0
 
 
+def test_shuffled_windows_resume_bit_identical(text_file: Path, tmp_path: Path):
+    """window_order "shuffled" (what sized runs use): paused at 9 of 20 steps and resumed, the run ends as the
+    uninterrupted one, weights, optimizer and metrics bit for bit; and its windows are not random windows'."""
+    runs = {}
+    for name, order, pause in (("ref", "shuffled", None), ("run", "shuffled", 9), ("random", "random", None)):
+        cfg = small(tmp_path / name, text_file, n_updates=20, window_order=order)
+        train(cfg, progress=False, pause_after=pause)
+        if pause:
+            train(resume_config(str(tmp_path / name)), resume=True, progress=False)
+        runs[name] = final_state(tmp_path / name)
+    assert runs["run"]["step"] == runs["ref"]["step"] == 20
+    for part in ("model", "optimizer"):
+        assert_same_tensors(runs["ref"][part], runs["run"][part], part)
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+    assert any(not torch.equal(runs["ref"]["model"][k], runs["random"]["model"][k]) for k in runs["ref"]["model"])
+
+
 def test_resume_depends_on_the_saved_rng(reference: Path, text_file: Path, tmp_path: Path):
     """The check above has teeth: with another dropout RNG state the resumed run ends elsewhere."""
     out = tmp_path / "run"

@@ -122,6 +122,7 @@ def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_pat
     saved = json.loads((out / "config.json").read_text())["info"]["train_config"]
     assert "sized for 15 s" in stdout + err
     assert (saved["optimizer"], saved["schedule"], saved["n_embd"]) == ("muon", "wsd", LADDER[0].n_embd)
+    assert saved["window_order"] == "shuffled"  # every character once a pass (docs/benchmarks.md)
     decays = dict(sizing.WEIGHT_DECAY_BY_PASSES).values()
     assert saved["weight_decay"] in decays  # and the announcement says so when it is not the usual one
     assert (f"weight decay {saved['weight_decay']:g}" in stdout + err) == (saved["weight_decay"] != min(decays))
@@ -146,6 +147,7 @@ def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_pat
          "--threads", "1"], capsys,
     )  # fmt: skip
     assert rc == 0 and "sized" not in stdout + err and "preset cpu (as asked)" in stdout + err
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["info"]["train_config"]["window_order"] == "random"
 
 
 def test_inputs_are_checked_before_any_timing(text_file: Path, tmp_path: Path, capsys):

@@ -30,6 +30,7 @@ PRECISIONS = ("auto", "fp32", "bf16")  # auto: per device and kind of work, what
 QUANTIZE = ("auto", "none", "int8")  # int8 weights for sampling/serving/eval (chargpt.inference.quantize)
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest (chargpt.training.optim)
 SCHEDULES = ("cosine", "wsd")
+WINDOW_ORDERS = ("random", "shuffled")  # where training windows start (chargpt.data.corpus)
 # n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
 TIME_GOVERNED_UPDATES = 1_000_000_000
 
@@ -127,6 +128,11 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "weight decay (AdamW's and Muon's) on weight matrices only")
     grad_clip: float = setting(1.0, "max gradient norm; 0 = off")
     beta2: float = setting(0.99, "AdamW second-moment decay (0.99 suits small batches)")
+    window_order: str = setting(
+        "random",
+        "training windows: random (each at a random start, the classic), or shuffled (each pass over the text cut "
+        "into back-to-back windows from a random offset, in a random order: every character once a pass)",
+    )
     ema: float = setting(
         0.0,
         "keep a moving average of the weights with this decay per step (0.995: a half-life of 138 steps), scored "
@@ -183,6 +189,7 @@ class TrainConfig:
         _fraction("decay_fraction", self.decay_fraction, allow_zero=True, allow_one=True)
         check_name("optimizer", self.optimizer, OPTIMIZERS)
         check_name("schedule", self.schedule, SCHEDULES)
+        check_name("window_order", self.window_order, WINDOW_ORDERS)
         _fraction("ema", self.ema, allow_zero=True, allow_one=False)
         _fraction("beta2", self.beta2, allow_zero=False, allow_one=False)
         for name in ("weight_decay", "grad_clip", "max_time", "checkpoint_seconds"):

@@ -357,12 +357,19 @@ def split(ids: Any, val_fraction: float, block_size: int) -> tuple[Any, Any]:
 def get_batch(
     data: torch.Tensor | np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], gathered with one indexing op.
-
-    `data` is an id tensor, or a numpy array of ids (a view of the memory-mapped token cache): the same
-    generator draws the same starts either way, and only the batch becomes int64.
-    """
+    """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], at starts drawn from `generator`."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+    return windows_at(data, starts, block_size)
+
+
+def windows_at(
+    data: torch.Tensor | np.ndarray, starts: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = data[i : i+T], y = data[i+1 : i+T+1] for each start i, gathered with one indexing op.
+
+    `data` is an id tensor, or a numpy array of ids (a view of the memory-mapped token cache): the same starts
+    give the same windows either way, and only the batch becomes int64.
+    """
     if isinstance(data, torch.Tensor):
         window = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
     else:
@@ -370,3 +377,50 @@ def get_batch(
         window = torch.from_numpy(data[offsets].astype(np.int64))  # (B, T+1)
         release_pages(data)
     return window[:, :-1], window[:, 1:]
+
+
+class ShuffledPasses:
+    """Training windows in passes over the text (window_order "shuffled"): each pass starts at a random offset
+    below block_size, cuts the text from there into back-to-back windows, and visits them in a random order;
+    batch k holds windows k*B .. k*B+B-1 of that endless sequence. Every character is read once a pass, where
+    random starts read some several times and miss others. A function of the seed and the step alone: a resume,
+    or any world size, sees the same windows, and there is no state to save."""
+
+    def __init__(self, n_tokens: int, block_size: int, seed: int):
+        last = n_tokens - block_size - 1  # the last start whose window (and target) fits
+        self.block_size, self.seed = block_size, seed
+        self.per_pass = max(1, (last + 1) // block_size)
+        self.offsets = min(block_size, last + 1 - block_size * (self.per_pass - 1))  # every offset keeps them all
+        self._pass, self._offset, self._order = -1, 0, torch.empty(0, dtype=torch.long)
+
+    def starts(self, batch: int, batch_size: int) -> torch.Tensor:
+        index = torch.arange(batch * batch_size, (batch + 1) * batch_size)
+        passes, within = index // self.per_pass, index % self.per_pass
+        starts = torch.empty(batch_size, dtype=torch.long)
+        for p in passes.unique().tolist():
+            offset, order = self._pass_order(p)
+            here = passes == p
+            starts[here] = offset + self.block_size * order[within[here]]
+        return starts
+
+    def _pass_order(self, p: int) -> tuple[int, torch.Tensor]:
+        if p != self._pass:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_033 + p)
+            self._offset = int(torch.randint(self.offsets, (1,), generator=gen))
+            self._order, self._pass = torch.randperm(self.per_pass, generator=gen), p
+        return self._offset, self._order
+
+
+def training_batch(
+    data: torch.Tensor | np.ndarray,
+    batch_size: int,
+    block_size: int,
+    step: int,
+    generator: torch.Generator,
+    passes: ShuffledPasses | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of training step `step` (0-based): from shuffled passes where the run has them, else
+    random windows from `generator` (part of the resumable state)."""
+    if passes is None:
+        return get_batch(data, batch_size, block_size, generator)
+    return windows_at(data, passes.starts(step, batch_size), block_size)

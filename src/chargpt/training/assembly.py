@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt.config import TrainConfig
-from chargpt.data.corpus import prepare_data
+from chargpt.data.corpus import ShuffledPasses, prepare_data
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.machine import cores, memory, precision
@@ -51,7 +51,8 @@ class Run:
     model: torch.nn.Module  # the plain model: evaluation, saving
     fwd: torch.nn.Module  # the model as trained: compiled and/or DDP-wrapped
     optimizer: Optimizer
-    batches: torch.Generator  # draws every training batch; part of the resumable state
+    batches: torch.Generator  # draws every random training batch; part of the resumable state
+    passes: ShuffledPasses | None  # window_order "shuffled": where each step's windows start (from the step alone)
     average: Average  # the averaged weights (part of the resumable state too)
     outdir: OutDir | None = None  # the locked output folder, told when the run first saves
     signals: Signals | None = None  # a signal pending during evaluation cuts it short
@@ -107,6 +108,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     model = model.to(d.device)
     optimizer = make_optimizer(model, cfg, d.device)
     batches = torch.Generator().manual_seed(cfg.seed)
+    passes = ShuffledPasses(len(train_ids), cfg.block_size, cfg.seed) if cfg.window_order == "shuffled" else None
     average = Average(cfg.ema, model)
     state = RunState()
     if saved is not None:
@@ -131,7 +133,8 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
         if d.rank:  # dropout: each rank its own masks (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank + state.step)
     choices = choose_precision(cfg, d, model, tokenizer.vocab_size)
-    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, average, precision=choices)
+    run = Run(cfg, d, out, tokenizer, train_ids, val_ids, model, fwd, optimizer, batches, passes, average,
+              precision=choices)  # fmt: skip
     run.tuner, run.threads_note = tuner, threads_note
     run.origin = begin.origin if begin is not None else saved.origin if saved else None
     run.prompt = samples.prompt_from(tokenizer, train_ids)

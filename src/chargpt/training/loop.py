@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chargpt.config import TrainConfig
-from chargpt.data.corpus import get_batch
+from chargpt.data.corpus import training_batch
 from chargpt.errors import ChargptError
 from chargpt.machine import precision
 from chargpt.storage import layout
@@ -253,7 +253,7 @@ def train_step(run: Run, state: RunState) -> torch.Tensor:
     0-dim float64 tensor on the device (float32 on MPS), unread: reading it would make the host wait for it."""
     cfg, d = run.cfg, run.dist
     set_learning_rate(run.optimizer, learning_rate(cfg, state.step, state.elapsed, state.lr_anchor))
-    x_all, y_all = get_batch(run.train_ids, cfg.batch_size, cfg.block_size, run.batches)
+    x_all, y_all = training_batch(run.train_ids, cfg.batch_size, cfg.block_size, state.step, run.batches, run.passes)
     accum = cfg.gradient_accumulation_steps
     loss_sum = torch.zeros((), dtype=sum_dtype(d.device), device=d.device)
     for micro, (x, y) in enumerate(

@@ -27,6 +27,7 @@ COMMON: dict[str, Any] = {
     "min_lr_ratio": 0.0,
     "warmup_updates": 50,
     "dropout": 0.0,
+    "window_order": "shuffled",
     "checkpoint_interval": 500,
 }
 # A moving average of the weights, scored beside them (--ema), in runs of EMA_MIN_STEPS or more: decay 0.995 (a
