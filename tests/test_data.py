@@ -322,13 +322,18 @@ def test_a_pattern_through_link_loops_ends(tmp_path):
     assert load_corpus(str(tmp_path / "books" / "**" / "*.txt")) == "to be or not to be\n\nthat is the question\n"
 
 
+class SmallChunks(ShuffledPasses):
+    CHUNK = 7  # a pass of 61 windows in 9 chunks, the last of 5: how a corpus of billions of characters goes
+
+
+@pytest.mark.parametrize("kind", [ShuffledPasses, SmallChunks])
 @pytest.mark.parametrize("n", [1_000, 1_013, 40, 18])  # 18: one window a pass (block 16: starts 0 or 1)
-def test_shuffled_passes_read_every_character_once_a_pass(n):
+def test_shuffled_passes_read_every_character_once_a_pass(n, kind):
     """window_order "shuffled": the windows of each pass are the text cut back to back from an offset below
     block_size, each once, in an order and from an offset that change with the pass; any batch, from a fresh
     object too, is the same (a resume needs no state); every window and its target fit in the text."""
     block, batch = 16, 5
-    passes = ShuffledPasses(n, block, seed=3)
+    passes = kind(n, block, seed=3)
     per_pass = passes.per_pass
     assert per_pass == max(1, (n - block) // block)
     steps = 4 * per_pass  # 5 passes' windows (batch 5): batches straddle passes
@@ -343,8 +348,8 @@ def test_shuffled_passes_read_every_character_once_a_pass(n):
         orders.append(one.tolist())
     if per_pass > 4:  # (a pass of one window has one order)
         assert len({tuple(o) for o in orders}) == len(orders) and len(offsets) > 1
-        assert not torch.equal(ShuffledPasses(n, block, seed=4).starts(0, batch), passes.starts(0, batch))
-    fresh = ShuffledPasses(n, block, seed=3)
+        assert not torch.equal(kind(n, block, seed=4).starts(0, batch), passes.starts(0, batch))
+    fresh = kind(n, block, seed=3)
     assert torch.equal(fresh.starts(steps - 1, batch), passes.starts(steps - 1, batch))
     data = torch.arange(n)
     x, y = windows_at(data, passes.starts(1, batch), block)

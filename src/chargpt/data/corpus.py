@@ -384,31 +384,46 @@ class ShuffledPasses:
     below block_size, cuts the text from there into back-to-back windows, and visits them in a random order;
     batch k holds windows k*B .. k*B+B-1 of that endless sequence. Every character is read once a pass, where
     random starts read some several times and miss others. A function of the seed and the step alone: a resume,
-    or any world size, sees the same windows, and there is no state to save."""
+    or any world size, sees the same windows, and there is no state to save.
+
+    A pass of more than CHUNK windows (a corpus of over ~130M characters at block 128) is shuffled in chunks of
+    CHUNK consecutive windows, the chunks in a random order and each chunk's windows in a random order, so the
+    order in memory stays CHUNK indices whatever the corpus's size."""
+
+    CHUNK = 1 << 20
 
     def __init__(self, n_tokens: int, block_size: int, seed: int):
         last = n_tokens - block_size - 1  # the last start whose window (and target) fits
         self.block_size, self.seed = block_size, seed
         self.per_pass = max(1, (last + 1) // block_size)
         self.offsets = min(block_size, last + 1 - block_size * (self.per_pass - 1))  # every offset keeps them all
-        self._pass, self._offset, self._order = -1, 0, torch.empty(0, dtype=torch.long)
+        self.chunks = -(-self.per_pass // self.CHUNK)
+        self._pass, self._offset = -1, 0
+        self._slots = torch.empty(0, dtype=torch.long)  # the chunks in this pass's order, and where each begins
+        self._begins = torch.empty(0, dtype=torch.long)
+        self._chunk, self._order = (-1, -1), torch.empty(0, dtype=torch.long)
 
     def starts(self, batch: int, batch_size: int) -> torch.Tensor:
-        index = torch.arange(batch * batch_size, (batch + 1) * batch_size)
-        passes, within = index // self.per_pass, index % self.per_pass
-        starts = torch.empty(batch_size, dtype=torch.long)
-        for p in passes.unique().tolist():
-            offset, order = self._pass_order(p)
-            here = passes == p
-            starts[here] = offset + self.block_size * order[within[here]]
-        return starts
+        return torch.tensor([self._start(i) for i in range(batch * batch_size, (batch + 1) * batch_size)])
 
-    def _pass_order(self, p: int) -> tuple[int, torch.Tensor]:
+    def _start(self, i: int) -> int:
+        p, within = divmod(i, self.per_pass)
         if p != self._pass:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_033 + p)
+            gen = self._generator(p, -1)
             self._offset = int(torch.randint(self.offsets, (1,), generator=gen))
-            self._order, self._pass = torch.randperm(self.per_pass, generator=gen), p
-        return self._offset, self._order
+            self._slots = torch.randperm(self.chunks, generator=gen)
+            sizes = torch.clamp(self.per_pass - self._slots * self.CHUNK, max=self.CHUNK)
+            self._begins, self._pass = torch.cumsum(sizes, 0) - sizes, p
+        slot = int(torch.searchsorted(self._begins, within, right=True)) - 1
+        chunk = int(self._slots[slot])
+        if self._chunk != (p, chunk):
+            size = min(self.CHUNK, self.per_pass - chunk * self.CHUNK)
+            self._order, self._chunk = torch.randperm(size, generator=self._generator(p, chunk)), (p, chunk)
+        window = chunk * self.CHUNK + int(self._order[within - int(self._begins[slot])])
+        return self._offset + self.block_size * window
+
+    def _generator(self, p: int, chunk: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + p) * 1_000_033 + chunk + 1) % (1 << 63))
 
 
 def training_batch(
