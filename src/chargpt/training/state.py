@@ -63,9 +63,9 @@ class RunState(trainstate.Counters):
         return self.elapsed
 
     def reserve(self) -> float:
-        """Seconds to keep for the rest of a time-budgeted run after one more step: that step (as long as the last),
-        the final evaluation (its sample included), plot and save (each as long as the longest seen), with
-        RESERVE_MARGIN to spare: on a machine whose other programs come and go, the last of them can take longer
+        """Seconds to keep for the rest of a time-budgeted run after one more step: that step and the save (each as
+        long as the last), the final evaluation (its sample included) and plot (each as long as the longest seen),
+        with RESERVE_MARGIN to spare: on a machine whose other programs come and go, the last of them can take longer
         than the one before, and a stall of a few tenths of a second is a fixed cost (RESERVE_SLACK)."""
         parts = self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
         return RESERVE_MARGIN * parts + RESERVE_SLACK
