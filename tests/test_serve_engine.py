@@ -93,8 +93,9 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "
 def test_the_batched_step_is_exact_at_one_and_two_threads_on_this_cpu(env):
     """In a fresh process (kernel choices are made at start-up), with this CPU's own kernels and with PyTorch, MKL
     and oneDNN told to use their AVX2 ones (as on an AVX2-only CPU): at the seed widths the per-row batched step
-    equals each row's own step at 1 and at 2 threads (the fused one is reported: on AMD CPUs MKL rounds it
-    differently at 2 threads, and the engine then takes the per-row form)."""
+    equals each row's own step at 1 and at 2 threads (the fused one is reported; where it is not exact the engine
+    takes the per-row form). The process starts from the user's environment, as a user's does: MKL_CBWR only as
+    chargpt sets it (without it MKL on AMD CPUs rounds by memory offset and thread count, and both forms fail)."""
     code = textwrap.dedent(
         """
         import torch
@@ -111,13 +112,39 @@ def test_the_batched_step_is_exact_at_one_and_two_threads_on_this_cpu(env):
         """
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **env})  # fmt: skip
+                       env={**user_environment(), **env})  # fmt: skip
     assert r.returncode == 0, r.stderr
     capability, *exact = r.stdout.split()
     assert exact[0::2] == ["True", "True"], f"{capability}: {r.stdout}"  # the per-row form: exact by construction
     print(f"{capability}: fused batched step exact at 1 and 2 threads: {exact[1::2]}")
     if env:
         assert capability == "AVX2"
+
+
+def user_environment() -> dict[str, str]:
+    """This process's environment less what chargpt's import set in it (MKL_CBWR, unless the user had)."""
+    import chargpt
+
+    return {k: v for k, v in os.environ.items() if k != "MKL_CBWR" or chargpt.MKL_CBWR_FROM_USER}
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "AUTO"), ("COMPATIBLE", "COMPATIBLE"), ("", "")])
+def test_chargpt_sets_mkl_reproducibility_unless_the_environment_names_a_mode(given, expected):
+    """Importing chargpt turns on MKL's reproducibility mode before anything runs in torch (MKL reads it at its first
+    call), and leaves a mode the user chose, "" (off) included; `info --machine` says which and who chose it."""
+    env = user_environment()
+    env.pop("MKL_CBWR", None)
+    if given is not None:
+        env["MKL_CBWR"] = given
+    code = (
+        "import torch, chargpt, os; from chargpt.cli import machine; "
+        "print(repr(os.environ['MKL_CBWR'])); print(machine.describe(measure=False)['cpu']['mkl_cbwr'])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    value, report = r.stdout.splitlines()
+    assert value == repr(expected)
+    assert report == f"{expected or 'off'} ({'set by chargpt' if given is None else 'from the environment'})"
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# MKL's conditional numerical reproducibility, on unless the user set it: without it MKL on AMD CPUs rounds a
+# product by where its operands lie in memory and by the thread count, so attention and the one-row products of
+# the server's batched step differ from a row's own step; with it they do not, at no measured cost (see
+# docs/benchmarks.md). MKL reads it at its first call, so this comes before chargpt runs anything in torch.
+MKL_CBWR_FROM_USER = "MKL_CBWR" in os.environ
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 if TYPE_CHECKING:
     from chargpt.config import GPTConfig, TrainConfig

@@ -30,6 +30,7 @@ def describe(measure: bool = True) -> dict[str, Any]:
             "torch_kernels": info.capability,
             "torch": torch.__version__,
             "mkl": torch.backends.mkl.is_available(),
+            "mkl_cbwr": _mkl_cbwr(),
             "native_bf16": bool(info.native_bf16),
         },
         "cores": {"total": total, "free_now": free},
@@ -52,7 +53,7 @@ def lines(report: dict[str, Any]) -> list[str]:
     out = [
         f"cpu: {cpu['model']}; speed flags: {' '.join(cpu['speed_flags']) or 'none of ' + ' '.join(prec.SPEED_FLAGS)}",
         f"torch {cpu['torch']}, {cpu['torch_kernels']} kernels, MKL {'yes' if cpu['mkl'] else 'no'}, native bf16 "
-        f"{'yes' if cpu['native_bf16'] else 'no'}",
+        f"{'yes' if cpu['native_bf16'] else 'no'}; MKL_CBWR {cpu['mkl_cbwr']}",
         f"cores: {c['total']}, free now {c['free_now']}; threads: train {t['train']}, sample {t['sample']} (one "
         f"stream), serve {t['serve']} (one core left to HTTP)",
         f"serve: {report['serve_batching']}",
@@ -65,6 +66,16 @@ def lines(report: dict[str, Any]) -> list[str]:
     caches = report["caches"]
     out.append(f"caches: {caches['folder']} (token cache {caches['tokens']}; {caches['measurements']} measurements)")
     return out
+
+
+def _mkl_cbwr() -> str:
+    """MKL's reproducibility mode and who chose it (chargpt sets AUTO unless the environment named one)."""
+    import os
+
+    import chargpt
+
+    value = os.environ.get("MKL_CBWR", "")
+    return f"{value or 'off'} ({'from the environment' if chargpt.MKL_CBWR_FROM_USER else 'set by chargpt'})"
 
 
 def _threads(total: int, free: int) -> dict[str, int]:

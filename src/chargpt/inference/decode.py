@@ -16,9 +16,10 @@ Batch invariance (the server's exactness): with `invariant=True` each Linear run
 one-row problems with the weight broadcast, so a row's numbers do not depend on the other rows (a plain
 (B, in) x (in, out) product makes BLAS pick another kernel than for one row, which rounds differently).
 `batch_invariant` checks on the actual model and device that each row equals its own batch-of-one step. Where a
-BLAS rounds a one-row product unlike a batched one even so (MKL on AMD CPUs at two or more threads), `per_row=True`
-makes every product B one-row calls: the single-row step's very calls, so the same bits by construction, at about
-the cost of the batched form (one weight pass per row either way).
+BLAS rounds a one-row product unlike a batched one even so, `per_row=True` makes every product B one-row calls: the
+single-row step's very calls, at about the cost of the batched form (one weight pass per row either way). Both rely
+on the BLAS rounding one call alike wherever its operands lie in memory, which MKL on AMD CPUs does only in its
+reproducibility mode (chargpt/__init__.py sets MKL_CBWR).
 
 A model with int8 weights (chargpt.inference.quantize) runs its Linears through the int8 kernel, which computes each
 row on its own (so it is batch-invariant as it is; `batch_invariant` checks that too).
@@ -108,8 +109,8 @@ class DecodeStep:
     @staticmethod
     def _linear_each(x: torch.Tensor, p: tuple) -> torch.Tensor:
         """x (B, in) -> (B, out) as B calls of F.linear on one row: the same calls as B single-row steps make, so
-        the same bits on any BLAS at any thread count (one that splits a one-row sum between threads but not a
-        batched product's, as MKL does on AMD CPUs, included)."""
+        the same bits at any thread count on a BLAS that splits a one-row sum between threads but not a batched
+        product's (given that it rounds one call alike wherever its operands lie: MKL_CBWR on AMD CPUs)."""
         return torch.cat([F.linear(row, p[0], p[1]) for row in x.split(1)])
 
     def _linear_rows(self, x: torch.Tensor, p: tuple) -> torch.Tensor:

@@ -37,7 +37,7 @@ def batching_mode(exact: Callable[[bool], bool]) -> tuple[bool | None, str]:
     """How rows are decoded together, and why (for the start-up line): `exact(per_row)` checks on the real model,
     at this thread count, that the batched step gives each row's own bits. The fused form (one batched product
     per weight) first; else each product one row at a time, the single-row step's own calls (a BLAS that
-    splits a one-row sum between threads but not a batch's rows, as MKL does on AMD CPUs); else rows one by one.
+    splits a one-row sum between threads but not a batch's rows); else rows one by one.
     Returns per_row (False, True) or None for no batching."""
     threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
     if exact(False):
