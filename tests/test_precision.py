@@ -91,7 +91,7 @@ def test_describe_is_one_phrase():
 # the micro-benchmark cache
 
 
-def test_measurement_is_cached_per_machine_and_invalidated_when_the_machine_changes(tmp_path):
+def test_measurement_is_cached_per_machine_and_invalidated_when_the_machine_changes(tmp_path, monkeypatch):
     first = prec.measured_speedups(ZEN5, tmp_path)  # measured here, whatever this CPU is
     path = prec.cache_file(ZEN5, tmp_path)
     assert path.is_file() and first.matmul > 0 and first.matvec > 0
@@ -102,6 +102,12 @@ def test_measurement_is_cached_per_machine_and_invalidated_when_the_machine_chan
     # another CPU model, other flags or another torch: another key, so another file
     assert prec.cache_file(SAPPHIRE, tmp_path) != path
     assert prec.cache_file(prec.CPUInfo(ZEN5.model, ZEN5.flags | {"amx_bf16"}, "AVX512"), tmp_path) != path
+    # MKL or oneDNN told to use other kernels (or to round otherwise): another file
+    for name, value in [("MKL_ENABLE_INSTRUCTIONS", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_CBWR", "")]:
+        monkeypatch.setenv(name, value)
+        assert prec.cache_file(ZEN5, tmp_path) != path, name
+        monkeypatch.undo()
+    assert prec.cache_file(ZEN5, tmp_path) == path
     path.write_text("{not json")  # a damaged cache is measured again and rewritten
     again = prec.measured_speedups(ZEN5, tmp_path)
     assert again != prec.Speedups(3.25, 0.5) and json.loads(path.read_text())["matmul"] == again.matmul

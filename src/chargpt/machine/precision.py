@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -207,8 +208,14 @@ def describe(choices: dict[str, Choice]) -> str:
 # the micro-benchmark and its per-machine cache
 
 
+# the environment variables that change which kernels MKL and oneDNN run, or how they round: a measurement taken
+# under one set of them says nothing of another (AVX2 kernels on an AVX-512 CPU, say)
+KERNEL_SETTINGS = ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
-    """Where this machine's measurement lives: keyed by CPU model, flags, torch version and thread count."""
+    """Where this machine's measurement lives: keyed by CPU model, flags, torch version, thread count and the
+    environment variables that choose MKL's and oneDNN's kernels (`KERNEL_SETTINGS`; torch's own is `capability`)."""
     if directory is None:
         from chargpt.storage.fileio import cache_dir
 
@@ -216,6 +223,7 @@ def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
     key = "|".join(
         [str(CACHE_VERSION), info.model, " ".join(sorted(info.flags)), info.capability, torch.__version__]
         + [str(torch.get_num_threads())]
+        + [f"{name}={os.environ[name]}" for name in KERNEL_SETTINGS if name in os.environ]
     )
     return directory / f"precision-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
