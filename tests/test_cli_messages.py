@@ -331,7 +331,10 @@ def test_sample_threads_flag_and_default(trained_model_dir, capsys):
             assert torch.get_num_threads() == 2  # put back: an in-process caller's training keeps its threads
             texts[threads] = capsys.readouterr().out
         assert main(base) == 0 and torch.get_num_threads() == 2  # the default (1 thread for one stream) too
-        assert texts["1"] == texts["2"] == capsys.readouterr().out  # threads change speed, never text
+        assert capsys.readouterr().out == texts["1"]  # the default is one thread: the same text, bit for bit
+        # another thread count may round otherwise, and auto's formats are measured per thread count (README:
+        # the same text "with the same number of torch threads"): the same length of text, not the same bits
+        assert len(texts["2"]) == len(texts["1"]) > 40
         rc, out, err = call_main([*base, "--threads", "0"], capsys)
         assert_one_line_error(rc, out, err, "--threads must be >= 1")
     finally:
