@@ -3,8 +3,7 @@ which chargpt sets: it changes how MKL rounds, and its speed, on AMD CPUs)."""
 
 from __future__ import annotations
 
-import os
-
+from chargpt.cli.machine import mkl_cbwr
 from chargpt.machine.precision import SPEED_FLAGS as SHOWN_FLAGS
 from chargpt.machine.precision import CPUInfo
 
@@ -12,4 +11,4 @@ from chargpt.machine.precision import CPUInfo
 def shown_flags(info: CPUInfo) -> str:
     have = [f for f in SHOWN_FLAGS if f in info.flags]
     flags = " ".join(have) if have else "(none of " + " ".join(SHOWN_FLAGS) + ")"
-    return f"{flags} MKL_CBWR={os.environ.get('MKL_CBWR') or 'off'}"
+    return f"{flags}; MKL_CBWR {mkl_cbwr()}"

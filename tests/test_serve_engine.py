@@ -115,7 +115,7 @@ def test_the_batched_step_is_exact_at_one_and_two_threads_on_this_cpu(env):
                        env={**user_environment(), **env})  # fmt: skip
     assert r.returncode == 0, r.stderr
     capability, *exact = r.stdout.split()
-    assert exact[0::2] == ["True", "True"], f"{capability}: {r.stdout}"  # the per-row form: exact by construction
+    assert exact[0::2] == ["True", "True"], f"{capability}: {r.stdout}"  # the per-row form: the one-row step's calls
     print(f"{capability}: fused batched step exact at 1 and 2 threads: {exact[1::2]}")
     if env:
         assert capability == "AVX2"

@@ -5,6 +5,7 @@ and where the caches live."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def describe(measure: bool = True) -> dict[str, Any]:
             "torch_kernels": info.capability,
             "torch": torch.__version__,
             "mkl": torch.backends.mkl.is_available(),
-            "mkl_cbwr": _mkl_cbwr(),
+            "mkl_cbwr": mkl_cbwr(),
             "native_bf16": bool(info.native_bf16),
         },
         "cores": {"total": total, "free_now": free},
@@ -68,10 +69,9 @@ def lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _mkl_cbwr() -> str:
-    """MKL's reproducibility mode and who chose it (chargpt sets AUTO unless the environment named one)."""
-    import os
-
+def mkl_cbwr() -> str:
+    """MKL's reproducibility mode and who chose it (chargpt sets AUTO unless the environment named one); the
+    benchmarks print it beside the CPU flags."""
     import chargpt
 
     value = os.environ.get("MKL_CBWR", "")
