@@ -18,7 +18,17 @@ from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
 from chargpt.inference.generate import SampleConfig, generate
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, KVCache
-from chargpt.serve.engine import ChoiceSpec, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed, batching_mode
+from chargpt.serve.engine import (
+    ChoiceSpec,
+    Engine,
+    Job,
+    Piece,
+    QueueFull,
+    ShuttingDown,
+    StepFailed,
+    batching_mode,
+    share_cap,
+)
 
 
 class Collector:
@@ -256,3 +266,29 @@ def test_the_batched_step_runs_in_the_precision_asked(tiny):
     assert logits["bf16"].dtype == torch.bfloat16 and logits["fp32"].dtype == torch.float32
     diff = (logits["bf16"].float() - logits["fp32"]).abs().max().item()
     assert 0 < diff < 0.25
+
+
+def test_one_request_never_holds_every_slot(tiny):
+    """A request of n = max_batch long choices takes at most share_cap(max_batch) slots: a short request sent
+    after it starts at once and finishes long before it, and the long request's choices, started in two goes,
+    are still exactly generate's."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4)
+    assert share_cap(4) == 3 and share_cap(32) == 24 and share_cap(1) == 1
+    engine.start()
+    ids = tokenizer.encode("ROMEO:").tolist()
+    big, big_out = _job([ChoiceSpec(ids, 300, seed=10 + j) for j in range(4)])
+    engine.submit(big)
+    deadline = time.monotonic() + 60
+    while not any(big_out.texts):  # it runs
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    short, short_out = _job([ChoiceSpec(ids, 4, seed=1)])
+    engine.submit(short)
+    assert short_out.done.wait(60) and len(short_out.texts[0]) == 4
+    assert not big_out.done.is_set() and max(big_out.tokens) < 300, big_out.tokens  # it did not wait for them
+    assert big_out.done.wait(120) and big_out.error is None
+    expected = [generate(model, tokenizer, "ROMEO:", max_new_tokens=300, seed=10 + j)[0] for j in range(4)]
+    assert big_out.texts == expected
+    engine.close()
+    engine.join(10)

@@ -10,6 +10,8 @@ nothing. A request joins at the next step and its rows leave as
 soon as they finish or it is cancelled. The model runs in one background thread; results go
 back through a `deliver` callback (the HTTP layer hands them to its event loop). At most `max_batch` rows
 run at once; up to `max_queue` requests wait beyond that, and `submit` refuses the rest (QueueFull).
+One request holds at most `share_cap(max_batch)` rows at a time (its other choices start as its rows finish),
+so a request that arrives behind a large `n` starts at the next step instead of waiting for it to end.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class Job:
     deliver: Callable[[Delivery], None]
     cancelled: bool = False
     held: int = 0  # batch places reserved for its rows and not yet given back (engine lock)
+    admitted: int = 0  # how many of its choices have been given places so far (engine lock)
 
 
 @dataclass(eq=False)
@@ -113,12 +116,26 @@ class _Row:
     produced: int = 0
 
 
+def share_cap(max_batch: int) -> int:
+    """The most rows one request holds at once: a quarter of the places (at least one) stay for the others."""
+    return max(1, max_batch - max(1, max_batch // 4))
+
+
+@dataclass(frozen=True)
+class Joining:
+    """Choices first .. first + count - 1 of a job, with places reserved: their rows start at the next step."""
+
+    job: Job
+    first: int
+    count: int
+
+
 @dataclass
 class _Shared:
     """State the request threads and the engine thread share; guarded by Engine._cond."""
 
-    waiting: deque[Job] = field(default_factory=deque)  # beyond the batch, in arrival order
-    joining: list[Job] = field(default_factory=list)  # places reserved; they start at the next step
+    waiting: deque[Job] = field(default_factory=deque)  # jobs with choices not yet admitted, in arrival order
+    joining: list[Joining] = field(default_factory=list)  # places reserved; they start at the next step
     reserved: int = 0  # rows running or joining
     closing: bool = False
     deadline: float | None = None  # when closing: end whatever still runs at this time.monotonic()
@@ -142,6 +159,7 @@ class Engine:
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.cap = share_cap(max_batch)
         per_row, self.batching = None, "rows decoded one by one (this model has no KV cache)"
         if model.decodes_with_cache:
             per_row, self.batching = batching_mode(lambda each: batch_invariant(model, self.prefill, self.decode, each))
@@ -173,7 +191,7 @@ class Engine:
             s = self._shared
             if s.closing:
                 raise ShuttingDown()
-            starts_now = not s.waiting and s.reserved + need <= self.max_batch
+            starts_now = not s.waiting and s.reserved + min(need, self.cap) <= self.max_batch
             if not starts_now and len(s.waiting) >= self.max_queue:
                 raise QueueFull()
             s.waiting.append(job)
@@ -188,9 +206,10 @@ class Engine:
             s = self._shared
             if job in s.waiting:
                 s.waiting.remove(job)
-            elif job in s.joining:
-                s.joining.remove(job)
-                self._give_back(job, job.held)
+            mine = [j for j in s.joining if j.job is job]
+            if mine:
+                s.joining = [j for j in s.joining if j.job is not job]
+                self._give_back(job, sum(j.count for j in mine))
             self._cond.notify()
 
     def close(self, grace: float = 0.0) -> None:
@@ -207,13 +226,22 @@ class Engine:
             self._thread.join(timeout)
 
     def _promote(self) -> None:
-        """Move waiting jobs that now fit into joining, in arrival order (call with the lock held)."""
+        """Give free places to waiting jobs in arrival order, each up to its share (self.cap rows at once); a job
+        at its share lets later ones go ahead (call with the lock held)."""
         s = self._shared
-        while s.waiting and s.reserved + len(s.waiting[0].choices) <= self.max_batch:
-            job = s.waiting.popleft()
-            s.reserved += len(job.choices)
-            job.held = len(job.choices)
-            s.joining.append(job)
+        for job in list(s.waiting):
+            free = self.max_batch - s.reserved
+            if free <= 0:
+                return
+            take = min(len(job.choices) - job.admitted, self.cap - job.held, free)
+            if take <= 0:
+                continue
+            s.reserved += take
+            job.held += take
+            s.joining.append(Joining(job, job.admitted, take))
+            job.admitted += take
+            if job.admitted == len(job.choices):
+                s.waiting.remove(job)
 
     def _give_back(self, job: Job, places: int) -> None:
         """A job's rows finished or left: their places go to waiting jobs that now fit."""
@@ -226,16 +254,16 @@ class Engine:
         with torch.inference_mode(), prec.weight_cast_region(self.device, self.prefill, self.decode):
             while (joining := self._wait_for_work()) is not None:
                 try:
-                    for job in joining:
-                        self._start(job)
+                    for part in joining:
+                        self._start(part)
                     self._remove([r for r in self._rows if r.job.cancelled])
                     if self._rows:
                         self._step()
                 except Exception as e:  # a bug or out of memory: end the jobs of this step, keep serving
                     log.exception("the model step failed; ending the requests in it")
-                    self._fail([*{id(r.job): r.job for r in self._rows}.values(), *joining], e)
+                    self._fail([*{id(r.job): r.job for r in self._rows}.values(), *(j.job for j in joining)], e)
 
-    def _wait_for_work(self) -> list[Job] | None:
+    def _wait_for_work(self) -> list[Joining] | None:
         """Block until there are rows to step or jobs to start; return the jobs joining now, or None to stop."""
         with self._cond:
             s = self._shared
@@ -259,6 +287,10 @@ class Engine:
             self._give_back(r.job, 1)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
+        with self._cond:  # first out of the queue: no more of their choices may be admitted
+            s = self._shared
+            s.waiting = deque(j for j in s.waiting if j not in jobs)
+            s.joining = [p for p in s.joining if p.job not in jobs]
         self._remove([r for r in self._rows if r.job in jobs])
         for job in {id(j): j for j in jobs}.values():
             self._give_back(job, job.held)
@@ -269,16 +301,17 @@ class Engine:
     def _end_all(self) -> None:
         """At the deadline: every job still running or waiting gets ShuttingDown (lock held)."""
         s = self._shared
-        jobs = {id(r.job): r.job for r in self._rows} | {id(j): j for j in [*s.joining, *s.waiting]}
+        jobs = {id(r.job): r.job for r in self._rows} | {id(j): j for j in [*(p.job for p in s.joining), *s.waiting]}
         self._rows, s.joining, s.waiting, s.reserved = [], [], deque(), 0
         for job in jobs.values():
             if not job.cancelled:
                 _deliver(job, ShuttingDown())
 
-    def _start(self, job: Job) -> None:
-        """Give each of a job's choices its row; a choice with max_new_tokens 0 finishes at once."""
-        done = []
-        for index, spec in enumerate(job.choices):
+    def _start(self, part: Joining) -> None:
+        """Give each of these choices of a job its row; a choice with max_new_tokens 0 finishes at once."""
+        job, done = part.job, []
+        for index in range(part.first, part.first + part.count):
+            spec = job.choices[index]
             if spec.max_new_tokens == 0:
                 done.append(Piece(index, "", "length", 0))
                 continue
