@@ -23,6 +23,7 @@ import torch
 
 from chargpt.inference.generate import SampleConfig, generate
 from chargpt.machine import precision as prec
+from chargpt.serve.app import allowed_hosts, host_name
 from helpers import assert_one_line_error, call_main
 from serving import ServerProcess, start_server
 
@@ -257,7 +258,7 @@ def test_bad_requests_then_a_good_request(client: openai.OpenAI, args, kind, sta
 
 def test_body_too_large_and_unknown_route(server: ServerProcess, client: openai.OpenAI):
     big = json.dumps({"model": MODEL, "prompt": "a" * (1 << 20)}).encode()
-    r = httpx.post(server.url + "/v1/completions", content=big)
+    r = httpx.post(server.url + "/v1/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
     _good(client)
     r = httpx.post(server.url + "/v1/chat/completions", json={})
@@ -353,8 +354,11 @@ def test_underflowing_sampling_numbers_are_greedy_and_never_fail_another_request
 
 
 def test_api_key(trained_model_dir: Path):
-    srv = start_server(trained_model_dir, "--api-key", "s3cret-key")
+    srv = start_server(trained_model_dir, "--api-key", "s3cret-key", "--allow-host", "chargpt.test")
     try:
+        key = {"Authorization": "Bearer s3cret-key"}
+        for host, status in (("chargpt.test:8000", 200), ("evil.example", 421)):  # a Host the user added, one not
+            assert httpx.get(srv.url + "/v1/models", headers={**key, "Host": host}).status_code == status, host
         for key in ("wrong", "s3cret-key-and-more", "s3cret-ke"):
             bad = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
             with pytest.raises(openai.AuthenticationError) as caught:
@@ -433,7 +437,7 @@ def test_clients_that_vanish_mid_body_leave_no_traceback(trained_model_dir: Path
         port = int(srv.url.rsplit(":", 1)[1])
         for _ in range(20):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 sock.sendall((head + "Content-Length: 1000\r\n\r\n" + '{"prompt": "RO').encode())
         time.sleep(1)
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5}, timeout=60)
@@ -538,3 +542,46 @@ def test_readme_client_example_runs(server: ServerProcess):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == MODEL and "completion_tokens=200" in r.stdout and len(r.stdout) > 400
+
+
+def test_web_pages_cannot_drive_the_local_server(server: ServerProcess):
+    """Any web page the user visits can send requests to 127.0.0.1: a cross-site POST with a body that is not
+    declared JSON (no CORS preflight) gets 415, and a request whose Host names another site (DNS rebinding) 421,
+    before any work is done; this machine's own names are served."""
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 2})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": kind} if kind else {}
+        r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+        assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type", (kind, r.text)
+    port = server.url.rsplit(":", 1)[1]
+    for path in ("/", "/v1/models", "/health"):
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]"):
+            r = httpx.get(server.url + path, headers={"Host": host})
+            assert r.status_code == 421 and _error(r)["code"] == "host_not_allowed", (path, host, r.text)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+            assert httpx.get(server.url + path, headers={"Host": host}).status_code == 200, (path, host)
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=body,
+        headers={"Host": "evil.example", "content-type": "application/json"},
+    )
+    assert r.status_code == 421
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_the_host_names_a_server_answers_to():
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("127.0.0.1") == loopback
+    assert allowed_hosts("::1", ["My.Box."]) == loopback | {"my.box"}
+    assert allowed_hosts("localhost") == loopback
+    assert allowed_hosts("192.168.1.5") == {"192.168.1.5"}
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("::") is None  # every interface: any name
+    assert allowed_hosts("0.0.0.0", ["box.lan"]) == loopback | {"box.lan"}
+    assert [host_name(h) for h in ("Example.com:80", "[::1]:8000", "[::1]", "a.b.", "1.2.3.4")] == [
+        "example.com",
+        "::1",
+        "::1",
+        "a.b",
+        "1.2.3.4",
+    ]

@@ -93,6 +93,11 @@ class ServeConfig:
     api_key: str | None = setting(
         None, "require 'Authorization: Bearer KEY' on every /v1/ request (default: none)", metavar="KEY"
     )
+    allow_host: Sequence[str] = setting(
+        help="another Host name to answer to (one that points at this machine); repeatable (default: the --host "
+        "address and, on a loopback address, localhost; every name on 0.0.0.0)", action="append",
+        default_factory=tuple, metavar="NAME",
+    )  # fmt: skip
     max_batch: int = setting(32, "sequences decoded together (default: 32)", metavar="N")
     max_queue: int = setting(64, "requests that may wait; beyond: 503 (default: 64)", metavar="N")
     max_tokens_limit: int = setting(4096, "cap on max_tokens per request (default: 4096)", metavar="N")

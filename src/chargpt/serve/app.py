@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,7 +36,7 @@ ROUTES_HINT = (
     "/health; a character model has no chat template, so /v1/chat/completions is not served: send the "
     "conversation as the prompt text"
 )
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (400, 401, 404, 413, 422, 503)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (400, 401, 404, 413, 415, 421, 422, 503)}
 
 
 def _completions_openapi() -> dict[str, Any]:
@@ -77,6 +78,7 @@ class AppState:
     card: ModelCard
     limits: Limits
     api_key: str | None = None
+    hosts: frozenset[str] | None = None  # the Host names it answers to (allowed_hosts); None: any
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -91,6 +93,7 @@ def create_app(state: AppState) -> FastAPI:
 
     app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL, lifespan=lifespan)
     app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key)
+    app.add_middleware(_SameMachineMiddleware, hosts=state.hosts)  # outermost: checked before the key
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -297,6 +300,73 @@ class _ApiKeyMiddleware:
                 error = ApiError(401, message, code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> frozenset[str] | None:
+    """The Host header names a server listening on `bind_host` answers to: the address it listens on (on a
+    loopback address, this machine's loopback names too) and the names the user adds. A web page the user visits
+    can send requests to a local server, and with DNS rebinding read the answers, but its requests carry its own
+    Host name: refusing other names shuts it out. On every interface (0.0.0.0, ::) any name, unless some are
+    given. None means any."""
+    extra = frozenset(h.lower().rstrip(".") for h in extra)
+    try:
+        address = ipaddress.ip_address(bind_host.strip("[]"))
+    except ValueError:  # a name, such as localhost
+        address = None
+    if address is not None and address.is_unspecified:
+        return (extra | LOOPBACK_NAMES) if extra else None
+    names = {bind_host.strip("[]").lower()}
+    if address is None or address.is_loopback:
+        names |= LOOPBACK_NAMES
+    return frozenset(names) | extra
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'example.com:8000' -> 'example.com', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
+
+
+JSON_TYPES = ("application/json",)
+JSON_ROUTES = frozenset({"/v1/completions"})  # the routes that take a JSON body (POST)
+
+
+class _SameMachineMiddleware:
+    """Requests a web page could make without the user's intent are refused before anything else: a Host header
+    naming another site (DNS rebinding), 421; a POST whose body is not declared JSON, 415 (a cross-site form or
+    `text/plain` POST needs no CORS preflight; a JSON one does, and this server answers none)."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            error = None
+            host = headers.get(b"host")
+            if self.hosts is not None and host is not None:
+                name = host_name(host.decode("latin-1"))
+                if name not in self.hosts:
+                    error = ApiError(
+                        421, f"this server does not answer to the Host name {name!r}; if it is yours, start the "
+                        f"server with --allow-host {name}", code="host_not_allowed",
+                    )  # fmt: skip
+            media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            posted = scope.get("method") == "POST" and scope.get("path") in JSON_ROUTES
+            if error is None and posted and media not in JSON_TYPES:
+                error = ApiError(
+                    415, "send the request body as JSON, with the header 'Content-Type: application/json'",
+                    code="unsupported_media_type",
+                )  # fmt: skip
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -24,7 +24,7 @@ from chargpt.errors import ChargptError
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
 from chargpt.runtime import ServeConfig
-from chargpt.serve.app import AppState, ModelCard, create_app
+from chargpt.serve.app import AppState, ModelCard, allowed_hosts, create_app
 from chargpt.serve.engine import Engine
 from chargpt.serve.protocol import Limits
 from chargpt.storage.checkpoint import WEIGHTS, load_model, read_config
@@ -129,7 +129,8 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
         if engine.quantize.name == "int8":
             card.meta["precision_reason"] += f", int8 weights ({engine.quantize.reason})"
         limits = Limits(cfg.max_tokens_limit, cfg.max_prompt_chars, cfg.max_batch, cfg.max_body_bytes)
-        app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key))
+        hosts = allowed_hosts(cfg.host, cfg.allow_host)
+        app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key, hosts))
         config = uvicorn.Config(
             app,
             log_level="warning",
