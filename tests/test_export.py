@@ -215,7 +215,7 @@ def test_web_export_refuses_and_replaces_like_onnx(trained_model_dir, tmp_path, 
     rc, out, err = call_main([*web, str(page)], capsys)
     assert rc == 0 and "open" in out, err
     first = (page / "model.js").read_bytes()
-    (page / "model.js").write_text("stale")
+    (page / "model.js").write_bytes(b"window.CHARGPT_MODEL = {};\n")  # an earlier export's script
     rc, out, err = call_main([*web, str(page), "--overwrite"], capsys)  # an earlier export is replaced
     assert rc == 0 and "open" in out, err
     assert (
@@ -264,3 +264,55 @@ def test_writing_a_file_keeps_the_users_look_alike_temp_files(trained_model_dir,
     rc, _, err = call_main(["export", "--model", str(trained_model_dir), "--out", str(tmp_path / "x.onnx")], capsys)
     assert rc == 0, err
     assert mine.read_text() == "mine"
+
+
+def test_web_overwrite_replaces_only_what_an_export_wrote(trained_model_dir, tmp_path, capsys):
+    """--overwrite on a folder whose index.html and model.js are not provably an export's (a folder named
+    model.js holding the user's files; the user's own site under those names) is refused, and nothing in it
+    changes; an earlier export, checked by its files' content, is replaced."""
+    web = ["export", "--model", str(trained_model_dir), "--format", "web", "--overwrite", "--out"]
+    look_alike = tmp_path / "look-alike"
+    (look_alike / "model.js").mkdir(parents=True)
+    (look_alike / "model.js" / "notes.txt").write_text("mine")
+    (look_alike / "index.html").write_text("<html>mine</html>")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<!doctype html><title>my site</title>")
+    (site / "model.js").write_text("export const model = 1;\n")
+    for folder in (look_alike, site):
+        before = _tree(folder)
+        rc, out, err = call_main([*web, str(folder)], capsys)
+        assert rc == 2 and out == "" and "not a chargpt web export" in err and err.count("\n") == 1, err
+        assert _tree(folder) == before and (look_alike / "model.js").is_dir()
+    page = tmp_path / "page"
+    rc, _, err = call_main([*web, str(page)], capsys)
+    assert rc == 0, err
+    rc, _, err = call_main([*web, str(page)], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in page.iterdir()) == ["index.html", "model.js"]
+
+
+def test_the_web_page_shows_a_hostile_model_name_as_text(trained_model_dir, tmp_path, capsys):
+    """The page's name line comes from the model folder (untrusted): markup there is shown, never run."""
+    import shutil
+
+    from selenium.webdriver.common.by import By
+
+    folder = tmp_path / "<img src=x onerror=\"document.title='pwned'\">"
+    shutil.copytree(trained_model_dir, folder)
+    site = tmp_path / "site"
+    rc, _, err = call_main(["export", "--model", str(folder), "--format", "web", "--out", str(site)], capsys)
+    assert rc == 0, err
+    browser = headless_chromium(tmp_path)
+    try:
+        browser.get(site.joinpath("index.html").as_uri())
+        deadline = time.monotonic() + 60
+        while browser.execute_script("return document.body.dataset.ready") != "1":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # an image that fails to load would have fired its onerror by now
+        info = browser.find_element(By.ID, "model-info")
+        assert browser.title != "pwned" and info.find_elements(By.TAG_NAME, "img") == []
+        assert "<img src=x" in info.text
+    finally:
+        browser.quit()

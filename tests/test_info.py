@@ -126,3 +126,22 @@ def test_info_machine_says_what_chargpt_decides_here(capsys):
     assert rc == 0 and text.startswith("cpu: ") and "serve: batched decoding" in text and "int8 decoding" in text
     rc, out, err = call_main(["info"], capsys)
     assert_one_line_error(rc, out, err, "--machine")
+
+
+def test_info_shows_a_folders_control_characters_instead_of_sending_them(trained_model_dir, tmp_path, capsys):
+    """A model folder is untrusted: its saved sample with a title change, a screen clear and a colour, printed
+    by `info` (text and --json), reaches the terminal as visible escapes, never as the sequences themselves."""
+    import shutil
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(trained_model_dir, folder)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    evil = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\u202eevil\x9b1m"
+    rows[-1]["sample"] = evil
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for extra in ([], ["--json"]):
+        rc, text, err = call_main(["info", str(folder), *extra], capsys)
+        assert rc == 0, err
+        assert not any(c in text for c in "\x1b\x07\x9b\u202e"), repr(text[-300:])
+        assert ("\\x1b]0;pwned" if not extra else "\\u001b]0;pwned") in text
+    assert json.loads(text)["last_sample"]["text"].endswith(evil)  # the JSON is the same data

@@ -68,3 +68,29 @@ def test_playground_streams_and_stops(browser: webdriver.Chrome, server: ServerP
     shot = tmp_path / "playground.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_a_hostile_model_folder_runs_no_script_in_the_page(
+    browser: webdriver.Chrome, trained_model_dir: Path, tmp_path: Path
+):
+    """A model folder is untrusted input: markup in its config.json (the step of its saved model) or in its name
+    shows in the playground as text and never runs."""
+    import json
+    import shutil
+
+    folder = tmp_path / "<img src=x onerror=\"document.title='name'\">"
+    shutil.copytree(trained_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["info"]["step"] = "<img src=x onerror=\"document.title='step'\">"
+    (folder / "config.json").write_text(json.dumps(config))
+    srv = start_server(folder)
+    try:
+        browser.get(srv.url + "/")
+        WebDriverWait(browser, 60).until(lambda b: "parameters" in b.find_element(By.ID, "model-info").text)
+        info = browser.find_element(By.ID, "model-info")
+        time.sleep(0.3)  # an image that fails to load would have fired its onerror by now
+        assert browser.title not in ("name", "step")
+        assert info.find_elements(By.TAG_NAME, "img") == []
+        assert "onerror=\"document.title='step'\"" in info.text and "<img src=x" in info.text
+    finally:
+        srv.kill()

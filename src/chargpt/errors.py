@@ -70,5 +70,25 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # a run stopped by a signal (128 
 
 def one_line(message: str, limit: int = 2000) -> str:
     """An error message as one line of sane length, whatever a file or flag put into it."""
-    line = " ".join(message.split())
+    line = visible(" ".join(message.split()))
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# what a terminal would act on instead of showing: C0/C1 controls (ESC starts colour, title and screen-clearing
+# sequences) and the bidirectional overrides that reorder what is shown
+_HIDDEN = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09}
+_HIDDEN |= {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+_HIDDEN_JSON = {c: f"\\u{c:04x}" for c in _HIDDEN if c >= 0x7F}  # json.dumps escapes the rest itself
+
+
+def visible_json(text: str) -> str:
+    """JSON text (json.dumps's) with the controls it leaves raw escaped too: the same JSON, safe to print."""
+    return text.translate(_HIDDEN_JSON)
+
+
+def visible(text: str) -> str:
+    """Text from a file (a model folder's sample, names, vocabulary) made safe to print to a terminal: every
+    control character shown as its escape (ESC as \\x1b), tabs kept."""
+    return text.translate(_HIDDEN)

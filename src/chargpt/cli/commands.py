@@ -17,7 +17,7 @@ from typing import Any
 from chargpt.cli.launch import last_line, launch_torchrun, self_command
 from chargpt.cli.options import from_args
 from chargpt.config import MODEL_TYPES, SHAPE_KEYS, TIME_GOVERNED_UPDATES, TrainConfig
-from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line
+from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line, visible, visible_json
 from chargpt.runtime import SampleConfig, ServeConfig
 
 
@@ -289,11 +289,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise ChargptError(f"--plot draws a folder of runs; {folder} is not one (use its loss.png)")
     info = describe(args.dir)
     info["last_sample"] = _last_sample(folder)
-    if args.json:
-        print(json.dumps(info, indent=1, ensure_ascii=False))
+    if args.json:  # what a model folder holds is printed with its control characters made visible
+        print(visible_json(json.dumps(info, indent=1, ensure_ascii=False)))
         return 0
     for line in _info_lines(info):
-        print(line)
+        print(visible(line))
     return 0
 
 
@@ -320,7 +320,7 @@ def _plot_runs(folder: Path, runs: list[dict[str, Any]], path: Path) -> None:
 def _print_runs(folder: Path, runs: list[dict[str, Any]], as_json: bool) -> None:
     """`chargpt info FOLDER` on a folder of runs: one line each, to compare them."""
     if as_json:
-        print(json.dumps({"dir": str(folder), "runs": runs}, indent=1, ensure_ascii=False))
+        print(visible_json(json.dumps({"dir": str(folder), "runs": runs}, indent=1, ensure_ascii=False)))
         return
     width = max(3, *(len(r["name"]) for r in runs))
     print(f"{'run':<{width}}  {'shape (LxHxC, context)':<22}  {'steps':>8}  {'time':>7}  {'best val':>8}  at step")
@@ -330,7 +330,7 @@ def _print_runs(folder: Path, runs: list[dict[str, Any]], as_json: bool) -> None
         line = f"{r['name']:<{width}}  {r.get('shape', '-'):<22}  {steps:>8}  {elapsed:>7}  "
         best = _num(r.get("best_val_loss")) if r.get("best_step") is not None else "-"
         line += f"{best:>8}  {r.get('best_step', '-')}"
-        print(line + (f"  ({one_line(r['problem'], 100)})" if "problem" in r and "shape" not in r else ""))
+        print(visible(line) + (f"  ({one_line(r['problem'], 100)})" if "problem" in r and "shape" not in r else ""))
 
 
 def _info_lines(info: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ Metadata (`metadata_props`): `vocab` (the characters, JSON), `block_size`, `n_la
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import io
 import json
@@ -153,11 +154,16 @@ def check_apart(model_dir: Path, out: Path) -> None:
         )
 
 
+PAGE_MARK = b'<meta name="generator" content="chargpt export --format web">'  # in every exported index.html
+SCRIPT_MARK = b"window.CHARGPT_MODEL = "  # how every exported model.js begins
+
+
 def check_replaceable(out: Path, fmt: str) -> None:
     """--overwrite replaces only an earlier export: an ONNX file that chargpt wrote, or a web folder holding
-    nothing but the page's two files. Anything else is the user's, and is refused."""
+    nothing but the page's two files, each a plain file whose content shows chargpt wrote it. Anything else is
+    the user's, and is refused."""
     if fmt == "web":
-        others = sorted(p.name for p in out.iterdir() if p.name not in WEB_FILES)
+        others = sorted(p.name for p in out.iterdir() if p.name not in WEB_FILES or not _is_chargpt_web_file(p))
         if others:
             named = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise ChargptError(
@@ -170,6 +176,19 @@ def check_replaceable(out: Path, fmt: str) -> None:
             f"{out} is not an ONNX file that chargpt exported; --overwrite replaces only an earlier export: "
             f"choose another --out"
         )
+
+
+def _is_chargpt_web_file(path: Path) -> bool:
+    """Whether `path` is a plain file (no folder, no link) that a web export wrote: the page with chargpt's
+    generator tag, or the script that begins as chargpt's model.js does."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return PAGE_MARK in head if path.name == "index.html" else head.startswith(SCRIPT_MARK)
 
 
 def _is_chargpt_onnx(path: Path) -> bool:
@@ -231,7 +250,10 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite:
             old = staging.with_name(staging.name + ".old")
             os.replace(out, old)
             os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
+            for name in WEB_FILES:  # only the export's own files (checked above); never a whole tree
+                (old / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                old.rmdir()
         else:
             os.replace(staging, out)
     finally:
