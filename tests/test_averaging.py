@@ -100,3 +100,18 @@ def test_a_train_state_whose_average_does_not_fit_is_a_one_line_error(text_file:
     rc, stdout, err = call_main(["train", "--resume", str(out), "--n-updates", "12"], capsys)
     assert_one_line_error(rc, stdout, err, "averaged-weights state this run cannot use")
     assert f"averaged weight {name} does not match" in err
+
+
+def test_a_train_state_whose_average_is_not_finite_is_a_one_line_error(text_file: Path, tmp_path: Path, capsys):
+    """NaN averaged weights would resume silently and be scored, and saved, as a model: the state is refused."""
+    out = tmp_path / "run"
+    train(small(out, text_file, n_updates=6, ema=0.8), progress=False)
+    state = final_state(out)
+    name = next(iter(state["average"]))
+    state["average"][name] = torch.full_like(state["average"][name], float("nan"))
+    torch.save(state, out / "train_state.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()  # what the first run logged
+    rc, stdout, err = call_main(["train", "--resume", str(out), "--n-updates", "12"], capsys)
+    assert_one_line_error(rc, stdout, err, f"averaged weight {name} holds NaN or infinite values")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".chargpt.lock"} == before

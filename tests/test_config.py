@@ -240,3 +240,18 @@ def test_every_setting_says_where_it_came_from(tmp_path):
     assert again.sources["n_layers"] == "the saved run" and again.config.learning_rate == 0.002
     with pytest.raises(ChargptError, match=r"--config x.toml sets n_embd = 32 but the run in old has 48"):
         on_saved(saved, "old", [Layer("--config x.toml", {"n_embd": 32})])
+
+
+def test_a_home_path_in_toml_or_a_flag_is_expanded_as_a_shell_does(tmp_path, monkeypatch):
+    """`out = "~/runs/x"` in a TOML file (or `--out=~/x`, where no shell expands it) means the home folder, never
+    a folder literally named ~ in the current one."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "run.toml"
+    toml.write_text('out = "~/runs/x"\ninit_from = "~/models/m"\n')
+    assert load_toml(toml) == {"out": f"{home}/runs/x", "init_from": f"{home}/models/m"}
+    toml.write_text('out = "~/runs/x"\n')
+    assert make_train_config(None, str(toml), data="~/books.txt").out == f"{home}/runs/x"
+    assert make_train_config(None, None, out="~/y", data="~/books.txt").data == f"{home}/books.txt"
+    assert not (tmp_path / "~").exists()

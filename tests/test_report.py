@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 
 from chargpt.training import report
 from chargpt.training.loop import train
@@ -93,3 +94,18 @@ def test_an_unusable_cache_folder_draws_the_plot_without_matplotlibs_warning(tex
     assert r.returncode == 0, r.stderr
     assert "matplotlib" not in r.stderr.lower() and "Matplotlib" not in r.stderr, r.stderr
     assert (tmp_path / "m" / "loss.png").stat().st_size > 0
+
+
+def test_metrics_jsonl_is_strict_json_and_reads_back_a_lost_number(tmp_path):
+    """A loss that is not a number (a diverged evaluation) is written as null, never as NaN, which strict JSON
+    readers (jq, JSON.parse) refuse; a resume reads it back as NaN."""
+    rows_in = [
+        {"kind": "eval", "step": 5, "train_loss": 2.5, "val_loss": math.nan, "lr": 0.001, "time": 1.0},
+        {"kind": "train", "step": 10, "loss": math.inf, "lr": 0.001, "tokens_per_s": 5.0, "time": 2.0},
+    ]
+    report.write_metrics(tmp_path, rows_in)
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in
+              (tmp_path / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strict[0]["val_loss"] is None and strict[1]["loss"] is None
+    back = report.read_metrics(tmp_path, 10)
+    assert math.isnan(back[0]["val_loss"]) and math.isnan(back[1]["loss"]) and back[0]["train_loss"] == 2.5

@@ -253,3 +253,93 @@ def test_a_damaged_stable_state_still_trains_longer(text_file: Path, tmp_path: P
     state = final_state(out)
     assert state["lr_anchor"][0] == 60  # went on from the end, re-warmed
     assert min(m["lr"] for m in metrics(out) if m["kind"] == "train" and m["step"] > 60) > 0
+
+
+def test_a_resume_from_an_older_state_never_replaces_a_better_model(text_file: Path, tmp_path: Path):
+    """A run extended to 120 steps saves its model there and is killed before its next checkpoint (its
+    train_state.pt still the one of step 20). A later resume to 40 steps must beat the model on disk, not the old
+    state's best: the better model stays, and the run's summary, metrics.jsonl and samples.txt name it."""
+    out = tmp_path / "run"
+    train(small(out, text_file, n_updates=20, checkpoint_interval=20), progress=False)
+    early = (out / layout.TRAIN_STATE).read_bytes()
+    train(resume_config(out, n_updates=120, checkpoint_interval=1000), resume=True, progress=False)
+    saved = json.loads((out / layout.CONFIG).read_text())["info"]
+    assert saved["step"] == 120
+    kept = snapshot(out, (layout.WEIGHTS, layout.CONFIG))
+    (out / layout.TRAIN_STATE).write_bytes(early)  # as a kill before the state of step 120 was written leaves it
+    result = train(resume_config(out, n_updates=40), resume=True, progress=False)
+    assert result.step == 40
+    assert snapshot(out, (layout.WEIGHTS, layout.CONFIG)) == kept  # no worse model replaced it
+    assert (result.best_step, result.best_val_loss) == (120, saved["val_loss"])
+    rows = [m for m in metrics(out) if m["kind"] == "eval"]
+    assert [m["val_loss"] for m in rows if m["step"] == 120] == [saved["val_loss"]]
+    assert all(m["val_loss"] > saved["val_loss"] for m in rows if m["step"] <= 40)  # the branch did worse
+    assert "=== step 120," in (out / layout.SAMPLES).read_text()
+
+
+def test_a_model_without_a_train_state_is_kept_and_the_advice_keeps_it(text_file: Path, tmp_path: Path, capsys):
+    """Killed after its best model was saved but before its first resumable state: --resume and a new run on the
+    folder both name a way to train on that keeps the model (--init-from into another folder), which works."""
+    from helpers import call_main
+
+    out = tmp_path / "k9"
+    train(small(out, text_file, n_updates=10, checkpoint_interval=1000), progress=False)
+    (out / layout.TRAIN_STATE).unlink()  # as a kill before the run's first resumable save leaves it
+    kept = snapshot(out, (layout.WEIGHTS, layout.CONFIG))
+    capsys.readouterr()  # what the run logged
+    for argv in (["train", "--resume", str(out)], ["train", "--data", str(text_file), "--out", str(out), *FLAGS]):
+        rc, stdout, err = call_main(argv, capsys)
+        assert rc == 2 and stdout == "" and err.count("\n") == 1, err
+        assert f"--init-from {out} --out {out}-more" in err and "no train_state.pt" in err, err
+    assert snapshot(out, (layout.WEIGHTS, layout.CONFIG)) == kept
+    more = f"{out}-more"
+    argv = ["train", "--init-from", str(out), "--out", more, "--data", str(text_file), "--n-updates=5", *FLAGS]
+    rc, _, err = call_main(argv, capsys)
+    assert rc == 0, err
+    assert json.loads(Path(more, layout.CONFIG).read_text())["info"]["init_from"]["path"] == str(out)
+    assert snapshot(out, (layout.WEIGHTS, layout.CONFIG)) == kept
+
+
+def test_a_clock_governed_run_resumed_without_a_budget_or_with_more_steps(text_file: Path, tmp_path: Path, capsys):
+    """A run governed by --max-time alone has no step count: `--resume --max-time 0` (no time limit) is refused
+    instead of training for ever; a finished one resumed with more steps is told which budget to grow, and
+    following that advice trains."""
+    from helpers import call_main
+
+    out = tmp_path / "clock"
+    shape = ["--n-embd=32", "--n-heads=4", "--n-layers=2", "--block-size=16", "--batch-size=8", "--eval-iters=2"]
+    common = ["--device=cpu", "--threads=1", "--precision=fp32", "--quiet"]
+    rc, _, err = call_main(["train", "--data", str(text_file), "--out", str(out), "--max-time", "2", *shape,
+                            *common], capsys)  # fmt: skip
+    assert rc == 0, err
+    before = snapshot(out)
+    rc, stdout, err = call_main(["train", "--resume", str(out), "--max-time", "0"], capsys)
+    assert rc == 2 and stdout == "" and err.count("\n") == 1 and "no budget" in err and "--n-updates" in err, err
+    assert snapshot(out) == before
+    steps = final_state(out)["step"]
+    rc, stdout, err = call_main(["train", "--resume", str(out), "--n-updates", "50000"], capsys)
+    assert rc == 0 and "already finished" in stdout, (stdout, err)
+    advice = re.search(r"train --resume \S+ (.*)$", stdout.strip()).group(1).split()
+    assert "--max-time" in advice, stdout
+    rc, stdout, err = call_main(["train", "--resume", str(out), "--n-updates", "50000", *advice], capsys)
+    assert rc == 0 and "already finished" not in stdout, (stdout, err)
+    assert final_state(out)["step"] > steps
+
+
+def test_a_stable_state_from_another_run_is_refused(text_file: Path, tmp_path: Path, capsys):
+    """stable_state.pt (where a WSD run's decay began) carries its run's identity, as train_state.pt does: one
+    copied in from another run is a one-line error, never the start of this run's longer budget."""
+    from helpers import call_main
+
+    settings = dict(n_updates=30, warmup_updates=5, eval_interval=10, schedule="wsd", decay_fraction=0.3)
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    train(tiny_config(mine, text_file, **settings), progress=False)
+    train(tiny_config(other, text_file, **settings), progress=False)
+    states = [trainstate.load_train_state(mine, name=n) for n in (layout.TRAIN_STATE, layout.STABLE_STATE)]
+    assert states[0].run_id and states[0].run_id == states[1].run_id
+    shutil.copyfile(other / layout.STABLE_STATE, mine / layout.STABLE_STATE)
+    before = snapshot(mine)
+    capsys.readouterr()  # what the runs logged
+    rc, stdout, err = call_main(["train", "--resume", str(mine), "--n-updates", "60"], capsys)
+    assert rc == 2 and stdout == "" and err.count("\n") == 1 and "belongs to another run" in err, err
+    assert snapshot(mine) == before

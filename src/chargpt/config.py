@@ -6,6 +6,7 @@ Building a config needs no torch, except to look for a GPU when the device is `a
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -311,7 +312,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raw[key] = _coerce(key, value, str(path))
         if key in PATH_KEYS:
             check_path(f"{key} in {path}", raw[key])
-    return raw
+    return expand_home(raw)
+
+
+def expand_home(values: dict[str, Any]) -> dict[str, Any]:
+    """The path settings with a leading ~ or ~user expanded as a shell does (a TOML file, `--out=~/x` and the
+    Python API get no shell to do it): never a folder literally named ~."""
+    return {k: os.path.expanduser(v) if k in PATH_KEYS and isinstance(v, str) else v for k, v in values.items()}
 
 
 PATH_KEYS = ("data", "out", "vocab", "token_cache", "init_from")  # the settings that name files or folders

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -139,11 +140,12 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
         )
         return EXIT_SIGNAL[result.stopped_by]
     if result.stopped_by == "finished":
-        if cfg.max_time and cfg.n_updates >= TIME_GOVERNED_UPDATES:
-            longer = f"--max-time {2 * cfg.max_time:g}"
-        else:
-            longer = f"--n-updates {2 * result.step}"
-            longer += f" (or --max-time {2 * cfg.max_time:g})" if cfg.max_time else ""
+        # the limit that ended it grows; where a time budget may end it too, both (following advice must train)
+        steps_done = result.step >= cfg.n_updates
+        longer = " ".join(
+            ([f"--n-updates {2 * result.step}"] if steps_done else [])
+            + ([f"--max-time {math.ceil(2 * max(cfg.max_time, result.elapsed))}"] if cfg.max_time else [])
+        )
         print(
             f"{result.out} is already finished ({result.step} steps, best val loss {result.best_val_loss:.4f}); "
             f"to train it further, give it a larger budget: {me} train --resume {result.out} {longer}"

@@ -168,6 +168,21 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
     return cfg, tokenizer, info if isinstance(info, dict) else {}
 
 
+def saved_model_info(directory: str | Path) -> dict[str, Any] | None:
+    """The `info` of the model saved in `directory` (its step and val loss: what a resumed run must beat), read
+    from the weights' own copy of config.json where they hold one (the newer of the two after a cut-short save),
+    or None when the folder holds no readable model."""
+    path = run_file(directory, WEIGHTS)
+    try:
+        check_regular(path, "weights file", follow=False)
+        with safe_open(str(path), framework="pt") as f:
+            embedded = (f.metadata() or {}).get("config")
+        info = parse_config(embedded, str(path))[2] if embedded else read_config(directory)[2]
+    except (OSError, ChargptError, SafetensorError, ValueError):
+        return None
+    return info
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT | BigramLM, CharTokenizer]:
     """Load a model directory for inference (eval mode). Never executes code from the files.
 

@@ -18,7 +18,7 @@ import torch
 
 from chargpt.config import MAX_COUNT
 from chargpt.errors import ChargptError, first_line, shorten
-from chargpt.storage.checkpoint import run_file
+from chargpt.storage.checkpoint import run_file, saved_model_info
 from chargpt.storage.fileio import atomic_write_bytes, check_regular
 from chargpt.storage.layout import MARKER, TRAIN_STATE
 
@@ -69,6 +69,7 @@ class TrainState(Counters):
     origin: dict | None = _kind(dict, None)  # a fine-tune's source model
     average: dict | None = _kind(dict, None)  # the averaged weights by name (chargpt.training.averaging), if any
     average_steps: int = _kind(int, 0)  # how many steps they average
+    run_id: str | None = _kind(str, None)  # the run's identity: its train and stable states carry the same
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -128,6 +129,9 @@ def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAI
     mmap=True maps the tensors instead of reading them: for a caller that only needs the config."""
     path = run_file(directory, name)
     if not os.path.lexists(path):
+        kept = model_without_state(directory)
+        if kept:
+            raise ChargptError(kept)
         if os.path.lexists(Path(directory) / MARKER):
             raise ChargptError(
                 f"{directory} has no {TRAIN_STATE} to resume from: its run was stopped before its first save; "
@@ -148,6 +152,22 @@ def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAI
         raise ChargptError(
             f"{path} is not a usable chargpt train state ({e}); start a new run with --overwrite"
         ) from None
+
+
+def model_without_state(directory: str | Path) -> str:
+    """For a folder whose run saved a model but no train state (it was killed before its first resumable save):
+    what to do that keeps the model. Else ""."""
+    info = saved_model_info(directory)
+    if info is None or os.path.lexists(run_file(directory, TRAIN_STATE)):
+        return ""
+    folder = Path(directory)
+    step, val = info.get("step"), info.get("val_loss")
+    what = f"a model (step {step}, val loss {val:.4f})" if isinstance(val, float) else "a model"
+    return (
+        f"{folder} holds {what} but no {TRAIN_STATE} to resume from (its run was stopped before its first "
+        f"resumable save); train on from that model with `chargpt train --init-from {folder} --out "
+        f"{folder}-more`, which leaves {folder} as it is"
+    )
 
 
 def capture_rng(batches: torch.Generator) -> dict[str, Any]:

@@ -4,6 +4,7 @@ of a resume, threads, number formats, compile, DDP), in the order they depend on
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Run:
     origin: dict[str, Any] | None = None  # a fine-tune's source: path, step, val loss (for config.json)
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from (for config.json)
     prompt: str = "\n"  # what each evaluation's sample continues (samples.prompt_from)
+    run_id: str = ""  # the run's identity, in each state it saves (a state from another run is refused)
 
     def autocast(self, kind: str) -> AbstractContextManager:
         """bf16 autocast where the run's precision says so for this kind of work ("train", "eval"); weights
@@ -138,6 +140,7 @@ def setup(cfg: TrainConfig, d: Dist, *, resume: bool, overwrite: bool, progress:
     run.tuner, run.threads_note = tuner, threads_note
     run.origin = begin.origin if begin is not None else saved.origin if saved else None
     run.prompt = samples.prompt_from(tokenizer, train_ids)
+    run.run_id = (saved.run_id if saved else None) or secrets.token_hex(8)
     return run, state
 
 

@@ -77,6 +77,8 @@ class Average:
             w = saved[name]
             if not isinstance(w, torch.Tensor) or w.shape != p.shape or w.dtype != p.dtype:
                 raise ValueError(f"its averaged weight {name} does not match the model's")
+            if not torch.isfinite(w).all():
+                raise ValueError(f"its averaged weight {name} holds NaN or infinite values")
             weights.append(w.to(p.device).clone())
         self.weights, self.count = weights, count
 

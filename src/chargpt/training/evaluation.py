@@ -103,7 +103,13 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     }
     state.metrics.append(row)
     offered, use_average = report.offered(row)  # the better of the trained and the averaged weights
-    best = offered < state.best_val_loss and state.step > 0
+    improved = offered < state.best_val_loss and state.step > 0  # the run's own best so far (--patience)
+    kept = state.kept_row  # the saved model's evaluation, when a resume went back over its step
+    again = kept is not None and kept["step"] == state.step and report.offered(kept)[0] == offered
+    best = state.step > 0 and (again or (improved and offered < state.saved_bar))  # saved: never a worse model
+    if kept is not None and kept["step"] == state.step and best:
+        state.metrics = [m for m in state.metrics if m is not kept]  # this row is the saved model's now
+        state.kept_row = None
     if run.dist.main:
         with average.swapped_in() if use_average and average else nullcontext():
             save_evaluated(run, state, row, best, offered, use_average)
@@ -111,7 +117,9 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         report.log_evaluation(state.step, train_loss, val_loss, best, shown, average_val if average else None)
     if state.step > 0:
         state.best_val_loss = min(state.best_val_loss, offered)
-        state.evals_since_best = 0 if best else state.evals_since_best + 1
+        state.evals_since_best = 0 if improved else state.evals_since_best + 1
+    if best:
+        state.saved_bar = offered
     state.last_val, state.last_eval_step = offered, state.step
     state.eval_seconds = max(state.eval_seconds, time.perf_counter() - t0)  # the worst seen: end early, not late
     if final or state.step == 0 or state.tick() - state.plotted_at >= PLOT_EVERY:

@@ -21,6 +21,7 @@ from chargpt.config import TrainConfig
 from chargpt.data.corpus import training_batch
 from chargpt.errors import ChargptError
 from chargpt.machine import precision
+from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import layout
 from chargpt.training import report
 from chargpt.training.assembly import Run, setup
@@ -210,12 +211,17 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
 
 
 def _result(run: Run, state: RunState, stopped_by: str) -> TrainResult:
-    evals = [m for m in state.metrics if report.is_eval(m) and m["step"] > 0]
+    evals = [m for m in state.evaluations() if m["step"] > 0]
     best_step = min(evals, key=lambda m: report.offered(m)[0])["step"] if evals else -1
+    best_val = state.best_val_loss
+    theirs = run.outdir is not None and run.outdir.pending  # an overwritten run's model, not yet replaced
+    saved = ckpt.saved_model_info(run.out) if run.dist.main and not theirs else None
+    if saved and isinstance(saved.get("step"), int) and isinstance(saved.get("val_loss"), float):
+        best_step, best_val = saved["step"], saved["val_loss"]  # the model on disk (maybe from steps gone back over)
     return TrainResult(
         out=str(run.out),
         step=state.step,
-        best_val_loss=state.best_val_loss,
+        best_val_loss=best_val,
         last_val_loss=report.offered(evals[-1])[0] if math.isnan(state.last_val) and evals else state.last_val,
         elapsed=state.elapsed,
         stopped_by=stopped_by,
@@ -346,7 +352,7 @@ def finish(run: Run, state: RunState, tok_s: float) -> None:
     if finished and state.step > 0 and not evaluated(state):
         evaluate_and_save(run, state, tok_s, final=True)
     else:
-        evals = [m for m in state.metrics if report.is_eval(m)]
+        evals = state.evaluations()
         if evals:
             state.last_val = report.offered(evals[-1])[0]
         if state.step > 0 and state.plotted_rows != len(state.metrics):

@@ -34,6 +34,7 @@ from chargpt.errors import ChargptError
 from chargpt.storage.checkpoint import FORMAT_NAME
 from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
 from chargpt.storage.layout import BACKUP, CONFIG, DISCARD, LOCK, MARKER, MOVING, RUN_FILES, TRAIN_STATE, WEIGHTS
+from chargpt.storage.trainstate import model_without_state
 
 log = logging.getLogger("chargpt.training.outdir")
 MARKER_TEXT = json.dumps({"format": "chargpt-run", "files": list(RUN_FILES)}) + "\n"
@@ -183,6 +184,9 @@ def check_new_run(out: Path, overwrite: bool) -> list[str]:
             f"even with --overwrite: move them away or choose another --out"
         )
     if {WEIGHTS, CONFIG, TRAIN_STATE} & set(present) and not overwrite:
+        kept = model_without_state(out)
+        if kept:
+            raise ChargptError(f"{kept}; --overwrite would replace it, or choose another --out")
         raise ChargptError(
             f"{out} already holds a model; pass --resume {out} to continue it, --overwrite to replace it, "
             f"or choose another --out"

@@ -29,8 +29,16 @@ log = logging.getLogger("chargpt.training.loop")
 
 
 def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
-    lines = "".join(json.dumps(m) + "\n" for m in metrics)
+    """metrics.jsonl, strict JSON: a number that is not finite (a diverged loss) is written as null."""
+    lines = "".join(json.dumps(_finite(m), allow_nan=False) + "\n" for m in metrics)
     atomic_write_bytes(out / METRICS, lines.encode())
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+LOSS_KEYS = ("loss", "train_loss", "val_loss", "ema_val_loss", "lr", "tokens_per_s")  # null read back as NaN
 
 
 def is_eval(row: dict[str, Any]) -> bool:
@@ -42,10 +50,20 @@ def read_metrics(out: Path, up_to_step: int) -> list[dict[str, Any]]:
     path = out / METRICS
     try:
         lines = path.read_text().splitlines() if path.is_file() else []
-        return [m for m in map(json.loads, filter(str.strip, lines)) if m["step"] <= up_to_step]
+        rows = [m for m in map(json.loads, filter(str.strip, lines)) if m["step"] <= up_to_step]
+        return [{k: math.nan if v is None and k in LOSS_KEYS else v for k, v in m.items()} for m in rows]
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s is unreadable; the loss history restarts at step %d", path, up_to_step)
         return []
+
+
+def evaluation_row(out: Path, step: int, val_loss: float) -> dict[str, Any] | None:
+    """The metrics row of the evaluation at `step` that offered `val_loss` (the saved model's), or None."""
+    try:
+        rows = read_metrics(out, step)
+        return next(m for m in reversed(rows) if is_eval(m) and m["step"] == step and offered(m)[0] == val_loss)
+    except (KeyError, TypeError, StopIteration):
+        return None
 
 
 def prepare_plot() -> None:
@@ -69,7 +87,7 @@ def plot(out: Path, metrics: list[dict[str, Any]]) -> None:
     prepare_plot()
     import matplotlib.pyplot as plt
 
-    evals = [m for m in metrics if is_eval(m)]
+    evals = sorted((m for m in metrics if is_eval(m)), key=lambda m: m["step"])  # a kept row may come late
     rows = [m for m in metrics if m.get("kind") == "train"]
     resumes = [m["step"] for m in metrics if m.get("kind") == "resume"]
     fig, ax = plt.subplots(figsize=(8, 4.5))

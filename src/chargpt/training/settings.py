@@ -28,6 +28,7 @@ from chargpt.config import (
     TrainConfig,
     _renamed,
     check_device,
+    expand_home,
     load_toml,
     resolve_preset,
 )
@@ -117,7 +118,7 @@ def explicit_layers(preset: str | None, config_path: str | None, flags: dict[str
 
 
 def _given(config_path: str | None, flags: dict[str, Any], time_rule: bool = True) -> list[Layer]:
-    flags = _renamed(flags)
+    flags = expand_home(_renamed(flags))
     unknown = sorted(set(flags) - set(TRAIN_FIELDS))
     if unknown:
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
@@ -192,6 +193,12 @@ def on_saved(saved: Any, out: str | Path, given: Sequence[Layer] = ()) -> Settin
             )
     cfg = TrainConfig(**{**saved, **values, "out": str(out)})
     cfg.validate()
+    if cfg.n_updates == TIME_GOVERNED_UPDATES and not cfg.max_time:
+        raise ChargptError(
+            f"max_time 0 (no time limit, from {sources.get('max_time', 'the saved run')}) leaves the run in {out} "
+            f"with no budget: it has no step count (its clock was its budget, {shorten(saved.get('max_time'))} s); "
+            f"give a larger --max-time (the run's total seconds) or an --n-updates"
+        )
     defaults = {k: f.default for k, f in TRAIN_FIELDS.items()}
     kept = {k: "the saved run" for k, v in saved.items() if k not in sources and v != defaults.get(k)}
     return Settings(cfg, {**kept, **sources})

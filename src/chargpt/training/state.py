@@ -56,6 +56,12 @@ class RunState(trainstate.Counters):
     plotted_rows: int = 0  # metrics rows it showed
     decaying: bool = False  # WSD past its flat stretch: the state from just before is saved (STABLE_STATE)
     resume_note: str = ""  # how a resume continues the schedule, for the announcement
+    saved_bar: float = math.inf  # the val loss of the model on disk: a model is saved only if it is better
+    kept_row: dict[str, Any] | None = None  # the saved model's evaluation, from steps this resume goes back over
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """This run's evaluation rows in order (the kept row of the saved model left out)."""
+        return [m for m in self.metrics if report.is_eval(m) and m is not self.kept_row]
 
     def tick(self) -> float:
         """Bring `elapsed` up to now; --max-time counts everything the loop does, evaluations included."""
@@ -94,6 +100,11 @@ def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tup
         stable = trainstate.load_train_state(out, name=layout.STABLE_STATE)
     except ChargptError:  # damaged or not a file: the end state, re-warmed, still trains on
         return end, ""
+    if end.run_id is not None and stable.run_id != end.run_id:
+        raise ChargptError(
+            f"{out / layout.STABLE_STATE} belongs to another run than {out / layout.TRAIN_STATE}; remove it (the "
+            f"run then goes on from its end, its learning rate warmed up again), then resume again"
+        )
     if stable.step >= end.step or in_final_decay(cfg, stable.step, stable.elapsed, saved_anchor(stable.lr_anchor)):
         return end, ""
     stable.best_val_loss, stable.evals_since_best = end.best_val_loss, 0
@@ -120,6 +131,12 @@ def restore(
     """Load a saved run's weights, optimizer, RNG and averaged weights (read from out / name) into the fresh ones;
     return its RunState."""
     ckpt.load_state(model, saved.model, str(out / name))
+    broken = [k for k, v in saved.model.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise ChargptError(
+            f"{out / name} holds NaN or infinite weights (in {broken[0]}); it is damaged: start a new run with "
+            f"--overwrite (or --init-from a model that is intact)"
+        )
     try:
         optimizer.load_state_dict(saved.optimizer)
         trainstate.restore_rng(saved.rng, batches)
@@ -133,7 +150,29 @@ def restore(
     values["lr_anchor"] = saved_anchor(saved.lr_anchor)
     state = RunState(**values)
     state.metrics, state.saved_at = report.read_metrics(out, state.step), state.elapsed
+    beat_the_saved_model(state, out)
     return state
+
+
+def beat_the_saved_model(state: RunState, out: Path) -> None:
+    """A resumed run saves a model only if it beats the model on disk, whatever the train state says: a state
+    saved before that model (a run killed between the two saves, or one that goes back to an earlier state) would
+    otherwise let a worse model replace it. Its evaluation row stays in the metrics too, so metrics.jsonl,
+    samples.txt and the run's summary name the model that is saved."""
+    state.saved_bar = state.best_val_loss
+    info = ckpt.saved_model_info(out)
+    val, step = (info or {}).get("val_loss"), (info or {}).get("step")
+    if not _number(val) or not math.isfinite(val) or not _number(step):
+        return
+    state.saved_bar = float(val)
+    if step > state.step:
+        state.kept_row = report.evaluation_row(out, int(step), float(val))
+        if state.kept_row is not None:
+            state.metrics.append(state.kept_row)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def saved_anchor(value: Any) -> Anchor | None:
@@ -171,6 +210,7 @@ def save_state(run: Run, state: RunState, name: str = layout.TRAIN_STATE) -> Non
             origin=run.origin,
             average=run.average.state_dict(),
             average_steps=run.average.count,
+            run_id=run.run_id,
         ).with_lists(),
         name,
     )
@@ -180,7 +220,7 @@ def save_state(run: Run, state: RunState, name: str = layout.TRAIN_STATE) -> Non
 
 def evaluated(state: RunState) -> bool:
     """Whether this step has its evaluation row (rows of other kinds may follow it)."""
-    evals = [m for m in state.metrics if report.is_eval(m)]
+    evals = state.evaluations()
     return state.last_eval_step == state.step or bool(evals and evals[-1]["step"] == state.step)
 
 
