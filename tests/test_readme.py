@@ -48,6 +48,8 @@ TRAIN_BUDGET = ["--max-time", "1", "--batch-size", "4", "--block-size", "32", "-
 TRAIN_BUDGET += ["--device", "cpu"]
 RESUME_BUDGET = ["--max-time", "3", "--quiet"]  # a resumed run: a little more than the first one
 SAMPLE_BUDGET = ["--max-new-tokens", "40"]
+# The Python API section's one-call training, as the CLI's budgets above: seconds instead of its minute.
+PYTHON_BUDGET = ("max_time=60", "max_time=8")
 
 
 def blocks(text: str = README) -> list[tuple[str, str]]:
@@ -124,6 +126,7 @@ def test_every_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         if info == "python" and SERVER_CLIENT in body:
             continue
         if info == "python":
+            body = body.replace(*PYTHON_BUDGET)
             env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in run_chargpt
             r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=600, env=env)
             assert r.returncode == 0, r.stderr[-3000:]
@@ -132,7 +135,8 @@ def test_every_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                 assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 100, r.stdout
             else:  # the Python API section
                 best_val, steps = r.stdout.splitlines()[0].split()
-                assert float(best_val) < 3.0 and int(steps) == 200  # it learned: uniform over ~60 characters is 4.1
+                # it learned in its seconds (uniform over ~60 characters is 4.1), and trained for the clock alone
+                assert float(best_val) < 3.6 and int(steps) > 0
                 assert "'loss'" in r.stdout.splitlines()[-1]
         elif info == "toml":
             name = body.splitlines()[0].removeprefix("#").strip()

@@ -226,3 +226,47 @@ def test_long_sized_runs_average_their_weights_and_short_ones_do_not():
     assert long.settings()["ema"] == sizing.EMA == 0.995 and short.settings()["ema"] == 0.0
     assert long.settings()["eval_iters"] == sizing.evaluation(long.steps, splits=3)["eval_iters"]
     assert short.settings()["eval_iters"] == sizing.evaluation(short.steps)["eval_iters"]
+
+
+def test_the_command_line_and_python_plan_the_same_run(text_file: Path, tmp_path: Path):
+    """`chargpt train --max-time 30` and `chargpt.train(max_time=30)` go through one planner: the same model
+    and settings, each from the same source, on the same machine (each rung timed once, here, for both)."""
+    from chargpt.cli.commands import train_settings
+    from chargpt.cli.parser import build_parser
+    from chargpt.machine import cores
+    from chargpt.training.planner import plan
+
+    timed: dict[sizing.Rung, float] = {}
+
+    def throughput(rung: sizing.Rung) -> float:
+        if rung not in timed:
+            timed[rung] = sizing.measure(rung, cores.choose_threads(None))
+        return timed[rung]
+
+    out = str(tmp_path / "run")
+    args = build_parser().parse_args(["train", "--data", str(text_file), "--out", out, "--max-time", "30"])
+    cli = plan(**train_settings(args), throughput=throughput)
+    python = plan(data=str(text_file), out=out, max_time=30, throughput=throughput)
+    assert cli == python
+    assert cli.sources["n_embd"] == cli.sources["optimizer"] == "sized for the budget"
+    assert (cli.config.optimizer, cli.config.schedule, cli.config.window_order) == ("muon", "wsd", "shuffled")
+    assert cli.note.startswith("sized for 30 s")
+
+
+def test_python_trains_what_the_command_line_trains_in_one_call(text_file: Path, tmp_path: Path):
+    """chargpt.train(data=..., max_time=...): the sized run the CLI would train (Muon, WSD, shuffled passes),
+    with the settings' sources saved for `info`; then resume=True trains it on."""
+    import chargpt
+
+    out = tmp_path / "run"
+    result = chargpt.train(data=str(text_file), out=str(out), max_time=3, threads=1, progress=False)
+    assert result.step > 0 and result.best_step > 0
+    info = json.loads((out / "config.json").read_text())["info"]
+    assert (info["train_config"]["optimizer"], info["train_config"]["window_order"]) == ("muon", "shuffled")
+    assert info["settings_from"]["n_embd"] == "sized for the budget"
+    more = chargpt.train(out=str(out), resume=True, max_time=6, progress=False)
+    assert more.step > result.step
+    with pytest.raises(TypeError, match="not both"):
+        chargpt.train(make_train_config(None, None, out=str(out)), max_time=3)
+    assert {"train", "generate", "load_model", "make_train_config", "TrainConfig"} <= set(dir(chargpt))
+    assert not {"os", "importlib", "MKL_CBWR_FROM_USER", "annotations"} & set(dir(chargpt))

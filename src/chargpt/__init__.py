@@ -71,3 +71,8 @@ def __getattr__(name: str) -> Any:
     if name not in _HOME:
         raise AttributeError(f"module 'chargpt' has no attribute {name!r}")
     return getattr(importlib.import_module(_HOME[name]), name)
+
+
+def __dir__() -> list[str]:
+    """The public API (what `from chargpt import *` gives), for tab completion: the lazy names included."""
+    return sorted(__all__)

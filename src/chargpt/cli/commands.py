@@ -17,7 +17,7 @@ from typing import Any
 
 from chargpt.cli.launch import last_line, launch_torchrun, self_command
 from chargpt.cli.options import from_args
-from chargpt.config import MODEL_TYPES, SHAPE_KEYS, TIME_GOVERNED_UPDATES, TrainConfig
+from chargpt.config import MODEL_TYPES, TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line, visible, visible_json
 from chargpt.runtime import SampleConfig, ServeConfig
 
@@ -53,80 +53,29 @@ def _legacy_model_flag(args: argparse.Namespace) -> None:
     raise ChargptError(f"unknown architecture {value!r} for train --model (deprecated); use --arch gpt or bigram")
 
 
-def _preset_note(args: argparse.Namespace, cfg: TrainConfig) -> str:
-    note = _preset_choice(args, cfg)
-    return f"{note}; fine-tuning {cfg.init_from}" if cfg.init_from and not args.resume else note
-
-
-def _preset_choice(args: argparse.Namespace, cfg: TrainConfig) -> str:
-    if args.resume:
-        return "the saved run's settings"
-    if args.preset:
-        return f"preset {args.preset} (as asked)"
-    from chargpt.config import resolve_preset
-
-    preset = resolve_preset(None, cfg.device)
-    why = "no GPU found" if preset == "cpu" else "a GPU was found"
-    shape = [f"--{k.replace('_', '-')}" for k in SHAPE_KEYS if k != "arch" and getattr(args, k, None) is not None]
-    if shape:  # the preset's other settings, the user's shape: no hint at another preset's model
-        return f"preset {preset} ({why}) with your {', '.join(shape)}"
-    other = "--preset seed for the 10.8M model" if preset == "cpu" else "--preset cpu for a small model"
-    return f"preset {preset} ({why}; {other})"
-
-
-def _sized(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    """The rung chargpt.training.sizing picks for a --max-time run on a CPU with no shape given (one process only),
-    or None."""
-    from chargpt.training.settings import sizing_request
-
-    given = sizing_request(args.preset, args.config, **overrides)
-    if given is None or args.nproc is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return None
-    from chargpt.machine import cores
-    from chargpt.training import sizing
-    from chargpt.training.outdir import check_new_run
-
-    # every input is checked before the seconds of timing: the data and its length, an --out holding a run
-    chars = sizing.corpus_chars(given.get("data"))  # the data's one-line errors: a missing file, no .txt files
-    val_fraction = given.get("val_fraction") or TrainConfig.val_fraction
-    sizing.context_for(chars, val_fraction)
-    out = Path(given.get("out") or TrainConfig.out)
-    if out.is_dir():
-        check_new_run(out, args.overwrite)
-
-    if not args.quiet:
-        print(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...", flush=True)
-    threads = cores.choose_threads(given.get("threads") or None)
-    return sizing.for_budget(given["max_time"], chars, threads, val_fraction)
+def train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What `chargpt train`'s flags ask the planner for (chargpt.training.planner.plan's arguments)."""
+    return {
+        "preset": args.preset, "config": args.config, "resume": args.resume, "overwrite": args.overwrite,
+        "distributed": args.nproc is not None, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)},
+    }  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from chargpt.training.loop import train
-    from chargpt.training.settings import Layer, new_run, resumed
+    from chargpt.training.planner import plan
 
     _legacy_model_flag(args)
-    overrides: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    if args.resume:
-        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise ChargptError("--resume DIR continues in DIR; drop --out or make it the same directory")
-        # the launch command plus --resume DIR: settings equal to the saved ones are fine, changes are checked
-        settings = resumed(args.resume, args.preset, args.config, **overrides)
-        sized = None
-    else:
-        sized = _sized(args, overrides)
-        layer = Layer("sized for the budget", sized.settings()) if sized else None
-        settings = new_run(args.preset, args.config, layer, **overrides)
-    cfg = settings.config
+    planned = plan(**train_settings(args), on_sizing=None if args.quiet else lambda line: print(line, flush=True))
     if args.nproc is not None:
-        return launch_torchrun(args.nproc, cfg, argv)
+        return launch_torchrun(args.nproc, planned.config, argv)
     setup_logging(args.quiet)
-    note = sized.reason if sized else _preset_note(args, cfg)
     result = train(
-        cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet, preset_note=note,
-        sources=settings.sources,
+        planned.config, resume=planned.resume, overwrite=args.overwrite, progress=not args.quiet,
+        preset_note=planned.note, sources=planned.sources,
     )  # fmt: skip
     if result.rank == 0:
-        return _report_train(result, cfg)
+        return _report_train(result, planned.config)
     return 0
 
 

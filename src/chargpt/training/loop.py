@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ from chargpt.training.optim import (
     set_learning_rate,
 )
 from chargpt.training.outdir import OutDir
+from chargpt.training.planner import plan
 from chargpt.training.settings import describe
 from chargpt.training.signals import Signals
 from chargpt.training.state import RunState, evaluated, save_state
@@ -99,7 +101,7 @@ def loss_read_interval(device: torch.device) -> int:
 
 
 def train(
-    cfg: TrainConfig,
+    cfg: TrainConfig | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -109,16 +111,31 @@ def train(
     loss_history: list[float] | None = None,
     loss_read_every: int | None = None,
     sources: dict[str, str] | None = None,
+    preset: str | None = None,
+    config: str | None = None,
+    **settings: Any,
 ) -> TrainResult:
-    """Train per `cfg`, writing the model directory `cfg.out`. Returns where and how it stopped.
+    """Train, writing the model directory `out`. Returns where and how it stopped.
 
-    resume: continue the run saved in cfg.out (weights, optimizer, schedule, RNG, best val).
+    Either the settings as `chargpt train` takes them (`train(data="my.txt", out="out/m", max_time=60)`, and
+    `preset`, `config` for a TOML file): planned as the command line plans them (chargpt.training.planner),
+    sized for a time budget included; or a TrainConfig built beforehand (make_train_config), used as it is.
+    resume: continue the run saved in `out` (weights, optimizer, schedule, RNG, best val).
     pause_after: stop (resumably) after this many steps of this call, as an interruption would.
     preset_note: how the settings were chosen (e.g. "preset cpu, the default on a CPU"), for the announcement.
     sources: where each setting came from (chargpt.training.settings), announced and saved for `info`.
     loss_history: a list to append every step's training loss to.
     loss_read_every: steps between reads of the loss from the device (default: see loss_read_interval).
     """
+    if cfg is None:
+        out = settings.get("out")
+        if resume and out is None:
+            raise ChargptError("train(resume=True) continues the run in `out`: give out=FOLDER")
+        planned = plan(preset=preset, config=config, resume=out if resume else None, overwrite=overwrite,
+                       **settings)  # fmt: skip
+        cfg, preset_note, sources = planned.config, planned.note, planned.sources
+    elif settings or preset is not None or config is not None:
+        raise TypeError("train() takes a TrainConfig or settings (data=..., max_time=...), not both")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig (see chargpt.make_train_config), got {type(cfg).__name__}")
     cfg.validate()
