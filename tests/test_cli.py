@@ -167,8 +167,9 @@ TRAIN_BAD = [
     (["--data", "ok.txt", "--max-time", "-5"], "max_time must be a number >= 0"),
     (
         ["--data", "ok.txt", "--window-order", "sideways"],
-        "unknown window_order 'sideways'; use one of random, shuffled",
+        "invalid choice: 'sideways' (choose from 'random', 'shuffled')",
     ),
+    (["--data", "ok.txt", "--precision", "bogus"], "invalid choice: 'bogus' (choose from 'auto', 'fp32', 'bf16')"),
     (["--data", "ok.txt", "--config", "unknown.toml"], "unknown key(s) in unknown.toml: num_layers"),
     (["--data", "ok.txt", "--config", "missing.toml"], "config file missing.toml does not exist"),
     (["--data", "ok.txt", "--n-embd", "big"], "argument --n-embd: invalid int value: 'big'"),

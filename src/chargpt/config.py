@@ -87,79 +87,129 @@ class TrainConfig:
     # data and output
     # None = the embedded Shakespeare plays
     data: str | None = setting(
-        None, "UTF-8 text file, folder of .txt files, or quoted glob ('books/**/*.txt') to train on"
+        None,
+        "UTF-8 text file, folder of .txt files, or quoted glob ('books/**/*.txt') to train on",
+        group="data",
+        metavar="PATH",
     )
-    out: str = setting("out/model", "model directory to write")
-    val_fraction: float = setting(0.1, "the last part of the text held out for validation")
+    out: str = setting("out/model", "model directory to write", group="evaluation and checkpoints", metavar="PATH")
+    val_fraction: float = setting(0.1, "the last part of the text held out for validation", group="data")
     # None = <cache dir>/tokens
     token_cache: str | None = setting(
-        None, "folder for the tokenized corpus (memory-mapped); off = tokenize into memory"
+        None, "folder for the tokenized corpus (memory-mapped); off = tokenize into memory", group="data", metavar="DIR"
     )
-    vocab: str = setting("auto", "auto (the corpus's characters) or a UTF-8 file whose characters are the vocabulary")
-    min_char_count: int = setting(1, "with --vocab auto: rarer characters map to one unknown symbol (U+FFFD)")
+    vocab: str = setting(
+        "auto",
+        "auto (the corpus's characters) or a UTF-8 file whose characters are the vocabulary",
+        group="data",
+        metavar="NAME",
+    )
+    min_char_count: int = setting(
+        1, "with --vocab auto: rarer characters map to one unknown symbol (U+FFFD)", group="data"
+    )
     init_from: str | None = setting(
         None,
         "fine-tune: start from this trained model's weights (its shape; the new text's characters are added); "
         "the learning rate defaults to a third of the preset's, warm-up to 20 steps",
+        group="data",
+        metavar="DIR",
     )
     # model shape (the classic seed model by default)
     # gpt, or bigram (saved configs and TOML files may still call it `model`)
-    arch: str = setting("gpt", "the model: gpt, or bigram (the lecture's baseline)")
-    block_size: int = setting(256, "context length in characters")
-    n_embd: int = setting(384, "embedding width")
-    n_heads: int = setting(6, "attention heads per layer (must divide n_embd)")
-    n_layers: int = setting(6, "transformer blocks")
-    dropout: float = setting(0.2, "dropout probability while training")
+    arch: str = setting("gpt", "the model: gpt, or bigram (the lecture's baseline)", group="model", choices=MODEL_TYPES)
+    block_size: int = setting(256, "context length in characters", group="model")
+    n_embd: int = setting(384, "embedding width", group="model")
+    n_heads: int = setting(6, "attention heads per layer (must divide n_embd)", group="model")
+    n_layers: int = setting(6, "transformer blocks", group="model")
+    dropout: float = setting(0.2, "dropout probability while training", group="model")
     # optimisation
-    n_updates: int = setting(5000, "optimizer steps (with only --max-time given, the clock alone ends the run)")
-    batch_size: int = setting(64, "sequences per step (global, across all processes)")
-    gradient_accumulation_steps: int = setting(1, "micro-batches per step; same global batch, less memory")
+    n_updates: int = setting(
+        5000, "optimizer steps (with only --max-time given, the clock alone ends the run)", group="optimisation"
+    )
+    batch_size: int = setting(64, "sequences per step (global, across all processes)", group="optimisation")
+    gradient_accumulation_steps: int = setting(
+        1, "micro-batches per step; same global batch, less memory", group="optimisation"
+    )
     optimizer: str = setting(
-        "adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for embeddings, head, biases, gains)"
+        "adamw",
+        "adamw, or muon (Muon for the blocks' matrices, AdamW for embeddings, head, biases, gains)",
+        group="optimisation",
+        choices=OPTIMIZERS,
     )
     learning_rate: float = setting(
-        3e-4, "peak learning rate (Muon's updates are scaled to AdamW's size: one rate serves both)"
+        3e-4,
+        "peak learning rate (Muon's updates are scaled to AdamW's size: one rate serves both)",
+        group="optimisation",
     )
     schedule: str = setting(
-        "cosine", "after warm-up: cosine decay, or wsd (flat, then linear decay over the last --decay-fraction)"
+        "cosine",
+        "after warm-up: cosine decay, or wsd (flat, then linear decay over the last --decay-fraction)",
+        group="optimisation",
+        choices=SCHEDULES,
     )
-    decay_fraction: float = setting(0.2, "wsd: the part of the budget (steps or --max-time) the final decay takes")
-    min_lr_ratio: float = setting(0.1, "the decay ends at learning_rate x this")
-    warmup_updates: int = setting(100, "linear warm-up steps")
-    weight_decay: float = setting(0.1, "weight decay (AdamW's and Muon's) on weight matrices only")
-    grad_clip: float = setting(1.0, "max gradient norm; 0 = off")
-    beta2: float = setting(0.99, "AdamW second-moment decay (0.99 suits small batches)")
+    decay_fraction: float = setting(
+        0.2, "wsd: the part of the budget (steps or --max-time) the final decay takes", group="optimisation"
+    )
+    min_lr_ratio: float = setting(0.1, "the decay ends at learning_rate x this", group="optimisation")
+    warmup_updates: int = setting(100, "linear warm-up steps", group="optimisation")
+    weight_decay: float = setting(
+        0.1, "weight decay (AdamW's and Muon's) on weight matrices only", group="optimisation"
+    )
+    grad_clip: float = setting(1.0, "max gradient norm; 0 = off", group="optimisation")
+    beta2: float = setting(0.99, "AdamW second-moment decay (0.99 suits small batches)", group="optimisation")
     window_order: str = setting(
         "random",
         "training windows: random (each at a random start, the classic), or shuffled (each pass over the text cut "
         "into back-to-back windows from a random offset, in a random order: every character once a pass)",
+        group="optimisation",
+        choices=WINDOW_ORDERS,
     )
     ema: float = setting(
         0.0,
         "keep a moving average of the weights with this decay per step (0.995: a half-life of 138 steps), scored "
         "beside the trained weights at each evaluation; the better is saved; 0 = off",
+        group="optimisation",
     )
     # evaluation, checkpoints, budget
-    eval_interval: int = setting(500, "steps between evaluations (metrics row, best-val checkpoint, plot)")
-    eval_iters: int = setting(200, "batches per loss estimate")
-    log_interval: int = setting(10, "steps between training-loss rows in metrics.jsonl")
-    checkpoint_interval: int = setting(500, "steps between saves of the resumable state; 0 = by time only")
+    eval_interval: int = setting(
+        500, "steps between evaluations (metrics row, best-val checkpoint, plot)", group="evaluation and checkpoints"
+    )
+    eval_iters: int = setting(200, "batches per loss estimate", group="evaluation and checkpoints")
+    log_interval: int = setting(
+        10, "steps between training-loss rows in metrics.jsonl", group="evaluation and checkpoints"
+    )
+    checkpoint_interval: int = setting(
+        500, "steps between saves of the resumable state; 0 = by time only", group="evaluation and checkpoints"
+    )
     checkpoint_seconds: float = setting(
-        0.0, "also save the resumable state every this many seconds of training; 0 = off"
+        0.0,
+        "also save the resumable state every this many seconds of training; 0 = off",
+        group="evaluation and checkpoints",
     )
     max_time: float = setting(
-        0.0, "wall-clock budget in seconds for the training loop, evaluations included; the LR schedule ends with it"
+        0.0,
+        "wall-clock budget in seconds for the training loop, evaluations included; the LR schedule ends with it",
+        group="optimisation",
     )
     patience: int = setting(
-        0, "stop after N evaluations in a row without a better val loss (the best model is kept); 0 = never"
+        0,
+        "stop after N evaluations in a row without a better val loss (the best model is kept); 0 = never",
+        group="evaluation and checkpoints",
     )
-    seed: int = setting(1337, "seeds weights, batches and dropout: same seed, same run")
-    device: str = setting("auto", DEVICE_HELP)
+    seed: int = setting(1337, "seeds weights, batches and dropout: same seed, same run", group="optimisation")
+    device: str = setting("auto", DEVICE_HELP, group="hardware")
     # falls back cleanly (with a warning) where it cannot compile
-    compile: bool = setting(False, "torch.compile the model (needs a C++ compiler on CPU)")
-    threads: int = setting(0, "CPU threads; 0 = auto: the cores free at the start, re-checked when steps slow down")
+    compile: bool = setting(False, "torch.compile the model (needs a C++ compiler on CPU)", group="hardware")
+    threads: int = setting(
+        0, "CPU threads; 0 = auto: the cores free at the start, re-checked when steps slow down", group="hardware"
+    )
     # bf16 is autocast only: weights, gradients and optimizer state stay fp32
-    precision: str = setting("auto", "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16")
+    precision: str = setting(
+        "auto",
+        "auto (bf16 autocast where this machine runs it faster, else fp32), fp32, bf16",
+        group="hardware",
+        choices=PRECISIONS,
+    )
 
     def validate(self) -> None:
         self.model_config(vocab_size=1)  # checks the shape fields

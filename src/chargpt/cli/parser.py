@@ -22,10 +22,7 @@ from chargpt.cli.options import (
     add_fields,
 )
 from chargpt.config import (
-    MODEL_TYPES,
-    OPTIMIZERS,
     PRESETS,
-    SCHEDULES,
     TRAIN_FIELDS,
     TrainConfig,
     check_path,
@@ -33,42 +30,7 @@ from chargpt.config import (
 from chargpt.errors import EXIT_USAGE, ChargptError
 from chargpt.runtime import SampleConfig, ServeConfig
 
-# A one-line description of every TrainConfig field, and the --help group it is listed under.
-# each setting's description lives beside its field in config.TrainConfig
-FLAG_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
-
-
-GROUPS = {
-    "data": ("data", "val_fraction", "token_cache", "vocab", "min_char_count", "init_from"),
-    "model": ("arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"),
-    "optimisation": (
-        "n_updates",
-        "max_time",
-        "batch_size",
-        "gradient_accumulation_steps",
-        "optimizer",
-        "learning_rate",
-        "schedule",
-        "decay_fraction",
-        "min_lr_ratio",
-        "warmup_updates",
-        "weight_decay",
-        "grad_clip",
-        "beta2",
-        "ema",
-        "seed",
-    ),
-    "evaluation and checkpoints": (
-        "out",
-        "eval_interval",
-        "eval_iters",
-        "log_interval",
-        "checkpoint_interval",
-        "checkpoint_seconds",
-        "patience",
-    ),
-    "hardware": ("device", "precision", "threads", "compile"),
-}
+GROUPS = ("settings", "data", "model", "optimisation", "evaluation and checkpoints", "hardware")  # train --help
 
 
 TRAIN_EXAMPLES = """examples:
@@ -208,23 +170,20 @@ def _default_text(name: str) -> str:
 
 
 def _add_train_flags(p: _Parser) -> None:
-    """One flag per TrainConfig field (`--n-embd` <-> n_embd), in --help groups; default None = not given."""
-    groups = {title: p.add_argument_group(title) for title in ("settings", *GROUPS)}
-    group_of = {name: title for title, names in GROUPS.items() for name in names}
-    general = groups["settings"]
+    """One flag per TrainConfig field (`--n-embd` <-> n_embd), its group, choices and metavar from the field
+    (config.setting), in --help groups; default None = not given (the planner fills in the rest)."""
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
     add_fields(p, TrainCommand, groups=groups)
     for f in fields(TrainConfig):
-        group = groups.get(group_of.get(f.name, ""), general)
+        opts = dict(f.metadata["flag"])
+        group = groups[opts.pop("group", "settings")]
         flag = "--" + f.name.replace("_", "-")
-        text = f"{FLAG_HELP.get(f.name, '')} ({_default_text(f.name)})".lstrip()
+        text = f"{f.metadata['help']} ({_default_text(f.name)})".lstrip()
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            kind = TYPES.get(f.type, str)
-            metavar = {"int": "N", "float": "X"}.get(f.type, "PATH" if f.name in ("data", "out") else "NAME")
-            metavar = "DIR" if f.name == "init_from" else metavar
-            choices = {"arch": MODEL_TYPES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
-            group.add_argument(flag, type=kind, default=None, metavar=metavar, choices=choices, help=text)
+            opts.setdefault("metavar", {"int": "N", "float": "X"}.get(f.type, "NAME"))
+            group.add_argument(flag, type=TYPES.get(f.type, str), default=None, help=text, **opts)
 
 
 def build_parser() -> argparse.ArgumentParser:
