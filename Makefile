@@ -31,9 +31,10 @@ demo: install
 	@echo "== describes it. A better model: train longer ($(VENV)/bin/chargpt train --resume out/demo --max-time 900),"
 	@echo "== or the classic 10.8M-parameter model on a GPU ($(VENV)/bin/chargpt train --preset seed --out out/seed)."
 
-# two workers, a test file each at a time (a file's fixtures, such as its server, stay in one process)
+# two workers, a test file each at a time (a file's fixtures, such as its server, stay in one process); the 15
+# slowest tests are listed at the end, so a test that grows slow is seen
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
