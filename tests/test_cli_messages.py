@@ -339,3 +339,33 @@ def test_sample_threads_flag_and_default(trained_model_dir, capsys):
         assert_one_line_error(rc, out, err, "--threads must be >= 1")
     finally:
         torch.set_num_threads(before)
+
+
+NANOGPT = {  # nanoGPT's train.py flag as a user types it -> chargpt's flag the one-line error must name
+    "--max_iters 2000": "--n-updates",
+    "--lr 1e-3": "--learning-rate",
+    "--learning_rate 1e-3": "--learning-rate",
+    "--n_layer 4": "--n-layers",
+    "--n_head 4": "--n-heads",
+    "--n_embd 128": "--n-embd",
+    "--batch_size 32": "--batch-size",
+    "--block_size 64": "--block-size",
+    "--eval_interval 100": "--eval-interval",
+    "--eval_iters 20": "--eval-iters",
+    "--out_dir out/x": "--out",
+    "--init_from resume": "--resume DIR",
+}
+
+
+@pytest.mark.parametrize("words", sorted(NANOGPT))
+def test_nanogpts_flag_names_get_chargpts_in_one_line(words: str, capsys):
+    rc, out, err = call_main(["train", *words.split()], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert f"is nanoGPT's name: chargpt's is {NANOGPT[words]}" in err
+    assert "did you mean" not in err  # never a wrong guess (--max_iters once suggested --eval-iters)
+
+
+def test_nanogpts_names_that_are_chargpts_too_just_work():
+    args = build_parser().parse_args(["train", "--dropout", "0.1", "--compile", "--device", "cpu"])
+    assert (args.dropout, args.compile, args.device) == (0.1, True, "cpu")
+    assert "from nanoGPT: --max_iters is --n-updates" in _subparsers()["train"].format_help()

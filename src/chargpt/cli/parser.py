@@ -30,6 +30,31 @@ from chargpt.config import (
 from chargpt.errors import EXIT_USAGE, ChargptError
 from chargpt.runtime import SampleConfig, ServeConfig
 
+# nanoGPT's (train.py's) names for what chargpt's train flags set; its names that are chargpt's too (--dropout,
+# --compile, --device) just work. Said in one line, never taken as abbreviations.
+NANOGPT_NAMES = {
+    "--max_iters": "--n-updates",
+    "--lr": "--learning-rate",
+    "--learning_rate": "--learning-rate",
+    "--n_layer": "--n-layers",
+    "--n_head": "--n-heads",
+    "--n_embd": "--n-embd",
+    "--batch_size": "--batch-size",
+    "--block_size": "--block-size",
+    "--eval_interval": "--eval-interval",
+    "--eval_iters": "--eval-iters",
+    "--out_dir": "--out",
+    "--init_from": "--resume DIR to continue a run (init_from=resume), --init-from DIR to fine-tune a model",
+    "--warmup_iters": "--warmup-updates",
+    "--lr_decay_iters": "--n-updates (the learning rate decays over the run's steps or --max-time)",
+    "--min_lr": "--min-lr-ratio (the end of the decay as a fraction of --learning-rate)",
+    "--weight_decay": "--weight-decay",
+    "--grad_clip": "--grad-clip",
+    "--gradient_accumulation_steps": "--gradient-accumulation-steps",
+    "--dtype": "--precision",
+    "--dataset": "--data",
+    "--log_interval": "--log-interval",
+}
 GROUPS = ("settings", "data", "model", "optimisation", "evaluation and checkpoints", "hardware")  # train --help
 
 
@@ -37,6 +62,9 @@ TRAIN_EXAMPLES = """examples:
   chargpt train --out out/demo --max-time 150          # 2.5 minutes on the built-in Shakespeare
   chargpt train --data my.txt --out out/mine --preset seed --n-updates 2000
   chargpt train --resume out/demo --max-time 300       # continue a run with a larger budget
+from nanoGPT: --max_iters is --n-updates, --lr --learning-rate, --n_layer/--n_head/--n_embd --n-layers/
+--n-heads/--n-embd, --batch_size/--block_size --batch-size/--block-size, --out_dir --out, init_from=resume
+--resume DIR; --dropout, --compile and --device are the same (a nanoGPT name is answered with chargpt's)
 """
 
 
@@ -116,6 +144,10 @@ class _Parser(argparse.ArgumentParser):
             word = word.split("=")[0]
             if word[:2] != "--" or word in known:
                 continue
+            if word in NANOGPT_NAMES and "--n-updates" in known:  # train's flags under nanoGPT's names
+                return f"; {word} is nanoGPT's name: chargpt's is {NANOGPT_NAMES[word]}"
+            if word.replace("_", "-") in known:  # a field's name, as in a TOML file
+                return f"; flags use dashes: {word.replace('_', '-')}"
             starts = [k for k in known if k.startswith(word)]  # an abbreviation: what it abbreviates
             close = starts if len(starts) == 1 else difflib.get_close_matches(word, known, n=1, cutoff=0.6)
             if close:
