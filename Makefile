@@ -28,7 +28,7 @@ demo: install
 	@echo "== A sample from out/demo (temperature 0.8):"
 	$(VENV)/bin/chargpt sample --model out/demo --prompt "ROMEO:" --max-new-tokens 600 --temperature 0.8 --seed 0
 	@echo "== That was 150 s on a CPU. Next: out/demo/loss.png shows the run; $(VENV)/bin/chargpt info out/demo"
-	@echo "== describes it. A better model: train longer ($(VENV)/bin/chargpt train --resume out/demo --max-time 900),"
+	@echo "== describes it. A better model: train 750 s more ($(VENV)/bin/chargpt train --resume out/demo --add-time 750),"
 	@echo "== or the classic 10.8M-parameter model on a GPU ($(VENV)/bin/chargpt train --preset seed --out out/seed)."
 
 # two workers, a test file each at a time (a file's fixtures, such as its server, stay in one process); the 15

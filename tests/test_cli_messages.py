@@ -369,3 +369,15 @@ def test_nanogpts_names_that_are_chargpts_too_just_work():
     args = build_parser().parse_args(["train", "--dropout", "0.1", "--compile", "--device", "cpu"])
     assert (args.dropout, args.compile, args.device) == (0.1, True, "cpu")
     assert "from nanoGPT: --max_iters is --n-updates" in _subparsers()["train"].format_help()
+
+
+def test_train_help_shows_what_a_sized_run_uses_beside_each_default():
+    """The default run with a budget is sized (Muon, WSD, shuffled passes): --help says so at each of those
+    flags, not only in its footer."""
+    from chargpt.training import sizing
+
+    text = " ".join(_subparsers()["train"].format_help().split())
+    for name, value in sizing.COMMON.items():
+        assert f"; {value} in a run sized for --max-time)" in text, name
+    assert "(default: adamw; muon in a run sized for --max-time)" in text
+    assert "in a run sized for --max-time: picked for the budget" in text

@@ -86,7 +86,9 @@ def bash_words(line: str) -> list[str]:
 
 
 def run_chargpt(words: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    if words[:1] == ["train"]:
+    if words[:1] == ["train"] and "--add-time" in words:  # a resume's own budget: seconds, as RESUME_BUDGET's
+        words = [*words[: words.index("--add-time") + 1], "2", *words[words.index("--add-time") + 2 :], "--quiet"]
+    elif words[:1] == ["train"]:
         words = words + (RESUME_BUDGET if "--resume" in words else TRAIN_BUDGET)
     if words[:1] == ["sample"]:
         words = words + SAMPLE_BUDGET

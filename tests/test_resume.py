@@ -343,3 +343,31 @@ def test_a_stable_state_from_another_run_is_refused(text_file: Path, tmp_path: P
     rc, stdout, err = call_main(["train", "--resume", str(mine), "--n-updates", "60"], capsys)
     assert rc == 2 and stdout == "" and err.count("\n") == 1 and "belongs to another run" in err, err
     assert snapshot(mine) == before
+
+
+def test_a_resume_says_what_it_adds_and_add_time_is_seconds_more(text_file: Path, tmp_path: Path, capsys):
+    """A budget is the run's total: the resume's first lines say how much this call adds, and --add-time S
+    trains S seconds more than the run has done (the run's --max-time becomes its seconds done + S)."""
+    from helpers import call_main
+
+    out = tmp_path / "run"
+    shape = ["--n-embd=32", "--n-heads=4", "--n-layers=2", "--block-size=16", "--batch-size=8", "--eval-iters=2"]
+    common = ["--device=cpu", "--threads=1", "--precision=fp32"]
+    rc, _, err = call_main(["train", "--data", str(text_file), "--out", str(out), "--max-time", "2", *shape,
+                            *common, "--quiet"], capsys)  # fmt: skip
+    assert rc == 0, err
+    done = final_state(out)
+    rc, _, err = call_main(["train", "--resume", str(out), "--add-time", "2"], capsys)
+    assert rc == 0, err
+    adds = re.search(r"this resume adds about (\d+) s \(([\d,]+) steps in (\d+) s done\)", err)
+    assert adds and int(adds.group(1)) in (2, 3) and int(adds.group(2).replace(",", "")) == done["step"], err
+    after = final_state(out)
+    assert after["config"]["max_time"] == pytest.approx(done["elapsed"] + 2)
+    assert after["step"] > done["step"] and after["elapsed"] <= done["elapsed"] + 2 + 0.5
+    for argv, words in (
+        (["train", "--resume", str(out), "--add-time", "2", "--max-time", "9"], "give one"),
+        (["train", "--data", str(text_file), "--out", str(tmp_path / "new"), "--add-time", "5"], "with --resume"),
+        (["train", "--resume", str(out), "--add-time", "-1"], "must be a number of seconds > 0"),
+    ):
+        rc, stdout, err = call_main(argv, capsys)
+        assert rc == 2 and stdout == "" and err.count("\n") == 1 and words in err, err

@@ -57,6 +57,7 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What `chargpt train`'s flags ask the planner for (chargpt.training.planner.plan's arguments)."""
     return {
         "preset": args.preset, "config": args.config, "resume": args.resume, "overwrite": args.overwrite,
+        "add_time": args.add_time,
         "distributed": args.nproc is not None, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)},
     }  # fmt: skip
 

@@ -103,6 +103,11 @@ class TrainCommand:
         None, "continue the run saved in this model directory (default: a new run)", metavar="DIR",
         group="evaluation and checkpoints",
     )  # fmt: skip
+    add_time: float | None = setting(
+        None, "with --resume: train this many seconds more (--max-time is the run's total: seconds done + this) "
+        "(default: none)",
+        metavar="S", group="evaluation and checkpoints",
+    )  # fmt: skip
     overwrite: bool = setting(
         False, "replace a model already in --out (default: off)", group="evaluation and checkpoints"
     )

@@ -29,6 +29,7 @@ from chargpt.config import (
 )
 from chargpt.errors import EXIT_USAGE, ChargptError
 from chargpt.runtime import SampleConfig, ServeConfig
+from chargpt.training import sizing
 
 # nanoGPT's (train.py's) names for what chargpt's train flags set; its names that are chargpt's too (--dropout,
 # --compile, --device) just work. Said in one line, never taken as abbreviations.
@@ -61,7 +62,8 @@ GROUPS = ("settings", "data", "model", "optimisation", "evaluation and checkpoin
 TRAIN_EXAMPLES = """examples:
   chargpt train --out out/demo --max-time 150          # 2.5 minutes on the built-in Shakespeare
   chargpt train --data my.txt --out out/mine --preset seed --n-updates 2000
-  chargpt train --resume out/demo --max-time 300       # continue a run with a larger budget
+  chargpt train --resume out/demo --add-time 150       # train a run on, 150 s more
+  chargpt train --resume out/demo --max-time 300       # the same: --max-time is the run's total
 from nanoGPT: --max_iters is --n-updates, --lr --learning-rate, --n_layer/--n_head/--n_embd --n-layers/
 --n-heads/--n-embd, --batch_size/--block_size --batch-size/--block-size, --out_dir --out, init_from=resume
 --resume DIR; --dropout, --compile and --device are the same (a nanoGPT name is answered with chargpt's)
@@ -196,9 +198,29 @@ def _default_text(name: str) -> str:
         return "default: a fresh model"
     values = {p: PRESETS[p].get(name, f.default) for p in ("cpu", "gpu", "seed")}
     if len(set(values.values())) == 1:
-        return f"default: {f.default}"
-    shown = [f"{value} with --preset {p}" for p, value in values.items()]
-    return f"default: {', '.join(shown)}"
+        text = f"default: {f.default}"
+    else:
+        text = f"default: {', '.join(f'{value} with --preset {p}' for p, value in values.items())}"
+    return text + _sized_text(name)
+
+
+def _sized_text(name: str) -> str:
+    """What a run sized for --max-time (the default with a budget alone on a CPU) uses instead, if it differs."""
+    if name in sizing.COMMON:
+        return f"; {sizing.COMMON[name]} in a run sized for --max-time"
+    if name in SIZED_BY_BUDGET:
+        return f"; in a run sized for --max-time: {SIZED_BY_BUDGET[name]}"
+    return ""
+
+
+SIZED_BY_BUDGET = {  # the settings a sized run (chargpt.training.sizing) picks from the budget and the machine
+    **dict.fromkeys(("block_size", "n_embd", "n_heads", "n_layers", "batch_size"), "picked for the budget"),
+    "learning_rate": "the picked shape's",
+    "weight_decay": "by the passes over the text",
+    "ema": "0.995 in runs of 2,000 steps or more",
+    "eval_interval": "about 12 evaluations",
+    "eval_iters": "by the evaluations' share",
+}
 
 
 def _add_train_flags(p: _Parser) -> None:

@@ -5,6 +5,7 @@ when it is given settings instead of a TrainConfig, so both train the same model
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 
 from chargpt.config import SHAPE_KEYS, TrainConfig, resolve_preset
 from chargpt.errors import ChargptError
+from chargpt.storage.trainstate import load_train_state
 from chargpt.training import sizing
 from chargpt.training.outdir import check_new_run
 from chargpt.training.settings import Layer, new_run, resumed, sizing_request
@@ -34,6 +36,7 @@ def plan(
     preset: str | None = None,
     config: str | None = None,
     resume: str | Path | None = None,
+    add_time: float | None = None,
     overwrite: bool = False,
     distributed: bool = False,
     on_sizing: Callable[[str], None] | None = None,
@@ -41,21 +44,35 @@ def plan(
     **settings: Any,
 ) -> Plan:
     """The plan of a run. `settings`: TrainConfig fields (None = not given); `resume`: the folder of a run to
-    continue; `distributed`: under torchrun (never sized: every process must train the same shape);
+    continue; `add_time`: with `resume`, seconds to train on (max_time = the seconds done + these); `distributed`:
+    under torchrun (never sized: every process must train the same shape);
     `on_sizing`: told before the few seconds of timing that sizing takes; `throughput`: a rung's training
     tokens/s (default: timed now on this machine)."""
     if resume is not None:
         out = settings.get("out")
         if out is not None and os.path.abspath(out) != os.path.abspath(resume):
             raise ChargptError("--resume DIR continues in DIR; drop --out or make it the same directory")
+        if add_time is not None:
+            settings = {**settings, "max_time": _more_time(resume, add_time, settings.get("max_time"))}
         chosen = resumed(resume, preset, config, **settings)
         return Plan(chosen.config, chosen.sources, "the saved run's settings", resume=True)
+    if add_time is not None:
+        raise ChargptError("--add-time trains a saved run on: give it with --resume DIR (a new run takes --max-time)")
     sized = None if distributed else _sized(preset, config, overwrite, on_sizing, throughput, settings)
     layer = Layer("sized for the budget", sized.settings()) if sized else None
     chosen = new_run(preset, config, layer, **settings)
     cfg = chosen.config
     note = sized.reason if sized else _preset_note(preset, cfg, settings)
     return Plan(cfg, chosen.sources, note)
+
+
+def _more_time(folder: str | Path, add_time: float, max_time: Any) -> float:
+    """The run's total budget that gives `add_time` seconds more than the saved run has trained."""
+    if max_time is not None:
+        raise ChargptError("--add-time and --max-time both set the budget: give one (--max-time is the run's total)")
+    if isinstance(add_time, bool) or not isinstance(add_time, (int, float)) or not 0 < add_time < math.inf:
+        raise ChargptError(f"--add-time must be a number of seconds > 0, got {add_time}")
+    return load_train_state(folder, mmap=True).elapsed + add_time
 
 
 def _sized(

@@ -241,6 +241,8 @@ def announce(
         budget = f"{cfg.n_updates:,} steps or {cfg.max_time:g} s, whichever comes first"
     else:
         budget = f"{cfg.n_updates:,} steps"
+    if state.step:
+        budget += f" in all; {resume_adds(cfg, state)}"
     log.info(
         "%s, %s characters, vocabulary %d, split %s train / %s val; budget %s; writing %s",
         data,
@@ -251,6 +253,18 @@ def announce(
         budget,
         cfg.out,
     )
+
+
+def resume_adds(cfg: TrainConfig, state: Any) -> str:
+    """What a resumed run will add to what is done (a budget is the run's total, not this call's)."""
+    steps = cfg.n_updates - state.step if cfg.n_updates < TIME_GOVERNED_UPDATES else None
+    seconds = max(cfg.max_time - state.elapsed, 0.0) if cfg.max_time else None
+    done = f"{state.step:,} steps in {state.elapsed:.0f} s done"
+    if steps is not None and seconds is not None:
+        return f"this resume adds up to {steps:,} steps or about {seconds:.0f} s, whichever ends first ({done})"
+    if seconds is not None:
+        return f"this resume adds about {seconds:.0f} s ({done})"
+    return f"this resume adds {steps:,} steps ({done})"
 
 
 PLAIN_EVERY = 20.0  # seconds between progress lines when stderr is not a terminal
