@@ -44,7 +44,7 @@ def test_dropout_range(dropout):
 
 
 def test_unknown_model_type():
-    with pytest.raises(ChargptError, match="unknown model type 'rnn'; use one of gpt, bigram"):
+    with pytest.raises(ChargptError, match="unknown model type 'rnn'; use one of gpt, bigram, lecture"):
         GPTConfig(arch="rnn")
 
 

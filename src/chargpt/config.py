@@ -16,7 +16,7 @@ from chargpt.errors import ChargptError, shorten
 from chargpt.machine.devices import check_device
 from chargpt.storage.fileio import read_regular
 
-MODEL_TYPES = ("gpt", "bigram")
+MODEL_TYPES = ("gpt", "bigram", "lecture")
 # upper bounds: far past any real run, well inside what torch's int64 arithmetic and the memory check handle
 MAX_SIZE = 2**31 - 1  # block_size, n_embd, n_heads, n_layers, batch sizes
 MAX_COUNT = 10**12  # steps and intervals
@@ -46,7 +46,7 @@ class GPTConfig:
     n_heads: int = 6
     n_layers: int = 6
     dropout: float = 0.2
-    arch: str = "gpt"  # gpt or bigram (TrainConfig.arch, --arch; config.json calls it "model")
+    arch: str = "gpt"  # gpt, bigram or lecture (TrainConfig.arch, --arch; config.json calls it "model")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,7 +116,13 @@ class TrainConfig:
     )
     # model shape (the classic seed model by default)
     # gpt, or bigram (saved configs and TOML files may still call it `model`)
-    arch: str = setting("gpt", "the model: gpt, or bigram (the lecture's baseline)", group="model", choices=MODEL_TYPES)
+    arch: str = setting(
+        "gpt",
+        "the model: gpt; bigram (the lecture's baseline); or lecture (the lecture's GPT as written: the same model, "
+        "per head and slower; chargpt.lecture)",
+        group="model",
+        choices=MODEL_TYPES,
+    )
     block_size: int = setting(256, "context length in characters", group="model")
     n_embd: int = setting(384, "embedding width", group="model")
     n_heads: int = setting(6, "attention heads per layer (must divide n_embd)", group="model")

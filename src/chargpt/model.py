@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from chargpt.config import GPTConfig
 from chargpt.dropout import Dropout, dropout_mask
 from chargpt.errors import ChargptError
+from chargpt.lecture import GPTLanguageModel
 
 SPAN = 16  # the one-token step attends over positions in multiples of this many (see span)
 EPS = 1e-5  # every LayerNorm's epsilon (the web page reads it from the exported model)
@@ -412,7 +413,10 @@ class BigramLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: GPTConfig) -> GPT | BigramLM:
+def build_model(cfg: GPTConfig) -> GPT | BigramLM | GPTLanguageModel:
+    """The model `cfg.arch` names: the GPT, the bigram table, or the lecture's GPT as written (chargpt.lecture)."""
+    if cfg.arch == "lecture":
+        return GPTLanguageModel(cfg)
     return BigramLM(cfg) if cfg.arch == "bigram" else GPT(cfg)
 
 
@@ -440,7 +444,7 @@ def check_usable(model: object, tokenizer: object = None, where: str = "this fun
     than an exception from deep inside torch: a chargpt model with real float32 weights (and a CharTokenizer)."""
     from chargpt.data.tokenizer import CharTokenizer
 
-    if not isinstance(model, (GPT, BigramLM)):
+    if not isinstance(model, (GPT, BigramLM, GPTLanguageModel)):
         raise TypeError(
             f"{where} takes a chargpt model (chargpt.load_model(DIR) returns one), got {type(model).__name__}"
         )

@@ -291,7 +291,7 @@ def _info_lines(info: dict[str, Any]) -> list[str]:
     vocab = "".join(info["vocab"]).replace("\n", "\\n")
     lines = [
         f"{info['dir']}: a {m['arch']} model, {info['parameters']:,} parameters"
-        + (f" ({shape}, dropout {m['dropout']})" if m["arch"] == "gpt" else ""),
+        + (f" ({shape}, dropout {m['dropout']})" if m["arch"] != "bigram" else ""),
         f"vocabulary: {len(info['vocab'])} characters: {vocab[:80]}{' ...' if len(vocab) > 80 else ''}",
     ]
     if t.get("best_step") is not None:

@@ -72,6 +72,12 @@ def empty_cache(model: GPT, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]
     return torch.zeros(shape), torch.zeros(shape)
 
 
+NOT_EXPORTED = (
+    "the bigram model is a lookup table, and a lecture model is the same GPT written per head: load its weights "
+    "into chargpt.GPT with chargpt.lecture.to_fast_weights, or train with --arch gpt"
+)
+
+
 def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
     """The ONNX file's bytes: the cached forward with dynamic batch and length, and the metadata."""
     for name in ("onnx", "onnxscript"):  # the exporter needs both: say which is missing, and how to get it
@@ -82,7 +88,7 @@ def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
     import onnx
 
     if not isinstance(model, GPT):
-        raise ChargptError("only the GPT exports to ONNX (the bigram model is a lookup table)")
+        raise ChargptError(f"only --arch gpt models export to ONNX; {NOT_EXPORTED}")
     model = model.float().eval().cpu()
     wrapped = CachedForward(model).eval()
     past_k, past_v = empty_cache(model, 2)
@@ -122,7 +128,7 @@ def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
 def web_files(model: GPT, tokenizer: CharTokenizer, name: str, info: dict) -> dict[str, bytes]:
     """index.html and model.js for the web format."""
     if not isinstance(model, GPT):
-        raise ChargptError("only the GPT exports to the web page (the bigram model is a lookup table)")
+        raise ChargptError(f"only --arch gpt models export to the web page; {NOT_EXPORTED}")
     tensors, parts, offset = {}, [], 0
     for key, value in model.state_dict().items():
         flat = value.detach().float().cpu().contiguous().view(-1)

@@ -225,6 +225,12 @@ def announce(
     n_params = model.num_params()
     if cfg.arch == "bigram":
         shape = f"a bigram model, {n_params:,} parameters"
+    elif cfg.arch == "lecture":  # the same model, its heads one by one: slower to train, easier to read
+        shape = (
+            f"the lecture's GPT as written (chargpt.lecture: per-head attention, no fast paths, slower than --arch "
+            f"gpt), {n_params:,} parameters ({cfg.n_layers} layers x {cfg.n_heads} heads, n_embd {cfg.n_embd}, "
+            f"context {cfg.block_size})"
+        )
     else:
         shape = (
             f"a GPT of {n_params:,} parameters ({cfg.n_layers} layers x {cfg.n_heads} heads, n_embd {cfg.n_embd}, "
