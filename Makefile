@@ -1,6 +1,8 @@
 # The README's commands. `make demo` and `make test` are the whole set-up on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# RUNTIME: chargpt and what it runs on (the demo's install); STAMP: and the test and lint tools (make test's)
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 # torch first, pinned: here that is the CPU wheel on disk; pyproject asks only torch>=2.4 for users.
 TORCH ?= torch==2.13.0
@@ -9,15 +11,22 @@ TORCH ?= torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
+	@echo "== installing into $(VENV): PyTorch for the CPU (~200 MB), then chargpt with its server (FastAPI)"
+	@echo "== 1.5-4 minutes the first time, seconds after that"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[serve]"
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	@echo "== installing the test tools into $(VENV) (pytest, selenium, schemathesis, onnx, openai, ruff)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
 # ~3 minutes on a 2-core laptop: 150 s of training (evaluations included), then a sample.
 # A second `make demo` keeps the model in out/demo (it may have been trained further since): it only samples.
-demo: install
+demo: $(RUNTIME)
 	@if [ -e out/demo/model.safetensors ]; then \
 	    echo "== out/demo already holds a model: sampling from it (rm -r out/demo first to train a new one)"; \
 	else \
