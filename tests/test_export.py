@@ -314,5 +314,7 @@ def test_the_web_page_shows_a_hostile_model_name_as_text(trained_model_dir, tmp_
         info = browser.find_element(By.ID, "model-info")
         assert browser.title != "pwned" and info.find_elements(By.TAG_NAME, "img") == []
         assert "<img src=x" in info.text
+        # the default length is the model's context (32 here): past it the page recomputes the window per character
+        assert browser.find_element(By.ID, "max_tokens").get_attribute("value") == "32"
     finally:
         browser.quit()

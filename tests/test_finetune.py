@@ -102,3 +102,38 @@ def test_conflicting_shape_and_bad_sources_are_one_line(trained_model_dir, new_t
     # the same shape given explicitly is fine
     cfg = tiny_config(tmp_path / "x", new_text)
     assert make_train_config(None, None, init_from=str(trained_model_dir), n_embd=48, device="cpu").n_embd == cfg.n_embd
+
+
+def test_many_new_characters_name_min_char_count(trained_model_dir, caplog):
+    """A fine-tune that would add hundreds of characters (code, another script) says --min-char-count exists;
+    a few new characters (NEW's three) do not."""
+    import logging
+
+    cfg = tune(Path("unused"), trained_model_dir, Path("unused.txt"))
+    many = [chr(0x400 + i) for i in range(300)]
+    for chars, hinted in ((many, True), (sorted(set(NEW)), False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="chargpt"):
+            finetune.extend(finetune.start(cfg), chars)
+        assert "added to its vocabulary" in caplog.text
+        assert ("--min-char-count N maps the characters seen fewer than N times" in caplog.text) == hinted
+
+
+def test_a_budgeted_fine_tune_spaces_its_evaluations_for_a_learning_curve(trained_model_dir, new_text):
+    """A 120 s fine-tune evaluated every 500 steps drew two points: with a time budget its evaluations are spaced
+    as a sized run's, from the source run's measured speed; a given interval is kept."""
+    from chargpt.training import sizing
+    from chargpt.training.settings import new_run
+
+    speed = finetune.source_speed(trained_model_dir)
+    assert speed is not None and speed > 0
+    budget = 10  # seconds: this tiny source model trains ~100 steps a second
+    settings = new_run("cpu", None, init_from=str(trained_model_dir), data=str(new_text), out="unused", max_time=budget)
+    cfg = settings.config
+    steps = budget * speed / (cfg.batch_size * cfg.block_size)
+    assert (cfg.eval_interval, cfg.eval_iters) == tuple(sizing.evaluation(steps).values())
+    assert cfg.eval_interval < 500 and steps / cfg.eval_interval >= 5  # a curve, not two points
+    assert settings.sources["eval_interval"] == "fine-tuning defaults"
+    given = new_run("cpu", None, init_from=str(trained_model_dir), data=str(new_text), out="unused",
+                    max_time=budget, eval_interval=7).config  # fmt: skip
+    assert given.eval_interval == 7

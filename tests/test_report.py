@@ -109,3 +109,19 @@ def test_metrics_jsonl_is_strict_json_and_reads_back_a_lost_number(tmp_path):
     assert strict[0]["val_loss"] is None and strict[1]["loss"] is None
     back = report.read_metrics(tmp_path, 10)
     assert math.isnan(back[0]["val_loss"]) and math.isnan(back[1]["loss"]) and back[0]["train_loss"] == 2.5
+
+
+def test_a_large_vocabulary_hints_at_min_char_count(tmp_path, caplog):
+    """A text with hundreds of distinct characters (source code, many scripts): the announcement names
+    --min-char-count, which a Shakespeare-sized vocabulary never hears about."""
+    rare = "".join(chr(0x400 + i) for i in range(300))
+    data = tmp_path / "mixed.txt"
+    data.write_text(("the quick brown fox jumps over the lazy dog. " * 40 + rare + "\n") * 20, encoding="utf-8")
+    for text, hinted in ((data, True), (None, False)):
+        caplog.clear()
+        cfg = tiny_config(tmp_path / f"m{hinted}", text or tmp_path / "plain.txt", n_updates=1, eval_interval=1)
+        if text is None:
+            (tmp_path / "plain.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 400)
+        with caplog.at_level(logging.INFO, logger="chargpt"):
+            train(cfg, progress=False)
+        assert ("--min-char-count N maps those seen fewer than N times" in caplog.text) == hinted, caplog.text

@@ -10,6 +10,7 @@ weights come over: optimizer, step and schedule start afresh.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from chargpt.config import TrainConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.storage import checkpoint as ckpt
+from chargpt.training import report, sizing
 
 log = logging.getLogger("chargpt.training.finetune")
 SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
@@ -73,6 +75,33 @@ def fill_config(values: dict[str, Any], given: dict[str, Any], sources: dict[str
         values["learning_rate"] = values["learning_rate"] * LR_FACTOR
     if "warmup_updates" not in given:
         values["warmup_updates"] = WARMUP
+    if values.get("max_time") and not {"eval_interval", "eval_iters"} & set(given):
+        values.update(evaluations_for_budget(init_from, values))
+
+
+def evaluations_for_budget(init_from: str, values: dict[str, Any]) -> dict[str, int]:
+    """A fine-tune with a time budget gets its evaluations spaced as a sized run's (a learning curve of about a
+    dozen points), its step count estimated from the source run's speed; {} when its record says none."""
+    speed = source_speed(Path(init_from))
+    if speed is None:
+        return {}
+    steps = values["max_time"] * speed / (values["batch_size"] * values["block_size"])
+    return sizing.evaluation(steps, splits=3 if values.get("ema") else 2)
+
+
+def source_speed(folder: Path) -> float | None:
+    """The training tokens/s the source run measured (metrics.jsonl), or else its steps over its seconds."""
+    rows = [] if (folder / report.METRICS).is_symlink() else report.read_metrics(folder, 10**18)
+    measured = [m.get("tokens_per_s") for m in rows]
+    measured = [s for s in measured if isinstance(s, (int, float)) and 0 < s < math.inf]
+    if measured:
+        return float(measured[-1])
+    trained = ckpt.read_config(folder)[2].get("train_config") or {}
+    tokens = (trained.get("batch_size") or 0) * (trained.get("block_size") or 0)
+    timed = [m for m in rows if isinstance(m.get("time"), (int, float)) and m["time"] > 0 and m.get("step")]
+    if not timed or not isinstance(tokens, int) or tokens <= 0:
+        return None
+    return timed[-1]["step"] * tokens / timed[-1]["time"]
 
 
 def start(cfg: TrainConfig) -> Start:
@@ -85,6 +114,13 @@ def start(cfg: TrainConfig) -> Start:
     return Start(state, tokenizer, tokenizer.vocab_size, [], origin)
 
 
+LARGE_ADDITION = 50  # more new characters than this: most are rare, and --min-char-count is worth a word
+RARE_HINT = (
+    " (most of so many are rare: --min-char-count N maps the characters seen fewer than N times to one unknown "
+    "symbol, so the model spends nothing on them)"
+)
+
+
 def extend(begin: Start, new_chars: list[str]) -> None:
     """Append the new text's characters the source vocabulary lacks (none if it has an unknown symbol)."""
     if begin.tokenizer.unknown is not None:
@@ -94,8 +130,8 @@ def extend(begin: Start, new_chars: list[str]) -> None:
     if begin.added:
         begin.tokenizer = CharTokenizer(begin.tokenizer.chars + begin.added)
         shown = ", ".join(repr(c) for c in begin.added[:8]) + (" ..." if len(begin.added) > 8 else "")
-        log.info("the new text has %d character(s) the model lacks, added to its vocabulary: %s",
-                 len(begin.added), shown)  # fmt: skip
+        log.info("the new text has %d character(s) the model lacks, added to its vocabulary: %s%s",
+                 len(begin.added), shown, RARE_HINT if len(begin.added) > LARGE_ADDITION else "")  # fmt: skip
 
 
 def load_into(model: torch.nn.Module, begin: Start) -> None:

@@ -249,6 +249,11 @@ def announce(
         budget = f"{cfg.n_updates:,} steps"
     if state.step:
         budget += f" in all; {resume_adds(cfg, state)}"
+    if tokenizer.vocab_size > LARGE_VOCAB and cfg.vocab == "auto" and cfg.min_char_count == 1:
+        log.info(
+            "the text has %d distinct characters: --min-char-count N maps those seen fewer than N times to one "
+            "unknown symbol (a long tail of rare ones costs parameters and teaches little)", tokenizer.vocab_size,
+        )  # fmt: skip
     log.info(
         "%s, %s characters, vocabulary %d, split %s train / %s val; budget %s; writing %s",
         data,
@@ -259,6 +264,9 @@ def announce(
         budget,
         cfg.out,
     )
+
+
+LARGE_VOCAB = 256  # a vocabulary past this says that --min-char-count exists (Shakespeare: 65-76; code: ~600)
 
 
 def resume_adds(cfg: TrainConfig, state: Any) -> str:
