@@ -1,4 +1,5 @@
-"""The README stays true: every code block in it runs, in order, in a fresh folder, as a new user pastes it.
+"""The README and the reference pages it leads to (docs/cli.md, docs/serving.md) stay true: every code block in
+them runs, in order (the README first, as a reader goes on), in a fresh folder, as a new user pastes it.
 
 - ```python blocks run as scripts;
 - ```toml blocks whose first line is `# NAME.toml` are written to NAME.toml;
@@ -26,7 +27,8 @@ import torch
 from chargpt.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = ("README.md", "docs/cli.md", "docs/serving.md")  # read in this order, as a user reads on
+README = "\n".join((ROOT / page).read_text(encoding="utf-8") for page in PAGES)
 
 # Commands that cannot run here, matched at the start of a line, with why.
 SKIP = {

@@ -534,8 +534,8 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
 
 
 def test_readme_client_example_runs(server: ServerProcess):
-    """The README's `openai` example, pointed at this server and model."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    """docs/serving.md's `openai` example, pointed at this server and model."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
     (code,) = [block.split("```")[0] for block in readme.split("```python\n")[1:] if "OpenAI(" in block]
     code = code.replace("http://127.0.0.1:8000", server.url).replace('"demo"', repr(MODEL))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
