@@ -21,8 +21,8 @@ import torch
 
 from chargpt import __version__
 from chargpt.cli import build_parser, main
-from chargpt.config import resolve_preset
 from chargpt.inference.generate import decode_threads
+from chargpt.training.settings import resolve_preset
 from conftest import run_cli
 from helpers import assert_one_line_error, call_main
 

@@ -7,9 +7,9 @@ from dataclasses import asdict
 
 import pytest
 
-from chargpt.config import PRESETS, TIME_GOVERNED_UPDATES, GPTConfig, TrainConfig, load_toml, resolve_preset
+from chargpt.config import PRESETS, TIME_GOVERNED_UPDATES, GPTConfig, TrainConfig, load_toml
 from chargpt.errors import ChargptError
-from chargpt.training.settings import make_train_config
+from chargpt.training.settings import make_train_config, resolve_preset
 
 
 def test_defaults_are_the_seed_model():

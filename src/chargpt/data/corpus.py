@@ -21,7 +21,7 @@ from chargpt.data.streaming import check_not_utf16, decode_error
 from chargpt.data.tokencache import Policy, SourceFile, Tokens, release_pages, tokenize
 from chargpt.data.tokenizer import UNKNOWN, CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.storage.fileio import atomic_write_bytes, cache_dir, check_regular, read_regular
+from chargpt.fileio import atomic_write_bytes, cache_dir, check_regular, read_regular
 
 # Bump when the markdown conversion changes, so stale caches are not reused.
 log = logging.getLogger("chargpt.data.corpus")

@@ -34,7 +34,7 @@ import numpy as np
 from chargpt.data.streaming import JOINER, BackgroundWriter, Scan, SourceFile, changed_error, encode, file_chunks, scan
 from chargpt.data.tokenizer import UNKNOWN, CharTokenizer, unknown_chars_error
 from chargpt.errors import ChargptError
-from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, atomic_writer
+from chargpt.fileio import DiskFullError, atomic_write_bytes, atomic_writer
 
 __all__ = ["Policy", "SourceFile", "Tokens", "map_tokens", "release_pages", "tokenize"]
 log = logging.getLogger("chargpt.data.corpus.tokencache")

@@ -222,8 +222,8 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite:
     """Write the model in `model_dir` to `out` in format `fmt` (a file for onnx, a folder for web), atomically:
     a Ctrl-C or an error leaves no half export, and an --overwrite replaces the old one only when the new one
     is complete."""
+    from chargpt.fileio import atomic_write_bytes
     from chargpt.storage.checkpoint import load_model, read_config
-    from chargpt.storage.fileio import atomic_write_bytes
 
     if fmt not in FORMATS:
         raise ChargptError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

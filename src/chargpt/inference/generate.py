@@ -262,7 +262,7 @@ def _encode_prompt(tokenizer: CharTokenizer, prompt: str, num_samples: int, devi
     return ids[None, :].expand(num_samples, -1).contiguous()  # (num_samples, T0)
 
 
-def _generators(seed: int | None, num_samples: int) -> list[torch.Generator]:
+def row_generators(seed: int | None, num_samples: int) -> list[torch.Generator]:
     """One generator per sample, seeded seed, seed+1, ...: sample i of a batch equals a single sample with
     seed+i (up to float rounding in batched matmuls). No seed: a fresh random one."""
     if seed is None:
@@ -316,7 +316,7 @@ def _check_args(model: object, tokenizer: object, prompt: object, config: object
 
 def _steps(model: GPT | BigramLM, idx: torch.Tensor, cfg: SampleConfig) -> Iterator[torch.Tensor]:
     """token_stream with a SampleConfig's settings, one generator per sample (seed, seed + 1, ...)."""
-    gens = _generators(cfg.seed, idx.size(0))
+    gens = row_generators(cfg.seed, idx.size(0))
     return token_stream(
         model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision, cfg.quantize
     )

@@ -3,30 +3,13 @@ torch (configs are built before torch is imported); resolving it does."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from chargpt.errors import ChargptError, shorten
+from chargpt.config import check_device
+from chargpt.errors import ChargptError
 
 if TYPE_CHECKING:
     import torch
-
-NAMES = "auto, cpu, cuda, cuda:N or mps"
-
-
-def known_device(name: Any) -> bool:
-    if not isinstance(name, str):
-        return False
-    if name in ("auto", "cpu", "cuda", "mps"):
-        return True
-    index = name.removeprefix("cuda:")
-    return name.startswith("cuda:") and index.isdigit() and index.isascii() and len(index) <= 4
-
-
-def check_device(name: Any) -> str:
-    """The name, if chargpt knows it; else a one-line error."""
-    if not known_device(name):
-        raise ChargptError(f"unknown device {shorten(name)}; use {NAMES}")
-    return name
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

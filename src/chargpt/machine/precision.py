@@ -217,7 +217,7 @@ def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
     """Where this machine's measurement lives: keyed by CPU model, flags, torch version, thread count and the
     environment variables that choose MKL's and oneDNN's kernels (`KERNEL_SETTINGS`; torch's own is `capability`)."""
     if directory is None:
-        from chargpt.storage.fileio import cache_dir
+        from chargpt.fileio import cache_dir
 
         directory = cache_dir()
     key = "|".join(
@@ -260,7 +260,7 @@ def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> di
         pass
     fresh = measure()
     try:
-        from chargpt.storage.fileio import atomic_write_bytes
+        from chargpt.fileio import atomic_write_bytes
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(fresh).encode())

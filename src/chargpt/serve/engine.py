@@ -28,7 +28,7 @@ import torch
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
-from chargpt.inference.generate import Decoder, StopFilter, _generators, pick_next, sampling_setup
+from chargpt.inference.generate import Decoder, StopFilter, pick_next, row_generators, sampling_setup
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, BigramLM, KVCache
 
@@ -317,7 +317,7 @@ class Engine:
                 continue
             seq = torch.empty(1, len(spec.prompt_ids) + spec.max_new_tokens, dtype=torch.long, device=self.device)
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
-            (generator,) = _generators(spec.seed, 1)
+            (generator,) = row_generators(spec.seed, 1)
             slot, cache = None, None
             if self.pool is not None:
                 slot = heapq.heappop(self._free_slots)

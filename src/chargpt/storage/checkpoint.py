@@ -21,9 +21,9 @@ from safetensors.torch import save as st_save
 from chargpt.config import GPTConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError, first_line, shorten
+from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
 from chargpt.machine import memory
 from chargpt.model import GPT, BigramLM, build_model, shapes_only
-from chargpt.storage.fileio import atomic_write_bytes, check_regular, read_regular
 from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, MOVING, TRAIN_STATE, WEIGHTS
 
 FORMAT_NAME = "chargpt-model"

@@ -8,9 +8,9 @@ from typing import Any
 
 from chargpt.config import TrainConfig
 from chargpt.errors import ChargptError
+from chargpt.fileio import is_regular_file
 from chargpt.model import build_model, shapes_only
 from chargpt.storage.checkpoint import ARCH_KEY, MODEL_KEYS, load_model, read_config, run_file
-from chargpt.storage.fileio import is_regular_file
 from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, TRAIN_STATE, WEIGHTS
 from chargpt.storage.trainstate import load_train_state
 

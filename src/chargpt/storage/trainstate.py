@@ -18,8 +18,8 @@ import torch
 
 from chargpt.config import MAX_COUNT
 from chargpt.errors import ChargptError, first_line, shorten
+from chargpt.fileio import atomic_write_bytes, check_regular
 from chargpt.storage.checkpoint import run_file, saved_model_info
-from chargpt.storage.fileio import atomic_write_bytes, check_regular
 from chargpt.storage.layout import MARKER, TRAIN_STATE
 
 

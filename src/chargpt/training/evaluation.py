@@ -14,8 +14,8 @@ import torch
 from chargpt.config import TrainConfig
 from chargpt.data.corpus import get_batch
 from chargpt.errors import first_line
+from chargpt.fileio import DiskFullError
 from chargpt.storage import checkpoint as ckpt
-from chargpt.storage.fileio import DiskFullError
 from chargpt.training import report, samples
 from chargpt.training.distributed import all_max, all_mean, rank_rows, sum_dtype, to_device
 from chargpt.training.optim import learning_rate

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.errors import ChargptError
+from chargpt.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
 from chargpt.storage.checkpoint import FORMAT_NAME
-from chargpt.storage.fileio import DiskFullError, atomic_write_bytes, is_regular_file, read_regular, remove_stale_temps
 from chargpt.storage.layout import BACKUP, CONFIG, DISCARD, LOCK, MARKER, MOVING, RUN_FILES, TRAIN_STATE, WEIGHTS
 from chargpt.storage.trainstate import model_without_state
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chargpt.config import SHAPE_KEYS, TrainConfig, resolve_preset
+from chargpt.config import SHAPE_KEYS, TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.storage.trainstate import load_train_state
 from chargpt.training import sizing
 from chargpt.training.outdir import check_new_run
-from chargpt.training.settings import Layer, new_run, resumed, sizing_request
+from chargpt.training.settings import Layer, new_run, resolve_preset, resumed, sizing_request
 
 
 @dataclass(frozen=True)

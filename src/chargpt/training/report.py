@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig
-from chargpt.storage.fileio import atomic_write_bytes
+from chargpt.fileio import atomic_write_bytes
 from chargpt.storage.layout import METRICS, PLOT
 
 log = logging.getLogger("chargpt.training.loop")

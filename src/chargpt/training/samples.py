@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.storage.fileio import atomic_write_bytes
+from chargpt.fileio import atomic_write_bytes
 from chargpt.storage.layout import SAMPLES
 from chargpt.training.report import is_eval
 

@@ -26,14 +26,14 @@ from chargpt.config import (
     TIME_GOVERNED_UPDATES,
     TRAIN_FIELDS,
     TrainConfig,
-    _renamed,
     check_device,
     expand_home,
+    known_device,
     load_toml,
-    resolve_preset,
+    renamed,
 )
 from chargpt.errors import ChargptError, shorten
-from chargpt.machine.devices import known_device
+from chargpt.machine.devices import resolve_device
 from chargpt.training.finetune import fill_config
 
 PRESET_KEYS = tuple(sorted({k for p in PRESETS.values() for k in p}))
@@ -118,7 +118,7 @@ def explicit_layers(preset: str | None, config_path: str | None, flags: dict[str
 
 
 def _given(config_path: str | None, flags: dict[str, Any], time_rule: bool = True) -> list[Layer]:
-    flags = expand_home(_renamed(flags))
+    flags = expand_home(renamed(flags))
     unknown = sorted(set(flags) - set(TRAIN_FIELDS))
     if unknown:
         raise ChargptError(f"unknown training option(s): {', '.join(unknown)}")
@@ -178,7 +178,7 @@ def resumed(folder: str | Path, preset: str | None = None, config_path: str | No
 
 def on_saved(saved: Any, out: str | Path, given: Sequence[Layer] = ()) -> Settings:
     """The settings a run saved (its config, a dict; old names read as new) under the given layers."""
-    saved = _renamed(saved) if isinstance(saved, dict) else saved
+    saved = renamed(saved) if isinstance(saved, dict) else saved
     if not isinstance(saved, dict) or set(saved) - set(TRAIN_FIELDS):
         raise ChargptError(f"the train state in {out} holds an unknown config; start a new run with --overwrite")
     values, sources = merge(given)
@@ -213,3 +213,14 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
     if key in ("data", "init_from") and isinstance(a, str) and isinstance(b, str):
         return Path(a).resolve() == Path(b).resolve()
     return a == b
+
+
+def resolve_preset(preset: str | None, device: str) -> str:
+    """The preset to use: the one named, else `cpu` on a CPU, `gpu` on CUDA, `seed` elsewhere (`auto` looks)."""
+    if preset is None:
+        if device == "auto":
+            device = resolve_device(device).type  # torch is imported only here, when the device must be looked up
+        return {"cpu": "cpu", "cuda": "gpu"}.get(device.split(":")[0], "seed")
+    if preset not in PRESETS:
+        raise ChargptError(f"unknown preset {shorten(preset)}; use one of {', '.join(PRESETS)}")
+    return preset

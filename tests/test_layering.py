@@ -1,0 +1,112 @@
+"""The house's order, read from the source (ast): no module imports itself around a circle, neither do the
+packages, and no module reaches into another package's private names. Imports under `if TYPE_CHECKING:` are
+for type checkers only and are left out; imports inside functions count (they are for start-up time, never
+to dodge a circle).
+
+The order, lowest first: errors < fileio < config < data, model, lecture, dropout, machine, runtime < storage <
+inference, training < serve < cli; `chargpt` itself (the public API) imports its names lazily."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "chargpt"
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        name = ".".join(("chargpt", *parts)).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module imported, names taken from it) for every import of the file but those for type checkers."""
+    found: list[tuple[str, list[str]]] = []
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, []) for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return [(m, names) for m, names in found if m == "chargpt" or m.startswith("chargpt.")]
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        deps = set()
+        for module, names in _imports(path):
+            for imported in names or [""]:
+                full = f"{module}.{imported}"
+                deps.add(full if full in MODULES else module)  # `from chargpt.storage import layout`: the module
+        graph[name] = {d for d in deps if d in MODULES and d != name}
+    return graph
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "chargpt"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of the graph, if it has one."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_imports_itself_around_a_circle():
+    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()) or [])
+
+
+def test_the_packages_have_an_order():
+    packages: dict[str, set[str]] = {}
+    for module, deps in _graph().items():
+        packages.setdefault(_package(module), set()).update(
+            _package(d) for d in deps if _package(d) != _package(module) and _package(d) != "chargpt"
+        )
+    assert _cycle(packages) is None, " -> ".join(_cycle(packages) or [])
+    assert not packages["errors"] and packages["fileio"] == {"errors"} and packages["config"] <= {"errors", "fileio"}
+
+
+def test_no_module_takes_another_packages_private_names():
+    taken = []
+    for name, path in MODULES.items():
+        for module, names in _imports(path):
+            if _package(module) == _package(name):
+                continue
+            taken += [f"{name} takes {module}.{n}" for n in names if n.startswith("_") and n != "__version__"]
+    assert taken == []
