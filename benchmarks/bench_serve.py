@@ -171,11 +171,10 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--quantize", nargs="+", choices=("none", "int8"), help="default: none, and int8 if native bf16")
     p.add_argument("--threads", type=int, help="the server's --threads (default: its own choice)")
-    p.add_argument("--old-default", action="store_true", help="first, fp32 on every core: the server's default "
-                   "before round 3, to compare with today's (int8, a core left to HTTP) in one run")  # fmt: skip
-    p.add_argument("--baseline", metavar="SRC", help="first, the server of an older checkout's src/ folder (e.g. a "
-                   "git worktree of 0d3e6dd^, before int8 and the one decode step: issue 23's 'today'), fp32, its "
-                   "default threads, to compare with this checkout's in one run")  # fmt: skip
+    p.add_argument("--old-default", action="store_true", help="first, fp32 on every core, to compare with the "
+                   "current default (int8, a core left to HTTP) in one run")  # fmt: skip
+    p.add_argument("--baseline", metavar="SRC", help="first, the server of another checkout's src/ folder (a "
+                   "git worktree), fp32, its default threads, to compare with this checkout's in one run")  # fmt: skip
     a = p.parse_args()
     cpu = prec.cpu_info()
     variants = a.quantize or (["none", "int8"] if cpu.native_bf16 else ["none"])

@@ -122,7 +122,7 @@ def test_train_with_a_budget_alone_is_sized_and_says_so(text_file: Path, tmp_pat
     saved = json.loads((out / "config.json").read_text())["info"]["train_config"]
     assert "sized for 15 s" in stdout + err
     assert (saved["optimizer"], saved["schedule"], saved["n_embd"]) == ("muon", "wsd", LADDER[0].n_embd)
-    assert saved["window_order"] == "shuffled"  # every character once a pass (docs/benchmarks.md)
+    assert saved["window_order"] == "shuffled"  # every character once a pass (docs/design.md)
     decays = dict(sizing.WEIGHT_DECAY_BY_PASSES).values()
     assert saved["weight_decay"] in decays  # and the announcement says so when it is not the usual one
     assert (f"weight decay {saved['weight_decay']:g}" in stdout + err) == (saved["weight_decay"] != min(decays))
@@ -219,7 +219,7 @@ def test_bad_optimizer_settings_are_one_line_errors(flag: str, text_file: Path, 
 
 def test_long_sized_runs_average_their_weights_and_short_ones_do_not():
     """A moving average pays in runs of thousands of steps and only costs evaluation time in short ones
-    (docs/benchmarks.md, "Averaged weights"): the sized settings turn it on from EMA_MIN_STEPS, with the
+    (docs/design.md, "Averaged weights"): the sized settings turn it on from EMA_MIN_STEPS, with the
     evaluations spaced for its third split."""
     long, short = choose(900.0, lambda rung: 10_000.0, 1_000_000), choose(210.0, lambda rung: 10_000.0, 1_000_000)
     assert long.steps >= sizing.EMA_MIN_STEPS > short.steps

@@ -1,7 +1,7 @@
 """Averaged weights (`--ema`): an exponential moving average of the model's weights, updated after every step,
 that each evaluation scores beside the weights as trained (on the same val batches); the better of the two is what
 the run saves as its model, so sampling, eval, export, int8 and the server use it like any other. The average is
-part of the resumable state. docs/benchmarks.md has the measurements behind the sized runs' 0.995.
+part of the resumable state. docs/design.md has the measurements behind the sized runs' 0.995.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def estimate(
 
     The same windows at every evaluation of a run (and for any resume or world size): two evaluations then differ
     by what the model learned, not by which windows they drew, so the best-scoring one is the best model
-    (docs/benchmarks.md, "Choosing the best evaluation")."""
+    (docs/design.md, "Evaluations")."""
     cfg, d = run.cfg, run.dist
     run.model.eval()
     losses, used = [], batches or cfg.eval_iters

@@ -2,7 +2,7 @@
 largest shape of a ladder that still sees enough tokens per parameter in that budget on this machine.
 
 The rule (`choose`) is a pure function of the budget, each rung's training throughput on this machine and the
-corpus size; the ladder and its thresholds come from this project's sweeps (docs/benchmarks.md, "Sizing").
+corpus size; why each part of it is what it is, with the measurements, is docs/design.md.
 `measure` times a rung's real training step (forward, backward, optimizer) in fp32 and, where the CPU has
 native bf16, in bf16, and keeps the faster: about a second per rung, and only rungs up to the first that fails
 the rule are timed (a rung is timed only when the budget is hundreds of times its step).
@@ -30,27 +30,15 @@ COMMON: dict[str, Any] = {
     "window_order": "shuffled",
     "checkpoint_interval": 500,
 }
-# A moving average of the weights, scored beside them (--ema), in runs of EMA_MIN_STEPS or more: decay 0.995 (a
-# half-life of 138 steps) did best among 0.99-0.999, half-lives growing with the run and means over the final decay,
-# in step-budget runs as long as the 900 s and 1800 s defaults (3,200 and 6,400 steps: -0.003 to -0.007 against the
-# weights as trained, 5 runs); in a 210 s run (~800 steps) the average never beat the weights it lags behind, and
-# its evaluation only cost steps (docs/benchmarks.md, "Averaged weights").
+# A moving average of the weights, scored beside them (--ema), in runs of EMA_MIN_STEPS or more (docs/design.md)
 EMA, EMA_MIN_STEPS = 0.995, 2_000
-# Evaluations: about EVAL_POINTS of them over the budget, so a short run draws a learning curve (every 500 steps
-# at most, 40 batches per split at most), each costing at most ~EVAL_SHARE of the steps between two: a batch of
-# evaluation (forward only) costs about a third of a training step's, for each split scored (train and val, and
-# with --ema the average's val).
+# Evaluations: about EVAL_POINTS over the budget, each costing at most ~EVAL_SHARE of the steps between two (a batch
+# of evaluation, forward only, costs about a third of a training step's, for each split scored)
 EVAL_POINTS, EVAL_SHARE = 12, 0.1
 MAX_EVAL_INTERVAL, MAX_EVAL_ITERS, MIN_EVAL_ITERS = 500, 40, 4
 TOKENS_PER_PARAM = 4.0  # a larger rung is chosen only if it sees at least this many tokens per parameter
-# and only if it has at most this many parameters per character of corpus: without dropout a model larger than
-# its corpus learns it by heart (bench_quality, 1800 s: n_embd 192, 1.8M parameters on 1.1M characters, train
-# loss 1.08 against val 1.48, worse than n_embd 128 after 900 s)
-MAX_PARAMS_PER_CHAR = 1.0
-# Weight decay (Muon's and AdamW's) by how many times the run will read its corpus: a model that reads a small
-# corpus many times memorises it, and a stronger decay trades a slower start for a better end; in a shorter run
-# it only slows learning. From the step-budget sweeps on tinyshakespeare (docs/benchmarks.md, "Round 3, stop 7":
-# ~12 passes, 0.6 and 0.3 beat 0.1; ~6 and ~1.4 passes, they lost): (passes at least, weight decay).
+MAX_PARAMS_PER_CHAR = 1.0  # and has at most this many parameters per corpus character (else it memorises the text)
+# Weight decay by how many times the run reads its corpus: (passes at least, weight decay) (docs/design.md)
 WEIGHT_DECAY_BY_PASSES = ((0.0, 0.1), (10.0, 0.6))
 MIN_CONTEXT = 8  # the shortest context a sized run trains with
 PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step)
