@@ -110,3 +110,12 @@ def test_no_module_takes_another_packages_private_names():
                 continue
             taken += [f"{name} takes {module}.{n}" for n in names if n.startswith("_") and n != "__version__"]
     assert taken == []
+
+
+def test_the_server_schedules_and_leaves_the_decoders_state_to_inference():
+    """serve/ is typed without `type: ignore`, and never writes a decoder's cache length or position itself
+    (inference.generate.Decoder.fed counts a token a batched step fed)."""
+    for path in (SRC / "serve").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "type: ignore" not in text, path.name
+        assert ".cache.length" not in text and ".seen =" not in text, path.name

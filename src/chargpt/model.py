@@ -413,7 +413,10 @@ class BigramLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: GPTConfig) -> GPT | BigramLM | GPTLanguageModel:
+LanguageModel = GPT | BigramLM | GPTLanguageModel  # every model chargpt trains, samples, scores and serves
+
+
+def build_model(cfg: GPTConfig) -> LanguageModel:
     """The model `cfg.arch` names: the GPT, the bigram table, or the lecture's GPT as written (chargpt.lecture)."""
     if cfg.arch == "lecture":
         return GPTLanguageModel(cfg)

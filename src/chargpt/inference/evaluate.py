@@ -15,12 +15,12 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.inference import quantize as quant
 from chargpt.machine import precision as prec
-from chargpt.model import GPT, BigramLM, check_usable
+from chargpt.model import LanguageModel, check_usable
 
 
 @torch.no_grad()
 def evaluate(
-    model: GPT | BigramLM,
+    model: LanguageModel,
     tokenizer: CharTokenizer,
     text: str,
     batch_size: int = 32,
@@ -44,7 +44,7 @@ def evaluate(
 
 
 def evaluate_file(
-    model: GPT | BigramLM,
+    model: LanguageModel,
     tokenizer: CharTokenizer,
     path: str | Path,
     *,
@@ -67,7 +67,7 @@ def evaluate_file(
 
 @torch.no_grad()
 def evaluate_ids(
-    model: GPT | BigramLM,
+    model: LanguageModel,
     ids: np.ndarray | torch.Tensor,
     batch_size: int = 32,
     precision: str = "auto",
@@ -86,7 +86,7 @@ def evaluate_ids(
 
 
 def _score(
-    model: GPT | BigramLM,
+    model: LanguageModel,
     ids: np.ndarray | torch.Tensor,
     batch_size: int,
     precision: str,

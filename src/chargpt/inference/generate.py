@@ -21,7 +21,7 @@ from chargpt.inference.decode import DecodeStep
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
 from chargpt.machine.cores import cores as usable_cores
-from chargpt.model import GPT, BigramLM, KVCache, check_usable
+from chargpt.model import KVCache, LanguageModel, check_usable
 from chargpt.runtime import SampleConfig
 
 
@@ -101,7 +101,7 @@ class Decoder:
 
     def __init__(
         self,
-        model: GPT | BigramLM,
+        model: LanguageModel,
         batch_size: int,
         use_cache: bool = True,
         prefill: prec.Choice = prec.FP32,
@@ -154,6 +154,19 @@ class Decoder:
         cache = self.cache
         return cache is not None and n == self.seen + 1 and 0 < cache.length < self.block_size
 
+    @property
+    def position(self) -> int:
+        """Where the next token goes in the cache (the step that feeds it writes its keys there)."""
+        return self.cache.length if self.cache is not None else 0
+
+    def fed(self, n: int) -> None:
+        """The newest of n tokens went through this decoder's cache in a step run for several decoders at once
+        (the server's batched step, valid where feeds_one(n)): counted as a call would count it."""
+        if self.cache is None or not self.feeds_one(n):
+            raise ValueError(f"this decoder cannot take token {n} through its cache in one step")
+        self.cache.length += 1
+        self.seen = n
+
 
 class StaticStep:
     """The one-token step on fixed buffers (token, position in; logits out), so that on CUDA it can be
@@ -202,8 +215,8 @@ class StaticStep:
 
 
 def sampling_setup(
-    model: GPT | BigramLM, precision: str, quantize: str
-) -> tuple[GPT | BigramLM, quant.Choice, prec.Choice, prec.Choice]:
+    model: LanguageModel, precision: str, quantize: str
+) -> tuple[LanguageModel, quant.Choice, prec.Choice, prec.Choice]:
     """What a sampler runs: the model (int8 weights where `quantize` resolves to them), that choice, and the number
     formats of the prefills and the one-token steps. token_stream and the server both take it from here, which is
     what makes a seeded request return exactly generate()'s text."""
@@ -215,7 +228,7 @@ def sampling_setup(
 
 @torch.inference_mode()
 def token_stream(
-    model: GPT | BigramLM,
+    model: LanguageModel,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -314,7 +327,7 @@ def _check_args(model: object, tokenizer: object, prompt: object, config: object
         raise TypeError(f"{where} takes a SampleConfig as config (or its fields as keywords)")
 
 
-def _steps(model: GPT | BigramLM, idx: torch.Tensor, cfg: SampleConfig) -> Iterator[torch.Tensor]:
+def _steps(model: LanguageModel, idx: torch.Tensor, cfg: SampleConfig) -> Iterator[torch.Tensor]:
     """token_stream with a SampleConfig's settings, one generator per sample (seed, seed + 1, ...)."""
     gens = row_generators(cfg.seed, idx.size(0))
     return token_stream(
@@ -323,7 +336,7 @@ def _steps(model: GPT | BigramLM, idx: torch.Tensor, cfg: SampleConfig) -> Itera
 
 
 def stream(
-    model: GPT | BigramLM, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
+    model: LanguageModel, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` in text chunks as they are produced (one sample)."""
     _check_args(model, tokenizer, prompt, config, "stream()")
@@ -348,7 +361,7 @@ def stream(
 
 
 def generate(
-    model: GPT | BigramLM, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
+    model: LanguageModel, tokenizer: CharTokenizer, prompt: str, config: SampleConfig | None = None, **kwargs
 ) -> list[str]:
     """Return num_samples continuations of `prompt` (without the prompt), generated as one batch."""
     _check_args(model, tokenizer, prompt, config, "generate()")

@@ -313,17 +313,17 @@ def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> frozenset[str] |
     can send requests to a local server, and with DNS rebinding read the answers, but its requests carry its own
     Host name: refusing other names shuts it out. On every interface (0.0.0.0, ::) any name, unless some are
     given. None means any."""
-    extra = frozenset(h.lower().rstrip(".") for h in extra)
+    added = frozenset(h.lower().rstrip(".") for h in extra)
     try:
         address = ipaddress.ip_address(bind_host.strip("[]"))
     except ValueError:  # a name, such as localhost
         address = None
     if address is not None and address.is_unspecified:
-        return (extra | LOOPBACK_NAMES) if extra else None
+        return (added | LOOPBACK_NAMES) if added else None
     names = {bind_host.strip("[]").lower()}
     if address is None or address.is_loopback:
         names |= LOOPBACK_NAMES
-    return frozenset(names) | extra
+    return frozenset(names) | added
 
 
 def host_name(header: str) -> str:

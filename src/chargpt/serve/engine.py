@@ -30,7 +30,7 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
 from chargpt.inference.generate import Decoder, StopFilter, pick_next, row_generators, sampling_setup
 from chargpt.machine import precision as prec
-from chargpt.model import GPT, BigramLM, KVCache
+from chargpt.model import GPT, KVCache, LanguageModel
 
 log = logging.getLogger("chargpt.serve")
 
@@ -146,7 +146,7 @@ class Engine:
 
     def __init__(
         self,
-        model: GPT | BigramLM,
+        model: LanguageModel,
         tokenizer: CharTokenizer,
         max_batch: int = 32,
         max_queue: int = 64,
@@ -161,17 +161,20 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cap = share_cap(max_batch)
         per_row, self.batching = None, "rows decoded one by one (this model has no KV cache)"
-        if model.decodes_with_cache:
-            per_row, self.batching = batching_mode(lambda each: batch_invariant(model, self.prefill, self.decode, each))
+        cached = model if isinstance(model, GPT) and model.decodes_with_cache else None
+        if cached is not None:
+            per_row, self.batching = batching_mode(
+                lambda each: batch_invariant(cached, self.prefill, self.decode, each)
+            )
             if per_row is None:
                 log.warning("%s on %s", self.batching, self.device)
-        self.batched = per_row is not None
-        self.pool: KVCache | None = None  # every row's keys and values, one slot per row
-        self.one = DecodeStep(model) if model.decodes_with_cache else None  # each row's own step (weights shared)
-        self.rows: DecodeStep | None = None  # the step of all rows at once
-        if self.batched:
-            self.rows = DecodeStep(model, invariant=True, per_row=bool(per_row))  # type: ignore[arg-type]
-            self.pool = self.rows.cache(max_batch)
+        self.one = DecodeStep(cached) if cached is not None else None  # each row's own step (weights shared)
+        # the step of all rows at once, and every row's keys and values (one slot per row)
+        self.batch: tuple[DecodeStep, KVCache] | None = None
+        if cached is not None and per_row is not None:
+            rows = DecodeStep(cached, invariant=True, per_row=per_row)
+            self.batch = rows, rows.cache(max_batch)
+        self.batched = self.batch is not None
         self._free_slots = list(range(max_batch))  # a heap (engine thread only): the lowest first, so the rows'
         # slots stay together and the batched attention spans few idle ones
         self._cond = threading.Condition()
@@ -319,9 +322,9 @@ class Engine:
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
             (generator,) = row_generators(spec.seed, 1)
             slot, cache = None, None
-            if self.pool is not None:
+            if self.batch is not None:
                 slot = heapq.heappop(self._free_slots)
-                cache = self.pool.row(slot)
+                cache = self.batch[1].row(slot)
             decoder = Decoder(
                 self.model, 1, prefill=self.prefill, decode=self.decode, static=False if slot is not None else None,
                 step=self.one, cache=cache,
@@ -336,22 +339,18 @@ class Engine:
     def _logits(self) -> list[torch.Tensor]:
         """Next-token logits (1, vocab) for every row: the rows that feed one token through their cache in one
         batched step, the others (first step, past block_size) by their own Decoder, as generate() does."""
-        rows = self._rows
-        fast = [i for i, r in enumerate(rows) if self.batched and r.decoder.feeds_one(r.n)]
-        out: list[torch.Tensor | None] = [None] * len(rows)
-        if fast:
-            tokens = torch.tensor([rows[i].last for i in fast], device=self.device)  # (B,)
-            at = Rows([rows[i].slot for i in fast], [rows[i].decoder.cache.length for i in fast])  # type: ignore
+        rows, batched = self._rows, {}
+        fast = [r for r in rows if self.batch is not None and r.slot is not None and r.decoder.feeds_one(r.n)]
+        if fast and self.batch is not None:
+            step, pool = self.batch
+            tokens = torch.tensor([r.last for r in fast], device=self.device)  # (B,)
+            at = Rows([r.slot for r in fast if r.slot is not None], [r.decoder.position for r in fast])
             with prec.autocast(self.device, self.decode):
-                logits = self.rows(tokens, self.pool, at)  # type: ignore[arg-type,misc]
-            for j, i in enumerate(fast):
-                rows[i].decoder.cache.length += 1  # type: ignore[union-attr]
-                rows[i].decoder.seen = rows[i].n
-                out[i] = logits[j : j + 1]
-        for i, r in enumerate(rows):
-            if out[i] is None:
-                out[i] = r.decoder(r.seq[:, : r.n])
-        return out  # type: ignore[return-value]
+                logits = step(tokens, pool, at)  # (B, vocab)
+            for j, r in enumerate(fast):
+                r.decoder.fed(r.n)
+                batched[id(r)] = logits[j : j + 1]
+        return [batched[id(r)] if id(r) in batched else r.decoder(r.seq[:, : r.n]) for r in rows]
 
     def _step(self) -> None:
         """One token for every row; pieces to their jobs; finished rows free their slots."""

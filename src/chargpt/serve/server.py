@@ -23,6 +23,7 @@ import uvicorn
 from chargpt.errors import ChargptError
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
+from chargpt.model import LanguageModel
 from chargpt.runtime import ServeConfig
 from chargpt.serve.app import AppState, ModelCard, allowed_hosts, create_app
 from chargpt.serve.engine import Engine
@@ -56,12 +57,12 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def model_card(directory: str, model: torch.nn.Module) -> ModelCard:
+def model_card(directory: str, model: LanguageModel) -> ModelCard:
     path = Path(directory)
     _, _, info = read_config(path)
-    cfg = model.config  # type: ignore[union-attr]
+    cfg = model.config
     meta = {
-        "n_params": model.num_params(),  # type: ignore[operator]
+        "n_params": model.num_params(),
         "val_loss": info.get("val_loss"),
         "step": info.get("step"),
         "architecture": cfg.arch,

@@ -23,7 +23,7 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError, first_line, shorten
 from chargpt.fileio import atomic_write_bytes, check_regular, read_regular
 from chargpt.machine import memory
-from chargpt.model import GPT, BigramLM, build_model, shapes_only
+from chargpt.model import LanguageModel, build_model, shapes_only
 from chargpt.storage.layout import BACKUP, CONFIG, MARKER, METRICS, MOVING, TRAIN_STATE, WEIGHTS
 
 FORMAT_NAME = "chargpt-model"
@@ -39,7 +39,7 @@ OPTIONAL_CONFIG_KEYS = {"unknown", "info"}
 
 def save_model(
     directory: str | Path,
-    model: GPT | BigramLM,
+    model: LanguageModel,
     tokenizer: CharTokenizer,
     info: dict[str, Any] | None = None,
 ) -> None:
@@ -183,7 +183,7 @@ def saved_model_info(directory: str | Path) -> dict[str, Any] | None:
     return info
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT | BigramLM, CharTokenizer]:
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, CharTokenizer]:
     """Load a model directory for inference (eval mode). Never executes code from the files.
 
     The safetensors header is checked against the file size and the config before any tensor data is read,
