@@ -119,3 +119,26 @@ def test_the_server_schedules_and_leaves_the_decoders_state_to_inference():
         text = path.read_text(encoding="utf-8")
         assert "type: ignore" not in text, path.name
         assert ".cache.length" not in text and ".seen =" not in text, path.name
+
+
+def test_the_models_math_and_the_runs_plan_each_live_in_one_place():
+    """Embedding, LayerNorm and attention are torch calls in model.py only (and in lecture.py, the lecture's model
+    written out on purpose); the command line neither sizes a model nor resolves a preset: it asks the planner."""
+    math = (
+        "F.embedding",
+        "nn.Embedding",
+        "nn.LayerNorm",
+        "F.layer_norm",
+        "torch.layer_norm",
+        "scaled_dot_product_attention",
+    )
+    for name, path in MODULES.items():
+        if name in ("chargpt.model", "chargpt.lecture"):
+            continue
+        code = "\n".join(line.split("#")[0] for line in path.read_text(encoding="utf-8").splitlines())
+        calls = [m for m in math if m in code]
+        assert not calls, f"{name} calls {calls}"
+    for path in (SRC / "cli").glob("*.py"):
+        code = path.read_text(encoding="utf-8")
+        assert "resolve_preset" not in code and "sizing.choose" not in code and "for_budget" not in code, path.name
+        assert "sizing.measure" not in code, path.name

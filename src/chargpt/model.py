@@ -67,6 +67,12 @@ def call_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return module(x)
 
 
+def embed(tokens: torch.Tensor, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The model's input: each token's row of the embedding table plus its position's row (`positions`, already
+    looked up): (B, T) or (B,) tokens -> (B, T, C) or (B, C)."""
+    return F.embedding(tokens, table) + positions
+
+
 def layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.layer_norm(x, (x.size(-1),), params[0], params[1], EPS)  # F.layer_norm's op, without its checks
 
@@ -370,7 +376,7 @@ class GPT(nn.Module):
         else:
             assert at + T <= self.config.block_size, "sequence longer than block_size"
             pos = torch.arange(at, at + T, device=idx.device)  # (T,)
-        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
+        x = embed(idx, self.tok_emb.weight, self.pos_emb(pos))  # (B, T, C)
         last = len(self.blocks) - 1 if cache is not None and not isinstance(at, torch.Tensor) else -1
         for i, blk in enumerate(self.blocks):
             x = blk(x, cache, i, at, last_only=i == last)

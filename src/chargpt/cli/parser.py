@@ -27,7 +27,7 @@ from chargpt.config import (
     TrainConfig,
     check_path,
 )
-from chargpt.errors import EXIT_USAGE, ChargptError
+from chargpt.errors import EXIT_USAGE
 from chargpt.runtime import SampleConfig, ServeConfig
 from chargpt.training import sizing
 
@@ -163,13 +163,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _preset_here() -> str:
-    from chargpt.training.settings import resolve_preset
+    from chargpt.training.planner import preset_here
 
-    try:
-        preset = resolve_preset(None, "auto")
-    except ChargptError:
-        preset = "cpu"
-    why = "no GPU found" if preset == "cpu" else "a GPU was found"
+    preset, why = preset_here()
     return (
         f"on this machine: --preset {preset} applies unless you name one ({why}); cpu = a 0.8M-parameter model "
         f"tuned for a laptop CPU, gpu = the classic 10.8M-parameter model tuned for a GPU, seed = the same model "

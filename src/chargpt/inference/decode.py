@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from chargpt.inference.int8 import Int8Linear, int8_linear
 from chargpt.machine import precision as prec
-from chargpt.model import GPT, KVCache, Rows, block, layer_norm, merge_heads, split_heads
+from chargpt.model import GPT, KVCache, Rows, block, embed, layer_norm, merge_heads, split_heads
 
 
 class DecodeStep:
@@ -64,7 +64,7 @@ class DecodeStep:
             pos = self.pos.index_select(0, at.view(1))
         else:
             pos = self.pos[at]
-        x = F.embedding(tokens, self.tok) + pos  # (B, C)
+        x = embed(tokens, self.tok, pos)  # (B, C)
         for layer, params in enumerate(self.layers):
 
             def attend(qkv: torch.Tensor, layer: int = layer) -> torch.Tensor:

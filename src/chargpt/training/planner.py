@@ -103,6 +103,15 @@ def _sized(
     return sizing.choose(given["max_time"], speed, chars, val_fraction)
 
 
+def preset_here() -> tuple[str, str]:
+    """The preset a run on this machine gets when none is named, and why (for train --help)."""
+    try:
+        preset = resolve_preset(None, "auto")
+    except ChargptError:  # a device that cannot be looked up here: the CPU's
+        preset = "cpu"
+    return preset, "no GPU found" if preset == "cpu" else "a GPU was found"
+
+
 def _preset_note(preset: str | None, cfg: TrainConfig, settings: dict[str, Any]) -> str:
     """How the preset was chosen, for the announcement (and a fine-tune's source)."""
     if preset:
