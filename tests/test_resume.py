@@ -219,8 +219,10 @@ def test_a_larger_budget_trains_on_and_ends_better(text_file: Path, tmp_path: Pa
 
 def test_the_readme_train_longer_step_trains(text_file: Path, tmp_path: Path, capsys):
     """`chargpt train --max-time S` then `chargpt train --resume DIR --max-time 2S`, as the README says: every
-    step after the resume has a learning rate above zero, the announcement says where it went back to, and the
-    resumed run's best val loss is lower."""
+    step after the resume has a learning rate above zero, and the resumed run's best val loss is lower, at any
+    speed. Where the first run reached its final decay (it saved the state from there), the announcement says it
+    goes back to it; on a machine so busy that the run ended before its decay, there is nothing to go back over.
+    (test_a_larger_budget_trains_on_and_ends_better[wsd] covers going back with step budgets.)"""
     from helpers import call_main
 
     out = tmp_path / "run"
@@ -230,9 +232,10 @@ def test_the_readme_train_longer_step_trains(text_file: Path, tmp_path: Path, ca
                             "--schedule", "wsd", *shape, *common], capsys)  # fmt: skip
     assert rc == 0, err
     first = json.loads((out / "config.json").read_text())["info"]["val_loss"]
+    decayed = (out / layout.STABLE_STATE).exists()
     rc, _, err = call_main(["train", "--resume", str(out), "--max-time", "14", "--eval-interval=50"], capsys)
     assert rc == 0, err
-    assert "going back to step" in err, err
+    assert ("going back to step" in err) == decayed, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed_at = [m["step"] for m in rows if m["kind"] == "resume"][-1]
     after = [m["lr"] for m in rows if m["kind"] == "train" and m["step"] > resumed_at]
