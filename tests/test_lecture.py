@@ -42,6 +42,9 @@ def test_the_lecture_model_gives_the_fast_models_logits(trained_model_dir: Path,
 
 
 def test_the_lecture_model_has_the_seed_models_parameter_count():
+    import chargpt
+
+    assert chargpt.lecture is lecture and "lecture" in dir(chargpt)  # chargpt.lecture.GPTLanguageModel, no import
     assert lecture.GPTLanguageModel(GPTConfig()).num_params() == fast.GPT(GPTConfig()).num_params() == 10_788_929
 
 

@@ -63,11 +63,14 @@ __all__ = [
     "generate",
     "stream",
     "evaluate",
+    "lecture",
     "__version__",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "lecture":  # the lecture's GPT as written (chargpt/lecture.py), a module of its own
+        return importlib.import_module("chargpt.lecture")
     if name not in _HOME:
         raise AttributeError(f"module 'chargpt' has no attribute {name!r}")
     return getattr(importlib.import_module(_HOME[name]), name)
