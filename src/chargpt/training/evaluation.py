@@ -11,20 +11,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from chargpt.config import TrainConfig
 from chargpt.data.corpus import get_batch
 from chargpt.errors import first_line
 from chargpt.fileio import DiskFullError
 from chargpt.storage import checkpoint as ckpt
 from chargpt.training import report, samples
+from chargpt.training.budget import Budget
 from chargpt.training.distributed import all_max, all_mean, rank_rows, sum_dtype, to_device
 from chargpt.training.optim import learning_rate
-from chargpt.training.state import RESERVE_MARGIN, RESERVE_SLACK, RunState, mark_saved
+from chargpt.training.state import RunState, mark_saved
 
 if TYPE_CHECKING:
     from chargpt.training.assembly import Run
 
-EVAL_SHARE = 0.1  # of a time budget: the most one evaluation before the last may take
 PLOT_EVERY = 10.0  # seconds between redraws of loss.png during a run (drawing costs ~0.3-1 s on a CPU)
 
 
@@ -75,7 +74,8 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
     t0 = time.perf_counter()
     state.tick()
     average = run.average if run.average.ready else None
-    seconds = eval_seconds(run.cfg, state, final) * (2 / 3 if average else 1)  # the average: its val split too
+    seconds = Budget(run.cfg.max_time).evaluation_seconds(state.elapsed, state.timings(), final)
+    seconds *= 2 / 3 if average else 1  # the average: its val split too
     try:
         (train_loss, val_loss), used = estimate(run, seconds)
         if average:  # scored on the same val batches: the two compare closely even where the batches are few
@@ -112,6 +112,7 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         state.kept_row = None
     if run.dist.main:
         with average.swapped_in() if use_average and average else nullcontext():
+            row["prompt"], row["sample"] = run.prompt, write_sample(run, state, offered)
             save_evaluated(run, state, row, best, offered, use_average)
         shown = row["prompt"] + row["sample"] if row["sample"] else ""
         report.log_evaluation(state.step, train_loss, val_loss, best, shown, average_val if average else None)
@@ -126,16 +127,20 @@ def evaluate_and_save(run: Run, state: RunState, tok_s: float, final: bool = Fal
         draw_plot(run, state)
 
 
+def write_sample(run: Run, state: RunState, val_loss: float) -> str:
+    """The sample of the weights in the model (rank 0), or "": none from a diverged model (the loop stops next),
+    nor where the budget has no time left for it."""
+    if not math.isfinite(val_loss) or not Budget(run.cfg.max_time).sample_fits(state.tick(), state.timings()):
+        return ""
+    t_sample = time.perf_counter()
+    text = samples.write(run.model, run.tokenizer, run.prompt)
+    state.sample_seconds = max(state.sample_seconds, time.perf_counter() - t_sample)  # the worst seen
+    return text
+
+
 def save_evaluated(run: Run, state: RunState, row: dict, best: bool, val_loss: float, use_average: bool) -> None:
     """Rank 0's part of an evaluation, with the weights it offers in the model (their val loss, and whether they are
-    the average: report.offered): the sample (into the row), the model saved when it is the best so far,
-    metrics.jsonl and samples.txt."""
-    t_sample = time.perf_counter()
-    text = ""  # none from a diverged model (the loop stops next), nor where the budget has no time left for it
-    if math.isfinite(val_loss) and sample_fits(run.cfg, state):
-        text = samples.write(run.model, run.tokenizer, run.prompt)
-        state.sample_seconds = max(state.sample_seconds, time.perf_counter() - t_sample)  # the worst seen
-    row["prompt"], row["sample"] = run.prompt, text
+    the average: report.offered): the model saved when it is the best so far, metrics.jsonl and samples.txt."""
     if best:
         info = {"step": state.step, "val_loss": val_loss, "train_config": asdict(run.cfg)}
         if not use_average:  # (the average's train loss is not estimated)
@@ -150,31 +155,6 @@ def save_evaluated(run: Run, state: RunState, row: dict, best: bool, val_loss: f
         mark_saved(run)
     report.write_metrics(run.out, state.metrics)
     samples.save(run.out, state.metrics)
-
-
-def eval_seconds(cfg: TrainConfig, state: RunState, final: bool) -> float:
-    """How long an evaluation's estimate may take: no limit without a time budget; with one, a tenth of it, and
-    never past its end (the last one gets what is left after the work that follows it, as last measured); a
-    budget already spent still gets one batch per split."""
-    if not cfg.max_time:
-        return math.inf
-    left = max(cfg.max_time - state.elapsed, 0.0)
-    if final:  # what follows the estimate inside the budget: the sample, the plot and the saves
-        return max(left - after_estimate(state), 0.0)
-    return min(EVAL_SHARE * cfg.max_time, left)
-
-
-def after_estimate(state: RunState) -> float:
-    """What the last evaluation does after its estimate, as last measured (the sample, the plot, the model and
-    state saves), with the reserve's margin to spare on a busy machine."""
-    return RESERVE_MARGIN * (state.sample_seconds + state.plot_seconds + 2 * state.save_seconds) + RESERVE_SLACK
-
-
-def sample_fits(cfg: TrainConfig, state: RunState) -> bool:
-    """Whether the budget has time for the sample as well as the plot and save that follow it."""
-    if not cfg.max_time:
-        return True
-    return cfg.max_time - state.tick() >= after_estimate(state)
 
 
 def draw_plot(run: Run, state: RunState) -> None:

@@ -26,6 +26,7 @@ from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import layout
 from chargpt.training import report
 from chargpt.training.assembly import Run, setup
+from chargpt.training.budget import Budget
 from chargpt.training.distributed import (
     Dist,
     all_max,
@@ -250,7 +251,7 @@ def _result(run: Run, state: RunState, stopped_by: str) -> TrainResult:
 def already_finished(run: Run, state: RunState) -> bool:
     """A resumed run with nothing left to do: its steps are done, or its time budget (not extended) is spent."""
     cfg = run.cfg
-    spent = bool(cfg.max_time and state.elapsed + state.reserve() >= cfg.max_time)
+    spent = Budget(cfg.max_time).spent(state.elapsed, state.timings())
     return evaluated(state) and (state.step >= cfg.n_updates or spent)
 
 
@@ -259,10 +260,12 @@ def stop_reason(run: Run, state: RunState, signals: Signals, pause_after: int | 
     and the same decision to stop. A time budget stops the run early enough for its final evaluation
     and save to end within it."""
     state.tick()
-    state.elapsed, reserve, caught = all_max([state.elapsed, state.reserve(), 1.0 if signals.caught else 0.0], run.dist)
+    budget = Budget(run.cfg.max_time)
+    reserve = budget.reserve(state.timings())
+    state.elapsed, reserve, caught = all_max([state.elapsed, reserve, 1.0 if signals.caught else 0.0], run.dist)
     if caught:
         return signals.caught or "SIGTERM"
-    if run.cfg.max_time and state.elapsed + reserve >= run.cfg.max_time and state.step > 0:
+    if budget.seconds and state.elapsed + reserve >= budget.seconds and state.step > 0:
         return "max_time"  # (a budget too short for even one step still trains one)
     if pause_after is not None and state.step - start_step >= pause_after:
         return "pause"

@@ -19,6 +19,7 @@ from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import layout, trainstate
 from chargpt.training import report
 from chargpt.training.averaging import Average
+from chargpt.training.budget import Timings
 from chargpt.training.optim import (
     SCHEDULE_KEYS,
     Anchor,
@@ -30,10 +31,6 @@ from chargpt.training.optim import (
 
 if TYPE_CHECKING:
     from chargpt.training.assembly import Run
-
-
-RESERVE_MARGIN = 1.25  # x the measured time of what ends a time-budgeted run
-RESERVE_SLACK = 0.25  # seconds more: a busy machine's stall is a fixed time, not a share of the work
 
 
 @dataclass
@@ -68,13 +65,9 @@ class RunState(trainstate.Counters):
         self.elapsed = self.clock_base + time.perf_counter() - self.clock_start
         return self.elapsed
 
-    def reserve(self) -> float:
-        """Seconds to keep for the rest of a time-budgeted run after one more step: that step and the save (each as
-        long as the last), the final evaluation (its sample included) and plot (each as long as the longest seen),
-        with RESERVE_MARGIN to spare: on a machine whose other programs come and go, the last of them can take longer
-        than the one before, and a stall of a few tenths of a second is a fixed cost (RESERVE_SLACK)."""
-        parts = self.step_seconds + self.eval_seconds + self.plot_seconds + self.save_seconds
-        return RESERVE_MARGIN * parts + RESERVE_SLACK
+    def timings(self) -> Timings:
+        """What the time budget (chargpt.training.budget) needs to know: how long the run's work took."""
+        return Timings(self.step_seconds, self.eval_seconds, self.sample_seconds, self.plot_seconds, self.save_seconds)
 
 
 def saved_schedule(cfg: TrainConfig, saved: trainstate.TrainState) -> TrainConfig:
