@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +170,18 @@ def parse_config(data: bytes | str, where: str) -> tuple[GPTConfig, CharTokenize
     return cfg, tokenizer, info if isinstance(info, dict) else {}
 
 
-def saved_model_info(directory: str | Path) -> dict[str, Any] | None:
-    """The `info` of the model saved in `directory` (its step and val loss: what a resumed run must beat), read
-    from the weights' own copy of config.json where they hold one (the newer of the two after a cut-short save),
-    or None when the folder holds no readable model."""
+@dataclass(frozen=True)
+class SavedModel:
+    """The step and val loss a folder's model was saved at (None where its config.json records no usable one)."""
+
+    step: int | None
+    val_loss: float | None
+
+
+def saved_model(directory: str | Path) -> SavedModel | None:
+    """The model saved in `directory` (what a resumed run must beat), read from the weights' own copy of
+    config.json where they hold one (the newer of the two after a cut-short save), or None when the folder holds
+    no readable model."""
     path = run_file(directory, WEIGHTS)
     try:
         check_regular(path, "weights file", follow=False)
@@ -180,7 +190,11 @@ def saved_model_info(directory: str | Path) -> dict[str, Any] | None:
         info = parse_config(embedded, str(path))[2] if embedded else read_config(directory)[2]
     except (OSError, ChargptError, SafetensorError, ValueError):
         return None
-    return info
+    step, val = info.get("step"), info.get("val_loss")
+    usable_val = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+    return SavedModel(
+        step if isinstance(step, int) and not isinstance(step, bool) else None, float(val) if usable_val else None
+    )
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, CharTokenizer]:

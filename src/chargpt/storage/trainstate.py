@@ -19,7 +19,7 @@ import torch
 from chargpt.config import MAX_COUNT
 from chargpt.errors import ChargptError, first_line, shorten
 from chargpt.fileio import atomic_write_bytes, check_regular
-from chargpt.storage.checkpoint import run_file, saved_model_info
+from chargpt.storage.checkpoint import run_file, saved_model
 from chargpt.storage.layout import MARKER, TRAIN_STATE
 
 
@@ -157,12 +157,11 @@ def load_train_state(directory: str | Path, mmap: bool = False, name: str = TRAI
 def model_without_state(directory: str | Path) -> str:
     """For a folder whose run saved a model but no train state (it was killed before its first resumable save):
     what to do that keeps the model. Else ""."""
-    info = saved_model_info(directory)
-    if info is None or os.path.lexists(run_file(directory, TRAIN_STATE)):
+    saved = saved_model(directory)
+    if saved is None or os.path.lexists(run_file(directory, TRAIN_STATE)):
         return ""
     folder = Path(directory)
-    step, val = info.get("step"), info.get("val_loss")
-    what = f"a model (step {step}, val loss {val:.4f})" if isinstance(val, float) else "a model"
+    what = f"a model (step {saved.step}, val loss {saved.val_loss:.4f})" if saved.val_loss is not None else "a model"
     return (
         f"{folder} holds {what} but no {TRAIN_STATE} to resume from (its run was stopped before its first "
         f"resumable save); train on from that model with `chargpt train --init-from {folder} --out "

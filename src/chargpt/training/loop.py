@@ -233,9 +233,9 @@ def _result(run: Run, state: RunState, stopped_by: str) -> TrainResult:
     best_step = min(evals, key=lambda m: report.offered(m)[0])["step"] if evals else -1
     best_val = state.best_val_loss
     theirs = run.outdir is not None and run.outdir.pending  # an overwritten run's model, not yet replaced
-    saved = ckpt.saved_model_info(run.out) if run.dist.main and not theirs else None
-    if saved and isinstance(saved.get("step"), int) and isinstance(saved.get("val_loss"), float):
-        best_step, best_val = saved["step"], saved["val_loss"]  # the model on disk (maybe from steps gone back over)
+    saved = ckpt.saved_model(run.out) if run.dist.main and not theirs else None
+    if saved is not None and saved.step is not None and saved.val_loss is not None:
+        best_step, best_val = saved.step, saved.val_loss  # the model on disk (maybe from steps gone back over)
     return TrainResult(
         out=str(run.out),
         step=state.step,

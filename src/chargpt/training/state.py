@@ -153,19 +153,14 @@ def beat_the_saved_model(state: RunState, out: Path) -> None:
     otherwise let a worse model replace it. Its evaluation row stays in the metrics too, so metrics.jsonl,
     samples.txt and the run's summary name the model that is saved."""
     state.saved_bar = state.best_val_loss
-    info = ckpt.saved_model_info(out)
-    val, step = (info or {}).get("val_loss"), (info or {}).get("step")
-    if not _number(val) or not math.isfinite(val) or not _number(step):
+    saved = ckpt.saved_model(out)
+    if saved is None or saved.val_loss is None or saved.step is None:
         return
-    state.saved_bar = float(val)
-    if step > state.step:
-        state.kept_row = report.evaluation_row(out, int(step), float(val))
+    state.saved_bar = saved.val_loss
+    if saved.step > state.step:
+        state.kept_row = report.evaluation_row(out, saved.step, saved.val_loss)
         if state.kept_row is not None:
             state.metrics.append(state.kept_row)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def saved_anchor(value: Any) -> Anchor | None:
