@@ -132,7 +132,7 @@ class TrainConfig:
         metavar="DIR",
     )
     # model shape (the classic seed model by default)
-    # gpt, or bigram (saved configs and TOML files may still call it `model`)
+    # gpt, bigram or lecture (saved configs and TOML files may still call it `model`)
     arch: str = setting(
         "gpt",
         "the model: gpt; bigram (the lecture's baseline); or lecture (the lecture's GPT as written: the same model, "
@@ -406,6 +406,9 @@ def check_path(name: str, value: Any) -> None:
         raise ChargptError(f"{name} contains a NUL byte, which no path can hold; check the value")
 
 
+SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")
+
+
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Check a TOML value against the field's type (ints are accepted where floats are expected)."""
     kind = TRAIN_FIELDS[key].type
@@ -446,6 +449,3 @@ def _fraction(name: str, value: Any, *, allow_zero: bool, allow_one: bool) -> No
     if not ok:
         lo, hi = "[0" if allow_zero else "(0", "1]" if allow_one else "1)"
         raise ChargptError(f"{name} must be in {lo}, {hi}, got {shorten(value)}")
-
-
-SHAPE_KEYS = ("arch", "block_size", "n_embd", "n_heads", "n_layers")

@@ -137,19 +137,24 @@ class GPTLanguageModel(nn.Module):
 # ---- the fast model's weights, by name: chargpt.model.GPT keeps each layer's queries, keys and values of every
 # head in one (3C, C) matrix (rows [0:C) the queries of heads 0..H-1, then the keys, then the values) ----
 
-NAMES = (  # (this model's name, the fast model's) of the parameters that are the same tensor in both
-    ("token_embedding_table", "tok_emb"), ("position_embedding_table", "pos_emb"), ("ln_f", "ln_f"),
-    ("lm_head", "head"),
+NAMES = (  # (this model's parameter, the fast model's) where the two are the same tensor
+    ("token_embedding_table.weight", "tok_emb.weight"), ("position_embedding_table.weight", "pos_emb.weight"),
+    ("ln_f.weight", "ln_f.weight"), ("ln_f.bias", "ln_f.bias"), ("lm_head.weight", "head.weight"),
+    ("lm_head.bias", "head.bias"),
 )  # fmt: skip
-LAYER_NAMES = (("sa.proj", "attn.proj"), ("ffwd.net.0", "ffwd.up"), ("ffwd.net.2", "ffwd.down"), ("ln1", "ln1"),
-               ("ln2", "ln2"))  # fmt: skip
+LAYER_NAMES = (
+    ("sa.proj", "attn.proj"),
+    ("ffwd.net.0", "ffwd.up"),
+    ("ffwd.net.2", "ffwd.down"),
+    ("ln1", "ln1"),
+    ("ln2", "ln2"),
+)  # each with a weight and a bias
 QKV = ("query", "key", "value")
 
 
 def _pairs(cfg: GPTConfig) -> list[tuple[str, str]]:
     """(this model's name, the fast model's) of every parameter but the heads' queries, keys and values."""
-    pairs = [(f"{ours}.{kind}", f"{theirs}.{kind}") for ours, theirs in NAMES for kind in ("weight", "bias")]
-    pairs = [p for p in pairs if "embedding" not in p[0] or p[0].endswith("weight")]  # embeddings: no bias
+    pairs = list(NAMES)
     for i in range(cfg.n_layers):
         pairs += [(f"blocks.{i}.{o}.{k}", f"blocks.{i}.{t}.{k}") for o, t in LAYER_NAMES for k in ("weight", "bias")]
     return pairs

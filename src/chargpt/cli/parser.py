@@ -213,8 +213,8 @@ SIZED_BY_BUDGET = {  # the settings a sized run (chargpt.training.sizing) picks 
     **dict.fromkeys(("block_size", "n_embd", "n_heads", "n_layers", "batch_size"), "picked for the budget"),
     "learning_rate": "the picked shape's",
     "weight_decay": "by the passes over the text",
-    "ema": "0.995 in runs of 2,000 steps or more",
-    "eval_interval": "about 12 evaluations",
+    "ema": f"{sizing.EMA} in runs of {sizing.EMA_MIN_STEPS:,} steps or more",
+    "eval_interval": f"about {sizing.EVAL_POINTS} evaluations",
     "eval_iters": "by the evaluations' share",
 }
 

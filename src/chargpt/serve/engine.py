@@ -174,13 +174,17 @@ class Engine:
         if cached is not None and per_row is not None:
             rows = DecodeStep(cached, invariant=True, per_row=per_row)
             self.batch = rows, rows.cache(max_batch)
-        self.batched = self.batch is not None
         self._free_slots = list(range(max_batch))  # a heap (engine thread only): the lowest first, so the rows'
         # slots stay together and the batched attention spans few idle ones
         self._cond = threading.Condition()
         self._shared = _Shared()
         self._rows: list[_Row] = []  # engine thread only
         self._thread = threading.Thread(target=self._run, name="chargpt-engine", daemon=True)
+
+    @property
+    def batched(self) -> bool:
+        """Whether rows are decoded together (else one by one)."""
+        return self.batch is not None
 
     def start(self) -> None:
         self._thread.start()

@@ -14,6 +14,7 @@ from typing import Any
 
 from chargpt.config import SHAPE_KEYS, TrainConfig
 from chargpt.errors import ChargptError
+from chargpt.machine import cores
 from chargpt.storage.trainstate import load_train_state
 from chargpt.training import sizing
 from chargpt.training.outdir import check_new_run
@@ -87,8 +88,6 @@ def _sized(
     given = sizing_request(preset, config, **settings)
     if given is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
-    from chargpt.machine import cores
-
     # every input is checked before the seconds of timing: the data and its length, an --out holding a run
     chars = sizing.corpus_chars(given.get("data"))  # the data's one-line errors: a missing file, no .txt files
     val_fraction = given.get("val_fraction") or TrainConfig.val_fraction
@@ -103,10 +102,10 @@ def _sized(
     return sizing.choose(given["max_time"], speed, chars, val_fraction)
 
 
-def preset_here() -> tuple[str, str]:
-    """The preset a run on this machine gets when none is named, and why (for train --help)."""
+def preset_here(device: str = "auto") -> tuple[str, str]:
+    """The preset a run on `device` gets when none is named, and why (train --help, the announcement)."""
     try:
-        preset = resolve_preset(None, "auto")
+        preset = resolve_preset(None, device)
     except ChargptError:  # a device that cannot be looked up here: the CPU's
         preset = "cpu"
     return preset, "no GPU found" if preset == "cpu" else "a GPU was found"
@@ -117,8 +116,7 @@ def _preset_note(preset: str | None, cfg: TrainConfig, settings: dict[str, Any])
     if preset:
         note = f"preset {preset} (as asked)"
     else:
-        name = resolve_preset(None, cfg.device)
-        why = "no GPU found" if name == "cpu" else "a GPU was found"
+        name, why = preset_here(cfg.device)
         shape = [f"--{k.replace('_', '-')}" for k in SHAPE_KEYS if k != "arch" and settings.get(k) is not None]
         if shape:  # the preset's other settings, the user's shape: no hint at another preset's model
             note = f"preset {name} ({why}) with your {', '.join(shape)}"
