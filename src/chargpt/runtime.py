@@ -50,13 +50,23 @@ class SampleConfig:
         help="end a sample at this string (not included); repeatable (default: none)", action="append",
         default_factory=tuple,
     )  # fmt: skip
+    # OpenAI's penalties: each logit minus count x frequency_penalty, minus presence_penalty once a character
+    # was generated; counted over the sample's generated characters (not the prompt)
+    frequency_penalty: float = setting(
+        0.0, "lower a character's logit by this much per time it was generated, in [-2, 2] (default: 0)", metavar="X"
+    )
+    presence_penalty: float = setting(
+        0.0, "lower the logit of every character generated so far by this much, in [-2, 2] (default: 0)", metavar="X"
+    )
     precision: str = precision_setting()  # per kind of work (prefill, one-token decode), the faster here
     quantize: str = quantize_setting()
 
     def validate(self) -> None:
         check_name("precision", self.precision, PRECISIONS)
         check_name("quantization", self.quantize, QUANTIZE)
-        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.stop)
+        problem = sampling_problem(
+            self.temperature, self.top_k, self.top_p, self.stop, self.frequency_penalty, self.presence_penalty
+        )
         if problem:
             raise ChargptError(problem[1])
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
@@ -67,7 +77,10 @@ class SampleConfig:
             raise ChargptError(f"num_samples must be an integer >= 1, got {self.num_samples}")
 
 
-def sampling_problem(temperature: Any, top_k: Any, top_p: Any, stop: Sequence[str] = ()) -> tuple[str, str] | None:
+def sampling_problem(
+    temperature: Any, top_k: Any, top_p: Any, stop: Sequence[str] = (), frequency_penalty: Any = 0.0,
+    presence_penalty: Any = 0.0,
+) -> tuple[str, str] | None:  # fmt: skip
     """The first bad sampling setting as (its name, a one-line message), or None: the one check of these values,
     for the Python API and the CLI (SampleConfig) and for the server's requests (which name the field)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
@@ -78,6 +91,41 @@ def sampling_problem(temperature: Any, top_k: Any, top_p: Any, stop: Sequence[st
         return "top_p", f"top_p must be in (0, 1] (1 = off), got {top_p}"
     if any(not s for s in stop):
         return "stop", "stop strings must not be empty"
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+            return name, f"{name} must be a number in [-2, 2] (0 = off), got {value}"
+    return None
+
+
+SPEAKING_ROLES = ("user", "assistant")  # the chat roles that speak a turn (chargpt.serve.chat)
+DEFAULT_SPEAKERS = "user=USER,assistant=ASSISTANT"
+
+
+def parse_speakers(spec: str) -> dict[str, str]:
+    """--chat-speakers 'user=ROMEO,assistant=JULIET' -> {'user': 'ROMEO', 'assistant': 'JULIET'}; the roles not
+    named keep their default speakers. A ChargptError says what is wrong."""
+    speakers = dict(item.split("=", 1) for item in DEFAULT_SPEAKERS.split(","))
+    for item in spec.split(","):
+        role, sep, name = item.partition("=")
+        role, name = role.strip(), name.strip()
+        if not sep or role not in SPEAKING_ROLES:
+            raise ChargptError(
+                f"--chat-speakers takes ROLE=NAME pairs for the roles {' and '.join(SPEAKING_ROLES)}, separated by "
+                f"commas (e.g. user=ROMEO,assistant=JULIET); got {item.strip()!r}"
+            )
+        problem = name_problem(name)
+        if problem:
+            raise ChargptError(f"--chat-speakers: the speaker of {role} {problem}")
+        speakers[role] = name
+    return speakers
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a speaker's name in a turn's first line, or None."""
+    if not name.strip():
+        return "is empty"
+    if any(c in name for c in ":\n\r"):
+        return f"{name!r} holds a colon or a line break, which would end the speaker's line"
     return None
 
 
@@ -102,6 +150,11 @@ class ServeConfig:
     max_queue: int = setting(64, "requests that may wait; beyond: 503 (default: 64)", metavar="N")
     max_tokens_limit: int = setting(4096, "cap on max_tokens per request (default: 4096)", metavar="N")
     max_prompt_chars: int = setting(65536, "cap on a prompt's length in characters (default: 65536)", metavar="N")
+    chat_speakers: str = setting(
+        DEFAULT_SPEAKERS, "the speakers of /v1/chat/completions' roles, as ROLE=NAME pairs (default: "
+        "user=USER,assistant=ASSISTANT)", metavar="PAIRS",
+    )  # fmt: skip
+    metrics_public: bool = setting(False, "serve /metrics without the API key (it tells how the server is used)")
     max_body_bytes: int = 1 << 20  # (not a flag)
     precision: str = precision_setting()  # per kind of work (prefill, one-token decode), as in sampling
     quantize: str = quantize_setting()
@@ -127,3 +180,4 @@ class ServeConfig:
         for ok, message in checks:
             if not ok:
                 raise ChargptError(message)
+        parse_speakers(self.chat_speakers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,20 @@ def evaluate_ids(
     return result
 
 
+def _windows(ids: np.ndarray | torch.Tensor, T: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The scoring windows of a text: (inputs, targets), (rows, T) each, up to batch_size rows at a time, then the
+    rest as one shorter row. Window i feeds [iT, iT+T) and predicts [iT+1, iT+T+1)."""
+    n_pred = len(ids) - 1
+    n_full = n_pred // T
+    for i in range(0, n_full, batch_size):
+        rows = min(batch_size, n_full - i)
+        window = _int64(ids[i * T : (i + rows) * T + 1])  # (rows*T + 1,)
+        yield window[:-1].view(rows, T), window[1:].view(rows, T)
+    if n_pred - n_full * T:
+        window = _int64(ids[n_full * T :])  # (rest + 1,)
+        yield window[:-1][None], window[1:][None]
+
+
 def _score(
     model: LanguageModel,
     ids: np.ndarray | torch.Tensor,
@@ -94,39 +108,45 @@ def _score(
 ) -> dict[str, Any]:
     from chargpt.data.tokencache import release_pages
 
-    T = model.config.block_size
     n_pred = len(ids) - 1
-    n_full = n_pred // T
     device = next(model.parameters()).device
     choice = prec.resolve(precision, device, "eval")
     was_training = model.training
     model.eval()
     total = 0.0
     try:
-        for i in range(0, n_full, batch_size):
-            rows = min(batch_size, n_full - i)
-            window = _int64(ids[i * T : (i + rows) * T + 1])  # (rows*T + 1,)
-            x, y = window[:-1].view(rows, T).to(device), window[1:].view(rows, T).to(device)  # (rows, T) each
+        for x, y in _windows(ids, model.config.block_size, batch_size):
             with prec.autocast(device, choice):
-                logits, _ = model(x)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+                logits, _ = model(x.to(device))
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
             if progress is not None:
-                progress(rows * T)
+                progress(y.numel())
             if isinstance(ids, np.ndarray):
                 release_pages(ids)
-        rest = n_pred - n_full * T
-        if rest:
-            window = _int64(ids[n_full * T :])  # (rest + 1,)
-            x, y = window[:-1][None].to(device), window[1:][None].to(device)  # (1, rest) each
-            with prec.autocast(device, choice):
-                logits, _ = model(x)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-            if progress is not None:
-                progress(rest)
     finally:
         model.train(was_training)
     loss = total / n_pred
     return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": n_pred, "precision": choice.name}
+
+
+@torch.inference_mode()
+def token_logprobs(
+    model: LanguageModel, ids: Sequence[int], top: int, choice: prec.Choice = prec.FP32, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each character's log-probability given the ones before it, scored in evaluate()'s windows (so that
+    their sum is -loss x characters of evaluate() on the same text), in the number format `choice`.
+    ids: n >= 2 token ids. Returns the log-probabilities of characters 1..n-1 (n-1,) and the `top` likeliest
+    characters' ids and log-probabilities at each of those places (n-1, top) each. The model is in eval mode."""
+    from chargpt.inference.generate import top_logprobs
+
+    device = next(model.parameters()).device
+    parts = []
+    for x, y in _windows(torch.as_tensor(ids, dtype=torch.long), model.config.block_size, batch_size):
+        with prec.autocast(device, choice):
+            logits, _ = model(x.to(device))
+        parts.append(top_logprobs(logits.flatten(0, 1), y.to(device).flatten(), top))
+    picked, best_ids, best = (torch.cat(p).cpu() for p in zip(*parts, strict=True))
+    return picked, best_ids, best
 
 
 def _int64(part: np.ndarray | torch.Tensor) -> torch.Tensor:

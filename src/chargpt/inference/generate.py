@@ -81,6 +81,46 @@ def pick_next(
     return nxt.to(logits.device)
 
 
+class Penalties:
+    """OpenAI's frequency and presence penalties for B rows: logits[j] - count[j] * frequency - (count[j] > 0) *
+    presence, count[j] being how often row's sample has generated token j (its prompt does not count). Each row's
+    counts are its own, so a row's numbers do not depend on the others in its batch."""
+
+    def __init__(self, batch_size: int, vocab_size: int, frequency: float, presence: float, device: torch.device):
+        self.frequency, self.presence = float(frequency), float(presence)
+        self.counts = torch.zeros(batch_size, vocab_size, device=device)  # (B, vocab)
+
+    @staticmethod
+    def of(
+        batch_size: int, vocab_size: int, frequency: float, presence: float, device: torch.device
+    ) -> Penalties | None:
+        """The penalties, or None where both are 0 (the logits then go to sampling untouched)."""
+        if not frequency and not presence:
+            return None
+        return Penalties(batch_size, vocab_size, frequency, presence, device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, vocab) -> the penalized logits (float32)."""
+        seen = (self.counts > 0).float()
+        return logits.float() - self.counts * self.frequency - seen * self.presence
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """The tokens (B,) just generated."""
+        self.counts[torch.arange(tokens.numel(), device=tokens.device), tokens] += 1
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, vocab) of the model (before temperature and penalties) and the tokens that came next (N,) ->
+    their log-probabilities (N,), and the k likeliest tokens' ids and log-probabilities (N, k) each."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, k, dim=-1) if k else None
+    picked = logp.gather(-1, chosen.view(-1, 1)).squeeze(-1)
+    if best is None:
+        empty = logp.new_empty(logp.size(0), 0)
+        return picked, empty.long(), empty
+    return picked, best.indices, best.values
+
+
 class Decoder:
     """Next-token logits of a growing sequence, exactly as the no-cache model computes them.
 
@@ -238,6 +278,8 @@ def token_stream(
     use_cache: bool = True,
     precision: str = "fp32",
     quantize: str = "none",
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, continuing the prompts idx (B, T0).
 
@@ -258,10 +300,16 @@ def token_stream(
     model.eval()
     run, _, prefill, decode = sampling_setup(model, precision, quantize)
     decoder = Decoder(run, B, use_cache, prefill, decode)
+    penalties = Penalties.of(B, model.config.vocab_size, frequency_penalty, presence_penalty, device)
     try:
         with prec.weight_cast_region(device, prefill, decode):  # each weight is cast once, not per token
             for n in range(T0, T0 + max_new_tokens):
-                nxt = pick_next(decoder(seq[:, :n]), temperature, top_k, top_p, generator)  # (B,)
+                logits = decoder(seq[:, :n])  # (B, vocab)
+                if penalties is not None:
+                    logits = penalties(logits)
+                nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                if penalties is not None:
+                    penalties.add(nxt)
                 seq[:, n] = nxt
                 yield nxt
     finally:
@@ -331,8 +379,9 @@ def _steps(model: LanguageModel, idx: torch.Tensor, cfg: SampleConfig) -> Iterat
     """token_stream with a SampleConfig's settings, one generator per sample (seed, seed + 1, ...)."""
     gens = row_generators(cfg.seed, idx.size(0))
     return token_stream(
-        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision, cfg.quantize
-    )
+        model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, gens, True, cfg.precision,
+        cfg.quantize, cfg.frequency_penalty, cfg.presence_penalty,
+    )  # fmt: skip
 
 
 def stream(
