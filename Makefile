@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 install: $(STAMP)
 
 $(RUNTIME): pyproject.toml
-	@echo "== installing into $(VENV): PyTorch for the CPU (~200 MB), then chargpt with its server (FastAPI)"
+	@echo "== installing into $(VENV): PyTorch for the CPU (~200 MB), then chargpt with its server (FastAPI, prometheus-client)"
 	@echo "== 1.5-4 minutes the first time, seconds after that"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
@@ -20,7 +20,7 @@ $(RUNTIME): pyproject.toml
 	touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME)
-	@echo "== installing the test tools into $(VENV) (pytest, selenium, schemathesis, onnx, openai, ruff)"
+	@echo "== installing the test tools into $(VENV) (pytest, selenium, schemathesis, onnx, openai, lm-eval, ruff)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 

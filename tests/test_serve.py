@@ -226,7 +226,12 @@ BAD_REQUESTS = [
     (dict(max_tokens=4097), openai.BadRequestError, 400, "max_tokens", "4096"),
     (dict(extra_body={"top_k": 0}), openai.BadRequestError, 400, "top_k", ">= 1"),
     (dict(stop=["a", ""]), openai.BadRequestError, 400, "stop", "empty"),
-    (dict(echo=True), openai.BadRequestError, 400, "echo", "not supported"),
+    (dict(logprobs=6), openai.BadRequestError, 400, "logprobs", "0..5"),
+    (dict(frequency_penalty=2.5), openai.BadRequestError, 400, "frequency_penalty", "[-2, 2]"),
+    (dict(presence_penalty=-3), openai.BadRequestError, 400, "presence_penalty", "[-2, 2]"),
+    (dict(prompt=[1, 2, 65]), openai.BadRequestError, 400, "prompt", "token id 65 is out of range"),
+    (dict(prompt=[[1, 2], []]), openai.BadRequestError, 400, "prompt", "empty"),
+    (dict(best_of=2), openai.BadRequestError, 400, "best_of", "not supported"),
     (dict(extra_body={"n": "2"}), openai.UnprocessableEntityError, 422, "n", "integer"),
 ]
 
@@ -261,11 +266,11 @@ def test_body_too_large_and_unknown_route(server: ServerProcess, client: openai.
     r = httpx.post(server.url + "/v1/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
     _good(client)
-    r = httpx.post(server.url + "/v1/chat/completions", json={})
+    r = httpx.post(server.url + "/v1/embeddings", json={})
     assert r.status_code == 404 and _error(r)["code"] == "not_found"
-    with pytest.raises(openai.NotFoundError, match="POST /v1/completions") as caught:  # what the client shows
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ROMEO:"}])
-    assert "no chat template" in str(caught.value)
+    with pytest.raises(openai.NotFoundError, match="POST /v1/chat/completions") as caught:  # what the client shows
+        client.embeddings.create(model=MODEL, input="ROMEO:")
+    assert "GET /metrics" in str(caught.value)
     _good(client)
 
 

@@ -1,5 +1,6 @@
-"""The HTTP app: OpenAI's /v1/models and /v1/completions (streamed as Server-Sent Events), /health, and the
-playground page at /. Requests become engine Jobs; the engine's pieces come back through an asyncio queue.
+"""The HTTP app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (streamed as Server-Sent Events),
+vLLM's /tokenize, /detokenize and /tokenizer_info, Prometheus' /metrics, /health, and the playground page at /.
+Requests become engine Jobs; the engine's pieces come back through an asyncio queue.
 
 A client that goes away mid-request cancels its job, which frees its batch slots at the next step.
 """
@@ -10,6 +11,7 @@ import asyncio
 import hmac
 import ipaddress
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,33 +19,40 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chargpt.serve.protocol as wire
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, ShuttingDown, StepFailed
+from chargpt.serve import chat
+from chargpt.serve.engine import Delivery, Engine, Job, Piece, QueueFull, Scored, ShuttingDown, StepFailed
+from chargpt.serve.metrics import CONTENT_TYPE as METRICS_TYPE
+from chargpt.serve.metrics import Metrics
 from chargpt.serve.protocol import ApiError, Limits
 
 RETRY_AFTER_S = 1
 OPENAPI_URL = "/openapi.json"  # the API's schema, for clients and schema-driven tools (behind the API key if any)
 _ERROR = {"description": "an error in OpenAI's shape: {'error': {'message', 'type', 'param', 'code'}}"}
-# what a 404 says: a client that tried chat (the OpenAI client's first example) learns where to go
+# what a 404 says
 ROUTES_HINT = (
-    "this server has POST /v1/completions (client.completions.create with a prompt), GET /v1/models and GET "
-    "/health; a character model has no chat template, so /v1/chat/completions is not served: send the "
-    "conversation as the prompt text"
+    "this server has POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST "
+    "/detokenize, GET /tokenizer_info, GET /metrics and GET /health"
 )
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (400, 401, 404, 413, 415, 421, 422, 503)}
+# the routes that take a JSON body (POST); every route but the page and /health needs the API key, if any
+JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+KEYLESS = frozenset({"/", "/health"})
+ROUTES = JSON_ROUTES | KEYLESS | {"/v1/models", "/tokenizer_info", "/metrics", "/openapi.json"}
 
 
-def _completions_openapi() -> dict[str, Any]:
-    """The request body of POST /v1/completions in the OpenAPI schema: the route reads the body itself (for
+def _body_openapi(schema_of: type[BaseModel]) -> dict[str, Any]:
+    """The request body of a POST route in the OpenAPI schema: the routes read the body themselves (for
     OpenAI-shaped errors), so FastAPI cannot see it; this is the same pydantic model the route validates with,
     its nested definitions inlined."""
-    schema = wire.CompletionRequest.model_json_schema()
+    schema = schema_of.model_json_schema()
     defs = schema.pop("$defs", {})
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline(schema, defs)}}}}
 
@@ -79,6 +88,29 @@ class AppState:
     limits: Limits
     api_key: str | None = None
     hosts: frozenset[str] | None = None  # the Host names it answers to (allowed_hosts); None: any
+    speakers: dict[str, str] = field(default_factory=lambda: chat.parse_speakers(chat.DEFAULT_SPEAKERS))
+    metrics_public: bool = False  # /metrics without the API key (--metrics-public)
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        """GET /tokenizer_info, as vLLM's: what a client needs to tokenize and render chats as this server does.
+        A character model has no end-of-text token; its eos_token is the blank line that ends a turn (its first
+        character, a newline, is the token lm-evaluation-harness puts before a text it scores), or without a
+        newline in the vocabulary, the vocabulary's first character."""
+        chars = self.tokenizer.to_list()
+        return {
+            "tokenizer_class": "CharTokenizer",
+            "vocab_size": len(chars),
+            "vocab": {c: i for i, c in enumerate(chars)},
+            "eos_token": chat.TURN_END if "\n" in chars else chars[0],
+            "bos_token": None,
+            "pad_token": None,
+            "unk_token": self.tokenizer.unknown,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "model_max_length": self.card.meta.get("block_size"),
+            "chat_template": chat.jinja_template(self.speakers),
+        }
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -92,8 +124,12 @@ def create_app(state: AppState) -> FastAPI:
         await asyncio.to_thread(state.engine.join, 5)
 
     app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL, lifespan=lifespan)
-    app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key)
-    app.add_middleware(_SameMachineMiddleware, hosts=state.hosts)  # outermost: checked before the key
+    metrics = Metrics(state.engine.load, ROUTES)
+    state.engine.on_step = metrics.on_step
+    keyless = KEYLESS | ({"/metrics"} if state.metrics_public else set())
+    app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key, keyless=keyless)
+    app.add_middleware(_SameMachineMiddleware, hosts=state.hosts)  # checked before the key
+    app.add_middleware(_CountMiddleware, metrics=metrics)  # outermost: every answer is counted
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -125,20 +161,54 @@ def create_app(state: AppState) -> FastAPI:
         _check_model(state, model_id)
         return state.card.body()
 
-    @app.post("/v1/completions", openapi_extra=_completions_openapi(), responses=_ERROR_RESPONSES)
+    @app.post("/v1/completions", openapi_extra=_body_openapi(wire.CompletionRequest), responses=_ERROR_RESPONSES)
     async def completions(request: Request) -> Response:
-        return await _completions(state, request)
+        req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes), wire.CompletionRequest)
+        _check_model(state, req.model)
+        spec = wire.to_completion(req, state.tokenizer, state.limits, secrets.randbelow(2**62))
+        return await _answer(state, spec, request, _Run(state.card.id, spec, metrics))
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_openapi(wire.ChatRequest), responses=_ERROR_RESPONSES)
+    async def chat_completions(request: Request) -> Response:
+        req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes), wire.ChatRequest)
+        _check_model(state, req.model)
+        spec = wire.to_chat(req, state.tokenizer, state.limits, secrets.randbelow(2**62), state.speakers)
+        return await _answer(state, spec, request, _ChatRun(state.card.id, spec, metrics))
+
+    @app.post("/tokenize", openapi_extra=_body_openapi(wire.TokenizeRequest), responses=_ERROR_RESPONSES)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes), wire.TokenizeRequest)
+        _check_model(state, req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give either prompt (a text) or messages (a conversation)", "prompt", "invalid_value")
+        if req.messages is not None:
+            text = wire.chat_text(req.messages, state.tokenizer, state.speakers, req.add_generation_prompt)
+            ids = wire.encode_prompt(text, state.tokenizer, state.limits, "messages")
+        else:
+            ids = wire.encode_prompt(req.prompt or "", state.tokenizer, state.limits, "prompt", allow_empty=True)
+        return {"count": len(ids), "max_model_len": state.tokenizer_info["model_max_length"], "tokens": ids}
+
+    @app.post("/detokenize", openapi_extra=_body_openapi(wire.DetokenizeRequest), responses=_ERROR_RESPONSES)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes), wire.DetokenizeRequest)
+        _check_model(state, req.model)
+        wire.check_ids(req.tokens, state.tokenizer, "tokens")
+        return {"prompt": state.tokenizer.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return state.tokenizer_info
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text() -> Response:
+        return Response(metrics.text(), media_type=METRICS_TYPE)
 
     return app
 
 
-async def _completions(state: AppState, request: Request) -> Response:
-    """POST /v1/completions: check the request, queue its job, answer with SSE or with the whole completion."""
-    req = wire.parse_body(await _read_body(request, state.limits.max_body_bytes))
-    if req.model is not None:
-        _check_model(state, req.model)
-    spec = wire.to_completion(req, state.tokenizer, state.limits, secrets.randbelow(2**62))
-    run = _Run(state.card.id, len(spec.choices), spec.prompt_chars)
+async def _answer(state: AppState, spec: wire.Completion, request: Request, run: _Run) -> Response:
+    """Queue a checked request's job; answer with SSE or with the whole completion."""
+    run.metrics.prompt_chars.inc(spec.prompt_chars)
     job = Job(spec.choices, run.deliver)
     try:
         state.engine.submit(job)
@@ -154,15 +224,15 @@ async def _completions(state: AppState, request: Request) -> Response:
         raise _shutting_down() from None
     if spec.stream:
         return StreamingResponse(
-            _stream(run, job, state.engine, spec.include_usage),
+            run.stream(job, state.engine, spec.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return await _complete(run, job, state.engine, request)
 
 
-def _check_model(state: AppState, model_id: str) -> None:
-    if model_id != state.card.id:
+def _check_model(state: AppState, model_id: str | None) -> None:
+    if model_id is not None and model_id != state.card.id:
         raise ApiError(
             404,
             f"the model '{model_id}' does not exist; this server serves '{state.card.id}'",
@@ -203,26 +273,58 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 class _Run:
-    """The request side of a job: the queue its pieces arrive on, and the totals for the response."""
+    """The request side of a job: the queue its pieces arrive on, and each choice's text, logprobs and totals."""
 
-    def __init__(self, model: str, n_choices: int, prompt_chars: int):
+    def __init__(self, model: str, spec: wire.Completion, metrics: Metrics):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        self.id, self.model, self.created = wire.new_id(), model, wire.now()
-        self.texts = [""] * n_choices
-        self.finish: list[str | None] = [None] * n_choices
-        self.tokens = [0] * n_choices
-        self.prompt_chars = prompt_chars
+        self.id, self.model, self.created = self.new_id(), model, wire.now()
+        self.metrics, self.began, self.first = metrics, time.perf_counter(), True
+        n = len(spec.choices)
+        self.texts = [""] * n
+        self.finish: list[str | None] = [None] * n
+        self.tokens = [0] * n
+        self.prompt_chars = spec.prompt_chars
+        self.echo = spec.echo  # each choice's prompt text, put before its first piece
+        self.scored: list[list[Scored]] | None = [[] for _ in range(n)] if spec.logprobs else None
+        # where each choice's next character starts in its text: the prompt is at 0 when echoed, else before it
+        self.offsets = [0 if self.echo is not None else len(c.prompt_ids) for c in spec.choices]
+        self.top = spec.choices[0].logprobs or 0  # the likeliest characters listed at each place
+
+    @staticmethod
+    def new_id() -> str:
+        return wire.new_id()
 
     def deliver(self, item: Delivery) -> None:
         """Called from the engine thread."""
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def record(self, pieces: list[Piece]) -> None:
+    def record(self, pieces: list[Piece]) -> list[tuple[int, str, str | None, dict | None]]:
+        """Add the pieces to their choices; return each as (index, text, finish_reason, logprobs) to send."""
+        if self.first:
+            self.metrics.first_token.observe(time.perf_counter() - self.began)
+            self.first = False
+        out = []
         for p in pieces:
-            self.texts[p.index] += p.text
-            self.tokens[p.index] = p.completion_tokens
-            self.finish[p.index] = p.finish_reason
+            i, text = p.index, p.text
+            if self.echo is not None and not self.texts[i] and not self.tokens[i]:
+                text = self.echo[i] + text
+                self.echo[i] = ""  # put before the first piece only
+            self.texts[i] += text
+            self.metrics.generated_chars.inc(p.completion_tokens - self.tokens[i])
+            self.tokens[i] = p.completion_tokens
+            self.finish[i] = p.finish_reason
+            logprobs = None
+            if self.scored is not None:
+                scored = [*(p.prompt or ()), *(p.logprobs or ())]
+                logprobs = self.logprobs(scored, self.offsets[i])
+                self.offsets[i] += sum(len(s.token) for s in scored)
+                self.scored[i] += scored
+            out.append((i, text, p.finish_reason, logprobs))
+        return out
+
+    def logprobs(self, scored: list[Scored], offset: int) -> dict[str, Any]:
+        return wire.logprobs_body(scored, offset)
 
     @property
     def done(self) -> bool:
@@ -230,6 +332,86 @@ class _Run:
 
     def usage(self) -> dict[str, int]:
         return wire.usage(self.prompt_chars, sum(self.tokens))
+
+    def body(self) -> dict[str, Any]:
+        """The whole completion."""
+        choices = []
+        for i, (text, finish) in enumerate(zip(self.texts, self.finish, strict=True)):
+            logprobs = None
+            if self.scored is not None:
+                start = self.offsets[i] - sum(len(s.token) for s in self.scored[i])
+                logprobs = self.logprobs(self.scored[i], start)
+            choices.append(wire.choice(i, text, finish, logprobs))
+        return wire.completion_body(self.id, self.model, self.created, choices, self.usage())
+
+    def chunk(self, pieces: list[tuple[int, str, str | None, dict | None]], with_usage: bool) -> str:
+        return wire.stream_chunk(self.id, self.model, self.created, pieces, with_usage)
+
+    def usage_chunk(self) -> str:
+        return wire.sse(wire.completion_body(self.id, self.model, self.created, [], self.usage()))
+
+    async def stream(self, job: Job, engine: Engine, include_usage: bool) -> AsyncIterator[str]:
+        """SSE: the pieces as they come, then the usage chunk if asked for, then [DONE]. Starlette cancels this
+        generator when the client disconnects; `finally` then frees the job's slots."""
+        try:
+            yield self.opening(include_usage)
+            while not self.done:
+                item = await self.queue.get()
+                if isinstance(item, ShuttingDown | StepFailed):
+                    yield wire.sse(_ended(item).body())
+                    return
+                yield self.chunk(self.record(item), include_usage)
+            if include_usage:
+                yield self.usage_chunk()
+            yield "data: [DONE]\n\n"
+        finally:
+            if not self.done:
+                engine.cancel(job)
+
+    def opening(self, with_usage: bool) -> str:
+        """What a stream starts with before any text (a chat stream's role)."""
+        return ""
+
+
+class _ChatRun(_Run):
+    """A chat request's side: the same choices, in chat.completion's shape."""
+
+    @staticmethod
+    def new_id() -> str:
+        return wire.new_id("chatcmpl-")
+
+    def logprobs(self, scored: list[Scored], offset: int) -> dict[str, Any]:
+        return wire.chat_logprobs(scored, self.top)
+
+    def body(self) -> dict[str, Any]:
+        choices = [
+            wire.chat_choice(i, {"role": "assistant", "content": text}, finish,
+                             None if self.scored is None else self.logprobs(self.scored[i], 0))
+            for i, (text, finish) in enumerate(zip(self.texts, self.finish, strict=True))
+        ]  # fmt: skip
+        return wire.chat_body(self.id, self.model, self.created, choices, self.usage())
+
+    def opening(self, with_usage: bool) -> str:
+        role = {"role": "assistant", "content": ""}
+        choices = [wire.chat_choice(i, role, None, delta=True) for i in range(len(self.texts))]
+        body = wire.chat_body(self.id, self.model, self.created, choices, None, chunk=True)
+        if not with_usage:
+            del body["usage"]
+        return wire.sse(body)
+
+    def chunk(self, pieces: list[tuple[int, str, str | None, dict | None]], with_usage: bool) -> str:
+        out = []
+        for i, text, finish, logprobs in pieces:
+            delta = {"content": text} if text else {}
+            choice = wire.chat_choice(i, delta, finish, logprobs, delta=True)
+            body = wire.chat_body(self.id, self.model, self.created, [choice], None, chunk=True)
+            if not with_usage:
+                del body["usage"]
+            out.append(wire.sse(body))
+        return "".join(out)
+
+    def usage_chunk(self) -> str:
+        return wire.sse(wire.chat_body(self.id, self.model, self.created, [], self.usage(), chunk=True))
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -261,38 +443,19 @@ async def _complete(run: _Run, job: Job, engine: Engine, request: Request) -> Re
     ended = result.result()
     if ended is not None:
         raise _ended(ended)
-    choices = [wire.choice(i, t, f) for i, (t, f) in enumerate(zip(run.texts, run.finish, strict=True))]
-    return JSONResponse(wire.completion_body(run.id, run.model, run.created, choices, run.usage()))
-
-
-async def _stream(run: _Run, job: Job, engine: Engine, include_usage: bool) -> AsyncIterator[str]:
-    """SSE: the pieces as they come, then the usage chunk if asked for, then [DONE]. Starlette cancels this
-    generator when the client disconnects; `finally` then frees the job's slots."""
-    try:
-        while not run.done:
-            item = await run.queue.get()
-            if isinstance(item, ShuttingDown | StepFailed):
-                yield wire.sse(_ended(item).body())
-                return
-            run.record(item)
-            yield wire.stream_chunk(run.id, run.model, run.created, item, include_usage)
-        if include_usage:
-            yield wire.sse(wire.completion_body(run.id, run.model, run.created, [], run.usage()))
-        yield "data: [DONE]\n\n"
-    finally:
-        if not run.done:
-            engine.cancel(job)
+    return JSONResponse(run.body())
 
 
 class _ApiKeyMiddleware:
-    """With an API key, every /v1/ request needs `Authorization: Bearer KEY` (compared in constant time)."""
+    """With an API key, every request but those of `keyless` paths needs `Authorization: Bearer KEY` (compared in
+    constant time)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None):
-        self.app = app
+    def __init__(self, app: ASGIApp, api_key: str | None, keyless: frozenset[str] | set[str]):
+        self.app, self.keyless = app, frozenset(keyless)
         self.expected = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope.get("path", "").startswith("/v1/") or scope.get("path") == OPENAPI_URL
+        guarded = scope.get("path", "") not in self.keyless
         if self.expected is not None and scope["type"] == "http" and guarded:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
@@ -335,7 +498,6 @@ def host_name(header: str) -> str:
 
 
 JSON_TYPES = ("application/json",)
-JSON_ROUTES = frozenset({"/v1/completions"})  # the routes that take a JSON body (POST)
 
 
 class _SameMachineMiddleware:
@@ -369,6 +531,25 @@ class _SameMachineMiddleware:
                 await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _CountMiddleware:
+    """Counts every answer by route and status code, for /metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.answered(scope.get("path", ""), message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def _playground_html() -> str:

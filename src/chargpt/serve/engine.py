@@ -28,7 +28,16 @@ import torch
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
-from chargpt.inference.generate import Decoder, StopFilter, pick_next, row_generators, sampling_setup
+from chargpt.inference.evaluate import token_logprobs
+from chargpt.inference.generate import (
+    Decoder,
+    Penalties,
+    StopFilter,
+    pick_next,
+    row_generators,
+    sampling_setup,
+    top_logprobs,
+)  # fmt: skip
 from chargpt.machine import precision as prec
 from chargpt.model import GPT, KVCache, LanguageModel
 
@@ -75,16 +84,33 @@ class ChoiceSpec:
     top_p: float | None = None
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # the likeliest characters to list at each place (0-5); None: no logprobs
+    echo: bool = False  # with logprobs: score the prompt too (its first character has none)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One character of a text with its log-probability under the model (before temperature and penalties) and
+    the likeliest characters at its place; the prompt's first character has neither (logprob None)."""
+
+    token: str
+    logprob: float | None
+    top: dict[str, float] | None
 
 
 @dataclass
 class Piece:
-    """New text for one choice; finish_reason ("stop" | "length") marks its last piece."""
+    """New text for one choice; finish_reason ("stop" | "length") marks its last piece. With logprobs asked for,
+    `logprobs` scores each character of `text`, and a choice's first piece carries the scored prompt if echoed."""
 
     index: int
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0  # characters generated so far, a cut-off stop string included
+    logprobs: list[Scored] | None = None
+    prompt: list[Scored] | None = None
 
 
 Delivery = list[Piece] | ShuttingDown | StepFailed
@@ -113,6 +139,8 @@ class _Row:
     text: StopFilter
     last: int  # the newest token id
     slot: int | None  # its cache row in the engine's pool (None: decoded on its own)
+    penalties: Penalties | None = None
+    scored: list[Scored] = field(default_factory=list)  # generated characters not yet handed out, with logprobs
     produced: int = 0
 
 
@@ -152,6 +180,7 @@ class Engine:
         max_queue: int = 64,
         precision: str = "auto",
         quantize: str = "auto",
+        on_step: Callable[[int, float], None] | None = None,
     ):
         # the model and formats as chargpt.generate resolves them: a seeded request returns exactly its text
         model, self.quantize, self.prefill, self.decode = sampling_setup(model.eval(), precision, quantize)
@@ -159,6 +188,7 @@ class Engine:
         self.chars = tokenizer.to_list()
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.on_step = on_step  # after each step: (rows in it, its seconds), for the server's metrics
         self.cap = share_cap(max_batch)
         per_row, self.batching = None, "rows decoded one by one (this model has no KV cache)"
         cached = model if isinstance(model, GPT) and model.decodes_with_cache else None
@@ -188,6 +218,11 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+
+    def load(self) -> tuple[int, int]:
+        """(requests waiting for places, rows running or about to start)."""
+        with self._cond:
+            return len(self._shared.waiting), self._shared.reserved
 
     def submit(self, job: Job) -> None:
         """Queue a job; its rows join the batch at the next step with free slots. Raises QueueFull, ShuttingDown."""
@@ -265,7 +300,10 @@ class Engine:
                         self._start(part)
                     self._remove([r for r in self._rows if r.job.cancelled])
                     if self._rows:
+                        began, rows = time.perf_counter(), len(self._rows)
                         self._step()
+                        if self.on_step is not None:
+                            self.on_step(rows, time.perf_counter() - began)
                 except Exception as e:  # a bug or out of memory: end the jobs of this step, keep serving
                     log.exception("the model step failed; ending the requests in it")
                     self._fail([*{id(r.job): r.job for r in self._rows}.values(), *(j.job for j in joining)], e)
@@ -316,12 +354,15 @@ class Engine:
 
     def _start(self, part: Joining) -> None:
         """Give each of these choices of a job its row; a choice with max_new_tokens 0 finishes at once."""
-        job, done = part.job, []
+        job, done, first = part.job, [], []
         for index in range(part.first, part.first + part.count):
             spec = job.choices[index]
+            prompt = self._score_prompt(spec) if spec.echo and spec.logprobs is not None else None
             if spec.max_new_tokens == 0:
-                done.append(Piece(index, "", "length", 0))
+                done.append(Piece(index, "", "length", 0, [] if spec.logprobs is not None else None, prompt))
                 continue
+            if prompt is not None:
+                first.append(Piece(index, "", None, 0, [], prompt))
             seq = torch.empty(1, len(spec.prompt_ids) + spec.max_new_tokens, dtype=torch.long, device=self.device)
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
             (generator,) = row_generators(spec.seed, 1)
@@ -335,10 +376,27 @@ class Engine:
             )  # fmt: skip
             text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
             n = len(spec.prompt_ids)
-            self._rows.append(_Row(job, index, spec, decoder, seq, n, generator, text, last, slot))
+            penalties = Penalties.of(1, len(self.chars), spec.frequency_penalty, spec.presence_penalty, self.device)
+            self._rows.append(_Row(job, index, spec, decoder, seq, n, generator, text, last, slot, penalties))
         if done:
             self._give_back(job, len(done))
-            _deliver(job, done)
+        if done or first:
+            _deliver(job, first + done)
+
+    def _score_prompt(self, spec: ChoiceSpec) -> list[Scored]:
+        """The prompt's characters with their log-probabilities, from the model the rows sample from, in the
+        prefills' number format; each prompt on its own, so its numbers never depend on the other requests."""
+        chars, ids, k = self.chars, list(spec.prompt_ids), spec.logprobs or 0
+        scored = [Scored(chars[ids[0]], None, None)]
+        if len(ids) > 1:
+            picked, best_ids, best = token_logprobs(self.model, ids, k, self.prefill)
+            scored += [self._scored(ids[i + 1], picked[i], best_ids[i], best[i]) for i in range(len(ids) - 1)]
+        return scored
+
+    def _scored(self, token: int, logprob: torch.Tensor, best_ids: torch.Tensor, best: torch.Tensor) -> Scored:
+        top = {self.chars[t]: float(v) for t, v in zip(best_ids.tolist(), best.tolist(), strict=True)}
+        top.setdefault(self.chars[token], float(logprob))  # the character itself is always listed
+        return Scored(self.chars[token], float(logprob), top)
 
     def _logits(self) -> list[torch.Tensor]:
         """Next-token logits (1, vocab) for every row: the rows that feed one token through their cache in one
@@ -366,7 +424,13 @@ class Engine:
             if id(r.job) in failed:
                 continue
             try:
-                nxt = int(pick_next(logits, s.temperature, s.top_k, s.top_p, [r.generator])[0])
+                chosen = logits if r.penalties is None else r.penalties(logits)
+                nxt = int(pick_next(chosen, s.temperature, s.top_k, s.top_p, [r.generator])[0])
+                if r.penalties is not None:
+                    r.penalties.add(torch.tensor([nxt], device=logits.device))
+                if s.logprobs is not None:
+                    picked, best_ids, best = top_logprobs(logits, torch.tensor([nxt], device=logits.device), s.logprobs)
+                    r.scored.append(self._scored(nxt, picked[0], best_ids[0], best[0]))
             except Exception as e:  # this row's own sampling: it ends its request only, never the others
                 log.exception("sampling failed for one request; ending that request")
                 failed[id(r.job)] = (r.job, e)
@@ -380,7 +444,11 @@ class Engine:
             if finish == "length":
                 text += r.text.flush()
             if text or finish:
-                pieces.setdefault(id(r.job), (r.job, []))[1].append(Piece(r.index, text, finish, r.produced))
+                scored = None
+                if s.logprobs is not None:  # one character per token: the text's scores are the oldest pending
+                    scored, r.scored = r.scored[: len(text)], r.scored[len(text) :]
+                piece = Piece(r.index, text, finish, r.produced, scored)
+                pieces.setdefault(id(r.job), (r.job, []))[1].append(piece)
             if finish:
                 done.append(r)
         self._remove(done)

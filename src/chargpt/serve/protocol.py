@@ -8,21 +8,27 @@ body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.runtime import sampling_problem
-from chargpt.serve.engine import ChoiceSpec, Piece
+from chargpt.serve import chat
+from chargpt.serve.engine import ChoiceSpec, Scored
 
+M = TypeVar("M", bound=BaseModel)
 MAX_STOP = 4  # stop strings per request, as in OpenAI's API
+MAX_LOGPROBS = 5  # the likeliest characters listed per place, as in OpenAI's API
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_CHAT_MAX_TOKENS = 500  # a chat reply ends at the end of its turn; this caps one that never ends
 
 
 class ApiError(Exception):
@@ -52,12 +58,13 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. top_k is an extension; echo/logprobs/best_of/suffix/penalties/logit_bias are
-    accepted at their neutral values only, so a client that sends defaults works unchanged."""
+    """POST /v1/completions. top_k is an extension; best_of/suffix/logit_bias are accepted at their neutral values
+    only, so a client that sends defaults works unchanged. A prompt is a string, a list of strings, a list of
+    token ids or a list of such lists, as in OpenAI's API."""
 
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictStr]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = None
     temperature: StrictFloat | StrictInt | None = None
     top_p: StrictFloat | StrictInt | None = None
@@ -77,9 +84,64 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, StrictInt] | None = None
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: StrictStr
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: StrictStr
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions: the conversation as a play's dialogue (chargpt.serve.chat)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    messages: list[ChatMessage]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = None
+    top_p: StrictFloat | StrictInt | None = None
+    top_k: StrictInt | None = None
+    n: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    frequency_penalty: StrictFloat | StrictInt | None = None
+    presence_penalty: StrictFloat | StrictInt | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's: a text (prompt) or a conversation (messages) -> token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = True  # a character model has no special tokens: either way the same ids
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, as vLLM's: token ids -> text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
 FIELD_TYPES = {
     "model": "a string",
-    "prompt": "a string or a list of strings",
+    "prompt": "a string, a list of strings, a list of token ids or a list of such lists",
     "stop": "a string or a list of strings",
     "max_tokens": "an integer",
     "top_k": "an integer",
@@ -97,6 +159,17 @@ FIELD_TYPES = {
     "user": "a string",
     "suffix": "a string",
     "logit_bias": "an object of integers",
+    "messages": 'a list of messages like {"role": "user", "content": "..."}',
+    "max_completion_tokens": "an integer",
+    "top_logprobs": "an integer",
+    "tokens": "a list of token ids (integers)",
+    "add_generation_prompt": "true or false",
+    "add_special_tokens": "true or false",
+    "role": "a string",
+    "content": 'a string or a list of parts like {"type": "text", "text": "..."}',
+    "name": "a string",
+    "type": "a string",
+    "text": "a string",
 }
 
 
@@ -116,10 +189,12 @@ class Completion:
     prompt_chars: int
     stream: bool
     include_usage: bool
+    echo: list[str] | None = None  # each choice's prompt text, to put before its text (echo: true)
+    logprobs: bool = False
 
 
-def parse_body(body: bytes) -> CompletionRequest:
-    """Bytes -> CompletionRequest, or ApiError 400 (not JSON) / 422 (not the schema)."""
+def parse_body(body: bytes, schema: type[M]) -> M:
+    """Bytes -> the request in `schema`, or ApiError 400 (not JSON) / 422 (not the schema)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8 and JSON syntax
@@ -127,22 +202,30 @@ def parse_body(body: bytes) -> CompletionRequest:
     if not isinstance(data, dict):
         raise ApiError(422, "the request body must be a JSON object", code="invalid_type")
     try:
-        return CompletionRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise _schema_error(e) from None
 
 
 def _schema_error(e: ValidationError) -> ApiError:
     err = e.errors()[0]
-    loc = [str(part) for part in err["loc"]]
+    loc = [str(part) for part in err["loc"] if not _is_union_branch(part)]
     param = loc[0] if loc else None
     if err["type"] == "missing":
         return ApiError(422, f"'{'.'.join(loc)}' is required", param, "missing_required_parameter")
     if err["type"] == "extra_forbidden":
         return ApiError(422, f"unrecognized request argument: '{'.'.join(loc)}'", param, "unknown_parameter")
-    expected = FIELD_TYPES.get(param or "", "another type")
     got = type(err.get("input")).__name__
+    if len(loc) > 2 and loc[-1] in FIELD_TYPES:  # a field of a list's item: messages.0.content
+        where = ".".join(loc)
+        return ApiError(422, f"'{where}' must be {FIELD_TYPES[loc[-1]]}, got {_json_type(got)}", where, "invalid_type")
+    expected = FIELD_TYPES.get(param or "", "another type")
     return ApiError(422, f"'{param}' must be {expected}, got {_json_type(got)}", param, "invalid_type")
+
+
+def _is_union_branch(part: object) -> bool:
+    """pydantic names the branch of a union it tried ('str', 'list[int]', 'function-...') in an error's place."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part)
 
 
 def _json_type(python_type: str) -> str:
@@ -157,29 +240,46 @@ def _check(ok: bool, param: str, message: str) -> None:
 
 
 def _check_unsupported(req: CompletionRequest) -> None:
-    _check(not req.echo, "echo", "echo is not supported; append the prompt yourself")
-    _check(req.logprobs is None, "logprobs", "logprobs are not supported; leave logprobs out")
     _check(req.best_of in (None, 1), "best_of", "best_of is not supported; use n for several samples")
     _check(req.suffix is None, "suffix", "suffix (insertion) is not supported; leave it out")
     _check(not req.logit_bias, "logit_bias", "logit_bias is not supported; leave it out")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(req, name)
-        _check(value is None or value == 0, name, f"{name} is not supported; leave it out or set it to 0")
     _check(req.stream_options is None or bool(req.stream), "stream_options", "stream_options needs stream: true")
+    _check(
+        req.logprobs is None or 0 <= req.logprobs <= MAX_LOGPROBS, "logprobs",
+        f"logprobs must be an integer in 0..{MAX_LOGPROBS} (the likeliest characters listed per place), got "
+        f"{req.logprobs}",
+    )  # fmt: skip
 
 
-def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limits, seed: int) -> Completion:
-    """Check every value; the ApiError names the field. `seed` is used when the request has none."""
-    _check_unsupported(req)
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of a request, checked: what each of its ChoiceSpecs takes."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: tuple[str, ...]
+    n: int
+    seed: int | None
+    frequency_penalty: float
+    presence_penalty: float
+
+
+def check_sampling(req: Any, limits: Limits, default_max_tokens: int, stop: tuple[str, ...]) -> Sampling:
+    """The sampling fields the completion and chat requests share, each checked (the ApiError names it)."""
     temperature = 1.0 if req.temperature is None else _float(req.temperature, "temperature")
     top_p = None if req.top_p is None else _float(req.top_p, "top_p")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    problem = sampling_problem(temperature, req.top_k, top_p, stop)  # the checks chargpt.generate makes
+    penalties = [
+        0.0 if value is None else _float(value, name)
+        for name, value in (("frequency_penalty", req.frequency_penalty), ("presence_penalty", req.presence_penalty))
+    ]
+    problem = sampling_problem(temperature, req.top_k, top_p, stop, *penalties)  # the checks chargpt.generate makes
     if problem:
         raise ApiError(400, problem[1], problem[0], "invalid_value")
     n = 1 if req.n is None else req.n
     _check(n >= 1, "n", f"n must be an integer >= 1, got {n}")
-    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
     _check(max_tokens >= 0, "max_tokens", f"max_tokens must be an integer >= 0, got {max_tokens}")
     _check(
         max_tokens <= limits.max_tokens,
@@ -189,26 +289,149 @@ def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limi
     if req.seed is not None:
         _check(0 <= req.seed < 2**63 - n, "seed", f"seed must be an integer in [0, 2**63 - n), got {req.seed}")
     _check(len(stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    _check(len(prompts) >= 1, "prompt", "prompt is an empty list; give at least one prompt")
+    return Sampling(max_tokens, temperature, req.top_k, top_p, stop, n, req.seed, *penalties)
+
+
+def specs_for(
+    prompts: list[list[int]], sampling: Sampling, limits: Limits, seed: int, extra_stop: tuple[str, ...] = (),
+    logprobs: int | None = None, echo: bool = False,
+) -> list[ChoiceSpec]:  # fmt: skip
+    """One ChoiceSpec per (prompt, sample); sample i of a prompt uses seed + i, as generate(num_samples=n) does.
+    `seed` is used when the request has none."""
+    n = sampling.n
     _check(
         len(prompts) * n <= limits.max_rows,
         "n",
         f"{len(prompts)} prompt(s) x n={n} = {len(prompts) * n} samples, more than this server's batch of "
         f"{limits.max_rows} (--max-batch)",
     )
-    specs = []
-    for prompt in prompts:
-        ids = _encode(prompt, tokenizer, limits)
-        base = seed if req.seed is None else req.seed
-        for i in range(n):  # sample i uses seed + i, as generate(num_samples=n) does
-            specs.append(ChoiceSpec(ids, max_tokens, temperature, req.top_k, top_p, base + i, stop))
+    base = seed if sampling.seed is None else sampling.seed
+    s = sampling
+    return [
+        ChoiceSpec(
+            ids,
+            s.max_tokens,
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            base + i,
+            s.stop + extra_stop,
+            logprobs,
+            echo,
+            s.frequency_penalty,
+            s.presence_penalty,
+        )  # fmt: skip
+        for ids in prompts
+        for i in range(n)
+    ]
+
+
+def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limits, seed: int) -> Completion:
+    """Check every value; the ApiError names the field. `seed` is used when the request has none."""
+    _check_unsupported(req)
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    sampling = check_sampling(req, limits, DEFAULT_MAX_TOKENS, stop)
+    prompts = prompt_list(req.prompt)
+    _check(len(prompts) >= 1, "prompt", "prompt is an empty list; give at least one prompt")
+    ids = [encode_prompt(p, tokenizer, limits) for p in prompts]
+    specs = specs_for(ids, sampling, limits, seed, logprobs=req.logprobs, echo=bool(req.echo))
+    texts = [tokenizer.decode(p) for p in ids for _ in range(sampling.n)]
     return Completion(
         specs,
-        sum(len(p) for p in prompts),
+        sum(len(p) for p in ids),
         bool(req.stream),
         bool(req.stream_options and req.stream_options.include_usage),
+        texts if req.echo else None,
+        req.logprobs is not None,
     )
+
+
+def to_chat(
+    req: ChatRequest, tokenizer: CharTokenizer, limits: Limits, seed: int, speakers: dict[str, str]
+) -> Completion:
+    """A chat request as the completion of its conversation's text (chargpt.serve.chat): each choice ends at the
+    blank line that ends the assistant's turn, or at a stop string of the request."""
+    _check(
+        req.max_tokens is None or req.max_completion_tokens is None or req.max_tokens == req.max_completion_tokens,
+        "max_completion_tokens", "max_tokens and max_completion_tokens differ; give one of them",
+    )  # fmt: skip
+    if req.max_tokens is None and req.max_completion_tokens is not None:
+        req = req.model_copy(update={"max_tokens": req.max_completion_tokens})
+    _check(req.stream_options is None or bool(req.stream), "stream_options", "stream_options needs stream: true")
+    top = req.top_logprobs
+    _check(
+        top is None or (bool(req.logprobs) and 0 <= top <= MAX_LOGPROBS), "top_logprobs",
+        f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, with logprobs: true; got {top}",
+    )  # fmt: skip
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    sampling = check_sampling(req, limits, min(DEFAULT_CHAT_MAX_TOKENS, limits.max_tokens), stop)
+    text = chat_text(req.messages, tokenizer, speakers, add_generation_prompt=True)
+    ids = encode_prompt(text, tokenizer, limits, "messages")
+    specs = specs_for([ids], sampling, limits, seed, (chat.TURN_END,), (top or 0) if req.logprobs else None)
+    return Completion(specs, len(ids), bool(req.stream), bool(req.stream_options and req.stream_options.include_usage),
+                      None, bool(req.logprobs))  # fmt: skip
+
+
+def chat_text(
+    messages: list[ChatMessage], tokenizer: CharTokenizer, speakers: dict[str, str], add_generation_prompt: bool
+) -> str:
+    """The conversation as the play's text; a role, name or content the model cannot write is a 400 naming it."""
+    _check(bool(messages), "messages", "messages is an empty list; give at least one message")
+    plain = []
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        _check(
+            m.role in chat.SCENE_ROLES + chat.SPEAKING_ROLES, f"{where}.role",
+            f"role {m.role!r} is not supported; a dialogue has the roles system, developer, user and assistant",
+        )  # fmt: skip
+        if isinstance(m.content, list):
+            bad = next((p.type for p in m.content if p.type != "text"), None)
+            _check(
+                bad is None, f"{where}.content", f"a content part of type {bad!r}: a character model reads text only"
+            )
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        _check_writable(content, tokenizer, f"{where}.content", "its content")
+        entry: dict[str, Any] = {"role": m.role, "content": content}
+        if m.name is not None and m.role not in chat.SCENE_ROLES:
+            problem = chat.name_problem(m.name)
+            _check(problem is None, f"{where}.name", f"the name {problem}")
+            _check_writable(m.name, tokenizer, f"{where}.name", "the speaker's name")
+            entry["name"] = m.name
+        elif m.role in chat.SPEAKING_ROLES:
+            _check_speaker(speakers[m.role], m.role, tokenizer)
+        plain.append(entry)
+    if add_generation_prompt:
+        _check_speaker(speakers["assistant"], "assistant", tokenizer)
+    text = chat.render(plain, speakers, add_generation_prompt)
+    _check_writable(text, tokenizer, "messages", "the conversation")  # the ':' and line breaks of the turns
+    return text
+
+
+def _check_writable(text: str, tokenizer: CharTokenizer, param: str, what: str) -> None:
+    try:
+        tokenizer.encode(text)
+    except ChargptError as e:
+        raise ApiError(400, f"{what}: {e}", param, "invalid_value") from None
+
+
+def _check_speaker(name: str, role: str, tokenizer: CharTokenizer) -> None:
+    try:
+        tokenizer.encode(name + ":\n")
+    except ChargptError as e:
+        raise ApiError(
+            400, f"the {role}'s speaker {name!r} cannot be written by this model ({e}); give the message a name the "
+            f"model can write, or start the server with --chat-speakers {role}=NAME", "messages", "invalid_value",
+        ) from None  # fmt: skip
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a request: a string, or a list of token ids, is one prompt; other lists are several."""
+    if isinstance(prompt, str):
+        return [prompt]
+    ids = [t for t in prompt if isinstance(t, int)]
+    if prompt and len(ids) == len(prompt):
+        return [ids]
+    return [p for p in prompt if isinstance(p, str | list)]
 
 
 def _float(value: float | int, param: str) -> float:
@@ -219,25 +442,85 @@ def _float(value: float | int, param: str) -> float:
         raise ApiError(400, f"{param} is too large a number", param, "invalid_value") from None
 
 
-def _encode(prompt: str, tokenizer: CharTokenizer, limits: Limits) -> list[int]:
-    _check(bool(prompt), "prompt", "the prompt is empty; give at least one character (e.g. a newline)")
+def encode_prompt(
+    prompt: str | list[int], tokenizer: CharTokenizer, limits: Limits, param: str = "prompt", allow_empty: bool = False
+) -> list[int]:
+    """A prompt's token ids: its text encoded, or its ids checked against the vocabulary."""
+    _check(bool(prompt) or allow_empty, param, f"the {param} is empty; give at least one character (e.g. a newline)")
     _check(
         len(prompt) <= limits.max_prompt_chars,
-        "prompt",
-        f"the prompt has {len(prompt)} characters, more than this server's limit of {limits.max_prompt_chars}",
+        param,
+        f"the {param} has {len(prompt)} characters, more than this server's limit of {limits.max_prompt_chars}",
     )
+    if not isinstance(prompt, str):
+        check_ids(prompt, tokenizer, param)
+        return list(prompt)
     try:
         return tokenizer.encode(prompt).tolist()
     except ChargptError as e:
-        raise ApiError(400, f"prompt: {e}", "prompt", "invalid_value") from None
+        raise ApiError(400, f"{param}: {e}", param, "invalid_value") from None
 
 
-def new_id() -> str:
-    return "cmpl-" + uuid.uuid4().hex
+def check_ids(ids: Sequence[int], tokenizer: CharTokenizer, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+    _check(
+        bad is None, param,
+        f"token id {bad} is out of range: this model's ids are 0..{tokenizer.vocab_size - 1} (POST /tokenize "
+        f"gives a text's ids)",
+    )  # fmt: skip
 
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"text": text, "index": index, "finish_reason": finish_reason, "logprobs": None}
+def new_id(prefix: str = "cmpl-") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"text": text, "index": index, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def logprobs_body(scored: Sequence[Scored], offset: int) -> dict[str, list]:
+    """OpenAI's completion logprobs for these characters; the first starts at `offset` in the choice's text
+    (with echo the prompt starts at 0; without, the generated text starts at the prompt's length)."""
+    offsets = list(itertools.accumulate((len(s.token) for s in scored), initial=offset))[:-1]
+    return {
+        "tokens": [s.token for s in scored],
+        "token_logprobs": [s.logprob for s in scored],
+        "top_logprobs": [s.top for s in scored],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(scored: Sequence[Scored], top: int) -> dict[str, list]:
+    """OpenAI's chat logprobs for these characters: each with its bytes and its `top` likeliest alternatives."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    def alternatives(s: Scored) -> list[dict[str, Any]]:
+        return [entry(t, v) for t, v in list((s.top or {}).items())[:top]]
+
+    return {"content": [{**entry(s.token, s.logprob or 0.0), "top_logprobs": alternatives(s)} for s in scored]}
+
+
+def chat_choice(
+    index: int, message: dict[str, Any], finish_reason: str | None, logprobs: dict | None = None, delta: bool = False
+) -> dict:
+    """A chat choice: the whole `message`, or in a stream's chunk the `delta` since the last one."""
+    return {"index": index, "delta" if delta else "message": message, "finish_reason": finish_reason,
+            "logprobs": logprobs}  # fmt: skip
+
+
+def chat_body(
+    cid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict | None, chunk: bool = False
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk" if chunk else "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -261,11 +544,14 @@ def completion_body(
     }
 
 
-def stream_chunk(cid: str, model: str, created: int, pieces: list[Piece], with_usage: bool) -> str:
-    """One SSE event per piece, in one write. With usage asked for, every chunk but the last carries `"usage": null`."""
+def stream_chunk(
+    cid: str, model: str, created: int, pieces: list[tuple[int, str, str | None, dict | None]], with_usage: bool
+) -> str:
+    """One SSE event per (index, text, finish_reason, logprobs), in one write. With usage asked for, every chunk
+    but the last carries `"usage": null`."""
     out = []
     for p in pieces:
-        body = completion_body(cid, model, created, [choice(p.index, p.text, p.finish_reason)], None)
+        body = completion_body(cid, model, created, [choice(*p)], None)
         if not with_usage:
             del body["usage"]
         out.append(sse(body))

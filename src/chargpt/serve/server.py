@@ -26,6 +26,7 @@ from chargpt.machine import precision as prec
 from chargpt.model import LanguageModel
 from chargpt.runtime import ServeConfig
 from chargpt.serve.app import AppState, ModelCard, allowed_hosts, create_app
+from chargpt.serve.chat import parse_speakers
 from chargpt.serve.engine import Engine
 from chargpt.serve.protocol import Limits
 from chargpt.storage.checkpoint import WEIGHTS, load_model, read_config
@@ -131,7 +132,8 @@ def serve(cfg: ServeConfig, device: torch.device, on_ready: Callable[[str, Model
             card.meta["precision_reason"] += f", int8 weights ({engine.quantize.reason})"
         limits = Limits(cfg.max_tokens_limit, cfg.max_prompt_chars, cfg.max_batch, cfg.max_body_bytes)
         hosts = allowed_hosts(cfg.host, cfg.allow_host)
-        app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key, hosts))
+        speakers = parse_speakers(cfg.chat_speakers)
+        app = create_app(AppState(engine, tokenizer, card, limits, cfg.api_key, hosts, speakers, cfg.metrics_public))
         config = uvicorn.Config(
             app,
             log_level="warning",
