@@ -3,14 +3,15 @@
 (a) one client, 300 characters streamed: time to first character and characters per second;
 (b) 32 clients at once, 200 characters each, streamed: aggregate characters per second, p50/p99 time to first
     character, errors;
-(c) the same 32 requests one after another.
+(c) the same 32 requests one after another;
+(d) with --logprobs K: (b) again, each request asking for logprobs K: the cost of scores per character.
 Targets (issue 10): 0 errors; (b) aggregate >= 8x the single-client rate of (a); p99 time to first character
 < 2 s. Every request has a seed, so (b) and (c) must also return the same texts: batching changes nothing.
 Run with the weights as trained (`--quantize none`) and, on a CPU with native bf16, with int8 weights
 (`--quantize int8`), alternating in one run; issue 23's target: (b) with int8 >= 1.7x (b) without.
 
     python benchmarks/bench_serve.py [--clients 32] [--max-batch 32] [--quantize none int8] [--old-default]
-                                     [--baseline OLD_CHECKOUT/src]
+                                     [--baseline OLD_CHECKOUT/src] [--logprobs 5]
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Result:
     error: str | None = None
 
 
-async def one(client: httpx.AsyncClient, url: str, chars: int, seed: int) -> Result:
+async def one(client: httpx.AsyncClient, url: str, chars: int, seed: int, logprobs: int | None = None) -> Result:
     body = {"prompt": "\n", "max_tokens": chars, "temperature": 1.0, "seed": seed, "stream": True}
+    body |= {} if logprobs is None else {"logprobs": logprobs}
     result, start = Result(), time.perf_counter()
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -75,12 +77,14 @@ async def one(client: httpx.AsyncClient, url: str, chars: int, seed: int) -> Res
     return result
 
 
-async def scenario(url: str, clients: int, chars: int, concurrent: bool) -> tuple[list[Result], float]:
+async def scenario(
+    url: str, clients: int, chars: int, concurrent: bool, logprobs: int | None = None
+) -> tuple[list[Result], float]:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*(one(client, url, chars, seed) for seed in range(clients)))
+            results = await asyncio.gather(*(one(client, url, chars, seed, logprobs) for seed in range(clients)))
         else:
             results = [await one(client, url, chars, seed) for seed in range(clients)]
         return list(results), time.perf_counter() - start
@@ -136,9 +140,10 @@ def summary(name: str, results: list[Result], wall: float) -> dict:
 
 
 def run_variant(
-    model_dir: Path, clients: int, max_batch: int, quantize: str, threads: int | None, src: str | None = None
-) -> dict:
-    """(a), (b), (c) against one server; its rows, ratio and texts."""
+    model_dir: Path, clients: int, max_batch: int, quantize: str, threads: int | None, src: str | None = None,
+    logprobs: int | None = None,
+) -> dict:  # fmt: skip
+    """(a), (b), (c) and with logprobs (d) against one server; its rows, ratio and texts."""
     name = f"the server of {src}" if src else f"--quantize {quantize}"
     print(name + (f" --threads {threads}" if threads else " (default threads)") + ":")
     proc, url = start_server(model_dir, max_batch, quantize, threads, src)
@@ -150,6 +155,12 @@ def run_variant(
         rows.append(summary(f"(b) {clients} concurrent x 200 chars", together, wall))
         serial, wall = asyncio.run(scenario(url, clients, 200, concurrent=False))
         rows.append(summary(f"(c) {clients} one after another", serial, wall))
+        if logprobs is not None and not src:
+            scored, wall = asyncio.run(scenario(url, clients, 200, concurrent=True, logprobs=logprobs))
+            rows.append(summary(f"(d) (b) with logprobs {logprobs}", scored, wall))
+            cost = 1 / rows[3]["chars_per_s"] - 1 / rows[1]["chars_per_s"]
+            print(f"  logprobs {logprobs}: {rows[3]['chars_per_s'] / rows[1]['chars_per_s']:.2f}x (b)'s rate, "
+                  f"{cost * 1e3:+.3f} ms per character of the aggregate")  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(60)
@@ -175,6 +186,7 @@ def main() -> None:
                    "current default (int8, a core left to HTTP) in one run")  # fmt: skip
     p.add_argument("--baseline", metavar="SRC", help="first, the server of another checkout's src/ folder (a "
                    "git worktree), fp32, its default threads, to compare with this checkout's in one run")  # fmt: skip
+    p.add_argument("--logprobs", type=int, metavar="K", help="also (d): (b) with logprobs K (0-5)")
     a = p.parse_args()
     cpu = prec.cpu_info()
     variants = a.quantize or (["none", "int8"] if cpu.native_bf16 else ["none"])
@@ -188,7 +200,9 @@ def main() -> None:
         runs: list[tuple[str, int | None, str | None]] = [("none", None, a.baseline)] if a.baseline else []
         runs += [("none", os.cpu_count(), None)] if a.old_default else []
         runs += [(q, a.threads, None) for q in variants]
-        results = [run_variant(model_dir, a.clients, a.max_batch, q, threads, src) for q, threads, src in runs]
+        results = [
+            run_variant(model_dir, a.clients, a.max_batch, q, threads, src, a.logprobs) for q, threads, src in runs
+        ]
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     out: dict[str, object] = {"bench": "serve", "cpu_flags": shown_flags(cpu), "variants": results}
     b = [r["rows"][1]["chars_per_s"] for r in results]

@@ -43,6 +43,7 @@ SKIP = {
     "chargpt train --nproc": "launches 8 processes (tests/test_distributed.py covers --nproc 2)",
     "chargpt serve": "a long-running server (tests/test_serve.py covers it)",
     "curl ": "talks to a running `chargpt serve` (tests/test_serve.py covers the same requests)",
+    "lm_eval ": "evaluates a running `chargpt serve` (tests/test_lm_eval.py runs lm-eval the same way)",
 }
 # Python blocks that talk to a running server: tests/test_serve.py runs them against one.
 SERVER_CLIENT = "from openai import OpenAI"

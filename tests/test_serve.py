@@ -541,7 +541,8 @@ def test_bad_flags_are_one_line_and_exit_2(trained_model_dir: Path, tmp_path: Pa
 def test_readme_client_example_runs(server: ServerProcess):
     """docs/serving.md's `openai` example, pointed at this server and model."""
     readme = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
-    (code,) = [block.split("```")[0] for block in readme.split("```python\n")[1:] if "OpenAI(" in block]
+    codes = [b.split("```")[0] for b in readme.split("```python\n")[1:]]
+    (code,) = [c for c in codes if "OpenAI(" in c and "chat" not in c]
     code = code.replace("http://127.0.0.1:8000", server.url).replace('"demo"', repr(MODEL))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

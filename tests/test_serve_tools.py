@@ -4,6 +4,8 @@ chat completions on the dialogue format, OpenAI's penalties, and Prometheus' /me
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -291,3 +293,15 @@ def test_every_new_route_needs_the_key_and_metrics_public_opens_only_metrics(
         )
     finally:
         srv.kill()
+
+
+def test_the_docs_chat_example_runs(server: ServerProcess):
+    """docs/serving.md's chat and scoring example, pointed at this server and model."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
+    (code,) = [c for c in (b.split("```")[0] for b in page.split("```python\n")[1:]) if "chat.completions" in c]
+    code = code.replace("http://127.0.0.1:8000", server.url).replace('"demo"', repr(MODEL))
+    code = code.replace('api_key="unused"', f"api_key={KEY!r}")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, rest = r.stdout.split("\n", 1)[0], r.stdout
+    assert first and rest.strip().splitlines()[-1].startswith("-")  # a log-likelihood, below 0
