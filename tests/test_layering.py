@@ -113,12 +113,15 @@ def test_no_module_takes_another_packages_private_names():
 
 
 def test_the_server_schedules_and_leaves_the_decoders_state_to_inference():
-    """serve/ is typed without `type: ignore`, and never writes a decoder's cache length or position itself
-    (inference.generate.Decoder.fed counts a token a batched step fed)."""
+    """serve/ is typed without `type: ignore`, never writes a decoder's cache length or position itself, and
+    leaves the cache pool, its slots and the batched step to inference.generate.BatchDecoder: it imports no
+    KV cache, Rows or one-token step."""
     for path in (SRC / "serve").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "type: ignore" not in text, path.name
         assert ".cache.length" not in text and ".seen =" not in text, path.name
+        imported = {n for _, names in _imports(path) for n in names}
+        assert not imported & {"KVCache", "Rows", "DecodeStep"}, (path.name, imported)
 
 
 def test_the_models_math_and_the_runs_plan_each_live_in_one_place():

@@ -8,6 +8,7 @@ the cache is rebuilt from the last block_size tokens (one full forward per token
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from chargpt.inference.decode import DecodeStep
 from chargpt.machine import memory
 from chargpt.machine import precision as prec
 from chargpt.machine.cores import cores as usable_cores
-from chargpt.model import KVCache, LanguageModel, check_usable
+from chargpt.model import KVCache, LanguageModel, Rows, check_usable
 from chargpt.runtime import SampleConfig
 
 
@@ -206,6 +207,72 @@ class Decoder:
             raise ValueError(f"this decoder cannot take token {n} through its cache in one step")
         self.cache.length += 1
         self.seen = n
+
+
+class BatchDecoder:
+    """Many sequences, each at its own length, decoded together: the server's decoder.
+
+    Each sequence gets its own Decoder (open()), whose cache is a row (slot) of one shared pool when batching is
+    on. logits() then runs, for every sequence that feeds one token through its cache, one batched step over
+    the pool (chargpt.inference.decode with `Rows`: each row at its own position in its own slot); a sequence
+    that must build its cache (its prompt, or every step past block_size) runs its own forward, as generate()
+    does. per_row: None, no batching (each sequence decodes alone); False, the batch-invariant batched
+    products; True, each product one row at a time (see decode.DecodeStep).
+    """
+
+    def __init__(
+        self, model: LanguageModel, capacity: int, prefill: prec.Choice, decode: prec.Choice, per_row: bool | None
+    ):
+        self.model, self.prefill, self.decode = model, prefill, decode
+        cached = model.decodes_with_cache
+        self.one = DecodeStep(model) if cached else None  # each sequence's own step (the weights gathered once)
+        self.rows: DecodeStep | None = None
+        self.pool: KVCache | None = None
+        if cached and per_row is not None:
+            self.rows = DecodeStep(model, invariant=True, per_row=per_row)
+            self.pool = self.rows.cache(capacity)
+        self._free = list(range(capacity))  # a heap: the lowest slot first, so that the busy slots stay together
+        self._slots: dict[int, int] = {}  # id(decoder) -> its slot
+
+    @property
+    def batched(self) -> bool:
+        return self.pool is not None
+
+    def open(self) -> Decoder:
+        """A decoder for a new sequence (in a free slot of the pool when batching; at most `capacity` open)."""
+        if self.pool is None:
+            return Decoder(self.model, 1, prefill=self.prefill, decode=self.decode, step=self.one)
+        slot = heapq.heappop(self._free)
+        decoder = Decoder(
+            self.model, 1, prefill=self.prefill, decode=self.decode, static=False, step=self.one,
+            cache=self.pool.row(slot),
+        )  # fmt: skip
+        self._slots[id(decoder)] = slot
+        return decoder
+
+    def close(self, decoder: Decoder) -> None:
+        """The sequence is done: its slot is free again."""
+        slot = self._slots.pop(id(decoder), None)
+        if slot is not None:
+            heapq.heappush(self._free, slot)
+
+    def logits(self, decoders: Sequence[Decoder], seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Next-token logits (1, vocab) for each sequence seqs[i] (1, n_i) of decoders[i], each one token longer
+        than at its decoder's last call: the ones that feed one token through their cache in one batched step."""
+        fast = [
+            i for i, (d, seq) in enumerate(zip(decoders, seqs, strict=True))
+            if id(d) in self._slots and d.feeds_one(seq.size(1))
+        ]  # fmt: skip
+        out: list[torch.Tensor | None] = [None] * len(decoders)
+        if fast and self.rows is not None and self.pool is not None:
+            tokens = torch.cat([seqs[i][0, -1:] for i in fast])  # (B,)
+            at = Rows([self._slots[id(decoders[i])] for i in fast], [decoders[i].position for i in fast])
+            with prec.autocast(tokens.device, self.decode):
+                logits = self.rows(tokens, self.pool, at)  # (B, vocab)
+            for j, i in enumerate(fast):
+                decoders[i].fed(seqs[i].size(1))
+                out[i] = logits[j : j + 1]
+        return [o if o is not None else d(seq) for o, d, seq in zip(out, decoders, seqs, strict=True)]
 
 
 class StaticStep:

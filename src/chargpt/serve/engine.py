@@ -1,13 +1,13 @@
 """The batching engine: every active request decoded together, one model step for all of them.
 
-Each choice of each request is a row with its own batch-of-one KV cache (generate's Decoder), its own
-sampling settings and its own torch.Generator, so its text never depends on what else is in the batch: a
-request with a seed gets exactly what `chargpt.generate` returns. Each step runs chargpt.inference.decode's one-token
-step once for every row that continues through its cache (batch-invariant: each row's numbers are its own
-batch-of-one step's); a row that must build its cache (its prompt, or every step past block_size) runs that
-forward on its own, as generate() does: it is a matrix-matrix product already, so batching it would save
-nothing. A request joins at the next step and its rows leave as
-soon as they finish or it is cancelled. The model runs in one background thread; results go
+Each choice of each request is a row with its own Decoder (its slot of chargpt.inference.generate's
+BatchDecoder, which runs the model), its own sampling settings and its own torch.Generator, so its text never
+depends on what else is in the batch: a request with a seed gets exactly what `chargpt.generate` returns. Each
+step, the BatchDecoder runs the one-token step once for every row that continues through its cache
+(batch-invariant: each row's numbers are its own batch-of-one step's); a row that must build its cache (its
+prompt, or every step past block_size) runs that forward on its own, as generate() does. This module only
+schedules: which rows run, their sampling, and their pieces of text. A request joins at the next step and its
+rows leave as soon as they finish or it is cancelled. The model runs in one background thread; results go
 back through a `deliver` callback (the HTTP layer hands them to its event loop). At most `max_batch` rows
 run at once; up to `max_queue` requests wait beyond that, and `submit` refuses the rest (QueueFull).
 One request holds at most `share_cap(max_batch)` rows at a time (its other choices start as its rows finish),
@@ -16,7 +16,6 @@ so a request that arrives behind a large `n` starts at the next step instead of 
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -27,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.inference.decode import DecodeStep, Rows, batch_invariant
+from chargpt.inference.decode import batch_invariant
 from chargpt.inference.evaluate import token_logprobs
 from chargpt.inference.generate import (
+    BatchDecoder,
     Decoder,
     Penalties,
     StopFilter,
@@ -37,9 +37,9 @@ from chargpt.inference.generate import (
     row_generators,
     sampling_setup,
     top_logprobs,
-)  # fmt: skip
+)
 from chargpt.machine import precision as prec
-from chargpt.model import GPT, KVCache, LanguageModel
+from chargpt.model import GPT, LanguageModel
 
 log = logging.getLogger("chargpt.serve")
 
@@ -137,8 +137,6 @@ class _Row:
     n: int  # tokens in seq
     generator: torch.Generator
     text: StopFilter
-    last: int  # the newest token id
-    slot: int | None  # its cache row in the engine's pool (None: decoded on its own)
     penalties: Penalties | None = None
     scored: list[Scored] = field(default_factory=list)  # generated characters not yet handed out, with logprobs
     produced: int = 0
@@ -198,14 +196,7 @@ class Engine:
             )
             if per_row is None:
                 log.warning("%s on %s", self.batching, self.device)
-        self.one = DecodeStep(cached) if cached is not None else None  # each row's own step (weights shared)
-        # the step of all rows at once, and every row's keys and values (one slot per row)
-        self.batch: tuple[DecodeStep, KVCache] | None = None
-        if cached is not None and per_row is not None:
-            rows = DecodeStep(cached, invariant=True, per_row=per_row)
-            self.batch = rows, rows.cache(max_batch)
-        self._free_slots = list(range(max_batch))  # a heap (engine thread only): the lowest first, so the rows'
-        # slots stay together and the batched attention spans few idle ones
+        self.decoders = BatchDecoder(model, max_batch, self.prefill, self.decode, per_row)  # engine thread only
         self._cond = threading.Condition()
         self._shared = _Shared()
         self._rows: list[_Row] = []  # engine thread only
@@ -214,7 +205,7 @@ class Engine:
     @property
     def batched(self) -> bool:
         """Whether rows are decoded together (else one by one)."""
-        return self.batch is not None
+        return self.decoders.batched
 
     def start(self) -> None:
         self._thread.start()
@@ -327,8 +318,7 @@ class Engine:
         gone = {id(r) for r in rows}
         self._rows = [r for r in self._rows if id(r) not in gone]
         for r in rows:
-            if r.slot is not None:
-                heapq.heappush(self._free_slots, r.slot)
+            self.decoders.close(r.decoder)
             self._give_back(r.job, 1)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
@@ -355,9 +345,13 @@ class Engine:
     def _start(self, part: Joining) -> None:
         """Give each of these choices of a job its row; a choice with max_new_tokens 0 finishes at once."""
         job, done, first = part.job, [], []
+        scores: dict[tuple[int, ...], list[Scored]] = {}  # n samples of a prompt: scored once
         for index in range(part.first, part.first + part.count):
             spec = job.choices[index]
-            prompt = self._score_prompt(spec) if spec.echo and spec.logprobs is not None else None
+            prompt = None
+            if spec.echo and spec.logprobs is not None:
+                key = (spec.logprobs, *spec.prompt_ids)
+                prompt = scores[key] if key in scores else scores.setdefault(key, self._score_prompt(spec))
             if spec.max_new_tokens == 0:
                 done.append(Piece(index, "", "length", 0, [] if spec.logprobs is not None else None, prompt))
                 continue
@@ -366,18 +360,9 @@ class Engine:
             seq = torch.empty(1, len(spec.prompt_ids) + spec.max_new_tokens, dtype=torch.long, device=self.device)
             seq[0, : len(spec.prompt_ids)] = torch.as_tensor(spec.prompt_ids, dtype=torch.long)
             (generator,) = row_generators(spec.seed, 1)
-            slot, cache = None, None
-            if self.batch is not None:
-                slot = heapq.heappop(self._free_slots)
-                cache = self.batch[1].row(slot)
-            decoder = Decoder(
-                self.model, 1, prefill=self.prefill, decode=self.decode, static=False if slot is not None else None,
-                step=self.one, cache=cache,
-            )  # fmt: skip
-            text, last = StopFilter(spec.stop), int(spec.prompt_ids[-1])
-            n = len(spec.prompt_ids)
+            n, decoder = len(spec.prompt_ids), self.decoders.open()
             penalties = Penalties.of(1, len(self.chars), spec.frequency_penalty, spec.presence_penalty, self.device)
-            self._rows.append(_Row(job, index, spec, decoder, seq, n, generator, text, last, slot, penalties))
+            self._rows.append(_Row(job, index, spec, decoder, seq, n, generator, StopFilter(spec.stop), penalties))
         if done:
             self._give_back(job, len(done))
         if done or first:
@@ -399,20 +384,8 @@ class Engine:
         return Scored(self.chars[token], float(logprob), top)
 
     def _logits(self) -> list[torch.Tensor]:
-        """Next-token logits (1, vocab) for every row: the rows that feed one token through their cache in one
-        batched step, the others (first step, past block_size) by their own Decoder, as generate() does."""
-        rows, batched = self._rows, {}
-        fast = [r for r in rows if self.batch is not None and r.slot is not None and r.decoder.feeds_one(r.n)]
-        if fast and self.batch is not None:
-            step, pool = self.batch
-            tokens = torch.tensor([r.last for r in fast], device=self.device)  # (B,)
-            at = Rows([r.slot for r in fast if r.slot is not None], [r.decoder.position for r in fast])
-            with prec.autocast(self.device, self.decode):
-                logits = step(tokens, pool, at)  # (B, vocab)
-            for j, r in enumerate(fast):
-                r.decoder.fed(r.n)
-                batched[id(r)] = logits[j : j + 1]
-        return [batched[id(r)] if id(r) in batched else r.decoder(r.seq[:, : r.n]) for r in rows]
+        """Next-token logits (1, vocab) for every row (chargpt.inference.generate.BatchDecoder)."""
+        return self.decoders.logits([r.decoder for r in self._rows], [r.seq[:, : r.n] for r in self._rows])
 
     def _step(self) -> None:
         """One token for every row; pieces to their jobs; finished rows free their slots."""
@@ -437,7 +410,6 @@ class Engine:
                 continue
             r.seq[0, r.n] = nxt
             r.n += 1
-            r.last = nxt
             r.produced += 1
             text = r.text.push(self.chars[nxt])
             finish = "stop" if r.text.stopped else "length" if r.produced == s.max_new_tokens else None
