@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from chargpt.config import PRESETS, TIME_GOVERNED_UPDATES, GPTConfig, TrainConfig, load_toml
+from chargpt.config import PRESETS, GPTConfig, TrainConfig, load_toml
 from chargpt.errors import ChargptError
 from chargpt.training.settings import make_train_config, resolve_preset
 
@@ -187,17 +187,23 @@ def test_missing_or_binary_toml(tmp_path):
 
 
 def test_a_time_budget_alone_governs_the_run(tmp_path):
-    """--max-time without --n-updates: the preset's step count must not end the run (or its schedule) early."""
-    from chargpt.config import TIME_GOVERNED_UPDATES
+    """--max-time without --n-updates: the preset's step count must not end the run (or its schedule) early; the
+    config says so itself (no step count), and a run saved with the old stand-in count reads the same."""
+    from chargpt.config import OLD_TIME_GOVERNED_UPDATES
+    from chargpt.training.settings import on_saved
 
     timed = make_train_config("cpu", device="cpu", max_time=60.0)
-    assert timed.n_updates == TIME_GOVERNED_UPDATES
+    assert timed.n_updates is None and timed.step_limit == float("inf")
     both = make_train_config("cpu", device="cpu", max_time=60.0, n_updates=123)
-    assert both.n_updates == 123
+    assert both.n_updates == 123 and both.step_limit == 123
     toml = tmp_path / "c.toml"
     toml.write_text("max_time = 30\n")
-    assert make_train_config("cpu", str(toml), device="cpu").n_updates == TIME_GOVERNED_UPDATES
+    assert make_train_config("cpu", str(toml), device="cpu").n_updates is None
     assert make_train_config("cpu", device="cpu").n_updates == PRESETS["cpu"]["n_updates"]
+    old = {**vars(timed), "n_updates": OLD_TIME_GOVERNED_UPDATES}
+    assert on_saved(old, tmp_path).config.n_updates is None
+    with pytest.raises(ChargptError, match="a run needs n_updates or max_time"):
+        TrainConfig(n_updates=None, max_time=0).validate()
 
 
 def test_every_setting_is_described_once_beside_its_field_and_shown_by_help():
@@ -227,7 +233,7 @@ def test_every_setting_says_where_it_came_from(tmp_path):
     assert (s.config.learning_rate, s.sources["learning_rate"]) == (0.002, f"--config {path}")
     assert (s.config.n_layers, s.sources["n_layers"]) == (3, "sized for the budget")
     assert (s.config.batch_size, s.sources["batch_size"]) == (PRESETS["cpu"]["batch_size"], "preset cpu")
-    assert s.config.n_updates == TIME_GOVERNED_UPDATES and s.sources["n_updates"] == "--max-time without a step count"
+    assert s.config.n_updates is None and s.sources["n_updates"] == "--max-time without a step count"
     assert "seed" not in s.sources and s.config.seed == TrainConfig.seed  # a default has no source
     described = s.described()
     assert "n_layers 3, weight_decay 0.05 (sized for the budget)" in described, described

@@ -6,6 +6,7 @@ Building a config needs no torch, except to look for a GPU when the device is `a
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
@@ -31,8 +32,8 @@ QUANTIZE = ("auto", "none", "int8")  # int8 weights for sampling/serving/eval (c
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest (chargpt.training.optim)
 SCHEDULES = ("cosine", "wsd")
 WINDOW_ORDERS = ("random", "shuffled")  # where training windows start (chargpt.data.corpus)
-# n_updates when only a time budget (max_time) is given: the clock, not a step count, ends the run
-TIME_GOVERNED_UPDATES = 1_000_000_000
+# what runs saved before n_updates could be None (the clock alone ends the run) hold in its place
+OLD_TIME_GOVERNED_UPDATES = 1_000_000_000
 
 
 @dataclass
@@ -146,8 +147,8 @@ class TrainConfig:
     n_layers: int = setting(6, "transformer blocks", group="model")
     dropout: float = setting(0.2, "dropout probability while training", group="model")
     # optimisation
-    n_updates: int = setting(
-        5000, "optimizer steps (with only --max-time given, the clock alone ends the run)", group="optimisation"
+    n_updates: int | None = setting(
+        5000, "optimizer steps (with only --max-time given: none, the clock alone ends the run)", group="optimisation"
     )
     batch_size: int = setting(64, "sequences per step (global, across all processes)", group="optimisation")
     gradient_accumulation_steps: int = setting(
@@ -237,7 +238,7 @@ class TrainConfig:
     def validate(self) -> None:
         self.model_config(vocab_size=1)  # checks the shape fields
         for name, limit in (
-            ("n_updates", MAX_COUNT),
+            *([("n_updates", MAX_COUNT)] if self.n_updates is not None else []),
             ("batch_size", MAX_SIZE),
             ("gradient_accumulation_steps", MAX_SIZE),
             ("eval_interval", MAX_COUNT),
@@ -290,6 +291,8 @@ class TrainConfig:
         device = self.device
         check_device(device)
         check_name("precision", self.precision, PRECISIONS)
+        if self.n_updates is None and not self.max_time:
+            raise ChargptError("a run needs n_updates or max_time: give --n-updates N or --max-time SECONDS")
 
     def _validate_data_options(self) -> None:
         if not isinstance(self.vocab, str) or not self.vocab:
@@ -300,6 +303,11 @@ class TrainConfig:
             )
         if self.token_cache is not None and (not isinstance(self.token_cache, str) or not self.token_cache):
             raise ChargptError(f"token_cache must be a folder or 'off', got {self.token_cache!r}")
+
+    @property
+    def step_limit(self) -> float:
+        """n_updates, or no limit (infinity) when the clock alone ends the run."""
+        return math.inf if self.n_updates is None else self.n_updates
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(
@@ -353,11 +361,14 @@ RENAMED = {"model": "arch"}
 
 
 def renamed(values: dict[str, Any]) -> dict[str, Any]:
-    """Map old field names to new ones (an explicit new name wins over an old one)."""
+    """A saved or given config's fields as today's: old names mapped to new ones (an explicit new name wins over
+    an old one), and the stand-in step count that old runs saved for "the clock ends the run" read as none."""
     out = {RENAMED.get(k, k): v for k, v in values.items() if k not in RENAMED}
     for old, new in RENAMED.items():
         if old in values and out.get(new) is None:
             out[new] = values[old]
+    if out.get("n_updates") == OLD_TIME_GOVERNED_UPDATES and out.get("max_time"):
+        out["n_updates"] = None
     return out
 
 
@@ -414,6 +425,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     kind = TRAIN_FIELDS[key].type
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
+        "int | None": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),

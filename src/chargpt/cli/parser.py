@@ -229,11 +229,12 @@ def _add_train_flags(p: _Parser) -> None:
         group = groups[opts.pop("group", "settings")]
         flag = "--" + f.name.replace("_", "-")
         text = f"{f.metadata['help']} ({_default_text(f.name)})".lstrip()
-        if f.type == "bool":
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            opts.setdefault("metavar", {"int": "N", "float": "X"}.get(f.type, "NAME"))
-            group.add_argument(flag, type=TYPES.get(f.type, str), default=None, help=text, **opts)
+            opts.setdefault("metavar", {"int": "N", "float": "X"}.get(kind, "NAME"))
+            group.add_argument(flag, type=TYPES.get(kind, str), default=None, help=text, **opts)
 
 
 def build_parser() -> argparse.ArgumentParser:

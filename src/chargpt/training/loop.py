@@ -195,7 +195,7 @@ def _loop(run: Run, state: RunState, losses: LossLog, *, progress: bool, pause_a
             evaluate_and_save(run, state, 0.0)
         bar = report.Progress(cfg, state.step, state.elapsed, enabled=progress and d.main)
         start_step, t_prev = state.step, bar.restart()
-        while state.step < cfg.n_updates:
+        while state.step < cfg.step_limit:
             stop = stop_reason(run, state, signals, pause_after, start_step)
             if stop:
                 state.stopped_by = stop
@@ -252,7 +252,7 @@ def already_finished(run: Run, state: RunState) -> bool:
     """A resumed run with nothing left to do: its steps are done, or its time budget (not extended) is spent."""
     cfg = run.cfg
     spent = Budget(cfg.max_time).spent(state.elapsed, state.timings())
-    return evaluated(state) and (state.step >= cfg.n_updates or spent)
+    return evaluated(state) and (state.step >= cfg.step_limit or spent)
 
 
 def stop_reason(run: Run, state: RunState, signals: Signals, pause_after: int | None, start_step: int) -> str | None:

@@ -11,6 +11,7 @@ import torch
 
 from chargpt.config import TrainConfig
 from chargpt.errors import ctrl_c_held
+from chargpt.machine.precision import cpu_info
 
 Anchor = tuple[int, float, float]  # (step, elapsed seconds, learning rate) where an extended schedule restarts
 # what a resumed run may change about its schedule: the budget (the first two) and the schedule's shape
@@ -59,8 +60,6 @@ def ns_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     if device.type == "cpu":
-        from chargpt.machine.precision import cpu_info
-
         return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
     return torch.float32
 
@@ -166,7 +165,7 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed: float, anchor: Anchor | 
 def schedule_progress(cfg: TrainConfig, step: int, elapsed: float, anchor: Anchor | None = None) -> float:
     """How far the schedule is, 0..1: by steps or by time, whichever is further; from the anchor, if any."""
     start_step, start_time = (0, 0.0) if anchor is None else anchor[:2]
-    progress = (step - start_step) / max(cfg.n_updates - start_step, 1)
+    progress = (step - start_step) / max(cfg.step_limit - start_step, 1)
     if cfg.max_time > 0:
         progress = max(progress, (elapsed - start_time) / max(cfg.max_time - start_time, 1e-9))
     return min(1.0, max(progress, 0.0))
@@ -190,8 +189,9 @@ def budget_grew(old: TrainConfig, new: TrainConfig) -> bool:
     """A resume that asks for more: more steps or more time, and no less of either."""
     unlimited = math.inf  # max_time 0: no time budget
     old_time, new_time = old.max_time or unlimited, new.max_time or unlimited
-    more = new.n_updates > old.n_updates or new_time > old_time
-    return more and new.n_updates >= old.n_updates and new_time >= old_time
+    old_steps, new_steps = old.step_limit, new.step_limit
+    more = new_steps > old_steps or new_time > old_time
+    return more and new_steps >= old_steps and new_time >= old_time
 
 
 def extended_anchor(

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chargpt.config import TIME_GOVERNED_UPDATES, TrainConfig
+from tqdm import tqdm
+
+from chargpt.config import TrainConfig
 from chargpt.fileio import atomic_write_bytes
 from chargpt.storage.layout import METRICS, PLOT
 
@@ -72,7 +74,7 @@ def prepare_plot() -> None:
     mpl_log = logging.getLogger("matplotlib")
     level = mpl_log.level
     mpl_log.setLevel(logging.ERROR)
-    try:
+    try:  # matplotlib (a second of import) only when a plot is drawn
         import matplotlib
 
         matplotlib.use("Agg")
@@ -241,7 +243,7 @@ def announce(
     log.info("%s%s%s, on %s in %s", start, shape, how, device, precision)
     data = f"data {cfg.data}" if cfg.data else "data: the complete Shakespeare plays (built in)"
     n_chars = len(train_ids) + len(val_ids)
-    if cfg.max_time and cfg.n_updates >= TIME_GOVERNED_UPDATES:
+    if cfg.n_updates is None:
         budget = f"{cfg.max_time:g} s (evaluations included)"
     elif cfg.max_time:
         budget = f"{cfg.n_updates:,} steps or {cfg.max_time:g} s, whichever comes first"
@@ -271,7 +273,7 @@ LARGE_VOCAB = 256  # a vocabulary past this says that --min-char-count exists (S
 
 def resume_adds(cfg: TrainConfig, state: Any) -> str:
     """What a resumed run will add to what is done (a budget is the run's total, not this call's)."""
-    steps = cfg.n_updates - state.step if cfg.n_updates < TIME_GOVERNED_UPDATES else None
+    steps = cfg.n_updates - state.step if cfg.n_updates is not None else None
     seconds = max(cfg.max_time - state.elapsed, 0.0) if cfg.max_time else None
     done = f"{state.step:,} steps in {state.elapsed:.0f} s done"
     if steps is not None and seconds is not None:
@@ -289,8 +291,6 @@ class Progress:
     and tokens/s over a ~2 s window that leaves out evaluation and checkpoint time."""
 
     def __init__(self, cfg: TrainConfig, step: int, elapsed: float, enabled: bool, terminal: bool | None = None):
-        from tqdm import tqdm
-
         self.cfg = cfg
         self.time_bar = cfg.max_time > 0
         # output to a file or a pipe: no bar redrawn with \r, which fills a log; a plain line every PLAIN_EVERY s
@@ -298,7 +298,7 @@ class Progress:
         self.plain = enabled and not terminal
         self.printed_at = time.perf_counter()
         self.bar = tqdm(
-            total=cfg.max_time if self.time_bar else cfg.n_updates,
+            total=cfg.max_time if self.time_bar or cfg.n_updates is None else cfg.n_updates,
             initial=min(elapsed, cfg.max_time) if self.time_bar else step,
             disable=not enabled or self.plain,
             unit="s" if self.time_bar else "step",

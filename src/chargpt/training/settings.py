@@ -23,7 +23,6 @@ from chargpt.config import (
     PRESETS,
     RESUME_FIXED,
     SHAPE_KEYS,
-    TIME_GOVERNED_UPDATES,
     TRAIN_FIELDS,
     TrainConfig,
     check_device,
@@ -34,10 +33,12 @@ from chargpt.config import (
 )
 from chargpt.errors import ChargptError, shorten
 from chargpt.machine.devices import resolve_device
+from chargpt.storage.trainstate import load_train_state
 from chargpt.training.finetune import fill_config
 
 PRESET_KEYS = tuple(sorted({k for p in PRESETS.values() for k in p}))
 FLAG = "--{flag}"  # the name of the flags' layer: each setting's source is its own flag
+CLOCK_ONLY = object()  # a layer's n_updates that merge() turns into None: no step count, the clock ends the run
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def describe(cfg: TrainConfig, sources: dict[str, str]) -> str:
     by_source: dict[str, list[str]] = {}
     for key, source in sources.items():
         value = getattr(cfg, key, None)
-        if key in ("out", "data") or (key == "n_updates" and value == TIME_GOVERNED_UPDATES):
+        if key in ("out", "data") or (key == "n_updates" and value is None):
             continue
         flagged = source == FLAG.format(flag=key.replace("_", "-"))  # the command line's own flags: one group
         by_source.setdefault("flags" if flagged else source, []).append(f"{key} {shorten(value, 40)}")
@@ -77,14 +78,15 @@ def describe(cfg: TrainConfig, sources: dict[str, str]) -> str:
 
 
 def merge(layers: Sequence[Layer]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The layers' values, later over earlier (None means 'not given'), and each value's source."""
+    """The layers' values, later over earlier (None means 'not given'; CLOCK_ONLY sets n_updates to None), and
+    each value's source."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for layer in layers:
         for key, value in layer.values.items():
             if value is not None:
                 values[key], sources[key] = value, layer.source(key)
-    return values, sources
+    return {k: None if v is CLOCK_ONLY else v for k, v in values.items()}, sources
 
 
 def resolve(layers: Sequence[Layer], given: Sequence[Layer] = ()) -> Settings:
@@ -126,7 +128,7 @@ def _given(config_path: str | None, flags: dict[str, Any], time_rule: bool = Tru
     layers.append(Layer(FLAG, {k: v for k, v in flags.items() if v is not None}))
     given, _ = merge(layers)
     if time_rule and given.get("max_time") and "n_updates" not in given:  # the clock governs the run
-        layers.append(Layer("--max-time without a step count", {"n_updates": TIME_GOVERNED_UPDATES}))
+        layers.append(Layer("--max-time without a step count", {"n_updates": CLOCK_ONLY}))
     return layers
 
 
@@ -170,8 +172,6 @@ def sizing_request(preset: str | None, config_path: str | None, **flags: Any) ->
 def resumed(folder: str | Path, preset: str | None = None, config_path: str | None = None, **flags: Any) -> Settings:
     """A resume's settings: the run saved in `folder` < what the command gives (--preset < --config < flags < the time
     rule). A given setting equal to the saved one is fine; the RESUME_FIXED ones (shape, data) may not differ."""
-    from chargpt.storage.trainstate import load_train_state
-
     saved = load_train_state(folder, mmap=True).config  # train() reads the tensors; here only the config
     return on_saved(saved, folder, explicit_layers(preset, config_path, {k: v for k, v in flags.items() if k != "out"}))
 
@@ -192,13 +192,13 @@ def on_saved(saved: Any, out: str | Path, given: Sequence[Layer] = ()) -> Settin
                 f"--overwrite or another --out"
             )
     cfg = TrainConfig(**{**saved, **values, "out": str(out)})
-    cfg.validate()
-    if cfg.n_updates == TIME_GOVERNED_UPDATES and not cfg.max_time:
+    if cfg.n_updates is None and not cfg.max_time:
         raise ChargptError(
             f"max_time 0 (no time limit, from {sources.get('max_time', 'the saved run')}) leaves the run in {out} "
             f"with no budget: it has no step count (its clock was its budget, {shorten(saved.get('max_time'))} s); "
             f"give a larger --max-time (the run's total seconds) or an --n-updates"
         )
+    cfg.validate()
     defaults = {k: f.default for k, f in TRAIN_FIELDS.items()}
     kept = {k: "the saved run" for k, v in saved.items() if k not in sources and v != defaults.get(k)}
     return Settings(cfg, {**kept, **sources})

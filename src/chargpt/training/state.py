@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from chargpt.config import TrainConfig
+from chargpt.config import TrainConfig, renamed
 from chargpt.errors import ChargptError, first_line
 from chargpt.storage import checkpoint as ckpt
 from chargpt.storage import layout, trainstate
@@ -72,7 +72,8 @@ class RunState(trainstate.Counters):
 
 def saved_schedule(cfg: TrainConfig, saved: trainstate.TrainState) -> TrainConfig:
     """`cfg` with the budget and schedule the saved run had (what its learning rates were computed from)."""
-    return dataclasses.replace(cfg, **{k: saved.config[k] for k in SCHEDULE_KEYS if k in saved.config})
+    config = renamed(saved.config)
+    return dataclasses.replace(cfg, **{k: config[k] for k in SCHEDULE_KEYS if k in config})
 
 
 def resume_point(cfg: TrainConfig, out: Path, end: trainstate.TrainState) -> tuple[trainstate.TrainState, str]:
