@@ -98,12 +98,11 @@ def percentile(values: list[float], q: float) -> float:
 def start_server(
     model_dir: Path, max_batch: int, quantize: str, threads: int | None, src: str | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`chargpt serve` of this checkout, or (src) of the package at src, an older checkout's src/ folder, which
-    knows no --quantize."""
+    """`chargpt serve` of this checkout, or (src) of the package at src, an older checkout's src/ folder (one
+    that knows --quantize)."""
     cmd = [sys.executable, "-m", "chargpt", "serve", "--model", str(model_dir), "--port", "0", "--device", "cpu"]
-    cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--precision", "fp32"]
+    cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--precision", "fp32", "--quantize", quantize]
     cmd += ["--threads", str(threads)] if threads else []
-    cmd += [] if src else ["--quantize", quantize]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"} | ({"PYTHONPATH": src} if src else {})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
@@ -185,7 +184,7 @@ def main() -> None:
     p.add_argument("--old-default", action="store_true", help="first, fp32 on every core, to compare with the "
                    "current default (int8, a core left to HTTP) in one run")  # fmt: skip
     p.add_argument("--baseline", metavar="SRC", help="first, the server of another checkout's src/ folder (a "
-                   "git worktree), fp32, its default threads, to compare with this checkout's in one run")  # fmt: skip
+                   "git worktree), fp32 weights, its default threads, to compare with this one in one run")  # fmt: skip
     p.add_argument("--logprobs", type=int, metavar="K", help="also (d): (b) with logprobs K (0-5)")
     a = p.parse_args()
     cpu = prec.cpu_info()

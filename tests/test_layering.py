@@ -145,3 +145,26 @@ def test_the_models_math_and_the_runs_plan_each_live_in_one_place():
         code = path.read_text(encoding="utf-8")
         assert "resolve_preset" not in code and "sizing.choose" not in code and "for_budget" not in code, path.name
         assert "sizing.measure" not in code, path.name
+
+
+# the modules outside cli/ that import inside functions, and why (start-up time, or an optional extra)
+LAZY = {
+    "chargpt": "the public API names load on first use: `import chargpt` stays light",
+    "chargpt.training.sizing": "the parser reads its constants for --help without torch",
+    "chargpt.machine.devices": "device names are checked at start-up without torch",
+    "chargpt.training.report": "matplotlib (a second of import) only when a plot is drawn",
+    "chargpt.inference.export": "onnx, the optional export extra",
+}
+
+
+def test_imports_inside_functions_only_where_start_up_needs_them():
+    """Imports go at the top of a module, except in cli/ (each command imports what it runs, so that --help and a
+    bad flag answer without torch) and in the modules of LAZY, each for the reason given there."""
+    inside = []
+    for name, path in MODULES.items():
+        if name.startswith("chargpt.cli") or name in LAZY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                inside += [f"{name}:{n.lineno}" for n in ast.walk(node) if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert inside == []

@@ -231,7 +231,7 @@ def test_long_sized_runs_average_their_weights_and_short_ones_do_not():
 def test_the_command_line_and_python_plan_the_same_run(text_file: Path, tmp_path: Path):
     """`chargpt train --max-time 30` and `chargpt.train(max_time=30)` go through one planner: the same model
     and settings, each from the same source, on the same machine (each rung timed once, here, for both)."""
-    from chargpt.cli.commands import train_settings
+    from chargpt.cli.commands import train_settings, typed_settings
     from chargpt.cli.parser import build_parser
     from chargpt.machine import cores
     from chargpt.training.planner import plan
@@ -244,8 +244,9 @@ def test_the_command_line_and_python_plan_the_same_run(text_file: Path, tmp_path
         return timed[rung]
 
     out = str(tmp_path / "run")
-    args = build_parser().parse_args(["train", "--data", str(text_file), "--out", out, "--max-time", "30"])
-    cli = plan(**train_settings(args), throughput=throughput)
+    argv = ["train", "--data", str(text_file), "--out", out, "--max-time", "30"]
+    command, given, _ = typed_settings(build_parser().parse_args(argv), argv)  # what cmd_train is handed
+    cli = plan(**train_settings(command, given), throughput=throughput)
     python = plan(data=str(text_file), out=out, max_time=30, throughput=throughput)
     assert cli == python
     assert cli.sources["n_embd"] == cli.sources["optimizer"] == "sized for the budget"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from chargpt.config import GPTConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.dropout import Dropout, dropout_mask
 from chargpt.errors import ChargptError
 from chargpt.lecture import GPTLanguageModel
@@ -451,8 +452,6 @@ def shapes_only() -> Iterator[None]:
 def check_usable(model: object, tokenizer: object = None, where: str = "this function") -> None:
     """What public functions that run a model check first, so that a wrong argument is a clear error rather
     than an exception from deep inside torch: a chargpt model with real float32 weights (and a CharTokenizer)."""
-    from chargpt.data.tokenizer import CharTokenizer
-
     if not isinstance(model, (GPT, BigramLM, GPTLanguageModel)):
         raise TypeError(
             f"{where} takes a chargpt model (chargpt.load_model(DIR) returns one), got {type(model).__name__}"

@@ -60,7 +60,7 @@ def _run(argv: list[str]) -> int:
         if threading.current_thread() is threading.main_thread():  # a Ctrl-C from here on is also remembered
             signal.signal(signal.SIGINT, RememberedInterrupt())
         import_holding_ctrl_c(args.command)
-        code = commands.COMMANDS[args.command](args, argv)
+        code = commands.run(args, argv)
         sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
         return code
     except ChargptError as e:

@@ -1,4 +1,7 @@
-"""What each `chargpt` command does with its parsed flags: call the library, print the result."""
+"""What each `chargpt` command does with its typed settings: call the library, print the result.
+
+Each command imports what it runs inside its function: `chargpt --help`, a bad flag and a one-line error answer
+without importing torch (seconds on a busy machine)."""
 
 from __future__ import annotations
 
@@ -16,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from chargpt.cli.launch import last_line, launch_torchrun, self_command
-from chargpt.cli.options import from_args
-from chargpt.config import MODEL_TYPES, TIME_GOVERNED_UPDATES, TrainConfig
+from chargpt.cli.options import (
+    EvalCommand,
+    ExportCommand,
+    InfoCommand,
+    SampleRuntime,
+    SampleText,
+    ServeRuntime,
+    TrainCommand,
+    from_args,
+)
+from chargpt.config import MODEL_TYPES, OLD_TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line, visible, visible_json
 from chargpt.runtime import SampleConfig, ServeConfig
 
@@ -35,14 +47,14 @@ def setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
-def _legacy_model_flag(args: argparse.Namespace) -> None:
+def _legacy_model_flag(cmd: TrainCommand, given: dict[str, Any]) -> None:
     """`train --model gpt|bigram` still works (with a warning); a directory there gets pointed elsewhere."""
-    value = args.legacy_model
+    value = cmd.legacy_model
     if value is None:
         return
     if value in MODEL_TYPES:
         sys.stderr.write(f"chargpt: warning: train --model is deprecated; use --arch {value}\n")
-        args.arch = args.arch or value
+        given["arch"] = given.get("arch") or value
         return
     if os.sep in value or "/" in value or Path(value).exists():
         raise ChargptError(
@@ -53,26 +65,26 @@ def _legacy_model_flag(args: argparse.Namespace) -> None:
     raise ChargptError(f"unknown architecture {value!r} for train --model (deprecated); use --arch gpt or bigram")
 
 
-def train_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What `chargpt train`'s flags ask the planner for (chargpt.training.planner.plan's arguments)."""
+def train_settings(cmd: TrainCommand, given: dict[str, Any]) -> dict[str, Any]:
+    """What `chargpt train`'s flags ask the planner for (chargpt.training.planner.plan's arguments); `given`: the
+    TrainConfig settings given as flags (None: not given)."""
     return {
-        "preset": args.preset, "config": args.config, "resume": args.resume, "overwrite": args.overwrite,
-        "add_time": args.add_time,
-        "distributed": args.nproc is not None, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)},
+        "preset": cmd.preset, "config": cmd.config, "resume": cmd.resume, "overwrite": cmd.overwrite,
+        "add_time": cmd.add_time, "distributed": cmd.nproc is not None, **given,
     }  # fmt: skip
 
 
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_train(cmd: TrainCommand, given: dict[str, Any], argv: list[str]) -> int:
     from chargpt.training.loop import train
     from chargpt.training.planner import plan
 
-    _legacy_model_flag(args)
-    planned = plan(**train_settings(args), on_sizing=None if args.quiet else lambda line: print(line, flush=True))
-    if args.nproc is not None:
-        return launch_torchrun(args.nproc, planned.config, argv)
-    setup_logging(args.quiet)
+    _legacy_model_flag(cmd, given)
+    planned = plan(**train_settings(cmd, given), on_sizing=None if cmd.quiet else lambda line: print(line, flush=True))
+    if cmd.nproc is not None:
+        return launch_torchrun(cmd.nproc, planned.config, argv)
+    setup_logging(cmd.quiet)
     result = train(
-        planned.config, resume=planned.resume, overwrite=args.overwrite, progress=not args.quiet,
+        planned.config, resume=planned.resume, overwrite=cmd.overwrite, progress=not cmd.quiet,
         preset_note=planned.note, sources=planned.sources,
     )  # fmt: skip
     if result.rank == 0:
@@ -91,7 +103,7 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
         return EXIT_SIGNAL[result.stopped_by]
     if result.stopped_by == "finished":
         # the limit that ended it grows; where a time budget may end it too, both (following advice must train)
-        steps_done = result.step >= cfg.n_updates
+        steps_done = result.step >= cfg.step_limit
         longer = " ".join(
             ([f"--n-updates {2 * result.step}"] if steps_done else [])
             + ([f"--max-time {math.ceil(2 * max(cfg.max_time, result.elapsed))}"] if cfg.max_time else [])
@@ -112,13 +124,12 @@ def _report_train(result: Any, cfg: TrainConfig) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def cmd_sample(run: SampleRuntime, text: SampleText, cfg: SampleConfig) -> int:
     from chargpt.inference.generate import decode_threads
 
-    cfg = from_args(SampleConfig, args)
     cfg.validate()
-    with _threads(args.threads, decode_threads(args.num_samples) if args.threads is None else None):
-        return _sample(args, cfg)
+    with _threads(run.threads, decode_threads(cfg.num_samples) if run.threads is None else None):
+        return _sample(run, text.prompt, text.no_stream, cfg)
 
 
 @contextlib.contextmanager
@@ -139,21 +150,21 @@ def _threads(requested: int | None, default: int | None = None) -> Iterator[None
         torch.set_num_threads(before)
 
 
-def _sample(args: argparse.Namespace, cfg: Any) -> int:
+def _sample(run: SampleRuntime, prompt: str, no_stream: bool, cfg: SampleConfig) -> int:
     from chargpt.inference.generate import generate, stream
     from chargpt.machine import memory
     from chargpt.machine.devices import resolve_device
     from chargpt.storage.checkpoint import load_model
 
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device)
+    device = resolve_device(run.device)
+    model, tokenizer = load_model(run.model, device)
     memory.check(
-        memory.inference_bytes(model.config, args.num_samples),
+        memory.inference_bytes(model.config, cfg.num_samples),
         device,
-        f"sampling {args.num_samples} sequence(s) at once",
+        f"sampling {cfg.num_samples} sequence(s) at once",
         "use a smaller --num-samples",
     )
-    tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before anything is printed
+    tokenizer.encode(prompt)  # a prompt outside the vocabulary fails before anything is printed
     if sys.stderr.isatty():  # on a terminal, say how it decodes (pipes and logs get the text only)
         from chargpt.inference import quantize as quant
 
@@ -161,37 +172,37 @@ def _sample(args: argparse.Namespace, cfg: Any) -> int:
         weights = "int8 weights" if choice.name == "int8" else "weights as trained"
         sys.stderr.write(f"decoding with {weights} ({choice.reason})\n")
     out = sys.stdout
-    if args.num_samples == 1 and not args.no_stream:
-        out.write(args.prompt)
+    if cfg.num_samples == 1 and not no_stream:
+        out.write(prompt)
         out.flush()
-        for chunk in stream(model, tokenizer, args.prompt, cfg):
+        for chunk in stream(model, tokenizer, prompt, cfg):
             out.write(chunk)
             out.flush()
         out.write("\n")
         return 0
-    texts = generate(model, tokenizer, args.prompt, cfg)
+    texts = generate(model, tokenizer, prompt, cfg)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             out.write(f"--- sample {i + 1} ---\n")
-        out.write(args.prompt + text + "\n")
+        out.write(prompt + text + "\n")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
-    with _threads(args.threads):
-        return _eval(args)
+def cmd_eval(cmd: EvalCommand) -> int:
+    setup_logging(cmd.quiet)
+    with _threads(cmd.threads):
+        return _eval(cmd)
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(cmd: EvalCommand) -> int:
     import math
 
     from chargpt.inference.evaluate import evaluate_file
     from chargpt.machine.devices import resolve_device
     from chargpt.storage.checkpoint import load_model
 
-    model, tokenizer = load_model(args.model, resolve_device(args.device))
-    path = Path(args.data)
+    model, tokenizer = load_model(cmd.model, resolve_device(cmd.device))
+    path = Path(cmd.data)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise ChargptError(f"data file {path} {what}; pass a UTF-8 text file")
@@ -199,12 +210,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise ChargptError(f"{path} is empty; give it some text to score")
     # streamed through the token cache; bars (tokenizing, scoring) on a terminal only, not in pipes and logs
     result = evaluate_file(
-        model, tokenizer, path, token_cache=args.token_cache, progress=not args.quiet, precision=args.precision,
-        quantize=args.quantize,
+        model, tokenizer, path, token_cache=cmd.token_cache, progress=not cmd.quiet, precision=cmd.precision,
+        quantize=cmd.quantize,
     )  # fmt: skip
     if not all(math.isfinite(result[k]) for k in ("loss", "bits_per_char")):
         raise ChargptError(f"the loss on {path} is {result['loss']}: the model's outputs overflow; it is broken")
-    if args.json or not sys.stdout.isatty():  # pipes, files and scripts get one JSON object
+    if cmd.json or not sys.stdout.isatty():  # pipes, files and scripts get one JSON object
         print(json.dumps(result, allow_nan=False))
         return 0
     print(
@@ -216,32 +227,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(cmd: InfoCommand) -> int:
     from chargpt.storage.runs import describe, is_run_folder, list_runs
 
-    if args.machine:
-        if args.dir is not None or args.plot:
+    if cmd.machine:
+        if cmd.dir is not None or cmd.plot:
             raise ChargptError("info --machine describes this machine: give it no DIR and no --plot")
         from chargpt.cli import machine
 
         report = machine.describe()
-        print(json.dumps(report, indent=1) if args.json else "\n".join(machine.lines(report)))
+        print(json.dumps(report, indent=1) if cmd.json else "\n".join(machine.lines(report)))
         return 0
-    if args.dir is None:
+    if cmd.dir is None:
         raise ChargptError("info needs a model directory (chargpt info out/demo), or --machine for this machine")
-    folder = Path(args.dir)
+    folder = Path(cmd.dir)
     if folder.is_dir() and not is_run_folder(folder):
         runs = list_runs(folder)
         if runs:
-            _print_runs(folder, runs, args.json)
-            if args.plot:
-                _plot_runs(folder, runs, Path(args.plot))
+            _print_runs(folder, runs, cmd.json)
+            if cmd.plot:
+                _plot_runs(folder, runs, Path(cmd.plot))
             return 0
-    if args.plot:
+    if cmd.plot:
         raise ChargptError(f"--plot draws a folder of runs; {folder} is not one (use its loss.png)")
-    info = describe(args.dir)
+    info = describe(cmd.dir)
     info["last_sample"] = _last_sample(folder)
-    if args.json:  # what a model folder holds is printed with its control characters made visible
+    if cmd.json:  # what a model folder holds is printed with its control characters made visible
         print(visible_json(json.dumps(info, indent=1, ensure_ascii=False)))
         return 0
     for line in _info_lines(info):
@@ -332,7 +343,7 @@ def _user_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     step count that stands for 'the clock decides', not defaults that mean 'none'."""
     skip = {"data", "out", "arch", "block_size", "n_embd", "n_heads", "n_layers", "dropout"}
     shown = {k: v for k, v in cfg.items() if k not in skip and v is not None}
-    if shown.get("n_updates") == TIME_GOVERNED_UPDATES:
+    if shown.get("n_updates") == OLD_TIME_GOVERNED_UPDATES:  # a run saved when this stood for "the clock decides"
         del shown["n_updates"]
     return shown
 
@@ -349,11 +360,11 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(cmd: ExportCommand) -> int:
     from chargpt.inference.export import export
 
-    out = export(args.model, args.out, args.format, overwrite=args.overwrite)
-    if args.format == "web":
+    out = export(cmd.model, cmd.out, cmd.format, overwrite=cmd.overwrite)
+    if cmd.format == "web":
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"wrote {out}/ ({_size(size)}): open {out / 'index.html'} in a browser, or put the folder on any host")
     else:
@@ -361,14 +372,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(cfg: ServeConfig, run: ServeRuntime) -> int:
     try:
         from chargpt.serve import describe, serve
     except ImportError as e:
         raise ChargptError(f"chargpt serve needs FastAPI and uvicorn ({e}); pip install 'chargpt[serve]'") from None
     from chargpt.machine.devices import resolve_device
 
-    cfg = from_args(ServeConfig, args)
     cfg.validate()
 
     def ready(url: str, card: Any) -> None:
@@ -376,8 +386,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"serving {describe(card)} at {url}  (playground {url}/ , OpenAI API {url}/v1 ; Ctrl-C stops)", flush=True
         )
 
-    with _threads(args.threads, _serve_threads() if args.threads is None else None):
-        serve(cfg, resolve_device(args.device), ready)
+    with _threads(run.threads, _serve_threads() if run.threads is None else None):
+        serve(cfg, resolve_device(run.device), ready)
     gc.freeze()  # the exit need not walk torch's objects: that takes seconds on a busy machine
     return 0
 
@@ -390,11 +400,26 @@ def _serve_threads() -> int:
     return max(1, cores.choose_threads(None) - 1)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
+COMMANDS: dict[str, Callable[..., int]] = {
     "train": cmd_train,
-    "sample": lambda args, argv: cmd_sample(args),
-    "eval": lambda args, argv: cmd_eval(args),
-    "info": lambda args, argv: cmd_info(args),
-    "serve": lambda args, argv: cmd_serve(args),
-    "export": lambda args, argv: cmd_export(args),
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "info": cmd_info,
+    "serve": cmd_serve,
+    "export": cmd_export,
 }
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command args.command, given its settings as typed objects (typed_settings)."""
+    return COMMANDS[args.command](*typed_settings(args, argv))
+
+
+def typed_settings(args: argparse.Namespace, argv: list[str]) -> list[Any]:
+    """What a command is handed: the dataclasses its flags were made from (chargpt.cli.options.add_fields records
+    them), filled from the parsed flags; train also gets the TrainConfig settings given (None: not given) and
+    the command line, which --nproc hands on to torchrun."""
+    typed: list[Any] = [from_args(cls, args) for cls in args._settings]
+    if args.command == "train":
+        typed += [{f.name: getattr(args, f.name) for f in fields(TrainConfig)}, argv]
+    return typed

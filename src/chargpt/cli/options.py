@@ -140,6 +140,7 @@ def add_fields(parser: Any, *classes: type, groups: dict[str, Any] | None = None
             if f.default is not MISSING and not opts.get("required"):
                 opts.setdefault("default", f.default)
             target.add_argument(name, help=f.metadata["help"], **opts)
+    parser.set_defaults(_settings=classes)  # the command is handed these, filled in (chargpt.cli.commands.run)
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

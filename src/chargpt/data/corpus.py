@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from chargpt.config import TrainConfig
 from chargpt.data.streaming import check_not_utf16, decode_error
@@ -325,8 +326,6 @@ def _prepare(cfg: TrainConfig, tokenizer: CharTokenizer | None, progress: bool) 
 
 
 def _prepare_distributed(cfg: TrainConfig, tokenizer: CharTokenizer | None, d: Any, progress: bool) -> Corpus:
-    import torch.distributed as dist
-
     corpus, error = None, None
     if d.local_rank == 0:
         try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
+from tqdm import tqdm
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
@@ -405,7 +406,5 @@ class BackgroundWriter:
 
 def progress_bar(total: int, desc: str, progress: bool, unit: str = "B") -> Any:
     """A progress bar (bytes: MB/s) on stderr, only where a person watches: a terminal, progress asked for."""
-    from tqdm import tqdm
-
     show = progress and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, disable=not show, leave=False)

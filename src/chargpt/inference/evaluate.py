@@ -11,9 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chargpt.data.corpus import fixed_policy, token_cache_dir, tokenize_corpus
+from chargpt.data.streaming import progress_bar
+from chargpt.data.tokencache import release_pages
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.inference import quantize as quant
+from chargpt.inference.generate import top_logprobs
 from chargpt.machine import precision as prec
 from chargpt.model import LanguageModel, check_usable
 
@@ -56,9 +60,6 @@ def evaluate_file(
 ) -> dict[str, Any]:
     """evaluate() on a file of any size: its ids stream through the token cache (the model's vocabulary) and
     are read from the memory map a batch at a time. progress: bars on a terminal (tokenizing, scoring)."""
-    from chargpt.data.corpus import fixed_policy, token_cache_dir, tokenize_corpus
-    from chargpt.data.streaming import progress_bar
-
     tokens = tokenize_corpus(str(path), fixed_policy(tokenizer), token_cache_dir(token_cache), progress=progress)
     passes = 2 if quant.apply(model, quantize)[1].name == "int8" else 1
     with progress_bar(passes * max(len(tokens.ids) - 1, 0), "evaluating", progress, unit="char") as bar:
@@ -106,8 +107,6 @@ def _score(
     precision: str,
     progress: Callable[[int], object] | None,
 ) -> dict[str, Any]:
-    from chargpt.data.tokencache import release_pages
-
     n_pred = len(ids) - 1
     device = next(model.parameters()).device
     choice = prec.resolve(precision, device, "eval")
@@ -137,8 +136,6 @@ def token_logprobs(
     their sum is -loss x characters of evaluate() on the same text), in the number format `choice`.
     ids: n >= 2 token ids. Returns the log-probabilities of characters 1..n-1 (n-1,) and the `top` likeliest
     characters' ids and log-probabilities at each of those places (n-1, top) each. The model is in eval mode."""
-    from chargpt.inference.generate import top_logprobs
-
     device = next(model.parameters()).device
     parts = []
     for x, y in _windows(torch.as_tensor(ids, dtype=torch.long), model.config.block_size, batch_size):

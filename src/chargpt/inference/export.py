@@ -43,7 +43,9 @@ import torch.nn as nn
 from chargpt import __version__
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
+from chargpt.fileio import atomic_write_bytes
 from chargpt.model import EPS, GPT, KVCache
+from chargpt.storage.checkpoint import load_model, read_config
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -85,7 +87,7 @@ def onnx_bytes(model: GPT, tokenizer: CharTokenizer) -> bytes:
             importlib.import_module(name)
         except ImportError:
             raise ChargptError(f"export to ONNX needs the {name} package: pip install 'chargpt[export]'") from None
-    import onnx
+    import onnx  # the optional `export` extra: imported once it is known to be there
 
     if not isinstance(model, GPT):
         raise ChargptError(f"only --arch gpt models export to ONNX; {NOT_EXPORTED}")
@@ -222,9 +224,6 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite:
     """Write the model in `model_dir` to `out` in format `fmt` (a file for onnx, a folder for web), atomically:
     a Ctrl-C or an error leaves no half export, and an --overwrite replaces the old one only when the new one
     is complete."""
-    from chargpt.fileio import atomic_write_bytes
-    from chargpt.storage.checkpoint import load_model, read_config
-
     if fmt not in FORMATS:
         raise ChargptError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)

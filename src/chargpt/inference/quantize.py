@@ -23,8 +23,10 @@ import torch.nn as nn
 
 from chargpt.config import QUANTIZE, check_name
 from chargpt.errors import ChargptError
+from chargpt.inference.decode import DecodeStep
 from chargpt.inference.int8 import Int8Linear
 from chargpt.machine import precision as prec
+from chargpt.model import GPT
 
 CACHE_VERSION = 2  # 2: the model's step, per shape (1: one product)
 
@@ -34,8 +36,6 @@ _copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]]
 
 def quantized(model: nn.Module) -> nn.Module:
     """A copy of the GPT with int8 Linear layers (kept, and rebuilt when the model's weights change)."""
-    from chargpt.model import GPT
-
     if not isinstance(model, GPT):
         raise ChargptError("int8 weights are for the GPT (the bigram model has no Linear layers)")
     if next(model.parameters()).device.type != "cpu":
@@ -111,8 +111,6 @@ def measure_speedup(model: nn.Module, budget_s: float = 0.3) -> float:
     each, alternating. The real step, not one product: whether int8 pays depends on whether the fp32 weights
     fit in this CPU's caches and on what the step does besides its products (measured on an Intel Xeon with
     AMX: a single 384 x 1536 product 1.0x, the 10.8M seed model's step 1.8x)."""
-    from chargpt.inference.decode import DecodeStep
-
     runs = []
     for m in (model, quantized(model)):
         step = DecodeStep(m)  # type: ignore[arg-type]
@@ -124,8 +122,6 @@ def measure_speedup(model: nn.Module, budget_s: float = 0.3) -> float:
 
 def apply(model: nn.Module, name: str, device: torch.device | str | None = None) -> tuple[nn.Module, Choice]:
     """The model to run for quantization `name` (auto, none, int8), and the choice with its reason."""
-    from chargpt.model import GPT
-
     check(name)
     if not isinstance(model, GPT):
         if name == "int8":

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto`, `cpu`, `cuda`, `cuda:N` or `mps` -> a device that exists here, else a one-line error."""
-    import torch
+    import torch  # only when a device is looked up: the command line checks device names without torch
 
     check_device(name)
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

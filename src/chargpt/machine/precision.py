@@ -35,6 +35,7 @@ import torch
 
 from chargpt.config import PRECISIONS, check_name
 from chargpt.errors import ChargptError
+from chargpt.fileio import atomic_write_bytes, cache_dir
 
 KINDS = ("train", "eval", "prefill", "decode")  # the first three are batched matmuls; decode is one token
 BATCHED = ("train", "eval", "prefill")
@@ -217,8 +218,6 @@ def cache_file(info: CPUInfo, directory: Path | None = None) -> Path:
     """Where this machine's measurement lives: keyed by CPU model, flags, torch version, thread count and the
     environment variables that choose MKL's and oneDNN's kernels (`KERNEL_SETTINGS`; torch's own is `capability`)."""
     if directory is None:
-        from chargpt.fileio import cache_dir
-
         directory = cache_dir()
     key = "|".join(
         [str(CACHE_VERSION), info.model, " ".join(sorted(info.flags)), info.capability, torch.__version__]
@@ -260,8 +259,6 @@ def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> di
         pass
     fresh = measure()
     try:
-        from chargpt.fileio import atomic_write_bytes
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(fresh).encode())
     except (OSError, ChargptError):

@@ -20,9 +20,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import chargpt.serve.protocol as wire
@@ -42,10 +44,7 @@ ROUTES_HINT = (
     "/detokenize, GET /tokenizer_info, GET /metrics and GET /health"
 )
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (400, 401, 404, 413, 415, 421, 422, 503)}
-# the routes that take a JSON body (POST); every route but the page and /health needs the API key, if any
-JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
-KEYLESS = frozenset({"/", "/health"})
-ROUTES = JSON_ROUTES | KEYLESS | {"/v1/models", "/tokenizer_info", "/metrics", "/openapi.json"}
+KEYLESS = frozenset({"/", "/health"})  # every other route needs the API key, if the server has one
 
 
 def _body_openapi(schema_of: type[BaseModel]) -> dict[str, Any]:
@@ -124,12 +123,8 @@ def create_app(state: AppState) -> FastAPI:
         await asyncio.to_thread(state.engine.join, 5)
 
     app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL, lifespan=lifespan)
-    metrics = Metrics(state.engine.load, ROUTES)
+    metrics = Metrics(state.engine.load)
     state.engine.on_step = metrics.on_step
-    keyless = KEYLESS | ({"/metrics"} if state.metrics_public else set())
-    app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key, keyless=keyless)
-    app.add_middleware(_SameMachineMiddleware, hosts=state.hosts)  # checked before the key
-    app.add_middleware(_CountMiddleware, metrics=metrics)  # outermost: every answer is counted
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -203,6 +198,14 @@ def create_app(state: AppState) -> FastAPI:
     async def metrics_text() -> Response:
         return Response(metrics.text(), media_type=METRICS_TYPE)
 
+    # what the routes above are: a new route needs nothing more than its function
+    routes = [r for r in app.routes if isinstance(r, Route | APIRoute)]
+    posted = frozenset(r.path for r in routes if "POST" in (r.methods or ()))  # they all take JSON bodies
+    metrics.routes = frozenset(r.path for r in routes)
+    keyless = KEYLESS | ({"/metrics"} if state.metrics_public else set())
+    app.add_middleware(_ApiKeyMiddleware, api_key=state.api_key, keyless=keyless)
+    app.add_middleware(_SameMachineMiddleware, hosts=state.hosts, posted=posted)  # checked before the key
+    app.add_middleware(_CountMiddleware, metrics=metrics)  # outermost: every answer is counted
     return app
 
 
@@ -505,8 +508,8 @@ class _SameMachineMiddleware:
     naming another site (DNS rebinding), 421; a POST whose body is not declared JSON, 415 (a cross-site form or
     `text/plain` POST needs no CORS preflight; a JSON one does, and this server answers none)."""
 
-    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None):
-        self.app, self.hosts = app, hosts
+    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, posted: frozenset[str]):
+        self.app, self.hosts, self.posted = app, hosts, posted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -521,7 +524,7 @@ class _SameMachineMiddleware:
                         f"server with --allow-host {name}", code="host_not_allowed",
                     )  # fmt: skip
             media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-            posted = scope.get("method") == "POST" and scope.get("path") in JSON_ROUTES
+            posted = scope.get("method") == "POST" and scope.get("path") in self.posted
             if error is None and posted and media not in JSON_TYPES:
                 error = ApiError(
                     415, "send the request body as JSON, with the header 'Content-Type: application/json'",

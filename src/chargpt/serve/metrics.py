@@ -17,9 +17,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     """The server's metrics; `load()` gives (requests waiting, rows running) when scraped."""
 
-    def __init__(self, load: Callable[[], tuple[int, int]], routes: frozenset[str]):
+    def __init__(self, load: Callable[[], tuple[int, int]]):
         self.registry = r = CollectorRegistry()
-        self.routes = routes  # the label of any other path is "other": a scan of random paths adds no series
+        self.routes: frozenset[str] = frozenset()  # the app's; any other path is "other" (a scan adds no series)
         self.requests = Counter(
             "chargpt_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=r
         )

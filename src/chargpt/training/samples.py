@@ -12,6 +12,7 @@ import torch
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.fileio import atomic_write_bytes
+from chargpt.inference.generate import SampleConfig, generate
 from chargpt.storage.layout import SAMPLES
 from chargpt.training.report import is_eval
 
@@ -32,8 +33,6 @@ def prompt_from(tokenizer: CharTokenizer, ids: Any) -> str:
 @torch.no_grad()
 def write(model: torch.nn.Module, tokenizer: CharTokenizer, prompt: str) -> str:
     """SAMPLE_CHARS characters after `prompt` from the model as it is now (fp32, full weights, eval mode)."""
-    from chargpt.inference.generate import SampleConfig, generate
-
     was_training = model.training
     model.eval()
     try:

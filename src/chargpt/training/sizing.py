@@ -6,6 +6,8 @@ corpus size; why each part of it is what it is, with the measurements, is docs/d
 `measure` times a rung's real training step (forward, backward, optimizer) in fp32 and, where the CPU has
 native bf16, in bf16, and keeps the faster: about a second per rung, and only rungs up to the first that fails
 the rule are timed (a rung is timed only when the budget is hundreds of times its step).
+The command line's parser reads this module's constants for --help, so it imports only the standard library at
+the top: torch, the model and the corpus are imported by the functions that measure and count.
 """
 
 from __future__ import annotations
