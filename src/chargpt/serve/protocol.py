@@ -57,30 +57,35 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. top_k is an extension; best_of/suffix/logit_bias are accepted at their neutral values
-    only, so a client that sends defaults works unchanged. A prompt is a string, a list of strings, a list of
-    token ids or a list of such lists, as in OpenAI's API."""
+class Sampling(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: the model and how to sample."""
 
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = None
     temperature: StrictFloat | StrictInt | None = None
     top_p: StrictFloat | StrictInt | None = None
-    top_k: StrictInt | None = None
+    top_k: StrictInt | None = None  # an extension
     n: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    frequency_penalty: StrictFloat | StrictInt | None = None
+    presence_penalty: StrictFloat | StrictInt | None = None
+
+
+class CompletionRequest(Sampling):
+    """POST /v1/completions. best_of/suffix/logit_bias are accepted at their neutral values only, so a client that
+    sends defaults works unchanged. A prompt is a string, a list of strings, a list of token ids or a list of
+    such lists, as in OpenAI's API."""
+
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool | None = None
     logprobs: StrictInt | None = None
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
-    frequency_penalty: StrictFloat | StrictInt | None = None
-    presence_penalty: StrictFloat | StrictInt | None = None
     logit_bias: dict[str, StrictInt] | None = None
 
 
@@ -97,27 +102,13 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(Sampling):
     """POST /v1/chat/completions: the conversation as a play's dialogue (chargpt.serve.chat)."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: StrictStr | None = None
     messages: list[ChatMessage]
-    max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    temperature: StrictFloat | StrictInt | None = None
-    top_p: StrictFloat | StrictInt | None = None
-    top_k: StrictInt | None = None
-    n: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
-    stream: StrictBool | None = None
-    stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    frequency_penalty: StrictFloat | StrictInt | None = None
-    presence_penalty: StrictFloat | StrictInt | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -252,7 +243,7 @@ def _check_unsupported(req: CompletionRequest) -> None:
 
 
 @dataclass(frozen=True)
-class Sampling:
+class Checked:
     """The sampling settings of a request, checked: what each of its ChoiceSpecs takes."""
 
     max_tokens: int
@@ -266,7 +257,7 @@ class Sampling:
     presence_penalty: float
 
 
-def check_sampling(req: Any, limits: Limits, default_max_tokens: int, stop: tuple[str, ...]) -> Sampling:
+def check_sampling(req: Sampling, limits: Limits, default_max_tokens: int, stop: tuple[str, ...]) -> Checked:
     """The sampling fields the completion and chat requests share, each checked (the ApiError names it)."""
     temperature = 1.0 if req.temperature is None else _float(req.temperature, "temperature")
     top_p = None if req.top_p is None else _float(req.top_p, "top_p")
@@ -289,11 +280,11 @@ def check_sampling(req: Any, limits: Limits, default_max_tokens: int, stop: tupl
     if req.seed is not None:
         _check(0 <= req.seed < 2**63 - n, "seed", f"seed must be an integer in [0, 2**63 - n), got {req.seed}")
     _check(len(stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
-    return Sampling(max_tokens, temperature, req.top_k, top_p, stop, n, req.seed, *penalties)
+    return Checked(max_tokens, temperature, req.top_k, top_p, stop, n, req.seed, *penalties)
 
 
 def specs_for(
-    prompts: list[list[int]], sampling: Sampling, limits: Limits, seed: int, extra_stop: tuple[str, ...] = (),
+    prompts: list[list[int]], sampling: Checked, limits: Limits, seed: int, extra_stop: tuple[str, ...] = (),
     logprobs: int | None = None, echo: bool = False,
 ) -> list[ChoiceSpec]:  # fmt: skip
     """One ChoiceSpec per (prompt, sample); sample i of a prompt uses seed + i, as generate(num_samples=n) does.

@@ -65,7 +65,7 @@ class Settings:
 
 def describe(cfg: TrainConfig, sources: dict[str, str]) -> str:
     """'n_embd 128, n_layers 4 (sized for the budget); learning_rate 0.003 (preset cpu); seed 3 (flags)': each
-    setting that was set, grouped by where (the paths and the clock's stand-in step count left out: said
+    setting that was set, grouped by where (the paths, and n_updates when the clock ends the run, left out: said
     elsewhere)."""
     by_source: dict[str, list[str]] = {}
     for key, source in sources.items():
