@@ -305,3 +305,24 @@ def test_the_docs_chat_example_runs(server: ServerProcess):
     assert r.returncode == 0, r.stderr
     first, rest = r.stdout.split("\n", 1)[0], r.stdout
     assert first and rest.strip().splitlines()[-1].startswith("-")  # a log-likelihood, below 0
+
+
+def test_scores_line_up_with_the_text_they_score(client: openai.OpenAI):
+    """Each choice's logprobs tokens are its text, character for character: with stop strings cut off (their
+    characters are not scored), with n samples, streamed with the echoed prompt, and in chat."""
+    out = client.completions.create(model=MODEL, prompt="ROMEO:\n", max_tokens=60, n=3, seed=5, stop=["e", "\n\n"],
+                                    logprobs=1)  # fmt: skip
+    for choice in out.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text
+        assert choice.logprobs.text_offset == list(range(7, 7 + len(choice.text)))
+    chunks = list(client.completions.create(model=MODEL, prompt="JULIET:", max_tokens=30, seed=2, echo=True,
+                                            logprobs=2, stream=True, stop=["o"]))  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert text.startswith("JULIET:") and "".join(tokens) == text and offsets == list(range(len(text)))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak."}],
+                                          max_tokens=40, seed=1, logprobs=True, top_logprobs=2)  # fmt: skip
+    scored = chat.choices[0].logprobs.content
+    assert "".join(s.token for s in scored) == chat.choices[0].message.content
+    assert all(len(s.top_logprobs) == 2 and s.logprob <= s.top_logprobs[0].logprob for s in scored)
