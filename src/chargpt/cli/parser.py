@@ -84,6 +84,7 @@ EVAL_EXAMPLES = """example:
 SERVE_EXAMPLES = """examples:
   chargpt serve --model out/demo                       # http://127.0.0.1:8000, playground at /
   chargpt serve --model out/demo --host 0.0.0.0 --port 9000 --api-key "$KEY" --max-batch 32
+  chargpt serve --model out/demo --chat-speakers user=ROMEO,assistant=JULIET   # chat as Romeo and Juliet
 """
 
 
@@ -306,7 +307,8 @@ def _add_serve(sub: Any) -> None:
     v = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP API and a browser playground for a model",
-        description="Serve a model over HTTP: OpenAI-style /v1/completions (streaming, batching) and a playground.",
+        description="Serve a model over HTTP: OpenAI-style /v1/completions (with scores) and /v1/chat/completions "
+        "(streaming, batching), vLLM's tokenizer routes, Prometheus' /metrics and a playground.",
         epilog=SERVE_EXAMPLES,
     )
     add_fields(v, ServeConfig, ServeRuntime)
