@@ -33,23 +33,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         reporter.write_line(line)
 
 
-# The files whose tests take longest on 2 cores (end to end: real processes, real training, a browser), slowest
-# first. `make test` hands whole files to its two workers in collection order, so these start first and the
-# short files fill in beside them, instead of one worker ending alone in a long file.
-SLOW_FILES = (
-    "test_resume.py", "test_cli_failures.py", "test_readme.py", "test_serve.py", "test_distributed.py",
-    "test_sizing.py", "test_signals.py", "test_export.py", "test_cli.py", "test_train.py", "test_cli_messages.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
-
-    items.sort(key=rank)  # stable: within a file, and among the other files, the order stays
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the converted-corpus cache out of the user's home during tests."""
