@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -294,3 +296,19 @@ def test_a_simulated_bf16_cpu_leaves_pinned_runs_and_the_run_itself_untouched(tm
         assert metrics(tmp_path / name) == metrics(tmp_path / "plain")
         assert_same_tensors(final_state(tmp_path / name)["model"], final_state(tmp_path / "plain")["model"])
         assert_same_tensors(final_state(tmp_path / name)["rng"], final_state(tmp_path / "plain")["rng"])
+
+
+def test_kernels_held_at_avx2_count_as_a_cpu_without_bf16():
+    """An AVX2-only CPU is reproduced on a larger one by holding the kernels at AVX2 (ATEN_CPU_CAPABILITY=avx2
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2). bf16 is then emulated, so chargpt must decide as on a CPU
+    without it: Muon's orthogonalisation in fp32 (in bf16, the sized 128x4 shape's step took 726 ms there instead
+    of 224 ms on EPYC-512, three quarters of it in the optimizer), auto's formats fp32 without a measurement."""
+    held = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code = (
+        "import torch; from chargpt.machine import precision as p; from chargpt.training.optim import ns_dtype; "
+        "print(p.cpu_info().native_bf16, ns_dtype(torch.device('cpu')), p.resolve('auto', 'cpu', 'train').name)"
+    )
+    for env in (held, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, {"DNNL_MAX_CPU_ISA": "avx2"}):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["[]", "torch.float32", "fp32"], (env, r.stdout)

@@ -40,6 +40,8 @@ from chargpt.fileio import atomic_write_bytes, cache_dir
 KINDS = ("train", "eval", "prefill", "decode")  # the first three are batched matmuls; decode is one token
 BATCHED = ("train", "eval", "prefill")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16)
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below its first with bf16 instructions (avx512_core_bf16)
+ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 # the flags reports show (info --machine, the benchmarks): AVX2 and AVX-512 kernels, int8 dot products, bf16
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
 MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much to be chosen: below it, rounding is not worth it
@@ -69,7 +71,15 @@ class CPUInfo:
 
     @property
     def native_bf16(self) -> list[str]:
-        return [f for f in NATIVE_BF16_FLAGS if f in self.flags]
+        """The CPU's bf16 instructions that torch's kernels may use: none on an x86 CPU whose kernels are held
+        below them (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2: how an AVX2-only CPU is reproduced on a
+        larger one), where bf16 would be emulated, as on a CPU without them."""
+        found = [f for f in NATIVE_BF16_FLAGS if f in self.flags]
+        x86 = any(f.startswith(("avx512", "amx")) for f in found)
+        isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+        if x86 and (self.capability in ("AVX2", "DEFAULT") or isa in ISAS_WITHOUT_BF16):
+            return []
+        return found
 
 
 @dataclass(frozen=True)
