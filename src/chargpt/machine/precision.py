@@ -68,18 +68,12 @@ class CPUInfo:
     model: str
     flags: frozenset[str]
     capability: str  # torch's CPU kernel level, e.g. "AVX2", "AVX512"
+    held: bool = False  # the kernels are held below the CPU's bf16 instructions (see cpu_info)
 
     @property
     def native_bf16(self) -> list[str]:
-        """The CPU's bf16 instructions that torch's kernels may use: none on an x86 CPU whose kernels are held
-        below them (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2: how an AVX2-only CPU is reproduced on a
-        larger one), where bf16 would be emulated, as on a CPU without them."""
-        found = [f for f in NATIVE_BF16_FLAGS if f in self.flags]
-        x86 = any(f.startswith(("avx512", "amx")) for f in found)
-        isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-        if x86 and (self.capability in ("AVX2", "DEFAULT") or isa in ISAS_WITHOUT_BF16):
-            return []
-        return found
+        """The CPU's bf16 instructions that torch's kernels may use (none where they are held below them)."""
+        return [] if self.held else [f for f in NATIVE_BF16_FLAGS if f in self.flags]
 
 
 @dataclass(frozen=True)
@@ -104,7 +98,18 @@ def cpu_info() -> CPUInfo:
             model = value.strip()
         elif key in ("flags", "features") and not flags:  # x86 says flags, Arm says Features
             flags = frozenset(value.split())
-    return CPUInfo(model, flags, _torch_capability())
+    capability = _torch_capability()
+    return CPUInfo(model, flags, capability, _held(flags, capability))
+
+
+def _held(flags: frozenset[str], capability: str) -> bool:
+    """Whether torch's kernels are held below this x86 CPU's bf16 instructions (ATEN_CPU_CAPABILITY=avx2,
+    ONEDNN_MAX_CPU_ISA=AVX2: how an AVX2-only CPU is reproduced on a larger one): bf16 would then be emulated, so
+    the CPU counts as one without it, as a real AVX2 CPU is."""
+    if not any(f in flags for f in ("avx512_bf16", "amx_bf16")):
+        return False
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return capability in ("AVX2", "DEFAULT") or isa in ISAS_WITHOUT_BF16
 
 
 def _torch_capability() -> str:
