@@ -114,12 +114,8 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[to
     """logits (N, vocab) of the model (before temperature and penalties) and the tokens that came next (N,) ->
     their log-probabilities (N,), and the k likeliest tokens' ids and log-probabilities (N, k) each."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(logp, k, dim=-1) if k else None
-    picked = logp.gather(-1, chosen.view(-1, 1)).squeeze(-1)
-    if best is None:
-        empty = logp.new_empty(logp.size(0), 0)
-        return picked, empty.long(), empty
-    return picked, best.indices, best.values
+    best = torch.topk(logp, k, dim=-1)  # k = 0: (N, 0) each
+    return logp.gather(-1, chosen.view(-1, 1)).squeeze(-1), best.indices, best.values
 
 
 class Decoder:
@@ -240,14 +236,16 @@ class BatchDecoder:
 
     def open(self) -> Decoder:
         """A decoder for a new sequence (in a free slot of the pool when batching; at most `capacity` open)."""
-        if self.pool is None:
-            return Decoder(self.model, 1, prefill=self.prefill, decode=self.decode, step=self.one)
-        slot = heapq.heappop(self._free)
+        slot, cache = None, None
+        if self.pool is not None:
+            slot = heapq.heappop(self._free)
+            cache = self.pool.row(slot)
         decoder = Decoder(
-            self.model, 1, prefill=self.prefill, decode=self.decode, static=False, step=self.one,
-            cache=self.pool.row(slot),
+            self.model, 1, prefill=self.prefill, decode=self.decode, static=None if cache is None else False,
+            step=self.one, cache=cache,
         )  # fmt: skip
-        self._slots[id(decoder)] = slot
+        if slot is not None:
+            self._slots[id(decoder)] = slot
         return decoder
 
     def close(self, decoder: Decoder) -> None:

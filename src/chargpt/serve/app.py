@@ -290,8 +290,8 @@ class _Run:
         self.prompt_chars = spec.prompt_chars
         self.echo = spec.echo  # each choice's prompt text, put before its first piece
         self.scored: list[list[Scored]] | None = [[] for _ in range(n)] if spec.logprobs else None
-        # where each choice's next character starts in its text: the prompt is at 0 when echoed, else before it
-        self.offsets = [0 if self.echo is not None else len(c.prompt_ids) for c in spec.choices]
+        # where each choice's first scored character is in its text: the prompt at 0 when echoed, else before it
+        self.starts = [0 if self.echo is not None else len(c.prompt_ids) for c in spec.choices]
         self.top = spec.choices[0].logprobs or 0  # the likeliest characters listed at each place
 
     @staticmethod
@@ -310,7 +310,7 @@ class _Run:
         out = []
         for p in pieces:
             i, text = p.index, p.text
-            if self.echo is not None and not self.texts[i] and not self.tokens[i]:
+            if self.echo is not None:
                 text = self.echo[i] + text
                 self.echo[i] = ""  # put before the first piece only
             self.texts[i] += text
@@ -320,8 +320,7 @@ class _Run:
             logprobs = None
             if self.scored is not None:
                 scored = [*(p.prompt or ()), *(p.logprobs or ())]
-                logprobs = self.logprobs(scored, self.offsets[i])
-                self.offsets[i] += sum(len(s.token) for s in scored)
+                logprobs = self.logprobs(scored, self.starts[i] + len(self.scored[i]))  # a token is a character
                 self.scored[i] += scored
             out.append((i, text, p.finish_reason, logprobs))
         return out
@@ -342,8 +341,7 @@ class _Run:
         for i, (text, finish) in enumerate(zip(self.texts, self.finish, strict=True)):
             logprobs = None
             if self.scored is not None:
-                start = self.offsets[i] - sum(len(s.token) for s in self.scored[i])
-                logprobs = self.logprobs(self.scored[i], start)
+                logprobs = self.logprobs(self.scored[i], self.starts[i])
             choices.append(wire.choice(i, text, finish, logprobs))
         return wire.completion_body(self.id, self.model, self.created, choices, self.usage())
 

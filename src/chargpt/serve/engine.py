@@ -351,7 +351,9 @@ class Engine:
             prompt = None
             if spec.echo and spec.logprobs is not None:
                 key = (spec.logprobs, *spec.prompt_ids)
-                prompt = scores[key] if key in scores else scores.setdefault(key, self._score_prompt(spec))
+                if key not in scores:
+                    scores[key] = self._score_prompt(spec)
+                prompt = scores[key]
             if spec.max_new_tokens == 0:
                 done.append(Piece(index, "", "length", 0, [] if spec.logprobs is not None else None, prompt))
                 continue
@@ -398,11 +400,12 @@ class Engine:
                 continue
             try:
                 chosen = logits if r.penalties is None else r.penalties(logits)
-                nxt = int(pick_next(chosen, s.temperature, s.top_k, s.top_p, [r.generator])[0])
+                token = pick_next(chosen, s.temperature, s.top_k, s.top_p, [r.generator])  # (1,)
+                nxt = int(token[0])
                 if r.penalties is not None:
-                    r.penalties.add(torch.tensor([nxt], device=logits.device))
+                    r.penalties.add(token)
                 if s.logprobs is not None:
-                    picked, best_ids, best = top_logprobs(logits, torch.tensor([nxt], device=logits.device), s.logprobs)
+                    picked, best_ids, best = top_logprobs(logits, token, s.logprobs)
                     r.scored.append(self._scored(nxt, picked[0], best_ids[0], best[0]))
             except Exception as e:  # this row's own sampling: it ends its request only, never the others
                 log.exception("sampling failed for one request; ending that request")

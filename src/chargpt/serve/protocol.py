@@ -234,7 +234,6 @@ def _check_unsupported(req: CompletionRequest) -> None:
     _check(req.best_of in (None, 1), "best_of", "best_of is not supported; use n for several samples")
     _check(req.suffix is None, "suffix", "suffix (insertion) is not supported; leave it out")
     _check(not req.logit_bias, "logit_bias", "logit_bias is not supported; leave it out")
-    _check(req.stream_options is None or bool(req.stream), "stream_options", "stream_options needs stream: true")
     _check(
         req.logprobs is None or 0 <= req.logprobs <= MAX_LOGPROBS, "logprobs",
         f"logprobs must be an integer in 0..{MAX_LOGPROBS} (the likeliest characters listed per place), got "
@@ -257,8 +256,10 @@ class Checked:
     presence_penalty: float
 
 
-def check_sampling(req: Sampling, limits: Limits, default_max_tokens: int, stop: tuple[str, ...]) -> Checked:
+def check_sampling(req: Sampling, limits: Limits, default_max_tokens: int) -> Checked:
     """The sampling fields the completion and chat requests share, each checked (the ApiError names it)."""
+    _check(req.stream_options is None or bool(req.stream), "stream_options", "stream_options needs stream: true")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     temperature = 1.0 if req.temperature is None else _float(req.temperature, "temperature")
     top_p = None if req.top_p is None else _float(req.top_p, "top_p")
     penalties = [
@@ -320,8 +321,7 @@ def specs_for(
 def to_completion(req: CompletionRequest, tokenizer: CharTokenizer, limits: Limits, seed: int) -> Completion:
     """Check every value; the ApiError names the field. `seed` is used when the request has none."""
     _check_unsupported(req)
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    sampling = check_sampling(req, limits, DEFAULT_MAX_TOKENS, stop)
+    sampling = check_sampling(req, limits, DEFAULT_MAX_TOKENS)
     prompts = prompt_list(req.prompt)
     _check(len(prompts) >= 1, "prompt", "prompt is an empty list; give at least one prompt")
     ids = [encode_prompt(p, tokenizer, limits) for p in prompts]
@@ -348,14 +348,12 @@ def to_chat(
     )  # fmt: skip
     if req.max_tokens is None and req.max_completion_tokens is not None:
         req = req.model_copy(update={"max_tokens": req.max_completion_tokens})
-    _check(req.stream_options is None or bool(req.stream), "stream_options", "stream_options needs stream: true")
     top = req.top_logprobs
     _check(
         top is None or (bool(req.logprobs) and 0 <= top <= MAX_LOGPROBS), "top_logprobs",
         f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, with logprobs: true; got {top}",
     )  # fmt: skip
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    sampling = check_sampling(req, limits, min(DEFAULT_CHAT_MAX_TOKENS, limits.max_tokens), stop)
+    sampling = check_sampling(req, limits, min(DEFAULT_CHAT_MAX_TOKENS, limits.max_tokens))
     text = chat_text(req.messages, tokenizer, speakers, add_generation_prompt=True)
     ids = encode_prompt(text, tokenizer, limits, "messages")
     specs = specs_for([ids], sampling, limits, seed, (chat.TURN_END,), (top or 0) if req.logprobs else None)
@@ -393,9 +391,7 @@ def chat_text(
         plain.append(entry)
     if add_generation_prompt:
         _check_speaker(speakers["assistant"], "assistant", tokenizer)
-    text = chat.render(plain, speakers, add_generation_prompt)
-    _check_writable(text, tokenizer, "messages", "the conversation")  # the ':' and line breaks of the turns
-    return text
+    return chat.render(plain, speakers, add_generation_prompt)  # its callers encode it (the turns' ':' and breaks)
 
 
 def _check_writable(text: str, tokenizer: CharTokenizer, param: str, what: str) -> None:
