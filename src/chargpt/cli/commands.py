@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chargpt.cli.launch import last_line, launch_torchrun, self_command
 from chargpt.cli.options import (
@@ -32,6 +32,11 @@ from chargpt.cli.options import (
 from chargpt.config import MODEL_TYPES, OLD_TIME_GOVERNED_UPDATES, TrainConfig
 from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line, visible, visible_json
 from chargpt.runtime import SampleConfig, ServeConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from chargpt.data.tokenizer import CharTokenizer
 
 
 def setup_logging(quiet: bool) -> None:
@@ -189,18 +194,13 @@ def _sample(run: SampleRuntime, prompt: str, no_stream: bool, cfg: SampleConfig)
 
 
 def cmd_eval(cmd: EvalCommand) -> int:
-    setup_logging(cmd.quiet)
-    with _threads(cmd.threads):
-        return _eval(cmd)
-
-
-def _eval(cmd: EvalCommand) -> int:
-    import math
-
-    from chargpt.inference.evaluate import evaluate_file
+    """Its inputs are checked first: a bad model or file is answered at once, before the free cores are watched."""
     from chargpt.machine.devices import resolve_device
     from chargpt.storage.checkpoint import load_model
 
+    setup_logging(cmd.quiet)
+    if cmd.threads is not None and cmd.threads < 1:
+        raise ChargptError(f"--threads must be >= 1, got {cmd.threads}")
     model, tokenizer = load_model(cmd.model, resolve_device(cmd.device))
     path = Path(cmd.data)
     if not path.is_file():
@@ -208,6 +208,13 @@ def _eval(cmd: EvalCommand) -> int:
         raise ChargptError(f"data file {path} {what}; pass a UTF-8 text file")
     if path.stat().st_size == 0:
         raise ChargptError(f"{path} is empty; give it some text to score")
+    with _threads(cmd.threads):
+        return _eval(cmd, model, tokenizer, path)
+
+
+def _eval(cmd: EvalCommand, model: torch.nn.Module, tokenizer: CharTokenizer, path: Path) -> int:
+    from chargpt.inference.evaluate import evaluate_file
+
     # streamed through the token cache; bars (tokenizing, scoring) on a terminal only, not in pipes and logs
     result = evaluate_file(
         model, tokenizer, path, token_cache=cmd.token_cache, progress=not cmd.quiet, precision=cmd.precision,
