@@ -58,6 +58,29 @@ def test_loss_png_reads_well(tmp_path, text_file):
     assert report.read_metrics(tmp_path / "m", 20)[-1]["step"] == 20
 
 
+@pytest.mark.parametrize("lr", [0.02, 3e-3, 1.5e-4, 2e-6])
+def test_every_text_of_the_plots_lies_inside_the_picture(lr: float):
+    """The plots' margins are fixed (not measured at every drawing): at any learning rate's tick labels, losses of
+    two digits, a resume line and long run names, no tick label, axis label, title or legend is cut off."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    evals = [{"kind": "eval", "step": s, "train_loss": 12 - s / 400, "val_loss": 12.1 - s / 400,
+              "lr": lr * min(1, s / 300), "time": s / 10} for s in range(0, 3001, 200)]  # fmt: skip
+    train_rows = [
+        {"kind": "train", "step": s, "loss": 12 - s / 400, "lr": lr * min(1, s / 300)} for s in range(0, 3001, 10)
+    ]
+    metrics = [*evals, *train_rows, {"kind": "resume", "step": 1400, "time": 1.0}]
+    name = "a-run-folder-with-a-rather-long-name"
+    for fig in (report.loss_figure(name, metrics), report.compare_figure({name: metrics, "b": evals})):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        drawn = fig.get_tightbbox(renderer)  # inches: every tick label, axis label, title and legend drawn
+        assert len([t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]) > 10
+        width, height = fig.get_size_inches()
+        assert 0 <= drawn.x0 and drawn.x1 <= width and 0 <= drawn.y0 and drawn.y1 <= height, (drawn, width, height)
+
+
 def test_loss_png_marks_where_a_run_was_resumed(tmp_path, text_file):
     """A resume row draws a vertical dotted line at its step (and a legend entry)."""
     out = tmp_path / "m"
