@@ -59,6 +59,7 @@ bench: install
 	$(PY) benchmarks/bench_sample.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_contention.py
+	$(PY) benchmarks/bench_budget.py
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_averaging.py

@@ -190,9 +190,8 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
     """--max-time 25 once took 32 s: the final evaluation ran after the budget. Now the loop keeps time for its
     last step, evaluation, plot and save, so the whole call ends within 2% of the budget, plus set-up, which
     the budget does not cover (reading 80k characters, building the model: well under 0.5 s in a warm
-    process). It ends early by at most what it keeps for that work (eval, plot and save x 1.25, plus 0.25 s for
-    a busy machine's stalls: ~0.6-0.9 s here). One thread: on 2 busy cores a second thread only adds jitter (see
-    chargpt.generate). Measured on 2 cores with two busy loops beside it: 7.32-7.72 s of 8."""
+    process), at any speed of the machine. How much of the budget a run uses (it ends early by what it keeps for
+    that work) depends on the machine's speed and load: benchmarks/bench_budget.py measures it."""
     import time
 
     threads = torch.get_num_threads()
@@ -200,9 +199,9 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
     try:
         warm = tiny_config(tmp_path / "warm", text_file, n_updates=2, eval_interval=1)
         train(warm, progress=False)  # imports and first-call costs a fresh process pays in its set-up
-        budget = 8.0
+        budget = 4.0
         cfg = tiny_config(
-            tmp_path / "m", text_file, n_updates=10**9, eval_interval=25, checkpoint_interval=50, max_time=budget
+            tmp_path / "m", text_file, n_updates=None, eval_interval=25, checkpoint_interval=50, max_time=budget
         )
         start = time.perf_counter()
         result = train(cfg, progress=False)
@@ -211,7 +210,7 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
         torch.set_num_threads(threads)
     evals = read_metrics(tmp_path / "m")
     assert result.stopped_by == "max_time" and len(evals) >= 2 and evals[-1]["step"] == result.step
-    assert budget * 0.85 <= wall <= budget * 1.02 + 0.5, wall
+    assert wall <= budget * 1.02 + 0.5, wall
     assert result.elapsed <= budget * 1.02, result.elapsed
 
 
