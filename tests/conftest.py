@@ -3,6 +3,7 @@ and one tiny model trained for real once per session. Tests never need ../shared
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,14 +126,35 @@ def tiny_config(out: Path | str, data: Path | str, **overrides: object) -> Train
     return cfg
 
 
+@contextmanager
+def session_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder `name` shared by every xdist worker of this session (each worker's own folder without xdist),
+    held under a lock: yields (folder, whether it still has to be made). What it holds is made by one worker, once,
+    and read by all (the tests treat it as read-only)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder under xdist
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder, not (folder / "done").exists()
+            (folder / "done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def trained_model_dir(text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT trained for 300 real steps on Shakespeare; shared read-only by sampling/eval tests."""
+def trained_model_dir(corpus_text: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT trained for 300 real steps on Shakespeare, once per session (both xdist workers share it);
+    read-only for the sampling/eval tests."""
     from chargpt.training.loop import train
 
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    train(tiny_config(out, text_file, n_updates=300, eval_interval=100), progress=False)
-    return out
+    with session_once(tmp_path_factory, "tiny-model") as (folder, to_make):
+        if to_make:
+            folder.mkdir(exist_ok=True)
+            (folder / "plays.txt").write_text(corpus_text, encoding="utf-8")
+            train(tiny_config(folder / "tiny", folder / "plays.txt", n_updates=300, eval_interval=100), progress=False)
+    return folder / "tiny"
 
 
 @pytest.fixture(scope="module")
