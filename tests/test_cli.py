@@ -1,20 +1,25 @@
-"""The `chargpt` command end to end (subprocesses, as a user runs it) and every bad input of the issue.
+"""The `chargpt` command end to end (train -> sample -> eval) and every bad input of the issue.
 
-Bad inputs run through `chargpt.cli.main` in this process (the same code path as the console script,
-without paying python + torch start-up for each case); a few also run as real subprocesses to show
-that nothing but one line reaches stderr.
+Commands run through `chargpt.cli.main` in this process (the same code path as the console script, without
+paying python + torch start-up for each); what only a process shows runs as one: `--help` without torch, a
+model-reading command that never imports torch._dynamo, and bad inputs that leave one line on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from chargpt.cli import main
 from chargpt.storage.checkpoint import load_model
 from conftest import run_cli
 from helpers import assert_one_line_error, call_main, reference_loss
@@ -36,7 +41,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[Path, object]:
+def cli_run(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[Path, Ran]:
     work = tmp_path_factory.mktemp("cli")
     (work / "run.toml").write_text(
         f'data = "{text_file.as_posix()}"\nblock_size = 16\nn_embd = 24\nn_heads = 2\nn_layers = 1\n'
@@ -45,10 +50,27 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[
         encoding="utf-8",
     )
     # flags override the TOML: n_layers, n_updates; everything else comes from the file
-    r = run_cli(
-        "train", "--config", "run.toml", "--n-layers", "2", "--n-updates", "20", "--out", "model", "--quiet", cwd=work
-    )
-    return work, r
+    return work, main_in(work, "train", "--config", "run.toml", "--n-layers", "2", "--n-updates", "20", "--out",
+                         "model", "--quiet")  # fmt: skip
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def main_in(cwd: Path, *argv: str) -> Ran:
+    """chargpt.cli.main(argv) run in `cwd`, its output captured (a module's fixture has no capsys)."""
+    out, err, here = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(argv))
+    finally:
+        os.chdir(here)
+    return Ran(rc, out.getvalue(), err.getvalue())
 
 
 def test_train_cli(cli_run):
@@ -77,7 +99,7 @@ def test_toml_keys_applied_and_flags_override(cli_run):
 
 def test_sample_cli(cli_run):
     work, _ = cli_run
-    r = run_cli("sample", "--model", "model", "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "1", cwd=work)
+    r = main_in(work, "sample", "--model", "model", "--prompt", "ROMEO:", "--max-new-tokens", "60", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:")
     assert len(r.stdout) == len("ROMEO:") + 60 + 1 and r.stdout.endswith("\n")
@@ -108,9 +130,9 @@ def test_eval_cli_on_unseen_text(cli_run, tmp_path):
     model, tok = load_model(work / "model")
     assert set(UNSEEN) <= set(tok.chars)
     assert UNSEEN[:40] not in (work / "run.toml").read_text() and len(UNSEEN) % 16 != 1  # a partial last window
-    r = run_cli("eval", "--model", str(work / "model"), "--data", str(data), "--precision", "fp32")
+    r = main_in(work, "eval", "--model", str(work / "model"), "--data", str(data), "--precision", "fp32")
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines = r.stdout.splitlines()  # not a terminal: one JSON object
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert set(result) == {"loss", "bits_per_char", "chars", "precision", "quantize"} and result["precision"] == "fp32"

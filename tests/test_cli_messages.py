@@ -166,25 +166,26 @@ def test_old_configs_that_say_model_still_load(tmp_path):
 
 
 def test_a_run_announces_itself_and_ends_with_a_command_that_works(text_file, tmp_path, monkeypatch, capsys):
-    r = run_cli("train", "--data", str(text_file), "--out", "m", "--n-updates", "6", "--eval-interval", "3", *TINY,
-                cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    first, second = r.stderr.splitlines()[:2]
+    """The run in this process (its output goes to a pipe, as in a log); the command it ends with, as a user runs it."""
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, stderr = call_main(["train", "--data", str(text_file), "--out", "m", "--n-updates", "6",
+                                    "--eval-interval", "3", *TINY], capsys)  # fmt: skip
+    assert rc == 0, stderr
+    first, second = stderr.splitlines()[:2]
     assert first.startswith("training a GPT of ") and "parameters (1 layers x 2 heads, n_embd 16, context 16)" in first
     assert "preset cpu (no GPU found) with your --block-size, --n-embd, --n-heads, --n-layers" in first
     assert "10.8M" not in first  # no hint at the seed preset's model when the shape is the user's own
     assert re.search(r"on cpu in (fp32|bf16) \(.+\)", first), first  # what auto chose here, and why
     assert f"data {text_file}, 80,000 characters, vocabulary" in second and "split 72,000 train / 8,000 val" in second
     assert "budget 6 steps" in second and "writing m" in second
-    settings = [line for line in r.stderr.splitlines() if line.startswith("settings: ")][0]  # where each came from
+    settings = [line for line in stderr.splitlines() if line.startswith("settings: ")][0]  # where each came from
     assert "block_size 16, n_embd 16, n_heads 2, n_layers 1, batch_size 8, n_updates 6" in settings, settings
     assert "learning_rate 0.003, warmup_updates 50, checkpoint_interval 500 (preset cpu)" in settings, settings
-    monkeypatch.chdir(tmp_path)
     info = call_main(["info", "m"], capsys)[1]
     assert "settings from: --block-size (block_size); --n-embd (n_embd)" in info, info
     assert "preset cpu (dropout, learning_rate, warmup_updates, checkpoint_interval)" in info, info
-    assert "\r" not in r.stderr  # output to a pipe or a log: no progress bar redrawn in place
-    lines = r.stdout.splitlines()
+    assert "\r" not in stderr  # output to a pipe or a log: no progress bar redrawn in place
+    lines = stdout.splitlines()
     assert lines[0].startswith("done: 6 steps") and lines[1].startswith("best val loss ") and "in m" in lines[1]
     assert lines[2].startswith("next: ")
     next_command = shlex.split(lines[2].removeprefix("next: ").split("    (and")[0])
