@@ -228,12 +228,12 @@ def test_the_readme_train_longer_step_trains(text_file: Path, tmp_path: Path, ca
     out = tmp_path / "run"
     shape = ["--n-embd=48", "--n-heads=4", "--n-layers=2", "--block-size=32", "--batch-size=16", "--eval-iters=4"]
     common = ["--device=cpu", "--threads=1", "--precision=fp32", "--eval-interval=50", "--quiet"]
-    rc, _, err = call_main(["train", "--data", str(text_file), "--out", str(out), "--max-time", "6",
+    rc, _, err = call_main(["train", "--data", str(text_file), "--out", str(out), "--max-time", "4",
                             "--schedule", "wsd", *shape, *common], capsys)  # fmt: skip
     assert rc == 0, err
     first = json.loads((out / "config.json").read_text())["info"]["val_loss"]
     decayed = (out / layout.STABLE_STATE).exists()
-    rc, _, err = call_main(["train", "--resume", str(out), "--max-time", "14", "--eval-interval=50"], capsys)
+    rc, _, err = call_main(["train", "--resume", str(out), "--max-time", "9", "--eval-interval=50"], capsys)
     assert rc == 0, err
     assert ("going back to step" in err) == decayed, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
