@@ -16,6 +16,7 @@ from chargpt.errors import ChargptError
 from chargpt.inference.evaluate import evaluate
 from chargpt.model import GPT, BigramLM
 from chargpt.storage.checkpoint import load_model
+from chargpt.training.budget import SLACK
 from chargpt.training.loop import train
 from conftest import read_metrics, run_cli, tiny_config
 
@@ -188,10 +189,11 @@ def test_time_budget_progress_bar_counts_seconds(tmp_path, text_file, monkeypatc
 
 def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, text_file):
     """--max-time 25 once took 32 s: the final evaluation ran after the budget. Now the loop keeps time for its
-    last step, evaluation, plot and save, so the whole call ends within 2% of the budget, plus set-up, which
-    the budget does not cover (reading 80k characters, building the model: well under 0.5 s in a warm
-    process), at any speed of the machine. How much of the budget a run uses (it ends early by what it keeps for
-    that work) depends on the machine's speed and load: benchmarks/bench_budget.py measures it."""
+    last step, evaluation, plot and save, so the loop ends within its budget, at any speed of the machine, late by
+    at most what docs/cli.md states (2% and SLACK, a quarter second: a machine that turns busier in the last
+    seconds), and the whole call by that plus set-up, which the budget does not cover (reading 80k characters,
+    building the model: well under 0.5 s in a warm process). How much of the budget a run uses (it ends early by
+    what it keeps for that work) depends on the machine's speed and load: benchmarks/bench_budget.py measures it."""
     import time
 
     threads = torch.get_num_threads()
@@ -210,8 +212,8 @@ def test_max_time_is_the_wall_clock_of_the_loop_evaluations_included(tmp_path, t
         torch.set_num_threads(threads)
     evals = read_metrics(tmp_path / "m")
     assert result.stopped_by == "max_time" and len(evals) >= 2 and evals[-1]["step"] == result.step
-    assert wall <= budget * 1.02 + 0.5, wall
-    assert result.elapsed <= budget * 1.02, result.elapsed
+    assert result.elapsed <= budget * 1.02 + SLACK, result.elapsed  # seen: 4.20 s at load 2.5 on 2 cores
+    assert wall <= budget * 1.02 + SLACK + 0.5, wall
 
 
 def test_the_time_budget_bounds_evaluations_too(tmp_path, text_file, caplog):
