@@ -40,10 +40,11 @@ demo: $(RUNTIME)
 	@echo "== describes it. A better model: train 750 s more ($(VENV)/bin/chargpt train --resume out/demo --add-time 750),"
 	@echo "== or the classic 10.8M-parameter model on a GPU ($(VENV)/bin/chargpt train --preset seed --out out/seed)."
 
-# two workers, a test file each at a time (a file's fixtures, such as its server, stay in one process); the 15
+# two workers, a test file each at a time (a file's fixtures, such as its server, stay in one process), the files
+# with end_to_end tests first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order); the 15
 # slowest tests are listed at the end, so a test that grows slow is seen
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -35,6 +35,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         reporter.write_line(line)
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files holding an `end_to_end` test (real processes, signals, torchrun, a browser, the README: the
+    slowest) come first, so that `make test`'s two workers run them beside the rest instead of ending on them; then
+    the other files, most tests first (pytest-xdist's own order, which `--no-loadscope-reorder` hands over to this
+    one: it used to put those few-test files last)."""
+    tests: dict[Path, int] = {}
+    slow: set[Path] = set()
+    for item in items:
+        tests[item.path] = tests.get(item.path, 0) + 1
+        if item.get_closest_marker("end_to_end"):
+            slow.add(item.path)
+    items.sort(key=lambda item: (item.path not in slow, -tests[item.path], str(item.path)))  # stable in a file
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the converted-corpus cache out of the user's home during tests."""

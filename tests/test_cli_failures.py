@@ -137,6 +137,7 @@ def _mapped(pid: int, name: str) -> bool:
         return False
 
 
+@pytest.mark.end_to_end
 def test_ctrl_c_during_start_up_is_one_word_and_130(work: Path):
     """SIGINT while chargpt starts: as torch is being imported, at points through that import, and while
     the data loads (the lock file exists); one process at a time, so that each import runs at its own speed.
@@ -239,6 +240,7 @@ def test_sigterm_during_evaluation_stops_at_once_and_resume_evaluates_first(work
 # 12: the --nproc launcher shows one line
 
 
+@pytest.mark.end_to_end
 def test_nproc_user_error_is_one_line_and_exit_2(work: Path):
     r = run_cli("train", "--nproc", "2", "--data", "missing.txt", "--out", "out", *FLAGS, timeout=240)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr
@@ -249,6 +251,7 @@ def test_nproc_user_error_is_one_line_and_exit_2(work: Path):
     assert not (work / "out").exists()
 
 
+@pytest.mark.end_to_end
 def test_nproc_ctrl_c_is_one_line_and_130(work: Path):
     out = work / "run"
     proc = subprocess.Popen(

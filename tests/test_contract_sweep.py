@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = 150  # per sweep (flag values; broken model directories), fixed so CI runs the same cases
 
 
+@pytest.mark.end_to_end
 def test_the_contract_holds_for_generated_flags_and_model_directories(tmp_path: Path):
     script = Path(__file__).with_name("contract_sweep.py")
     r = subprocess.run(

@@ -108,6 +108,7 @@ def test_gradient_accumulation_equals_the_double_micro_batch(single, text_file, 
     print(f"accum=2 vs accum=1: max relative diff {worst:.2e}")
 
 
+@pytest.mark.end_to_end
 def test_two_spawned_gloo_ranks_with_accumulation_equal_one_process(single, text_file, tmp_path):
     """2 ranks x 2 micro-batches of 4 (torch.multiprocessing, gloo on 127.0.0.1) == 1 process, batch 16."""
     cfg_kwargs = dict(out=str(tmp_path / "ddp"), data=str(text_file), gradient_accumulation_steps=2, **SMALL)
@@ -119,6 +120,7 @@ def test_two_spawned_gloo_ranks_with_accumulation_equal_one_process(single, text
     print(f"2 ranks x accum 2 vs 1 process: max relative diff {worst:.2e}")
 
 
+@pytest.mark.end_to_end
 def test_cli_nproc_2_trains_like_one_process_and_only_rank_0_writes(single, text_file, tmp_path):
     """`chargpt train --nproc 2` (torchrun, gloo) == one process; one model dir, one set of metrics, one bar."""
     cfg = tiny_config(single, text_file, **SMALL)
@@ -173,6 +175,7 @@ def test_nproc_rejects_an_indivisible_batch_before_launching(text_file, tmp_path
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.end_to_end
 def test_torchrun_with_an_indivisible_batch_fails_on_every_rank_without_hanging(text_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chargpt",
            "train", "--data", str(text_file), "--out", str(tmp_path / "m"), "--device", "cpu", "--batch-size", "5",
@@ -183,6 +186,7 @@ def test_torchrun_with_an_indivisible_batch_fails_on_every_rank_without_hanging(
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.end_to_end
 def test_an_error_on_rank_0_only_does_not_hang_rank_1(text_file, tmp_path):
     """Rank 0 alone checks that --out is writable; rank 1 must be torn down, not wait for it forever."""
     blocker = tmp_path / "a-file"

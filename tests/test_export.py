@@ -126,6 +126,7 @@ def test_a_missing_extra_names_the_package(trained_model_dir, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.end_to_end
 def test_web_page_gives_pytorchs_logits_and_streams_text(trained_model_dir, tiny, tmp_path):
     """The exported page in headless Chromium, opened from disk (no server): the next-token logits for a prompt
     equal PyTorch's within 1e-4, and Generate streams text in (seen growing before it is stopped)."""

@@ -73,6 +73,7 @@ def completions_args(server: ServerProcess) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@pytest.mark.end_to_end
 def test_perplexity_multiple_choice_and_generation_through_lm_eval(
     server: ServerProcess, trained_model_dir: Path, held_out: str, tiny, tmp_path: Path, capsys
 ):
@@ -142,6 +143,7 @@ def test_perplexity_multiple_choice_and_generation_through_lm_eval(
     assert results["chargpt_generate"]["exact_match,none"] == 1.0, got
 
 
+@pytest.mark.end_to_end
 def test_chat_generation_through_lm_eval(server: ServerProcess, tiny, held_out: str, tmp_path: Path):
     """local-chat-completions with --apply_chat_template: lm-eval sends the prompt as a user's message; the reply
     is the assistant's turn, the same text chargpt.generate writes after the rendered conversation."""

@@ -121,6 +121,7 @@ def _next_train_takes(out: Path) -> None:
         pass
 
 
+@pytest.mark.end_to_end
 def test_sigkill_at_any_point_of_an_overwrite_leaves_one_run(old_run: Path, text_file: Path, tmp_path: Path):
     """Kill -9 an overwriting run (n_embd 16 over 32) while it moves the old run aside, trains, saves its
     first files and drops the old run; the next run on the folder finds the old run whole or the new one

@@ -34,6 +34,7 @@ def _completion(browser: webdriver.Chrome) -> str:
     return browser.find_element(By.CSS_SELECTOR, "#output .completion").get_attribute("textContent") or ""
 
 
+@pytest.mark.end_to_end
 def test_playground_streams_and_stops(browser: webdriver.Chrome, server: ServerProcess, tmp_path: Path):
     wait = WebDriverWait(browser, 60, poll_frequency=0.02)
     browser.get(server.url + "/")
@@ -70,6 +71,7 @@ def test_playground_streams_and_stops(browser: webdriver.Chrome, server: ServerP
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 
+@pytest.mark.end_to_end
 def test_a_hostile_model_folder_runs_no_script_in_the_page(
     browser: webdriver.Chrome, trained_model_dir: Path, tmp_path: Path
 ):

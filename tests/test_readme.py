@@ -125,6 +125,7 @@ def run_line(line: str, cwd: Path, capsys: pytest.CaptureFixture) -> None:
     assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
 
 
+@pytest.mark.end_to_end
 def test_every_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     ran = {"python": 0, "toml": 0, "sh": 0}

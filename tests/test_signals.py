@@ -46,6 +46,7 @@ def _wait_for_new_state(proc: subprocess.Popen, state: Path, old: int | None) ->
         time.sleep(0.01)
 
 
+@pytest.mark.end_to_end
 def test_sigint_sigkill_sigterm_then_resume_equals_the_uninterrupted_run(text_file: Path, tmp_path: Path, capsys):
     n = 60
     out = tmp_path / "run"
@@ -112,6 +113,7 @@ ZYGOTE = textwrap.dedent(
 )
 
 
+@pytest.mark.end_to_end
 def test_sigkill_during_saves_always_leaves_a_loadable_directory(tmp_path: Path):
     chars = [chr(c) for c in range(32, 127)]
     versions = []
