@@ -51,8 +51,18 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep the converted-corpus cache out of the user's home during tests."""
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    """Keep chargpt's caches (the converted corpus, token caches, speed measurements) out of the user's home
+    during tests: one folder for the session, shared by its xdist workers as two chargpt runs on a machine share
+    it (so a measurement or a conversion is made once, not once per worker)."""
+    cache = session_root(tmp_path_factory) / "cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+
+
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's folder, which every xdist worker of the session sees (a worker's own folder is inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def _descendants(root: int) -> set[int]:
@@ -145,8 +155,7 @@ def session_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterato
     """A folder `name` shared by every xdist worker of this session (each worker's own folder without xdist),
     held under a lock: yields (folder, whether it still has to be made). What it holds is made by one worker, once,
     and read by all (the tests treat it as read-only)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder under xdist
+    root = session_root(tmp_path_factory)
     folder = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
