@@ -34,9 +34,8 @@ from chargpt.errors import EXIT_SIGNAL, ChargptError, one_line, visible, visible
 from chargpt.runtime import SampleConfig, ServeConfig
 
 if TYPE_CHECKING:
-    import torch
-
     from chargpt.data.tokenizer import CharTokenizer
+    from chargpt.model import LanguageModel
 
 
 def setup_logging(quiet: bool) -> None:
@@ -212,7 +211,7 @@ def cmd_eval(cmd: EvalCommand) -> int:
         return _eval(cmd, model, tokenizer, path)
 
 
-def _eval(cmd: EvalCommand, model: torch.nn.Module, tokenizer: CharTokenizer, path: Path) -> int:
+def _eval(cmd: EvalCommand, model: LanguageModel, tokenizer: CharTokenizer, path: Path) -> int:
     from chargpt.inference.evaluate import evaluate_file
 
     # streamed through the token cache; bars (tokenizing, scoring) on a terminal only, not in pipes and logs
