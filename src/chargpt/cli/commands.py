@@ -144,14 +144,18 @@ def _threads(requested: int | None, default: int | None = None) -> Iterator[None
 
     from chargpt.machine import cores
 
-    if requested is not None and requested < 1:
-        raise ChargptError(f"--threads must be >= 1, got {requested}")
+    _check_threads(requested)
     before = torch.get_num_threads()
     torch.set_num_threads(default if default is not None else cores.choose_threads(requested))
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _check_threads(requested: int | None) -> None:
+    if requested is not None and requested < 1:
+        raise ChargptError(f"--threads must be >= 1, got {requested}")
 
 
 def _sample(run: SampleRuntime, prompt: str, no_stream: bool, cfg: SampleConfig) -> int:
@@ -198,8 +202,7 @@ def cmd_eval(cmd: EvalCommand) -> int:
     from chargpt.storage.checkpoint import load_model
 
     setup_logging(cmd.quiet)
-    if cmd.threads is not None and cmd.threads < 1:
-        raise ChargptError(f"--threads must be >= 1, got {cmd.threads}")
+    _check_threads(cmd.threads)
     model, tokenizer = load_model(cmd.model, resolve_device(cmd.device))
     path = Path(cmd.data)
     if not path.is_file():
