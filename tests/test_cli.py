@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[Path, Ran]:
+def cli_run(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[Path, subprocess.CompletedProcess]:
     work = tmp_path_factory.mktemp("cli")
     (work / "run.toml").write_text(
         f'data = "{text_file.as_posix()}"\nblock_size = 16\nn_embd = 24\nn_heads = 2\nn_layers = 1\n'
@@ -54,15 +53,9 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[
                          "model", "--quiet")  # fmt: skip
 
 
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def main_in(cwd: Path, *argv: str) -> Ran:
-    """chargpt.cli.main(argv) run in `cwd`, its output captured (a module's fixture has no capsys)."""
+def main_in(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """chargpt.cli.main(argv) run in `cwd`, its output captured as run_cli's is (a module's fixture has no
+    capsys)."""
     out, err, here = io.StringIO(), io.StringIO(), Path.cwd()
     os.chdir(cwd)
     try:
@@ -70,7 +63,7 @@ def main_in(cwd: Path, *argv: str) -> Ran:
             rc = main(list(argv))
     finally:
         os.chdir(here)
-    return Ran(rc, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(list(argv), rc, out.getvalue(), err.getvalue())
 
 
 def test_train_cli(cli_run):
