@@ -1,9 +1,10 @@
 """How well a --max-time run uses its budget: the loop (evaluations, the plot and the saves included) ends within
-2% of the budget, and early by no more than what it keeps for its last step, evaluation, plot and save.
+the budget (late by at most 2% and SLACK, 0.25 s, on a machine that turns busier), and early by no more than what
+it keeps for its last step, evaluation, plot and save.
 
     python benchmarks/bench_budget.py [--budgets 8 30] [--rounds 2]
 
-Targets (the loop's own clock, set-up excluded): used >= 0.85 of the budget, never over 1.02 x the budget. The
+Targets (the loop's own clock, set-up excluded): used >= 0.85 of the budget, never over 1.02 x it + SLACK. The
 test suite checks the upper bound at any speed (tests/test_train.py); how much of the budget a run uses depends
 on the machine's speed and load, so it is measured here. Each run: the suite's tiny model (2 x 48, context 32) on
 80k characters of the built-in plays, one thread, fp32, evaluations every 25 steps.
@@ -23,6 +24,7 @@ import torch
 from chargpt.config import TrainConfig
 from chargpt.data.corpus import shakespeare_text
 from chargpt.machine import precision as prec
+from chargpt.training.budget import SLACK
 from chargpt.training.loop import train
 from cpuflags import shown_flags
 
@@ -62,7 +64,7 @@ def main() -> None:
             print(
                 f"--max-time {budget:g}: the loop used {statistics.median(used):.3f} of it (target >= 0.85; runs "
                 f"{', '.join(f'{u:.3f}' for u in used)}); the whole call {max(over):.3f} x the budget at most "
-                f"(target <= 1.02 plus set-up); load {os.getloadavg()[0]:.2f}"
+                f"(target <= 1.02 plus {SLACK:g} s and set-up); load {os.getloadavg()[0]:.2f}"
             )
 
 
