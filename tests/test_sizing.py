@@ -31,7 +31,8 @@ def test_the_budget_buys_the_largest_rung_that_sees_enough_tokens_per_parameter(
         just_enough = TOKENS_PER_PARAM * rung.params / rate
         speed, asked = flat(rate)
         assert choose(just_enough, speed, corpus).rung == rung
-        assert asked == list(LADDER[: i + 2])  # the rungs up to the first refused, no more
+        # the rungs up to the chosen one: the next is refused untimed, as it is never faster than this one
+        assert asked == list(LADDER[: i + 1])
         if i:
             assert choose(just_enough * 0.99, flat(rate)[0], corpus).rung == LADDER[i - 1]
     assert choose(1.0, flat(rate)[0], corpus).rung == LADDER[0]  # any budget trains the smallest
@@ -47,6 +48,19 @@ def test_a_faster_machine_or_a_longer_budget_never_buys_a_smaller_model():
     rates = {rung: 20_000 * LADDER[0].params / rung.params for rung in LADDER}
     picked = [choose(t, rates.__getitem__, 10**9).rung for t in (210, 900, 1800, 7200, 10**6)]
     assert [LADDER.index(r) for r in picked] == sorted(LADDER.index(r) for r in picked)
+
+
+def test_a_rung_is_timed_only_where_its_speed_could_buy_it():
+    rates = {rung: 20_000 * LADDER[0].params / rung.params for rung in LADDER}  # slower in proportion to size
+    could = TOKENS_PER_PARAM * LADDER[1].params / rates[LADDER[0]]  # the budget where rung 0's speed would buy rung 1
+    asked: list[sizing.Rung] = []
+    chosen = choose(could * 1.01, lambda rung: asked.append(rung) or rates[rung], 10**9)
+    assert chosen.rung == LADDER[0] and asked == list(LADDER[:2])  # timed, then refused at its own speed
+    assert f"at {rates[LADDER[1]]:,.0f} tokens/s" in chosen.reason
+    asked.clear()
+    chosen = choose(could * 0.99, lambda rung: asked.append(rung) or rates[rung], 10**9)
+    assert chosen.rung == LADDER[0] and asked == list(LADDER[:1])  # not even rung 0's speed buys it: not timed
+    assert "would see fewer than 4.0" in chosen.reason
 
 
 def test_a_small_corpus_caps_the_model():

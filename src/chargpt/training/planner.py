@@ -98,7 +98,8 @@ def _sized(
     if on_sizing is not None:
         on_sizing(f"sizing the model for {given['max_time']:g} s: timing a few shapes on this machine ...")
     threads = cores.choose_threads(given.get("threads") or None)
-    speed = throughput or (lambda rung: sizing.measure(rung, threads))
+    probe_s = sizing.probe_seconds(given["max_time"])
+    speed = throughput or (lambda rung: sizing.measure(rung, threads, probe_s))
     return sizing.choose(given["max_time"], speed, chars, val_fraction)
 
 

@@ -4,8 +4,8 @@ largest shape of a ladder that still sees enough tokens per parameter in that bu
 The rule (`choose`) is a pure function of the budget, each rung's training throughput on this machine and the
 corpus size; why each part of it is what it is, with the measurements, is docs/design.md.
 `measure` times a rung's real training step (forward, backward, optimizer) in fp32 and, where the CPU has
-native bf16, in bf16, and keeps the faster: about a second per rung, and only rungs up to the first that fails
-the rule are timed (a rung is timed only when the budget is hundreds of times its step).
+native bf16, in bf16, and keeps the faster: about a second per rung, and only rungs that may pass the rule are
+timed (a rung is timed only when the budget is hundreds of times its step).
 The command line's parser reads this module's constants for --help, so it imports only the standard library at
 the top: torch, the model and the corpus are imported by the functions that measure and count.
 """
@@ -43,7 +43,8 @@ MAX_PARAMS_PER_CHAR = 1.0  # and has at most this many parameters per corpus cha
 # Weight decay by how many times the run reads its corpus: (passes at least, weight decay) (docs/design.md)
 WEIGHT_DECAY_BY_PASSES = ((0.0, 0.1), (10.0, 0.6))
 MIN_CONTEXT = 8  # the shortest context a sized run trains with
-PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step)
+PROBE_S = 0.3  # seconds of timed steps per format per rung (after a warm-up step) ...
+PROBE_SHARE = 0.005  # ... or this share of the budget where that is less (a 10 s run does not time for seconds)
 MEASURE_VOCAB = 96  # the head's width while timing (the corpus's vocabulary is not known yet; it costs little)
 
 
@@ -132,14 +133,19 @@ def choose(
     budget_s: float, tokens_per_s: Callable[[Rung], float], corpus_chars: int, val_fraction: float = 0.1
 ) -> Choice:
     """The largest rung that sees >= TOKENS_PER_PARAM tokens per parameter in the budget and is not large for the
-    corpus; the first rung always qualifies. `tokens_per_s` is called on rungs in order, up to the first refused.
-    A corpus too short for a rung's context caps it (context_for)."""
+    corpus; the first rung always qualifies. `tokens_per_s` is called on rungs in order, up to the first refused,
+    and not on that one where the last rung's speed already rules it out (each rung costs more per token than the
+    one before it, so it is never faster). A corpus too short for a rung's context caps it (context_for)."""
     cap = context_for(corpus_chars, val_fraction)
     chosen, speed = LADDER[0], tokens_per_s(LADDER[0])
     why = "the largest shape of the ladder"
     for rung in LADDER[1:]:
         if rung.params > MAX_PARAMS_PER_CHAR * corpus_chars:
             why = f"a larger one would be large for a corpus of {corpus_chars:,} characters"
+            break
+        if budget_s * speed < TOKENS_PER_PARAM * rung.params:
+            most = budget_s * speed / rung.params  # at the last rung's speed, which it cannot beat
+            why = f"the next, {rung.params / 1e6:.1f}M parameters, would see fewer than {most:.1f}"
             break
         rate = tokens_per_s(rung)
         if budget_s * rate < TOKENS_PER_PARAM * rung.params:
@@ -179,12 +185,18 @@ def corpus_chars(data: str | None) -> int:
 def for_budget(budget_s: float, chars: int, threads: int, val_fraction: float = 0.1) -> Choice:
     """What `chargpt train --max-time budget_s` trains on this machine for a corpus of `chars` characters
     (corpus_chars): the rule, on rungs timed now."""
-    return choose(budget_s, lambda rung: measure(rung, threads), chars, val_fraction)
+    return choose(budget_s, lambda rung: measure(rung, threads, probe_seconds(budget_s)), chars, val_fraction)
 
 
-def measure(rung: Rung, threads: int) -> float:
-    """Training tokens/s of the rung's real step on this CPU at `threads` threads, timed now (not cached: how fast
-    a CPU trains depends on what else runs on it, unlike which of two formats is faster)."""
+def probe_seconds(budget_s: float) -> float:
+    """Seconds of timed steps per format per rung for a run of `budget_s` seconds."""
+    return min(PROBE_S, PROBE_SHARE * budget_s)
+
+
+def measure(rung: Rung, threads: int, probe_s: float = PROBE_S) -> float:
+    """Training tokens/s of the rung's real step on this CPU at `threads` threads, timed now for about `probe_s`
+    per format (not cached: how fast a CPU trains depends on what else runs on it, unlike which of two formats is
+    faster)."""
     import torch
 
     from chargpt.machine import precision
@@ -192,12 +204,12 @@ def measure(rung: Rung, threads: int) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _time(rung, precision.cpu_info())
+        return _time(rung, precision.cpu_info(), probe_s)
     finally:
         torch.set_num_threads(before)
 
 
-def _time(rung: Rung, info: Any) -> float:
+def _time(rung: Rung, info: Any, probe_s: float) -> float:
     import torch
 
     from chargpt.config import TrainConfig
@@ -226,7 +238,7 @@ def _time(rung: Rung, info: Any) -> float:
         for choice in formats:
             step(choice)  # warm-up
             n, t0 = 0, time.perf_counter()
-            while n < 2 or time.perf_counter() - t0 < PROBE_S:
+            while n < 2 or time.perf_counter() - t0 < probe_s:
                 step(choice)
                 n += 1
             best.append((time.perf_counter() - t0) / n)
