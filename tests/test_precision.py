@@ -3,6 +3,7 @@ really runs (and, on a CPU with native bf16, agrees with fp32), and the loop tha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -278,6 +279,43 @@ def test_auto_with_a_probe_is_measured_once_per_machine_and_shape(tmp_path, monk
     monkeypatch.setattr(prec, "cpu_info", lambda: ZEN3)
     assert prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=_sleeper(1, 1, calls)).name == "fp32"
     assert not calls
+
+
+def test_a_short_runs_quick_measurement_does_not_decide_a_longer_runs_format(tmp_path, monkeypatch):
+    """A probe times for as long as its run can afford (a 10 s run a tenth of a second, not seconds): its ratio is
+    cached with that time, reused by runs that afford no more, and measured again by a run that affords more."""
+    monkeypatch.setattr(prec, "cpu_info", lambda: ZEN5)
+    calls: list[str] = []
+    quick = dataclasses.replace(_sleeper(0.004, 0.002, calls), budget_s=0.005)
+    assert prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=quick).name == "bf16"
+    assert calls == ["fp32", "bf16"] * 2  # the warm-ups, then the one round that 0.005 s allows
+    (entry,) = tmp_path.iterdir()
+    assert json.loads(entry.read_text())["budget_s"] == 0.005
+    calls.clear()
+    assert prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=quick).name == "bf16" and not calls
+    longer = dataclasses.replace(quick, budget_s=0.05)
+    assert prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=longer).name == "bf16"
+    assert len(calls) > 4 and json.loads(entry.read_text())["budget_s"] == 0.05  # measured again, and kept
+    calls.clear()
+    assert prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=quick).name == "bf16" and not calls
+    saved = json.loads(entry.read_text())
+    for damaged in (True, -1, "long", None):
+        entry.write_text(json.dumps({**saved, "budget_s": damaged}))
+        calls.clear()
+        prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=quick)
+        assert calls, damaged  # measured again
+    entry.write_text(json.dumps({k: v for k, v in saved.items() if k != "budget_s"}))
+    calls.clear()
+    prec.resolve("auto", "cpu", "train", cache=tmp_path, probe=dataclasses.replace(quick, budget_s=2.5))
+    assert not calls  # measured before budgets were recorded: as long as the default
+
+
+def test_a_budgeted_run_times_its_formats_for_a_share_of_its_budget(tmp_path, text_file, monkeypatch):
+    monkeypatch.setattr(prec, "cpu_info", lambda: ZEN5)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train(tiny_config(tmp_path / "run", text_file, n_updates=None, max_time=3.0, precision="auto"), progress=False)
+    timed = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "chargpt").glob("precision-*-*.json")]
+    assert sorted((t["key"].split()[0], t["budget_s"]) for t in timed) == [("eval", 0.012), ("train", 0.03)]
 
 
 def test_a_simulated_bf16_cpu_leaves_pinned_runs_and_the_run_itself_untouched(tmp_path, text_file, monkeypatch):

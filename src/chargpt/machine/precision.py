@@ -10,8 +10,9 @@ one-token matrix-vector products (decoding) run on different kernels.
 - CPU: bf16 only where the CPU has native bf16 instructions (avx512_bf16, amx_bf16, or Arm's bf16)
   and a measurement confirms that bf16 is faster for that kind of work. Where the caller can run the
   real work (training: a step of the actual model on a batch of the actual shape; evaluation: a forward
-  pass), a `Probe` times that, alternating the two formats (a few seconds at most, cached per machine,
-  shape, thread count and torch version): at small widths the casts autocast adds can cost more than
+  pass), a `Probe` times that, alternating the two formats (a few seconds at most, less in a short run; cached
+  per machine, shape, thread count and torch version, and measured again for a run that may time it longer
+  than the cached measurement was): at small widths the casts autocast adds can cost more than
   the bf16 matmuls save. Otherwise a micro-benchmark of the two shapes that matter (< 100 ms, cached per
   machine) decides. Without native bf16, torch emulates it ~80x slower than fp32, so nothing is
   measured and fp32 is chosen.
@@ -130,7 +131,7 @@ class Probe:
 
     key: str
     run: Callable[[Choice], object]
-    budget_s: float = 2.5  # both formats together, warm-ups excluded
+    budget_s: float = 2.5  # both formats together, warm-ups excluded (at least one round of each is timed)
 
 
 def resolve(
@@ -256,19 +257,30 @@ def keyed_cache_file(info: CPUInfo, key: str, directory: Path | None = None) -> 
 
 
 def measured_probe(info: CPUInfo, probe: Probe, directory: Path | None = None) -> float:
-    """bf16's speed over fp32 on the probe's work: cached for this machine and shape, else timed (then cached)."""
+    """bf16's speed over fp32 on the probe's work: cached for this machine and shape where it was timed for at
+    least the probe's budget (a short run's quick measurement does not decide a long run's format), else timed
+    (then cached)."""
     path = keyed_cache_file(info, probe.key, directory)
-    saved = cached(path, ("ratio",), lambda: {"ratio": time_probe(probe), "key": probe.key, "cpu": info.model})
-    return float(saved["ratio"])
+
+    def measure() -> dict:
+        return {"ratio": time_probe(probe), "budget_s": probe.budget_s, "key": probe.key, "cpu": info.model}
+
+    def long_enough(saved: dict) -> bool:
+        timed = saved.get("budget_s", Probe.budget_s)  # entries from before budgets were recorded: the default's
+        return _ratio(timed) and timed >= probe.budget_s
+
+    return float(cached(path, ("ratio",), measure, long_enough)["ratio"])
 
 
-def cached(path: Path, keys: tuple[str, ...], measure: Callable[[], dict]) -> dict:
+def cached(
+    path: Path, keys: tuple[str, ...], measure: Callable[[], dict], usable: Callable[[dict], bool] = lambda _: True
+) -> dict:
     """The measurement saved at `path` if it holds a finite positive number for each of `keys` (a ratio of two
-    times: never NaN, infinite, zero, negative or a boolean), else a fresh one, saved there (an unwritable,
-    damaged or tampered cache only costs a measurement)."""
+    times: never NaN, infinite, zero, negative or a boolean) and is `usable`, else a fresh one, saved there (an
+    unwritable, damaged or tampered cache only costs a measurement)."""
     try:
         saved = json.loads(path.read_text())
-        if isinstance(saved, dict) and all(_ratio(saved.get(k)) for k in keys):
+        if isinstance(saved, dict) and all(_ratio(saved.get(k)) for k in keys) and usable(saved):
             return saved
     except (OSError, ValueError, RecursionError):
         pass

@@ -165,6 +165,9 @@ def set_threads(cfg: TrainConfig, d: Dist, saved: trainstate.TrainState | None) 
 
 
 PROBE_POSITIONS = 2048  # rows x block_size of the batch that times a precision: enough for matmuls of the real speed
+# seconds that --precision auto may time each kind of work for, at most, and as a share of a budgeted run: a 10 s
+# run does not spend seconds choosing its number format
+PROBE_SECONDS, PROBE_SHARE = {"train": 2.5, "eval": 1.0}, {"train": 0.01, "eval": 0.004}
 
 
 def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_size: int) -> dict[str, precision.Choice]:
@@ -190,9 +193,10 @@ def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_si
             model(x, y)
         model.train()
 
+    budget = {k: min(s, PROBE_SHARE[k] * cfg.max_time) if cfg.max_time else s for k, s in PROBE_SECONDS.items()}
     probes = {
-        "train": precision.Probe(f"train {shape} dropout{cfg.dropout}", step),
-        "eval": precision.Probe(f"eval {shape}", forward, budget_s=1.0),
+        "train": precision.Probe(f"train {shape} dropout{cfg.dropout}", step, budget["train"]),
+        "eval": precision.Probe(f"eval {shape}", forward, budget["eval"]),
     }
     choices = {kind: precision.resolve(cfg.precision, d.device, kind, probe=probes[kind]) for kind in probes}
     if d.world > 1:
