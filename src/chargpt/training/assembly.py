@@ -165,9 +165,9 @@ def set_threads(cfg: TrainConfig, d: Dist, saved: trainstate.TrainState | None) 
 
 
 PROBE_POSITIONS = 2048  # rows x block_size of the batch that times a precision: enough for matmuls of the real speed
-# seconds that --precision auto may time each kind of work for, at most, and as a share of a budgeted run: a 10 s
-# run does not spend seconds choosing its number format
-PROBE_SECONDS, PROBE_SHARE = {"train": 2.5, "eval": 1.0}, {"train": 0.01, "eval": 0.004}
+# (seconds at most, share of a budgeted run) that --precision auto may time each kind of work for: a 10 s run does
+# not spend seconds choosing its number format
+PROBE_LIMITS = {"train": (2.5, 0.01), "eval": (1.0, 0.004)}
 
 
 def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_size: int) -> dict[str, precision.Choice]:
@@ -193,7 +193,7 @@ def choose_precision(cfg: TrainConfig, d: Dist, model: torch.nn.Module, vocab_si
             model(x, y)
         model.train()
 
-    budget = {k: min(s, PROBE_SHARE[k] * cfg.max_time) if cfg.max_time else s for k, s in PROBE_SECONDS.items()}
+    budget = {k: min(most, share * cfg.max_time) if cfg.max_time else most for k, (most, share) in PROBE_LIMITS.items()}
     probes = {
         "train": precision.Probe(f"train {shape} dropout{cfg.dropout}", step, budget["train"]),
         "eval": precision.Probe(f"eval {shape}", forward, budget["eval"]),

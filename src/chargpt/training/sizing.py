@@ -182,12 +182,6 @@ def corpus_chars(data: str | None) -> int:
     return sum(f.stat().st_size for f in corpus.corpus_files(data))
 
 
-def for_budget(budget_s: float, chars: int, threads: int, val_fraction: float = 0.1) -> Choice:
-    """What `chargpt train --max-time budget_s` trains on this machine for a corpus of `chars` characters
-    (corpus_chars): the rule, on rungs timed now."""
-    return choose(budget_s, lambda rung: measure(rung, threads, probe_seconds(budget_s)), chars, val_fraction)
-
-
 def probe_seconds(budget_s: float) -> float:
     """Seconds of timed steps per format per rung for a run of `budget_s` seconds."""
     return min(PROBE_S, PROBE_SHARE * budget_s)
